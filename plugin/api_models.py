@@ -1,0 +1,55 @@
+"""Request bodies of the control plane (``/v1/processfork/...``).
+
+Unknown fields are accepted and ignored, so clients written against the original
+three-call API (``{"name"}``, ``{"cid", "n"}``, ``{"cid"}``) keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["SnapshotBody", "ForkBody", "CheckoutBody"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class SnapshotBody(_Body):
+    """What to capture: one of ``prompt``, ``messages``, ``token_ids``, ``request_id``,
+    or none of them for the engine's whole resident state."""
+
+    name: str = Field(min_length=1, max_length=255)
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    token_ids: list[int] | None = None
+    request_id: str | None = None
+    parent: str | None = None
+    message: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SnapshotBody":
+        given = [
+            k for k in ("prompt", "messages", "token_ids", "request_id") if getattr(self, k) is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of prompt, messages, token_ids, request_id (got {given})")
+        if self.token_ids is not None and (not self.token_ids or min(self.token_ids) < 0):
+            raise ValueError("token_ids must be a non-empty list of non-negative integers")
+        if self.prompt is not None and not self.prompt:
+            raise ValueError("prompt must not be empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        return self
+
+
+class ForkBody(_Body):
+    cid: str = Field(min_length=1)
+    n: int = Field(ge=1, le=4096)
+    name: str | None = None
+
+
+class CheckoutBody(_Body):
+    cid: str = Field(min_length=1)

@@ -1,0 +1,301 @@
+"""The control plane: snapshot, checkout and fork, driven from the API server process.
+
+The API server never touches KV bytes.  It talks to the engine the way every
+OpenAI route does, by submitting ordinary requests (``max_tokens=1``) whose
+``kv_transfer_params`` tell our connector what to do; the scheduler then treats
+them like any other traffic.  Pages land in the store from the worker; this
+module reads the job records back and commits the manifest and ref atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.inputs import TokensPrompt
+from vllm.logger import init_logger
+from vllm.sampling_params import SamplingParams
+
+from processfork.store import Manifest, Sequence, Store, StoreError
+
+from .api_errors import ApiError, from_store_error
+from .api_models import CheckoutBody, ForkBody, SnapshotBody
+from .fingerprint import first_mismatch
+from .jobs import OP_CAPTURE, OP_CHECKOUT, OP_SNAPSHOT, PARAMS_KEY, engine_meta_key, job_meta_key
+
+logger = init_logger(__name__)
+
+__all__ = ["Control"]
+
+
+@dataclass
+class _SeqOutcome:
+    job: str
+    tokens: list[int]
+    pages: list[tuple[str, str]]
+    new_blocks: int
+    bytes_written: int
+
+
+class Control:
+    """Snapshot / checkout / fork against one engine and one store."""
+
+    def __init__(self, engine_client: Any, store_path: str, engine_id: str):
+        self.engine = engine_client
+        self.store_path = store_path
+        self.engine_id = engine_id
+        vllm_config = engine_client.vllm_config
+        self.block_size: int = vllm_config.cache_config.block_size
+        self.max_model_len: int = vllm_config.model_config.max_model_len
+        self._store: Store | None = None
+        self._engine_record: dict[str, Any] | None = None
+
+    # --- plumbing ---------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.store_path)
+        return self._store
+
+    async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking store call off the event loop, mapping store errors to HTTP."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except StoreError as exc:
+            raise from_store_error(exc) from exc
+
+    async def engine_record(self) -> dict[str, Any]:
+        """The fingerprint the worker published when it registered its KV tensors."""
+        if self._engine_record is None:
+            record = await self._run(self.store.meta_get, engine_meta_key(self.engine_id))
+            if not record:
+                raise ApiError(
+                    503, "engine_not_ready", "the engine has not published its KV layout yet"
+                )
+            self._engine_record = record
+        return self._engine_record
+
+    async def _generate_one(
+        self, tokens: list[int], params: dict[str, Any], tag: str
+    ) -> dict[str, Any]:
+        """Submit one internal request and wait for it; return our connector's reply."""
+        sampling = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            detokenize=False,
+            extra_args={"kv_transfer_params": {PARAMS_KEY: params}},
+        )
+        request_id = f"pf-{tag}-{uuid.uuid4().hex[:12]}"
+        final = None
+        try:
+            async for output in self.engine.generate(
+                TokensPrompt(prompt_token_ids=tokens), sampling, request_id
+            ):
+                final = output
+        except ValueError as exc:  # vLLM's input validation (token ids, length)
+            raise ApiError(400, "invalid_request", str(exc)) from exc
+        if final is None or not final.finished:
+            raise ApiError(503, "engine_unavailable", "the engine did not finish the request")
+        reply = (final.kv_transfer_params or {}).get(PARAMS_KEY) or {}
+        return reply
+
+    def _check_length(self, tokens: list[int]) -> None:
+        if len(tokens) >= self.max_model_len:
+            raise ApiError(
+                413,
+                "sequence_too_long",
+                f"sequence of {len(tokens)} tokens does not fit max-model-len {self.max_model_len} "
+                "(one position is needed to run it)",
+            )
+
+    # --- what to capture ----------------------------------------------------------
+    async def _sequences_for(self, body: SnapshotBody) -> list[list[int]]:
+        if body.token_ids is not None:
+            return [list(body.token_ids)]
+        if body.prompt is not None:
+            tokenizer = self.engine.get_tokenizer()
+            return [list(tokenizer.encode(body.prompt))]
+        if body.messages is not None:
+            tokenizer = self.engine.get_tokenizer()
+            try:
+                text = tokenizer.apply_chat_template(
+                    body.messages, tokenize=False, add_generation_prompt=True
+                )
+            except Exception as exc:  # template errors are the client's messages
+                raise ApiError(400, "invalid_request", f"cannot apply chat template: {exc}") from exc
+            return [list(tokenizer.encode(text, add_special_tokens=False))]
+        reply = await self._generate_one(
+            [0], {"op": OP_CAPTURE, "request_id": body.request_id}, "capture"
+        )
+        seqs = [list(s) for s in reply.get("sequences", [])]
+        if body.request_id is not None and not seqs:
+            raise ApiError(
+                404, "not_found", f"no request {body.request_id!r} is resident in the engine"
+            )
+        if not seqs:
+            raise ApiError(409, "nothing_resident", "the engine holds no sequences to snapshot")
+        return seqs
+
+    # --- snapshot -----------------------------------------------------------------
+    async def snapshot(self, body: SnapshotBody) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        record = await self.engine_record()
+        seqs = await self._sequences_for(body)
+        for tokens in seqs:
+            self._check_length(tokens)
+        old_ref = await self._run(self.store.get_ref, body.name)
+        parent_cid = (
+            await self._run(self.store.resolve, body.parent) if body.parent else old_ref
+        )
+        parent_seqs: list[tuple[list[int], list[tuple[str, str]]]] = []
+        if parent_cid:
+            parent = await self._run(self.store.get_snapshot, parent_cid)
+            if first_mismatch(parent.fingerprint, record["fingerprint"]) is None:
+                for seq in parent.sequences:
+                    toks = await self._run(self.store.get_tokens, seq.tokens)
+                    parent_seqs.append((list(toks), list(seq.pages)))
+        outcomes = await asyncio.gather(
+            *(self._snapshot_sequence(tokens, parent_seqs) for tokens in seqs)
+        )
+        sequences = []
+        for out in outcomes:
+            ref = await self._run(self.store.put_tokens, out.tokens)
+            sequences.append(Sequence(tokens=ref, pages=out.pages))
+        manifest = Manifest(
+            name=body.name,
+            parents=[parent_cid] if parent_cid else [],
+            fingerprint=record["fingerprint"],
+            sequences=sequences,
+        )
+        jobs = [o.job for o in outcomes]
+        cid = await self._run(
+            self.store.write_snapshot,
+            manifest,
+            ref=body.name,
+            expected_old=old_ref,
+            move_head=True,
+            message=body.message or f"snapshot: {len(seqs)} sequence(s)",
+            drop_pins=jobs,
+        )
+        return {
+            "cid": cid,
+            "name": body.name,
+            "parents": manifest.parents,
+            "num_sequences": len(sequences),
+            "num_tokens": manifest.num_tokens,
+            "num_pages": sum(len(s.pages) for s in sequences),
+            "new_pages": sum(o.new_blocks for o in outcomes),
+            "bytes_written": sum(o.bytes_written for o in outcomes),
+            "ms": round((time.perf_counter() - t0) * 1000, 3),
+        }
+
+    async def _snapshot_sequence(
+        self, tokens: list[int], parent_seqs: list[tuple[list[int], list[tuple[str, str]]]]
+    ) -> _SeqOutcome:
+        """Run one sequence through the engine with a snapshot job; collect its pages."""
+        bs = self.block_size
+        reuse: list[tuple[str, str]] = []
+        for ptoks, ppages in parent_seqs:
+            common = _common_prefix(ptoks, tokens)
+            blocks = min(common // bs, len(ppages))
+            if blocks > len(reuse):
+                reuse = ppages[:blocks]
+        job = uuid.uuid4().hex
+        await self._generate_one(
+            tokens, {"op": OP_SNAPSHOT, "job": job, "skip_blocks": len(reuse)}, "snapshot"
+        )
+        result = await self._run(self.store.meta_get, job_meta_key(job))
+        if not result or not result.get("final"):
+            err = (result or {}).get("error")
+            if err and err.get("type") == "StoreFull":
+                raise ApiError(507, "store_full", err.get("message", "store full"))
+            detail = f": {err['type']}: {err['message']}" if err else ""
+            raise ApiError(500, "snapshot_failed", f"the engine did not save the sequence{detail}")
+        digests = await self._run(self.store.get_pin, job)
+        hexes = [d.hex() for d in digests]
+        new_pairs = [(hexes[i], hexes[i + 1]) for i in range(0, len(hexes), 2)]
+        pages = reuse + new_pairs
+        expected = -(-len(tokens) // bs)
+        if len(pages) != expected:
+            raise ApiError(
+                500, "snapshot_failed", f"engine saved {len(pages)} of {expected} blocks"
+            )
+        await self._run(self.store.meta_delete, job_meta_key(job))
+        return _SeqOutcome(job, tokens, pages, result["new_blocks"], result["bytes_written"])
+
+    # --- checkout -----------------------------------------------------------------
+    async def checkout(self, body: CheckoutBody) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        cid = await self._run(self.store.resolve, body.cid)
+        manifest = await self._run(self.store.get_snapshot, cid)
+        record = await self.engine_record()
+        mismatch = first_mismatch(manifest.fingerprint, record["fingerprint"])
+        if mismatch is not None:
+            field, stored, engine = mismatch
+            raise ApiError(
+                409,
+                "incompatible_snapshot",
+                f"snapshot {cid[:19]} was taken with {field}={stored!r} but this engine has "
+                f"{field}={engine!r}",
+            )
+        token_lists = []
+        for seq in manifest.sequences:
+            tokens = list(await self._run(self.store.get_tokens, seq.tokens))
+            self._check_length(tokens)
+            token_lists.append(tokens)
+        replies = await asyncio.gather(
+            *(self._checkout_sequence(cid, i, t) for i, t in enumerate(token_lists))
+        )
+        await self._run(self.store.checkout_head, cid)
+        loaded = sum(r["loaded_tokens"] for r in replies)
+        return {
+            "ok": True,
+            "cid": cid,
+            "name": manifest.name,
+            "num_sequences": len(token_lists),
+            "num_tokens": manifest.num_tokens,
+            "pages_loaded": loaded // self.block_size,
+            "tokens_loaded": loaded,
+            "tokens_already_resident": sum(r["local_tokens"] for r in replies),
+            "ms": round((time.perf_counter() - t0) * 1000, 3),
+        }
+
+    async def _checkout_sequence(self, cid: str, index: int, tokens: list[int]) -> dict[str, int]:
+        job = uuid.uuid4().hex
+        reply = await self._generate_one(
+            tokens, {"op": OP_CHECKOUT, "job": job, "cid": cid, "seq": index}, "checkout"
+        )
+        loaded = int(reply.get("loaded_tokens", 0))
+        if loaded:
+            result = await self._run(self.store.meta_get, job_meta_key(job))
+            await self._run(self.store.meta_delete, job_meta_key(job))
+            err = (result or {}).get("error")
+            if err:
+                raise ApiError(
+                    500,
+                    "integrity_error",
+                    f"loading sequence {index} of {cid[:19]} failed ({err['type']}: "
+                    f"{err['message']}); the engine recomputed it instead",
+                )
+        return {"loaded_tokens": loaded, "local_tokens": int(reply.get("local_tokens", 0))}
+
+    # --- store operations -----------------------------------------------------------
+    async def fork(self, body: ForkBody) -> dict[str, Any]:
+        cids = await self._run(self.store.fork, body.cid, body.n, prefix=body.name)
+        return {"cids": cids}
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,220 @@
+"""HTTP routes under ``/v1/processfork/`` (vLLM endpoint plugin ``processfork``).
+
+Runs in the API server process.  Routes live under ``/v1`` so vLLM's ``--api-key``
+middleware guards them like every OpenAI route.  Handlers stay thin: parsing and
+error shaping here, the work in ``control.Control``.
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from dataclasses import asdict, is_dataclass
+from typing import Any, Awaitable, Callable
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import State
+
+from processfork.store import StoreError
+
+from .api_errors import ApiError, from_store_error
+from .api_models import CheckoutBody, ForkBody, SnapshotBody
+from .connector import store_path_from_config
+from .control import Control
+
+__all__ = ["ProcessForkEndpoints", "PREFIX"]
+
+PREFIX = "/v1/processfork"
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"request body is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_request", "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise ApiError(422, "invalid_request", f"{where}: {first.get('msg')}") from exc
+
+
+def _control(request: Request) -> Control:
+    control = getattr(request.app.state, "processfork", None)
+    if control is None:
+        raise ApiError(
+            503,
+            "not_configured",
+            "this server runs without the ProcessFork KV connector; start it with `pf serve` "
+            "or pass --kv-transfer-config (see docs/gpu.md)",
+        )
+    return control
+
+
+async def _guard(fn: Handler, *args: Any) -> JSONResponse:
+    """Run a handler; every failure becomes the JSON error shape, never a bare 500."""
+    try:
+        return JSONResponse(await fn(*args))
+    except ApiError as exc:
+        return _error_response(exc)
+    except StoreError as exc:
+        return _error_response(from_store_error(exc))
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in asdict(value).items()}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _summary(cid: str, manifest: Any, refs: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "cid": cid,
+        "name": manifest.name,
+        "parents": list(manifest.parents),
+        "fork": manifest.fork.to_dict() if manifest.fork is not None else None,
+        "created": manifest.created,
+        "num_sequences": len(manifest.sequences),
+        "num_tokens": manifest.num_tokens,
+        "num_pages": sum(len(s.pages) for s in manifest.sequences),
+        "refs": refs or [],
+    }
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix=PREFIX)
+
+    @router.post("/snapshot")
+    async def snapshot(request: Request) -> JSONResponse:
+        async def run() -> Any:
+            return await _control(request).snapshot(await _parse(request, SnapshotBody))
+
+        return await _guard(run)
+
+    @router.post("/fork")
+    async def fork(request: Request) -> JSONResponse:
+        async def run() -> Any:
+            return await _control(request).fork(await _parse(request, ForkBody))
+
+        return await _guard(run)
+
+    @router.post("/checkout")
+    async def checkout(request: Request) -> JSONResponse:
+        async def run() -> Any:
+            return await _control(request).checkout(await _parse(request, CheckoutBody))
+
+        return await _guard(run)
+
+    @router.get("/snapshots/{rev:path}")
+    async def show(request: Request, rev: str, pages: bool = False) -> JSONResponse:
+        async def run() -> Any:
+            control = _control(request)
+            cid = await control._run(control.store.resolve, rev)
+            manifest = await control._run(control.store.get_snapshot, cid)
+            refs = await control._run(control.store.list_refs)
+            out = _summary(cid, manifest, sorted(n for n, c in refs.items() if c == cid))
+            out["fingerprint"] = manifest.fingerprint
+            out["sequences"] = [
+                {"num_tokens": s.tokens.count, "num_pages": len(s.pages), "tokens": s.tokens.digest}
+                | ({"pages": [list(p) for p in s.pages]} if pages else {})
+                for s in manifest.sequences
+            ]
+            return out
+
+        return await _guard(run)
+
+    @router.get("/log")
+    async def log(
+        request: Request, ref: str | None = None, limit: int | None = None, all: bool = False
+    ) -> JSONResponse:
+        async def run() -> Any:
+            control = _control(request)
+            if limit is not None and limit < 1:
+                raise ApiError(422, "invalid_request", "limit must be at least 1")
+            entries = await control._run(
+                control.store.log, ref or ("HEAD" if not all else None), limit=limit, all_refs=all
+            )
+            return {"entries": [_summary(e.cid, e.manifest, list(e.refs)) for e in entries]}
+
+        return await _guard(run)
+
+    @router.get("/refs")
+    async def refs(request: Request) -> JSONResponse:
+        async def run() -> Any:
+            control = _control(request)
+            all_refs = await control._run(control.store.list_refs)
+            head = await control._run(control.store.head)
+            return {"refs": all_refs, "head": _plain(head)}
+
+        return await _guard(run)
+
+    @router.delete("/refs/{name:path}")
+    async def delete_ref(request: Request, name: str) -> JSONResponse:
+        async def run() -> Any:
+            control = _control(request)
+            old = await control._run(control.store.get_ref, name)
+            if old is None:
+                raise ApiError(404, "not_found", f"no ref named {name!r}")
+            await control._run(control.store.delete_ref, name, expected_old=old)
+            return {"deleted": name, "cid": old}
+
+        return await _guard(run)
+
+    @router.get("/status")
+    async def status(request: Request) -> JSONResponse:
+        async def run() -> Any:
+            control = _control(request)
+            store_status = await control._run(control.store.status)
+            record = await control.engine_record()
+            return {
+                "store": _plain(store_status),
+                "engine": {
+                    "fingerprint": record["fingerprint"],
+                    "num_blocks": record.get("num_blocks"),
+                    "page_bytes": record.get("page_bytes"),
+                    "block_size": control.block_size,
+                    "max_model_len": control.max_model_len,
+                },
+            }
+
+        return await _guard(run)
+
+    return router
+
+
+class ProcessForkEndpoints:
+    """Entry point for ``vllm.endpoint_plugins`` (enabled by ``VLLM_PLUGINS=processfork``)."""
+
+    name = "processfork"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(build_router())
+
+    async def init_state(
+        self, engine_client: Any, state: State, args: Namespace
+    ) -> None:
+        if engine_client is None:
+            return
+        kv_config = engine_client.vllm_config.kv_transfer_config
+        if kv_config is None or kv_config.kv_connector != "ProcessForkConnector":
+            state.processfork = None
+            return
+        store = store_path_from_config(dict(kv_config.kv_connector_extra_config or {}))
+        state.processfork = Control(engine_client, store, kv_config.engine_id)

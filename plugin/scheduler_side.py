@@ -1,0 +1,287 @@
+"""The connector's SCHEDULER role.  Runs in the EngineCore process, beside vLLM's scheduler.
+
+It never touches KV bytes.  It decides, step by step, which blocks the worker must
+save (snapshot jobs, also across chunked-prefill steps) or fill (checkout jobs), and
+keeps an index of the sequences the engine holds, so a snapshot with nothing but a
+name can capture the engine's whole resident state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.logger import init_logger
+
+from .jobs import (
+    OP_CAPTURE,
+    OP_CHECKOUT,
+    OP_SNAPSHOT,
+    PARAMS_KEY,
+    LoadJob,
+    SaveJob,
+    StepPlan,
+    op_params,
+)
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = init_logger(__name__)
+
+__all__ = ["SchedulerSide"]
+
+
+@dataclass
+class _SnapshotState:
+    job: str
+    num_prompt: int
+    next_block: int  # first block index not yet handed to the worker
+    block_ids: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class _CheckoutState:
+    job: str
+    cid: str
+    seq: int
+    local_tokens: int = 0
+    external_tokens: int = 0
+
+
+@dataclass
+class _FinishedSeq:
+    tokens: list[int]
+    block_hashes: list[Any]
+    finished_at: float
+
+
+class SchedulerSide:
+    """Plans snapshot saves and checkout loads; indexes resident sequences."""
+
+    def __init__(self, vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig"):
+        self.block_size = vllm_config.cache_config.block_size
+        # Finished sequences stay resident until their blocks are evicted; remember
+        # at most as many tokens as the cache can hold.
+        self.capacity_tokens = max(1, kv_cache_config.num_blocks) * self.block_size
+        self._kv_cache_manager: KVCacheManager | None = None
+        self._live: dict[str, Request] = {}
+        self._finished: OrderedDict[str, _FinishedSeq] = OrderedDict()
+        self._finished_tokens = 0
+        self._snapshots: dict[str, _SnapshotState] = {}
+        self._checkouts: dict[str, _CheckoutState] = {}
+        self._pending_loads: list[LoadJob] = []
+        self.loaded_tokens_total = 0
+
+    def bind_kv_cache_manager(self, manager: "KVCacheManager") -> None:
+        self._kv_cache_manager = manager
+
+    # --- admission ------------------------------------------------------------
+    def get_num_new_matched_tokens(
+        self, request: "Request", num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        params = op_params(request.kv_transfer_params)
+        op = params.get("op") if params else None
+        if op != OP_CAPTURE:
+            self._live[request.request_id] = request
+        if op == OP_SNAPSHOT and request.request_id not in self._snapshots:
+            skip = int(params.get("skip_blocks", 0))
+            self._snapshots[request.request_id] = _SnapshotState(
+                job=str(params["job"]), num_prompt=request.num_prompt_tokens, next_block=skip
+            )
+        if op != OP_CHECKOUT:
+            return 0, False
+        state = self._checkouts.setdefault(
+            request.request_id,
+            _CheckoutState(job=str(params["job"]), cid=str(params["cid"]), seq=int(params["seq"])),
+        )
+        # Load whole blocks only, and leave at least one prompt token to compute:
+        # the split point is then the one vLLM's own prefix cache would use, so the
+        # continuation is bit-identical to a warm prefix-cache hit.
+        loadable = (request.num_prompt_tokens - 1) // self.block_size * self.block_size
+        state.local_tokens = num_computed_tokens
+        return max(0, loadable - num_computed_tokens), False
+
+    def update_state_after_alloc(
+        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+    ) -> None:
+        state = self._checkouts.get(request.request_id)
+        if state is None or num_external_tokens <= 0:
+            return
+        block_ids = blocks.get_block_ids()[0]
+        first = state.local_tokens // self.block_size
+        count = num_external_tokens // self.block_size
+        state.external_tokens = num_external_tokens
+        self._pending_loads.append(
+            LoadJob(
+                job=state.job,
+                req_id=request.request_id,
+                cid=state.cid,
+                seq=state.seq,
+                first_block=first,
+                block_ids=list(block_ids[first : first + count]),
+            )
+        )
+
+    # --- per step -------------------------------------------------------------
+    def build_step_plan(self, scheduler_output: "SchedulerOutput") -> StepPlan:
+        plan = StepPlan(loads=self._pending_loads)
+        self._pending_loads = []
+        if not self._snapshots:
+            return plan
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new_req in scheduler_output.scheduled_new_reqs:
+            state = self._snapshots.get(new_req.req_id)
+            if state is not None:
+                state.block_ids = list(new_req.block_ids[0])
+                self._plan_save(plan, new_req.req_id, state, new_req.num_computed_tokens, scheduled)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._snapshots.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                state.block_ids.extend(new_ids[0])
+            self._plan_save(plan, req_id, state, cached.num_computed_tokens[i], scheduled)
+        return plan
+
+    def _plan_save(
+        self,
+        plan: StepPlan,
+        req_id: str,
+        state: _SnapshotState,
+        computed_before: int,
+        scheduled: dict[str, int],
+    ) -> None:
+        """Hand the worker every block of the prompt that is complete after this step."""
+        if state.done:
+            return
+        computed_after = min(computed_before + scheduled.get(req_id, 0), state.num_prompt)
+        final = computed_after >= state.num_prompt
+        end = -(-state.num_prompt // self.block_size) if final else computed_after // self.block_size
+        if end <= state.next_block and not final:
+            return
+        tail = state.num_prompt % self.block_size
+        plan.saves.append(
+            SaveJob(
+                job=state.job,
+                req_id=req_id,
+                first_block=state.next_block,
+                block_ids=state.block_ids[state.next_block : end],
+                valid_in_last=tail if (final and tail) else None,
+                final=final,
+            )
+        )
+        state.next_block = max(end, state.next_block)
+        state.done = final
+
+    # --- completion -----------------------------------------------------------
+    def request_finished(self, request: "Request") -> dict[str, Any] | None:
+        req_id = request.request_id
+        self._live.pop(req_id, None)
+        params = op_params(request.kv_transfer_params)
+        op = params.get("op") if params else None
+        snap = self._snapshots.pop(req_id, None)
+        checkout = self._checkouts.pop(req_id, None)
+        if op == OP_CAPTURE:
+            return {PARAMS_KEY: {"sequences": self.resident_sequences(params.get("request_id"))}}
+        self._remember_finished(request)
+        if checkout is not None:
+            self.loaded_tokens_total += checkout.external_tokens
+            return {
+                PARAMS_KEY: {
+                    "loaded_tokens": checkout.external_tokens,
+                    "local_tokens": checkout.local_tokens,
+                }
+            }
+        if snap is not None:
+            return {PARAMS_KEY: {"saved_to_end": snap.done}}
+        return None
+
+    def _remember_finished(self, request: "Request") -> None:
+        tokens = list(request.all_token_ids)
+        if not tokens:
+            return
+        old = self._finished.pop(request.request_id, None)
+        if old is not None:
+            self._finished_tokens -= len(old.tokens)
+        self._finished[request.request_id] = _FinishedSeq(
+            tokens=tokens, block_hashes=list(request.block_hashes), finished_at=time.time()
+        )
+        self._finished_tokens += len(tokens)
+        while self._finished_tokens > self.capacity_tokens and len(self._finished) > 1:
+            _, dropped = self._finished.popitem(last=False)
+            self._finished_tokens -= len(dropped.tokens)
+
+    # --- resident state -------------------------------------------------------
+    def _resident_prefix_tokens(self, seq: _FinishedSeq) -> int:
+        """How many leading tokens of a finished sequence still sit in cached blocks."""
+        manager = self._kv_cache_manager
+        if manager is None or not seq.block_hashes:
+            return len(seq.tokens)
+        pool = manager.block_pool
+        resident = 0
+        for block_hash in seq.block_hashes:
+            if pool.get_cached_block(block_hash, [0]) is None:
+                break
+            resident += 1
+        if resident == len(seq.block_hashes):
+            return len(seq.tokens)
+        return resident * self.block_size
+
+    def resident_sequences(self, request_id: str | None = None) -> list[list[int]]:
+        """Token ids of every sequence the engine holds now (or of one request).
+
+        Running requests come first in arrival order, then finished ones whose blocks
+        are still cached.  A sequence that is a prefix of another is dropped: the
+        longer one holds its KV already.
+        """
+        if request_id:
+            return self._lookup_request(request_id)
+        candidates: list[list[int]] = []
+        for request in self._live.values():
+            if request.num_computed_tokens > 0:
+                candidates.append(list(request.all_token_ids))
+        for seq in self._finished.values():
+            keep = self._resident_prefix_tokens(seq)
+            if keep > 0:
+                candidates.append(seq.tokens[:keep])
+        return _drop_prefixes(candidates)
+
+    def _lookup_request(self, request_id: str) -> list[list[int]]:
+        """A request's tokens by its id or by the OpenAI id it was derived from."""
+        for rid, request in self._live.items():
+            if _id_matches(rid, request_id):
+                return [list(request.all_token_ids)]
+        for rid in reversed(self._finished):
+            if _id_matches(rid, request_id):
+                return [list(self._finished[rid].tokens)]
+        return []
+
+
+def _id_matches(internal_id: str, wanted: str) -> bool:
+    """vLLM derives internal ids from the OpenAI id by appending ``-<index>`` parts."""
+    return internal_id == wanted or internal_id.startswith(wanted + "-")
+
+
+def _drop_prefixes(seqs: list[list[int]]) -> list[list[int]]:
+    kept: list[list[int]] = []
+    for i, seq in enumerate(seqs):
+        covered = any(
+            j != i and len(other) >= len(seq) and other[: len(seq)] == seq
+            and (len(other) > len(seq) or j < i)
+            for j, other in enumerate(seqs)
+        )
+        if not covered:
+            kept.append(seq)
+    return kept

@@ -1,0 +1,206 @@
+"""The connector's WORKER role.  Runs in each worker process, next to the paged KV tensors.
+
+It moves bytes, synchronously: loads finish in ``start_load_kv`` (before the forward
+pass reads them) and saves finish in ``wait_for_save`` (before the step's output is
+returned).  That ordering is what lets the API server read a snapshot's pages from
+the store as soon as its request completes, with no extra handshake.
+
+Failures never crash the engine: a failed load reports its blocks as invalid, so
+vLLM recomputes them, and any failure is written to the job's record in the store,
+where the API server finds it and answers the client.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.logger import init_logger
+
+from processfork.store import Store
+
+from .codec import PageCodec, codec_for
+from .engine_info import engine_fingerprint, layer_order
+from .jobs import LoadJob, SaveJob, StepPlan, engine_meta_key, job_meta_key
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = init_logger(__name__)
+
+__all__ = ["WorkerSide"]
+
+
+@dataclass
+class _JobStats:
+    blocks: int = 0
+    new_blocks: int = 0
+    bytes_written: int = 0
+    loaded_blocks: int = 0
+    final: bool = False
+    error: dict[str, str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "blocks": self.blocks,
+            "new_blocks": self.new_blocks,
+            "bytes_written": self.bytes_written,
+            "loaded_blocks": self.loaded_blocks,
+            "final": self.final,
+        }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class WorkerSide:
+    """Gathers/scatters pages through a codec and reads/writes them in the store."""
+
+    def __init__(self, vllm_config: "VllmConfig", store_path: str, *, verify_loads: bool):
+        self.vllm_config = vllm_config
+        self.store_path = store_path
+        self.verify_loads = verify_loads
+        self.engine_id = vllm_config.kv_transfer_config.engine_id
+        self.codec: PageCodec | None = None
+        self.fingerprint: dict[str, Any] = {}
+        self._store: Store | None = None
+        self._manifests: dict[str, Any] = {}
+        self._stats: dict[str, _JobStats] = {}
+        self._load_errors: set[int] = set()
+        self.loaded_blocks_total = 0
+        self.saved_blocks_total = 0
+
+    @property
+    def store(self) -> Store:
+        # Opened lazily in the worker process itself: LMDB handles must not cross fork.
+        if self._store is None:
+            self._store = Store(self.store_path)
+        return self._store
+
+    # --- setup ----------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = layer_order(kv_caches)
+        layers = [kv_caches[n] for n in names]
+        model_config = self.vllm_config.model_config
+        head_dim = model_config.get_head_size()
+        backend, isa = _backend_and_isa(self.vllm_config, names[0], layers[0], head_dim)
+        self.codec = codec_for(backend, layers, head_dim=head_dim, isa=isa)
+        self.fingerprint = engine_fingerprint(self.vllm_config, self.codec, backend=backend, isa=isa)
+        record = {
+            "fingerprint": self.fingerprint,
+            "num_blocks": self.codec.geometry.num_blocks,
+            "page_bytes": self.codec.page_bytes,
+            "pid": os.getpid(),
+        }
+        self.store.meta_put(engine_meta_key(self.engine_id), record)
+        logger.info(
+            "processfork: %d layers, %s codec, %d-byte pages, store %s",
+            len(layers), self.codec.layout, self.codec.page_bytes, self.store_path,
+        )
+
+    # --- loads ------------------------------------------------------------------
+    def start_load(self, plan: StepPlan) -> None:
+        for job in plan.loads:
+            try:
+                self._load(job)
+            except Exception as exc:  # reported, never raised: vLLM recomputes the blocks
+                logger.warning("processfork: load for %s failed: %s", job.req_id, exc)
+                self._load_errors.update(job.block_ids)
+                self._fail(job.job, exc)
+
+    def _manifest(self, cid: str) -> Any:
+        manifest = self._manifests.get(cid)
+        if manifest is None:
+            manifest = self.store.get_snapshot(cid)
+            if len(self._manifests) > 64:
+                self._manifests.clear()
+            self._manifests[cid] = manifest
+        return manifest
+
+    def _load(self, job: LoadJob) -> None:
+        assert self.codec is not None
+        manifest = self._manifest(job.cid)
+        pages = manifest.sequences[job.seq].pages[job.first_block : job.first_block + len(job.block_ids)]
+        if len(pages) != len(job.block_ids):
+            raise ValueError(f"snapshot {job.cid} holds {len(pages)} of {len(job.block_ids)} blocks")
+        digests = [bytes.fromhex(d) for pair in pages for d in pair]
+        staging = self.codec.new_staging(len(job.block_ids))
+        flat = staging.view(torch.uint8).numpy().reshape(-1)
+        self.store.read_pages_into(digests, flat, self.codec.page_bytes, verify=self.verify_loads)
+        self.codec.scatter(job.block_ids, staging)
+        stats = self._stats.setdefault(job.job, _JobStats())
+        stats.loaded_blocks += len(job.block_ids)
+        stats.final = True
+        self.loaded_blocks_total += len(job.block_ids)
+        self.store.meta_put(job_meta_key(job.job), stats.record())
+        self._stats.pop(job.job, None)
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # --- saves ------------------------------------------------------------------
+    def save(self, plan: StepPlan) -> None:
+        for job in plan.saves:
+            try:
+                self._save(job)
+            except Exception as exc:  # reported to the API server through the store
+                logger.warning("processfork: save for %s failed: %s", job.req_id, exc)
+                self._fail(job.job, exc)
+
+    def _save(self, job: SaveJob) -> None:
+        assert self.codec is not None
+        stats = self._stats.setdefault(job.job, _JobStats())
+        if stats.error is None and job.block_ids:
+            staging = self.codec.new_staging(len(job.block_ids))
+            self.codec.gather(job.block_ids, staging)
+            if job.valid_in_last is not None:
+                self.codec.mask_tail(staging[-1], job.valid_in_last)
+            rows = staging.view(torch.uint8).numpy().reshape(2 * len(job.block_ids), -1)
+            result = self.store.put_pages(list(rows), pin=job.job)
+            new = result.new
+            stats.blocks += len(job.block_ids)
+            stats.new_blocks += sum(1 for i in range(0, len(new), 2) if new[i] or new[i + 1])
+            stats.bytes_written += result.bytes_written
+            self.saved_blocks_total += len(job.block_ids)
+        if job.final:
+            stats.final = True
+            self.store.meta_put(job_meta_key(job.job), stats.record())
+            self._stats.pop(job.job, None)
+
+    def _fail(self, job: str, exc: Exception) -> None:
+        stats = self._stats.setdefault(job, _JobStats())
+        stats.error = {"type": type(exc).__name__, "message": str(exc)}
+        try:
+            self.store.meta_put(job_meta_key(job), stats.record())
+        except Exception:  # the store itself is failing; the log line above remains
+            logger.exception("processfork: could not record failure of job %s", job)
+
+    def shutdown(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def _backend_and_isa(
+    vllm_config: "VllmConfig", layer_name: str, tensor: torch.Tensor, head_dim: int
+) -> tuple[str, str | None]:
+    """Name the attention backend that owns the tensors, and the CPU kernel ISA."""
+    ctx = vllm_config.compilation_config.static_forward_context
+    layer = ctx.get(layer_name)
+    backend_cls = getattr(layer, "attn_backend", None) if layer is not None else None
+    backend = backend_cls.get_name() if backend_cls is not None else "unknown"
+    isa = getattr(layer, "isa", None)
+    if isa is None and tensor.device.type == "cpu" and backend.upper().startswith("CPU"):
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        isa = _get_attn_isa(
+            vllm_config.model_config.dtype,
+            vllm_config.cache_config.block_size,
+            head_dim,
+            vllm_config.cache_config.cache_dtype,
+        )
+    return backend, isa
