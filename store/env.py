@@ -1,0 +1,321 @@
+"""The LMDB environment under a store: opening, the format check, transactions that survive map growth.
+
+LMDB allows one open of an environment per process (its locks belong to the process), so every
+`Store` on the same directory in one process shares one `Env` here, counted by references.
+
+Map growth: a write that hits `MapFullError` is aborted, the map doubled, and the whole transaction
+function run again; a transaction that finds `MapResizedError` (another process grew the file) adopts
+the new size and runs again. Changing the map size while any transaction of this process is open would
+leave dangling pointers (and zero-copy buffers), so transactions hold a shared gate and a resize waits
+for the gate alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import lmdb
+from processfork.store.digest import canonical_json
+from processfork.store.errors import (
+    ReadOnlyStore,
+    StoreError,
+    StoreFull,
+    StoreNotFound,
+    UnsupportedFormat,
+)
+from processfork.store.manifest import FORMAT, utc_now
+
+__all__ = [
+    "DB_NAMES",
+    "DEFAULT_MAP_SIZE",
+    "FORMAT_VERSION",
+    "Env",
+    "acquire_env",
+    "default_store_path",
+]
+
+T = TypeVar("T")
+
+FORMAT_VERSION = 1
+DB_NAMES = ("pages", "blobs", "snapshots", "refs", "reflog", "meta", "pins", "journal")
+DEFAULT_MAP_SIZE = 1 << 30
+MAX_MAP_SIZE = 1 << 44
+MAX_DBS = 16
+META_FORMAT_KEY = b"format"
+_LOW_SPACE = 16 << 20  # an EIO at commit with less free space than this is a full disk
+
+
+def default_store_path() -> str:
+    """`$PF_STORE`, else `~/.processfork`."""
+    env = os.environ.get("PF_STORE")
+    return os.path.expanduser(env) if env else os.path.join(os.path.expanduser("~"), ".processfork")
+
+
+class _Gate:
+    """Shared while transactions run, exclusive while the map size changes."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._resizing = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+class _Retry(Exception):
+    """Internal: the transaction must run again after `action` ("grow" or "adopt")."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+
+
+class Env:
+    """One open LMDB environment with the store's named databases."""
+
+    def __init__(self, path: str, *, map_size: int | None, create: bool) -> None:
+        self.path = path
+        self.refs = 0
+        self.pid = os.getpid()
+        self._write_lock = threading.RLock()
+        self._gate = _Gate()
+        data_file = os.path.join(path, "data.mdb")
+        exists = os.path.exists(data_file)
+        if not exists and not create:
+            raise StoreNotFound(path)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise self._os_error(exc) from exc
+        size = os.path.getsize(data_file) if exists else 0
+        self.writable = os.access(path, os.W_OK)
+        kwargs: dict[str, Any] = {
+            "map_size": max(map_size or DEFAULT_MAP_SIZE, size),
+            "subdir": True,
+            "readonly": not self.writable,
+            "metasync": True,
+            "sync": True,
+            "writemap": False,  # a full disk must be an error at commit, not SIGBUS on a mapped write
+            "max_dbs": MAX_DBS,
+            "max_readers": 512,
+            "max_spare_txns": 8,
+            "lock": True,
+        }
+        try:
+            self.env = _open_env(path, kwargs)
+        except lmdb.Error as exc:
+            raise self.translate(exc) from exc
+        try:
+            if self.writable:
+                self.env.reader_check()  # free reader slots of killed processes
+            self.dbs: dict[str, Any] = {}
+            self._init_or_check(create)
+        except BaseException:
+            self.env.close()
+            raise
+
+    # -- opening --------------------------------------------------------------------------
+    def _init_or_check(self, create: bool) -> None:
+        def probe(txn: lmdb.Transaction) -> set[bytes]:
+            return {bytes(k) for k, _ in txn.cursor()}
+
+        names = self.read(probe)
+        if b"meta" not in names:
+            if names or not create or not self.writable:
+                found = "no format record" if names else "empty store"
+                if not names and not create:
+                    raise StoreNotFound(self.path)
+                raise UnsupportedFormat(found)
+            self._initialize()
+        self.dbs = {n: self.env.open_db(n.encode(), create=False) for n in ("meta",)}
+        record = self.read(lambda t: t.get(META_FORMAT_KEY, db=self.dbs["meta"]))
+        check_format_record(record)
+        missing = [n for n in DB_NAMES if n.encode() not in self.read(probe)]
+        if missing:
+            raise UnsupportedFormat(f"{FORMAT} without databases {missing}")
+        for name in DB_NAMES:
+            self.dbs[name] = self.env.open_db(name.encode(), create=False)
+
+    def _initialize(self) -> None:
+        def init(txn: lmdb.Transaction) -> None:
+            for name in DB_NAMES:
+                db = self.env.open_db(name.encode(), txn=txn, create=True)
+                if name == "meta":
+                    record = {"created": utc_now(), "format": FORMAT, "version": FORMAT_VERSION}
+                    txn.put(META_FORMAT_KEY, canonical_json(record), overwrite=False, db=db)
+
+        self.write(init)
+
+    # -- transactions ---------------------------------------------------------------------
+    def read(self, fn: Callable[[lmdb.Transaction], T], *, buffers: bool = False) -> T:
+        """Run `fn` in one read transaction; buffers=True hands out zero-copy memoryviews."""
+        while True:
+            try:
+                with self._gate.shared():
+                    try:
+                        txn = self.env.begin(buffers=buffers)
+                    except lmdb.MapResizedError:
+                        raise _Retry("adopt") from None
+                    try:
+                        return fn(txn)
+                    except lmdb.MapResizedError:
+                        raise _Retry("adopt") from None
+                    finally:
+                        txn.abort()
+            except _Retry as retry:
+                self._resize(retry.action)
+            except lmdb.Error as exc:
+                raise self.translate(exc) from exc
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run `fn` in one write transaction and commit; rerun it whole after map growth.
+
+        `fn` must build all its results inside the call: a retry discards the first attempt.
+        Values read in `fn` are zero-copy memoryviews, valid only inside it.
+        """
+        if not self.writable:
+            raise ReadOnlyStore(self.path)
+        with self._write_lock:
+            while True:
+                try:
+                    with self._gate.shared():
+                        try:
+                            txn = self.env.begin(write=True, buffers=True)
+                        except lmdb.MapResizedError:
+                            raise _Retry("adopt") from None
+                        try:
+                            result = fn(txn)
+                            txn.commit()
+                            return result
+                        except lmdb.MapFullError:
+                            raise _Retry("grow") from None
+                        except lmdb.MapResizedError:
+                            raise _Retry("adopt") from None
+                        finally:
+                            txn.abort()  # no-op after a successful commit
+                except _Retry as retry:
+                    self._resize(retry.action)
+                except lmdb.Error as exc:
+                    raise self.translate(exc) from exc
+
+    def _resize(self, action: str) -> None:
+        with self._gate.exclusive():
+            if action == "adopt":
+                self.env.set_mapsize(0)
+                return
+            current = self.env.info()["map_size"]
+            if current >= MAX_MAP_SIZE:
+                raise StoreFull(self.path, f"map size limit {MAX_MAP_SIZE} bytes reached")
+            self.env.set_mapsize(min(current * 2, MAX_MAP_SIZE))
+
+    # -- errors ---------------------------------------------------------------------------
+    def translate(self, exc: BaseException) -> StoreError | BaseException:
+        """ENOSPC (which LMDB reports as EIO after a short write) becomes StoreFull."""
+        code = getattr(exc, "code", None) or getattr(exc, "errno", None)
+        text = str(exc)
+        if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text:
+            return StoreFull(self.path, "no space left on device")
+        if code == errno.EIO or "Input/output error" in text:
+            free = self._free_bytes()
+            if free is not None and free < _LOW_SPACE:
+                return StoreFull(self.path, f"no space left on device ({free} bytes free)")
+        if isinstance(exc, lmdb.Error):
+            return StoreError(f"store {self.path}: {text}")
+        return exc
+
+    def _os_error(self, exc: OSError) -> BaseException:
+        return self.translate(exc)
+
+    def _free_bytes(self) -> int | None:
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return None
+        blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+        return blocks * st.f_frsize
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _open_env(path: str, kwargs: dict[str, Any]) -> lmdb.Environment:
+    """Open with the LMDB 0.9 file format pinned where the binding can choose (format stability)."""
+    try:
+        return lmdb.open(path, lib_version=0, **kwargs)
+    except TypeError:  # bindings before 3.0 have one engine and no lib_version
+        return lmdb.open(path, **kwargs)
+
+
+def check_format_record(record: Any) -> dict[str, Any]:
+    """Refuse any store whose meta `format` record this code does not understand."""
+    if record is None:
+        raise UnsupportedFormat("no format record")
+    try:
+        meta = json.loads(bytes(record))
+    except (ValueError, UnicodeDecodeError):
+        raise UnsupportedFormat("unreadable format record") from None
+    if not isinstance(meta, dict):
+        raise UnsupportedFormat("unreadable format record")
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise UnsupportedFormat(f"{meta.get('format')} version {meta.get('version')}")
+    return meta
+
+
+_REGISTRY: dict[str, Env] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def acquire_env(path: str, *, map_size: int | None = None, create: bool = True) -> Env:
+    """The process-wide `Env` for `path`, opened on first use; pair with `release_env`."""
+    key = os.path.realpath(path)
+    with _REGISTRY_LOCK:
+        env = _REGISTRY.get(key)
+        if env is not None and env.pid != os.getpid():
+            del _REGISTRY[key]  # inherited through fork(): never use a parent's environment
+            env = None
+        if env is None:
+            env = Env(key, map_size=map_size, create=create)
+            _REGISTRY[key] = env
+        env.refs += 1
+        return env
+
+
+def release_env(env: Env) -> None:
+    with _REGISTRY_LOCK:
+        env.refs -= 1
+        if env.refs <= 0:
+            if _REGISTRY.get(env.path) is env:
+                del _REGISTRY[env.path]
+            env.close()

@@ -1,0 +1,219 @@
+"""fsck: re-hash every object and check every reference; yields issue records, prints nothing.
+
+Pages are checked in bounded read transactions (a chunk at a time), so a long fsck neither blocks
+writers nor pins an old version of the file. The caller decides how to show issues and which exit
+code they mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+from processfork.store.digest import canonical_json, cid_from_key, cid_key, is_cid, page_digest
+from processfork.store.env import META_FORMAT_KEY, check_format_record
+from processfork.store.errors import InvalidName, StoreError
+from processfork.store.manifest import FORMAT, InvalidManifest, _parse_head, stored_sequences
+from processfork.store.objects import decode_pin
+from processfork.store.refs import HEAD, iter_reflog, validate_ref_name
+
+if TYPE_CHECKING:
+    from processfork.store.lmdb_store import Store
+
+__all__ = ["FsckIssue", "fsck"]
+
+_CHUNK_BYTES = 256 << 20
+_CHUNK_ITEMS = 8192
+
+
+@dataclass(frozen=True)
+class FsckIssue:
+    """`kind` is a short code (corrupt-page, missing-page, dangling-ref, ...); `object` what it is about."""
+
+    kind: str
+    object: str
+    message: str
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def fsck(store: Store, *, progress: Progress | None = None) -> Iterator[FsckIssue]:
+    report = progress or (lambda phase, done, total: None)
+    yield from store._read(lambda txn: list(_check_meta(txn, store.dbs)))
+    yield from _check_content(store, "pages", "page", report)
+    yield from _check_content(store, "blobs", "blob", report)
+    yield from store._read(lambda txn: list(_check_snapshots(txn, store.dbs)), buffers=True)
+    yield from store._read(lambda txn: list(_check_refs(txn, store.dbs)), buffers=True)
+    yield from store._read(lambda txn: list(_check_small(txn, store.dbs)), buffers=True)
+
+
+def _check_meta(txn: lmdb.Transaction, dbs: dict[str, Any]) -> Iterator[FsckIssue]:
+    for key, value in txn.cursor(db=dbs["meta"]):
+        name = bytes(key).decode("utf-8", "replace")
+        try:
+            if bytes(key) == META_FORMAT_KEY:
+                check_format_record(value)
+            elif not isinstance(json.loads(bytes(value)), dict):
+                raise ValueError("not a JSON object")
+        except (StoreError, ValueError) as exc:
+            yield FsckIssue("bad-meta", name, str(exc))
+
+
+def _check_content(store: Store, db_name: str, kind: str, report: Progress) -> Iterator[FsckIssue]:
+    """Every key of `db_name` must be the xxh3-128 of its value."""
+    total = store._read(lambda txn: txn.stat(store.dbs[db_name])["entries"])
+    start: bytes | None = b""
+    done = 0
+    while start is not None:
+
+        def chunk(
+            txn: lmdb.Transaction, start: bytes = start
+        ) -> tuple[list[FsckIssue], bytes | None, int]:
+            cur = txn.cursor(db=store.dbs[db_name])
+            issues: list[FsckIssue] = []
+            if not cur.set_range(start):
+                return issues, None, 0
+            n = size = 0
+            for key, value in cur:
+                key = bytes(key)
+                if n >= _CHUNK_ITEMS or size >= _CHUNK_BYTES:
+                    return issues, key, n
+                actual = page_digest(value)
+                if actual != key:
+                    issues.append(
+                        FsckIssue(f"corrupt-{kind}", key.hex(), f"bytes hash to {actual.hex()}")
+                    )
+                n += 1
+                size += len(value)
+            return issues, None, n
+
+        issues, start, n = store._read(chunk, buffers=True)
+        done += n
+        report(db_name, done, total)
+        yield from issues
+
+
+def _check_snapshots(txn: lmdb.Transaction, dbs: dict[str, Any]) -> Iterator[FsckIssue]:
+    pages, blobs, snaps = (txn.cursor(db=dbs[n]) for n in ("pages", "blobs", "snapshots"))
+    for key, raw in txn.cursor(db=dbs["snapshots"]):
+        cid = cid_from_key(key)
+        data = bytes(raw)
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != cid:
+            yield FsckIssue("cid-mismatch", cid, f"manifest bytes hash to {actual}")
+        try:
+            d = json.loads(data)
+        except ValueError as exc:
+            yield FsckIssue("bad-manifest", cid, f"not JSON: {exc}")
+            continue
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            found = d.get("format") if isinstance(d, dict) else None
+            yield FsckIssue("unsupported-format", cid, f"manifest format {found!r}")
+            continue
+        try:
+            head = _parse_head(d)
+            seqs = stored_sequences(d)
+        except (InvalidManifest, StoreError) as exc:
+            yield FsckIssue("bad-manifest", cid, str(exc))
+            continue
+        if canonical_json(d) != data:
+            yield FsckIssue("non-canonical", cid, "manifest bytes are not canonical JSON")
+        for parent in head["parents"]:
+            if not snaps.set_key(cid_key(parent)):
+                yield FsckIssue("missing-parent", parent, f"parent of {cid}")
+        block_size = head["fingerprint"].get("block_size")
+        missing: set[str] = set()
+        for i, s in enumerate(seqs):
+            yield from _check_sequence(cid, i, s, blobs, pages, missing, block_size)
+
+
+def _check_sequence(
+    cid: str,
+    index: int,
+    s: dict[str, Any],
+    blobs: lmdb.Cursor,
+    pages: lmdb.Cursor,
+    missing: set[str],
+    block_size: Any,
+) -> Iterator[FsckIssue]:
+    where = f"sequence {index} of {cid}"
+    tok, tab = s["tokens"], s["pages"]
+    if not blobs.set_key(bytes.fromhex(tok["digest"])):
+        yield FsckIssue("missing-blob", tok["digest"], f"token ids of {where}")
+    elif len(blobs.value()) != 4 * tok["count"]:
+        yield FsckIssue("bad-tokens", tok["digest"], f"{where}: blob size does not match count")
+    needed = (
+        math.ceil(tok["count"] / block_size)
+        if isinstance(block_size, int) and block_size > 0
+        else None
+    )
+    if needed is not None and needed != tab["count"]:
+        yield FsckIssue(
+            "bad-block-count",
+            cid,
+            f"{where}: {tok['count']} tokens need {needed} blocks of {block_size}, found {tab['count']}",
+        )
+    if not blobs.set_key(bytes.fromhex(tab["digest"])):
+        yield FsckIssue("missing-blob", tab["digest"], f"page table of {where}")
+        return
+    table = bytes(blobs.value())
+    if len(table) != 32 * tab["count"]:
+        yield FsckIssue("bad-page-table", tab["digest"], f"{where}: size does not match count")
+    for i in range(0, len(table) - len(table) % 16, 16):
+        key = table[i : i + 16]
+        if key.hex() not in missing and not pages.set_key(key):
+            missing.add(key.hex())
+            yield FsckIssue("missing-page", key.hex(), f"block {i // 32} of {where}")
+
+
+def _check_refs(txn: lmdb.Transaction, dbs: dict[str, Any]) -> Iterator[FsckIssue]:
+    snaps = txn.cursor(db=dbs["snapshots"])
+    for key, raw in txn.cursor(db=dbs["refs"]):
+        name = bytes(key).decode("utf-8", "replace")
+        value = bytes(raw).decode("utf-8", "replace")
+        if name == HEAD and value.startswith("ref: "):
+            try:
+                validate_ref_name(value[5:])
+            except InvalidName as exc:
+                yield FsckIssue("bad-ref", HEAD, f"symbolic target: {exc}")
+            continue
+        if name != HEAD:
+            try:
+                validate_ref_name(name)
+            except InvalidName as exc:
+                yield FsckIssue("bad-ref", name, str(exc))
+        if not is_cid(value):
+            yield FsckIssue("bad-ref", name, f"value {value[:80]!r} is not a cid")
+        elif not snaps.set_key(cid_key(value)):
+            yield FsckIssue("dangling-ref", name, f"points to missing snapshot {value}")
+
+
+def _check_small(txn: lmdb.Transaction, dbs: dict[str, Any]) -> Iterator[FsckIssue]:
+    """Reflog, pins and journal records must be well-formed."""
+    snaps = txn.cursor(db=dbs["snapshots"])
+    for key, name, entry in iter_reflog(txn, dbs):
+        if entry is None:
+            yield FsckIssue("bad-reflog", bytes(key).hex(), "malformed reflog record")
+            continue
+        for cid in (entry.old, entry.new):
+            if cid and not snaps.set_key(cid_key(cid)):
+                yield FsckIssue(
+                    "dangling-reflog", f"{name}@{{{entry.seq}}}", f"names missing {cid}"
+                )
+    for key, value in txn.cursor(db=dbs["pins"]):
+        name = bytes(key).decode("utf-8", "replace")
+        try:
+            decode_pin(name, value)
+        except ValueError as exc:
+            yield FsckIssue("bad-pin", name, str(exc))
+    sizes = {b"p": 17, b"b": 17, b"s": 33}
+    for key, value in txn.cursor(db=dbs["journal"]):
+        key = bytes(key)
+        if sizes.get(key[:1]) != len(key) or len(value) != 8:
+            yield FsckIssue("bad-journal", key.hex(), "malformed journal record")

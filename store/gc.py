@@ -1,0 +1,234 @@
+"""Garbage collection: find reachable, find unreachable, prune (with a grace period), expire reflogs.
+
+Roots are every ref, HEAD, every reflog entry younger than `expire`, every fresh pin, and every
+snapshot younger than `prune` (a young snapshot keeps what it names, so no kept manifest can point
+to a pruned page).
+
+The mark runs in one read transaction so writers are not blocked. The sweep then runs in short write
+transactions, each of which first re-reads the roots and walks whatever appeared since the mark
+(new refs, new pins, new snapshots): writers that committed, or pinned, in between never lose an
+object, even with `prune=0`. Deletion is decided inside the same transaction that deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+from processfork.store.digest import cid_key, is_cid
+from processfork.store.objects import (
+    JOURNAL_BLOB,
+    JOURNAL_PAGE,
+    JOURNAL_SNAPSHOT,
+    PIN_STALE_SECONDS,
+    journal_time,
+    read_pins,
+)
+from processfork.store.refs import iter_reflog, list_refs, read_head
+from processfork.store.timeparse import parse_age
+
+if TYPE_CHECKING:
+    from processfork.store.lmdb_store import Store
+
+__all__ = ["GcStats", "gc"]
+
+SWEEP_CHUNK = 20_000
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class GcStats:
+    """What gc removed (or, with `dry_run`, would remove), and what it kept."""
+
+    dry_run: bool
+    reachable_snapshots: int = 0
+    reachable_pages: int = 0
+    reachable_blobs: int = 0
+    removed_snapshots: int = 0
+    removed_pages: int = 0
+    removed_blobs: int = 0
+    removed_page_bytes: int = 0
+    removed_bytes: int = 0
+    expired_reflog: int = 0
+    removed_pins: int = 0
+    kept_young: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Mark:
+    """Everything found reachable so far; it only grows, so re-running a transaction stays safe."""
+
+    snapshots: set[bytes] = field(default_factory=set)
+    pages: set[bytes] = field(default_factory=set)
+    blobs: set[bytes] = field(default_factory=set)
+    tables: set[bytes] = field(default_factory=set)
+
+    def walk(self, txn: lmdb.Transaction, dbs: dict[str, Any], roots: Iterable[bytes]) -> None:
+        stack = [k for k in roots if k not in self.snapshots]
+        snaps, blobs_db = dbs["snapshots"], dbs["blobs"]
+        while stack:
+            key = stack.pop()
+            if key in self.snapshots:
+                continue
+            raw = txn.get(key, db=snaps)
+            if raw is None:
+                continue  # a dangling root keeps nothing
+            self.snapshots.add(key)
+            try:
+                d = json.loads(bytes(raw))
+                parents, sequences = d["parents"], d["sequences"]
+                refs = [(s["tokens"]["digest"], s["pages"]["digest"]) for s in sequences]
+            except (ValueError, KeyError, TypeError):
+                continue  # unreadable manifest: kept as it is, fsck reports it
+            stack.extend(cid_key(p) for p in parents if is_cid(p))
+            for tokens_hex, table_hex in refs:
+                self.blobs.add(bytes.fromhex(tokens_hex))
+                table_key = bytes.fromhex(table_hex)
+                self.blobs.add(table_key)
+                if table_key in self.tables:
+                    continue
+                table = txn.get(table_key, db=blobs_db)
+                if table is None:
+                    continue
+                self.tables.add(table_key)
+                t = bytes(table)
+                self.pages.update(t[i : i + 16] for i in range(0, len(t), 16))
+
+
+def _roots(
+    txn: lmdb.Transaction, dbs: dict[str, Any], expire_cut: float, pin_cut: float
+) -> tuple[list[bytes], set[bytes], list[str], list[bytes]]:
+    """(snapshot keys, pinned digests, stale pin names, expired reflog keys) as of this transaction."""
+    cids = set(list_refs(txn, dbs).values())
+    head = read_head(txn, dbs).cid
+    if head:
+        cids.add(head)
+    expired = []
+    for key, _name, entry in iter_reflog(txn, dbs):
+        if entry is None:
+            continue  # malformed: left for fsck, never silently deleted
+        if entry.time < expire_cut:
+            expired.append(key)
+            continue
+        cids.update(c for c in (entry.old, entry.new) if c)
+    pinned: set[bytes] = set()
+    stale = []
+    for name, info in read_pins(txn, dbs).items():
+        if info is None or info.updated < pin_cut:
+            stale.append(name)
+        else:
+            pinned.update(info.digests)
+    return [cid_key(c) for c in cids], pinned, stale, expired
+
+
+def _keys(txn: lmdb.Transaction, db: Any) -> list[bytes]:
+    return [bytes(k) for k in txn.cursor(db=db).iternext(keys=True, values=False)]
+
+
+def gc(
+    store: Store,
+    *,
+    dry_run: bool = False,
+    prune: float | str = 600.0,
+    expire: float | str = 30 * 86400.0,
+    progress: Progress | None = None,
+) -> GcStats:
+    """Mark and sweep; `prune` is the grace period and `expire` the reflog age, both in seconds
+    (or ages such as "now", "10m", "2.weeks")."""
+    start = time.perf_counter()
+    prune_s, expire_s = parse_age(prune), parse_age(expire)
+    now = time.time()
+    grace_cut = now - prune_s
+    expire_cut = -math.inf if math.isinf(expire_s) else now - expire_s
+    pin_cut = now - PIN_STALE_SECONDS
+    dbs = store.dbs
+    mark = _Mark()
+    report = progress or (lambda phase, done, total: None)
+
+    def plan(txn: lmdb.Transaction) -> tuple[set[bytes], list[bytes], list[bytes], list[bytes]]:
+        roots, _, _, _ = _roots(txn, dbs, expire_cut, pin_cut)
+        all_snaps = _keys(txn, dbs["snapshots"])
+        young = [k for k in all_snaps if journal_time(txn, dbs, JOURNAL_SNAPSHOT, k) > grace_cut]
+        report("mark", 0, len(all_snaps))
+        mark.walk(txn, dbs, roots + young)
+        report("mark", len(mark.snapshots), len(all_snaps))
+        dead_snaps = [k for k in all_snaps if k not in mark.snapshots]
+        dead_pages = [k for k in _keys(txn, dbs["pages"]) if k not in mark.pages]
+        dead_blobs = [k for k in _keys(txn, dbs["blobs"]) if k not in mark.blobs]
+        return set(all_snaps), dead_snaps, dead_pages, dead_blobs
+
+    seen_snaps, dead_snaps, dead_pages, dead_blobs = store._read(plan)
+    work = [("snapshots", JOURNAL_SNAPSHOT, k) for k in dead_snaps]
+    work += [("blobs", JOURNAL_BLOB, k) for k in dead_blobs]
+    work += [("pages", JOURNAL_PAGE, k) for k in dead_pages]
+    chunks = [work[i : i + SWEEP_CHUNK] for i in range(0, len(work), SWEEP_CHUNK)] or [[]]
+
+    def sweep(txn: lmdb.Transaction, chunk: list[tuple[str, bytes, bytes]], first: bool) -> GcStats:
+        s = GcStats(dry_run)
+        roots, pinned, stale, expired = _roots(txn, dbs, expire_cut, pin_cut)
+        # New since the mark, or re-stamped young since: both keep everything they name.
+        fresh = [k for k in _keys(txn, dbs["snapshots"]) if k not in seen_snaps]
+        young = [k for k in dead_snaps if journal_time(txn, dbs, JOURNAL_SNAPSHOT, k) > grace_cut]
+        mark.walk(txn, dbs, roots + fresh + young)
+        if first:
+            s.removed_pins, s.expired_reflog = len(stale), len(expired)
+            if not dry_run:
+                for name in stale:
+                    txn.delete(name.encode("utf-8"), db=dbs["pins"])
+                for key in expired:
+                    txn.delete(key, db=dbs["reflog"])
+        kept = {
+            "snapshots": mark.snapshots,
+            "pages": mark.pages | pinned,
+            "blobs": mark.blobs | pinned,
+        }
+        journal = dbs["journal"]
+        for db_name, kind, key in chunk:
+            if key in kept[db_name]:
+                continue
+            if journal_time(txn, dbs, kind, key) > grace_cut:
+                s.kept_young += 1
+                continue
+            value = txn.get(key, db=dbs[db_name])
+            if value is None:
+                continue
+            size = len(value)
+            if db_name == "pages":
+                s.removed_pages += 1
+                s.removed_page_bytes += size
+            elif db_name == "blobs":
+                s.removed_blobs += 1
+            else:
+                s.removed_snapshots += 1
+            s.removed_bytes += size
+            if not dry_run:
+                txn.delete(key, db=dbs[db_name])
+                txn.delete(kind + key, db=journal)
+        return s
+
+    total = GcStats(dry_run)
+    done = 0
+    for n, chunk in enumerate(chunks):
+
+        def run(txn: lmdb.Transaction, chunk: list = chunk, first: bool = n == 0) -> GcStats:
+            return sweep(txn, chunk, first)
+
+        part = store._read(run, buffers=True) if dry_run else store._write(run)
+        for name in (
+            "removed_snapshots", "removed_pages", "removed_blobs", "removed_page_bytes",
+            "removed_bytes", "expired_reflog", "removed_pins", "kept_young",
+        ):  # fmt: skip
+            setattr(total, name, getattr(total, name) + getattr(part, name))
+        done += len(chunk)
+        report("sweep", done, len(work))
+    total.reachable_snapshots = len(mark.snapshots)
+    total.reachable_pages = len(mark.pages)
+    total.reachable_blobs = len(mark.blobs)
+    total.seconds = time.perf_counter() - start
+    return total

@@ -1,0 +1,500 @@
+"""`Store`: the LMDB object store of one directory (format `paged-batchinvariant-v1`).
+
+Safe to open from several processes at once (API server, engine worker, CLI, gc): LMDB serializes
+writers and gives every reader a consistent snapshot. Each public call is one transaction, so what it
+changes becomes visible all at once or not at all. docs/format.md specifies the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import lmdb
+import numpy as np
+from processfork.store import objects as _objects
+from processfork.store import refs as _refs
+from processfork.store.diff import DiffResult, diff
+from processfork.store.digest import (
+    canonical_json,
+    cid_from_key,
+    cid_key,
+    normalize_cid,
+    page_digest,
+)
+from processfork.store.env import META_FORMAT_KEY, Env, acquire_env, default_store_path, release_env
+from processfork.store.errors import (
+    CorruptPage,
+    InvalidName,
+    MissingObject,
+    PageSizeMismatch,
+    ReadOnlyStore,
+    UnknownRevision,
+)
+from processfork.store.fork import fork
+from processfork.store.fsck import FsckIssue, fsck
+from processfork.store.gc import GcStats, gc
+from processfork.store.graph import LogEntry, graph_lines, log
+from processfork.store.manifest import Manifest, TokenRef
+from processfork.store.objects import (
+    JOURNAL_SNAPSHOT,
+    PinInfo,
+    PutResult,
+    as_buffer,
+    now_us,
+    validate_key_name,
+)
+from processfork.store.refs import ANY, HeadInfo, ReflogEntry
+from processfork.store.revparse import resolve_in
+from processfork.store.snapshots import load_manifest, write_manifest
+from processfork.store.status import StoreStatus, compute_status
+
+__all__ = ["Store"]
+
+
+class Store:
+    """One store directory. `Store()` opens `$PF_STORE` or `~/.processfork`, creating it if needed.
+
+    `readonly=True` never creates or writes (StoreNotFound if there is no store). `map_size` is the
+    initial LMDB map size; it grows by doubling whenever a write needs more.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        readonly: bool = False,
+        map_size: int | None = None,
+        create: bool | None = None,
+    ) -> None:
+        raw = default_store_path() if path is None else os.fspath(path)
+        self.readonly = readonly
+        self._env: Env | None = acquire_env(
+            os.path.expanduser(raw),
+            map_size=map_size,
+            create=(not readonly) if create is None else create,
+        )
+        self.path = self._env.path
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @property
+    def env(self) -> Env:
+        if self._env is None:
+            raise ValueError("store is closed")
+        return self._env
+
+    @property
+    def dbs(self) -> dict[str, Any]:
+        return self.env.dbs
+
+    def close(self) -> None:
+        if self._env is not None:
+            env, self._env = self._env, None
+            release_env(env)
+
+    def __enter__(self) -> Store:  # noqa: PYI034 (final class)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.path!r}{', readonly=True' if self.readonly else ''})"
+
+    def _read(self, fn: Callable[[lmdb.Transaction], Any], *, buffers: bool = False) -> Any:
+        return self.env.read(fn, buffers=buffers)
+
+    def _write(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
+        if self.readonly:
+            raise ReadOnlyStore(self.path)
+        return self.env.write(fn)
+
+    # -- pages -------------------------------------------------------------------------------
+    def put_pages(self, pages: Sequence[Any], *, pin: str | None = None) -> PutResult:
+        """Hash and store pages in ONE write transaction; pages already present are not copied."""
+        bufs = [as_buffer(p) for p in pages]
+        items = [(page_digest(b), b) for b in bufs]  # hashed before the writer lock is taken
+        return self._put_hashed(items, pin)
+
+    def put_pages_hashed(
+        self, items: Sequence[tuple[bytes, Any]], *, pin: str | None = None
+    ) -> PutResult:
+        """Like put_pages for callers that already know each page's xxh3-128 digest."""
+        checked = []
+        for digest, page in items:
+            digest = bytes(digest)
+            if len(digest) != 16:
+                raise InvalidName(digest.hex(), "a page digest is 16 bytes")
+            checked.append((digest, as_buffer(page)))
+        return self._put_hashed(checked, pin)
+
+    def _put_hashed(self, items: list[tuple[bytes, memoryview]], pin: str | None) -> PutResult:
+        if pin is not None:
+            validate_key_name(pin, "pin name")
+
+        def run(txn: lmdb.Transaction) -> PutResult:
+            t = now_us()
+            new, written = _objects.put_pages(txn, self.dbs, items, t)
+            if pin is not None:
+                _objects.pin_extend(txn, self.dbs, pin, (d for d, _ in items), t)
+            return PutResult([d for d, _ in items], new, written)
+
+        return self._write(run)
+
+    def has_pages(self, digests: Sequence[bytes]) -> list[bool]:
+        def run(txn: lmdb.Transaction) -> list[bool]:
+            cur = txn.cursor(db=self.dbs["pages"])
+            return [bool(cur.set_key(bytes(d))) for d in digests]
+
+        return self._read(run, buffers=True)
+
+    def get_page(self, digest: bytes, *, verify: bool = True) -> bytes:
+        return self._get_verified("pages", "page", bytes(digest), verify)
+
+    def pages_size(self, digests: Sequence[bytes]) -> int:
+        """Stored bytes of the given pages (missing ones count 0), without reading their contents."""
+
+        def run(txn: lmdb.Transaction) -> int:
+            db = self.dbs["pages"]
+            total = 0
+            for d in digests:
+                v = txn.get(bytes(d), db=db)
+                total += 0 if v is None else len(v)
+            return total
+
+        return self._read(run, buffers=True)
+
+    def read_pages_into(
+        self, digests: Sequence[bytes], out: Any, page_size: int, *, verify: bool = True
+    ) -> None:
+        """Copy pages straight from the memory map into `out[i*page_size:(i+1)*page_size]`.
+
+        One read transaction, zero-copy source buffers, one memcpy per page; with `verify` the copy
+        in `out` is re-hashed, which catches corruption at rest and in flight alike.
+        """
+        dst = (
+            as_buffer(out)
+            if not isinstance(out, np.ndarray)
+            else memoryview(out.reshape(-1).view(np.uint8))
+        )
+        if dst.readonly:
+            raise ValueError("read_pages_into needs a writable buffer")
+        if len(dst) < len(digests) * page_size:
+            raise ValueError(
+                f"buffer of {len(dst)} bytes cannot hold {len(digests)} pages of {page_size}"
+            )
+        keys = [bytes(d) for d in digests]
+
+        def run(txn: lmdb.Transaction) -> None:
+            db = self.dbs["pages"]
+            get = txn.get
+            for i, key in enumerate(keys):
+                src = get(key, db=db)
+                if src is None:
+                    raise MissingObject("page", key.hex())
+                if len(src) != page_size:
+                    raise PageSizeMismatch(key.hex(), page_size, len(src))
+                lo = i * page_size
+                dst[lo : lo + page_size] = src
+                if verify:
+                    actual = page_digest(dst[lo : lo + page_size])
+                    if actual != key:
+                        raise CorruptPage(key.hex(), actual.hex())
+
+        self._read(run, buffers=True)
+
+    def _get_verified(self, db: str, kind: str, key: bytes, verify: bool) -> bytes:
+        data = self._read(lambda txn: txn.get(key, db=self.dbs[db]))
+        if data is None:
+            raise MissingObject(kind, key.hex())
+        if verify:
+            actual = page_digest(data)
+            if actual != key:
+                raise CorruptPage(key.hex(), actual.hex(), kind)
+        return data
+
+    # -- blobs and tokens --------------------------------------------------------------------
+    def put_blob(self, data: Any, *, pin: str | None = None) -> bytes:
+        buf = as_buffer(data)
+        digest = page_digest(buf)
+        if pin is not None:
+            validate_key_name(pin, "pin name")
+
+        def run(txn: lmdb.Transaction) -> bytes:
+            t = now_us()
+            _objects.put_blob(txn, self.dbs, digest, buf, t)
+            if pin is not None:
+                _objects.pin_extend(txn, self.dbs, pin, [digest], t)
+            return digest
+
+        return self._write(run)
+
+    def get_blob(self, digest: bytes, *, verify: bool = True) -> bytes:
+        return self._get_verified("blobs", "blob", bytes(digest), verify)
+
+    def has_blob(self, digest: bytes) -> bool:
+        return self._read(lambda t: bool(t.cursor(db=self.dbs["blobs"]).set_key(bytes(digest))))
+
+    def put_tokens(self, tokens: Any, *, pin: str | None = None) -> TokenRef:
+        """Store token ids as int32 little-endian; out-of-range ids are refused, never wrapped."""
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError("tokens must be a flat sequence of integers")
+        if arr.size and (arr.dtype.kind not in "iu" or arr.min() < -(2**31) or arr.max() >= 2**31):
+            raise ValueError("token ids must be integers that fit in int32")
+        data = np.ascontiguousarray(arr, dtype="<i4")
+        digest = self.put_blob(data, pin=pin)
+        return TokenRef(digest.hex(), int(data.size))
+
+    def get_tokens(self, ref: TokenRef | str) -> list[int]:
+        digest_hex = ref.digest if isinstance(ref, TokenRef) else str(ref)
+        data = self.get_blob(bytes.fromhex(digest_hex))
+        if len(data) % 4:
+            raise CorruptPage(digest_hex, f"length {len(data)} is not a multiple of 4", "blob")
+        return np.frombuffer(data, dtype="<i4").tolist()
+
+    # -- pins --------------------------------------------------------------------------------
+    def pin_extend(self, pin: str, digests: Sequence[bytes]) -> None:
+        """Protect objects (pages, blobs) of a writer in progress from gc until `drop_pin`."""
+        validate_key_name(pin, "pin name")
+        self._write(lambda txn: _objects.pin_extend(txn, self.dbs, pin, list(digests), now_us()))
+
+    def get_pin(self, pin: str) -> list[bytes]:
+        raw = self._read(lambda txn: txn.get(pin.encode("utf-8"), db=self.dbs["pins"]))
+        return [] if raw is None else _objects.decode_pin(pin, raw).digests
+
+    def drop_pin(self, pin: str) -> bool:
+        return self._write(lambda txn: _objects.drop_pin(txn, self.dbs, pin))
+
+    def list_pins(self) -> dict[str, PinInfo | None]:
+        return self._read(lambda txn: _objects.read_pins(txn, self.dbs))
+
+    # -- snapshots -------------------------------------------------------------------------------
+    def write_snapshot(
+        self,
+        manifest: Manifest,
+        *,
+        ref: str | None = None,
+        expected_old: Any = ANY,
+        move_head: bool = True,
+        message: str = "",
+        drop_pins: Sequence[str] = (),
+    ) -> str:
+        """Commit a snapshot in ONE transaction: check its objects exist, store it, move the refs.
+
+        With `ref`, the ref moves (compare-and-swap against `expected_old`) and, with `move_head`,
+        HEAD becomes a symbolic ref to it; without `ref`, `move_head` detaches HEAD at the new cid.
+        """
+        manifest.validate()
+        if ref is not None:
+            _refs.validate_ref_name(ref)
+        data, cid = manifest.canonical_bytes(), manifest.cid
+        tables = manifest.page_tables()
+        page_keys = manifest.page_keys()
+
+        def run(txn: lmdb.Transaction) -> str:
+            now = time.time()
+            write_manifest(txn, self.dbs, manifest, data, cid, tables, page_keys, int(now * 1e6))
+            self._move_refs(txn, cid, ref, expected_old, move_head, "snapshot", message, now)
+            for pin in drop_pins:
+                _objects.drop_pin(txn, self.dbs, pin)
+            return cid
+
+        return self._write(run)
+
+    def _move_refs(
+        self,
+        txn: lmdb.Transaction,
+        cid: str,
+        ref: str | None,
+        expected_old: Any,
+        move_head: bool,
+        action: str,
+        message: str,
+        now: float,
+    ) -> None:
+        if ref is not None:
+            _refs.set_ref(
+                txn,
+                self.dbs,
+                ref,
+                cid,
+                expected_old=expected_old,
+                action=action,
+                message=message,
+                now=now,
+            )
+        if move_head:
+            head = _refs.read_head(txn, self.dbs)
+            if ref is not None and head.ref != ref:
+                _refs.set_head(txn, self.dbs, ref=ref, action=action, message=message, now=now)
+            elif ref is None:
+                _refs.set_head(txn, self.dbs, cid=cid, action=action, message=message, now=now)
+
+    def get_snapshot(self, cid: str) -> Manifest:
+        full = normalize_cid(cid)
+        return self._read(lambda txn: load_manifest(txn, self.dbs, full), buffers=True)
+
+    def has_snapshot(self, cid: str) -> bool:
+        try:
+            key = cid_key(cid)
+        except InvalidName:
+            return False
+        return self._read(
+            lambda t: bool(t.cursor(db=self.dbs["snapshots"]).set_key(key)), buffers=True
+        )
+
+    def iter_snapshots(self) -> Iterator[tuple[str, Manifest]]:
+        """Every snapshot, in cid order, read in one transaction (then yielded)."""
+
+        def run(txn: lmdb.Transaction) -> list[tuple[str, Manifest]]:
+            keys = list(txn.cursor(db=self.dbs["snapshots"]).iternext(values=False))
+            return [(cid_from_key(k), load_manifest(txn, self.dbs, cid_from_key(k))) for k in keys]
+
+        yield from self._read(run, buffers=True)
+
+    def resolve(self, rev: str) -> str:
+        return self._read(lambda txn: resolve_in(txn, self.dbs, rev), buffers=True)
+
+    # -- refs ------------------------------------------------------------------------------------
+    def set_ref(
+        self,
+        name: str,
+        cid: str,
+        *,
+        expected_old: Any = ANY,
+        message: str = "",
+        action: str = "update",
+    ) -> None:
+        """CAS-move ref `name` to an existing snapshot; its reflog entry commits with it."""
+        full = normalize_cid(cid)
+
+        def run(txn: lmdb.Transaction) -> None:
+            if txn.get(cid_key(full), db=self.dbs["snapshots"]) is None:
+                raise MissingObject("snapshot", full)
+            _refs.set_ref(
+                txn, self.dbs, name, full, expected_old=expected_old, action=action, message=message
+            )
+
+        self._write(run)
+
+    def delete_ref(self, name: str, *, expected_old: Any = ANY, message: str = "") -> None:
+        def run(txn: lmdb.Transaction) -> None:
+            if _refs.read_ref(txn, self.dbs, name) is None:
+                raise UnknownRevision(name)
+            _refs.set_ref(
+                txn,
+                self.dbs,
+                name,
+                None,
+                expected_old=expected_old,
+                action="delete",
+                message=message,
+            )
+
+        _refs.validate_ref_name(name)
+        self._write(run)
+
+    def get_ref(self, name: str) -> str | None:
+        if name == _refs.HEAD:
+            return self.head().cid
+        return self._read(lambda txn: _refs.read_ref(txn, self.dbs, name))
+
+    def list_refs(self) -> dict[str, str]:
+        return self._read(lambda txn: _refs.list_refs(txn, self.dbs))
+
+    def head(self) -> HeadInfo:
+        return self._read(lambda txn: _refs.read_head(txn, self.dbs))
+
+    def checkout_head(self, cid_or_ref: str, *, message: str = "") -> HeadInfo:
+        """Make HEAD symbolic to an existing ref name, else detach it at the resolved revision."""
+
+        def run(txn: lmdb.Transaction) -> HeadInfo:
+            if cid_or_ref != _refs.HEAD and _refs.read_ref(txn, self.dbs, cid_or_ref) is not None:
+                return _refs.set_head(txn, self.dbs, ref=cid_or_ref, message=message)
+            cid = resolve_in(txn, self.dbs, cid_or_ref)
+            return _refs.set_head(txn, self.dbs, cid=cid, message=message)
+
+        return self._write(run)
+
+    def reflog(self, name: str) -> list[ReflogEntry]:
+        """Entries of ref `name` (or HEAD), oldest first."""
+        return self._read(lambda txn: _refs.read_reflog(txn, self.dbs, name))
+
+    # -- meta ------------------------------------------------------------------------------------
+    def meta_get(self, key: str) -> dict[str, Any] | None:
+        raw = self._read(lambda txn: txn.get(key.encode("utf-8"), db=self.dbs["meta"]))
+        return None if raw is None else json.loads(raw)
+
+    def meta_put(self, key: str, value: dict[str, Any]) -> None:
+        """Small JSON records (e.g. `engine:<id>` fingerprints); the `format` key is reserved."""
+        self._check_meta_key(key)
+        data = canonical_json(value)
+        self._write(lambda txn: txn.put(key.encode("utf-8"), data, db=self.dbs["meta"]))
+
+    def meta_delete(self, key: str) -> bool:
+        self._check_meta_key(key)
+        return self._write(lambda txn: bool(txn.delete(key.encode("utf-8"), db=self.dbs["meta"])))
+
+    def meta_items(self, prefix: str = "") -> dict[str, dict[str, Any]]:
+        def run(txn: lmdb.Transaction) -> dict[str, dict[str, Any]]:
+            cur = txn.cursor(db=self.dbs["meta"])
+            out = {}
+            p = prefix.encode("utf-8")
+            if cur.set_range(p):
+                for k, v in cur:
+                    if not k.startswith(p):
+                        break
+                    out[k.decode("utf-8")] = json.loads(v)
+            return out
+
+        return self._read(run)
+
+    @staticmethod
+    def _check_meta_key(key: str) -> None:
+        validate_key_name(key, "meta key")
+        if key.encode("utf-8") == META_FORMAT_KEY:
+            raise InvalidName(key, "reserved for the format record")
+
+    # -- high level (each in its own module) -----------------------------------------------------
+    def fork(self, rev: str, n: int, *, prefix: str | None = None, message: str = "") -> list[str]:
+        """n children of `rev` sharing all its pages, refs `{prefix}/0..n-1`; one transaction."""
+        return fork(self, rev, n, prefix=prefix, message=message)
+
+    def log(
+        self, rev: str | None = "HEAD", *, limit: int | None = None, all_refs: bool = False
+    ) -> list[LogEntry]:
+        return log(self, rev, limit=limit, all_refs=all_refs)
+
+    @staticmethod
+    def graph_lines(entries: Sequence[LogEntry]) -> list[tuple[str, LogEntry | None]]:
+        return graph_lines(entries)
+
+    def diff(self, a: str, b: str) -> DiffResult:
+        return diff(self, a, b)
+
+    def gc(
+        self,
+        *,
+        dry_run: bool = False,
+        prune: float | str = 600.0,
+        expire: float | str = 30 * 86400.0,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> GcStats:
+        return gc(self, dry_run=dry_run, prune=prune, expire=expire, progress=progress)
+
+    def fsck(
+        self, *, progress: Callable[[str, int, int], None] | None = None
+    ) -> Iterator[FsckIssue]:
+        return fsck(self, progress=progress)
+
+    def status(self) -> StoreStatus:
+        return compute_status(self)
+
+    def snapshot_written_at(self, cid: str) -> float:
+        """When the snapshot was stored (journal time, Unix seconds); 0.0 if unrecorded."""
+        key = cid_key(cid)
+        return self._read(lambda txn: _objects.journal_time(txn, self.dbs, JOURNAL_SNAPSHOT, key))

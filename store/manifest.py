@@ -1,0 +1,320 @@
+"""The snapshot manifest: the commit object of the store, and its canonical stored form.
+
+In memory a sequence lists its page pairs inline (what the engine and the CLI work with). On disk each
+sequence's page list is a content-addressed *page table* blob (32 bytes per block: K digest, V digest),
+so a fork child, which shares its parent's pages, also shares its page tables and costs O(1) bytes
+instead of O(blocks). The cid is the sha256 of the stored form, which is a pure function of the
+in-memory form: computing a cid never needs the store.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from processfork.store.digest import (
+    canonical_json,
+    cid_of,
+    digest_from_hex,
+    is_cid,
+    page_digest,
+)
+from processfork.store.errors import InvalidName, StoreError, UnsupportedFormat
+
+__all__ = [
+    "FORMAT",
+    "ForkInfo",
+    "InvalidManifest",
+    "Manifest",
+    "Sequence",
+    "TokenRef",
+    "decode_page_table",
+    "encode_page_table",
+    "utc_now",
+]
+
+FORMAT = "paged-batchinvariant-v1"
+_TABLE_ENTRY = 32  # bytes per block in a page table: 16-byte K digest + 16-byte V digest
+
+
+class InvalidManifest(StoreError, ValueError):
+    """A manifest dict or object does not have the fields and types of the format."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"invalid manifest: {self.detail}"
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC with microseconds, e.g. `2026-11-30T08:12:01.123456Z` (sorts as text)."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _check_hex(value: Any, what: str) -> str:
+    try:
+        digest_from_hex(value)
+    except InvalidName:
+        raise InvalidManifest(f"{what} must be 32 lowercase hex digits, got {value!r}") from None
+    return value
+
+
+def _check_count(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidManifest(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ForkInfo:
+    """Which of `of` siblings a fork child is (0-based `index`)."""
+
+    index: int
+    of: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"index": self.index, "of": self.of}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ForkInfo:
+        if not isinstance(d, Mapping) or set(d) != {"index", "of"}:
+            raise InvalidManifest(f"fork must be {{index, of}} or null, got {d!r}")
+        index, of = _check_count(d["index"], "fork.index"), _check_count(d["of"], "fork.of")
+        if index >= of:
+            raise InvalidManifest(f"fork.index {index} must be below fork.of {of}")
+        return cls(index, of)
+
+
+@dataclass(frozen=True)
+class TokenRef:
+    """A token id array stored as a blob (int32 little-endian), with its length."""
+
+    digest: str
+    count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "digest": self.digest}
+
+    @classmethod
+    def from_dict(cls, d: Any, what: str = "tokens") -> TokenRef:
+        if not isinstance(d, Mapping) or set(d) != {"digest", "count"}:
+            raise InvalidManifest(f"{what} must be {{digest, count}}, got {d!r}")
+        return cls(
+            _check_hex(d["digest"], f"{what}.digest"), _check_count(d["count"], f"{what}.count")
+        )
+
+
+def encode_page_table(pages: list[tuple[str, str]]) -> bytes:
+    """The stored page table: per block the 16-byte K digest then the 16-byte V digest."""
+    return bytes.fromhex("".join(k + v for k, v in pages))
+
+
+def decode_page_table(table: bytes) -> list[tuple[str, str]]:
+    if len(table) % _TABLE_ENTRY:
+        raise InvalidManifest(f"page table of {len(table)} bytes is not a multiple of 32")
+    h = bytes(table).hex()
+    return [(h[i : i + 32], h[i + 32 : i + 64]) for i in range(0, len(h), 64)]
+
+
+@dataclass
+class Sequence:
+    """One sequence: its token ids (by reference) and one (K, V) page digest pair per block."""
+
+    tokens: TokenRef
+    pages: list[tuple[str, str]] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not isinstance(self.tokens, TokenRef):
+            raise InvalidManifest("sequence.tokens must be a TokenRef")
+        TokenRef.from_dict(self.tokens.to_dict())
+        for pair in self.pages:
+            if len(pair) != 2:
+                raise InvalidManifest(f"a page entry is a [k, v] pair, got {pair!r}")
+            _check_hex(pair[0], "page digest")
+            _check_hex(pair[1], "page digest")
+
+    def page_table(self) -> bytes:
+        return encode_page_table(self.pages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pages": [[k, v] for k, v in self.pages], "tokens": self.tokens.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Sequence:
+        if not isinstance(d, Mapping) or set(d) != {"tokens", "pages"}:
+            raise InvalidManifest(f"a sequence is {{tokens, pages}}, got keys {sorted(d)!r}")
+        if not isinstance(d["pages"], list):
+            raise InvalidManifest("sequence.pages must be a list of [k, v] pairs")
+        seq = cls(TokenRef.from_dict(d["tokens"]), [tuple(p) for p in d["pages"]])  # type: ignore[misc]
+        seq.validate()
+        return seq
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    """A snapshot: what the engine held, where it came from, and what must match to load it."""
+
+    format: str = FORMAT
+    name: str
+    parents: list[str] = field(default_factory=list)
+    fork: ForkInfo | None = None
+    created: str = field(default_factory=utc_now)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    sequences: list[Sequence] = field(default_factory=list)
+
+    # -- derived values -------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.tokens.count for s in self.sequences)
+
+    def page_digests(self) -> set[str]:
+        """Every page digest (hex) any sequence uses, K and V alike."""
+        return {d for s in self.sequences for pair in s.pages for d in pair}
+
+    def page_keys(self) -> set[bytes]:
+        """`page_digests()` as 16-byte LMDB keys."""
+        return {bytes.fromhex(d) for d in self.page_digests()}
+
+    def page_tables(self) -> dict[str, bytes]:
+        """The page table blobs of the stored form, by their hex digest."""
+        tables = (s.page_table() for s in self.sequences)
+        return {page_digest(t).hex(): t for t in tables}
+
+    def blob_digests(self) -> set[str]:
+        """Every blob the stored form needs: token arrays and page tables."""
+        return {s.tokens.digest for s in self.sequences} | set(self.page_tables())
+
+    # -- validation and the stored form ---------------------------------------------------
+    def validate(self) -> None:
+        if self.format != FORMAT:
+            raise UnsupportedFormat(str(self.format))
+        if not isinstance(self.name, str) or not self.name:
+            raise InvalidManifest("name must be a non-empty string")
+        if not isinstance(self.parents, list) or not all(is_cid(p) for p in self.parents):
+            raise InvalidManifest(f"parents must be a list of full cids, got {self.parents!r}")
+        if len(set(self.parents)) != len(self.parents):
+            raise InvalidManifest("parents must not repeat")
+        if self.fork is not None:
+            ForkInfo.from_dict(
+                self.fork.to_dict() if isinstance(self.fork, ForkInfo) else self.fork
+            )
+        if not isinstance(self.created, str) or not self.created:
+            raise InvalidManifest("created must be an RFC 3339 string")
+        if not isinstance(self.fingerprint, dict):
+            raise InvalidManifest("fingerprint must be an object")
+        try:
+            canonical_json(self.fingerprint)
+        except (TypeError, ValueError) as exc:
+            raise InvalidManifest(f"fingerprint is not plain JSON: {exc}") from None
+        if not isinstance(self.sequences, list):
+            raise InvalidManifest("sequences must be a list")
+        for seq in self.sequences:
+            if not isinstance(seq, Sequence):
+                raise InvalidManifest("sequences must hold Sequence objects")
+            seq.validate()
+
+    def _head_dict(self) -> dict[str, Any]:
+        return {
+            "created": self.created,
+            "fingerprint": self.fingerprint,
+            "fork": self.fork.to_dict() if self.fork is not None else None,
+            "format": self.format,
+            "name": self.name,
+            "parents": list(self.parents),
+        }
+
+    def stored_dict(self) -> dict[str, Any]:
+        """The on-disk form: each sequence's pages replaced by its page table's {digest, count}."""
+        d = self._head_dict()
+        d["sequences"] = [
+            {
+                "pages": {"count": len(s.pages), "digest": page_digest(s.page_table()).hex()},
+                "tokens": s.tokens.to_dict(),
+            }
+            for s in self.sequences
+        ]
+        return d
+
+    def canonical_bytes(self) -> bytes:
+        """The exact bytes stored under the cid in the `snapshots` database."""
+        return canonical_json(self.stored_dict())
+
+    @property
+    def cid(self) -> str:
+        return cid_of(self.canonical_bytes())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The logical form, pages inline (what `pf show --json` and the HTTP routes print)."""
+        d = self._head_dict()
+        d["sequences"] = [s.to_dict() for s in self.sequences]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Manifest:
+        """Parse the logical form; an unknown `format` raises UnsupportedFormat before anything else."""
+        head = _parse_head(d)
+        if not isinstance(d["sequences"], list):
+            raise InvalidManifest("sequences must be a list")
+        m = cls(**head, sequences=[Sequence.from_dict(s) for s in d["sequences"]])
+        m.validate()
+        return m
+
+    @classmethod
+    def from_stored(cls, data: bytes | Mapping[str, Any], tables: Mapping[str, bytes]) -> Manifest:
+        """Rebuild a manifest from its stored form and the page table blobs it names."""
+        d = json.loads(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        head = _parse_head(d)
+        sequences = []
+        for s in stored_sequences(d):
+            table_digest, count = s["pages"]["digest"], s["pages"]["count"]
+            pages = decode_page_table(tables[table_digest])
+            if len(pages) != count:
+                raise InvalidManifest(
+                    f"page table {table_digest} has {len(pages)} blocks, not {count}"
+                )
+            sequences.append(Sequence(TokenRef.from_dict(s["tokens"]), pages))
+        return cls(**head, sequences=sequences)
+
+
+def _parse_head(d: Any) -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        raise InvalidManifest("a manifest is a JSON object")
+    if "format" in d and d["format"] != FORMAT:
+        raise UnsupportedFormat(str(d["format"]))
+    expected = {"format", "name", "parents", "fork", "created", "fingerprint", "sequences"}
+    if set(d) != expected:
+        missing, extra = sorted(expected - set(d)), sorted(set(d) - expected)
+        raise InvalidManifest(f"fields differ: missing {missing}, unexpected {extra}")
+    if not isinstance(d["parents"], list) or not all(is_cid(p) for p in d["parents"]):
+        raise InvalidManifest(f"parents must be a list of full cids, got {d['parents']!r}")
+    if not isinstance(d["name"], str) or not isinstance(d["created"], str):
+        raise InvalidManifest("name and created must be strings")
+    if not isinstance(d["fingerprint"], dict):
+        raise InvalidManifest("fingerprint must be an object")
+    return {
+        "format": d["format"],
+        "name": d["name"],
+        "parents": list(d["parents"]),
+        "fork": None if d["fork"] is None else ForkInfo.from_dict(d["fork"]),
+        "created": d["created"],
+        "fingerprint": dict(d["fingerprint"]),
+    }
+
+
+def stored_sequences(d: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The validated `sequences` of a stored manifest dict: tokens and page-table references."""
+    seqs = d.get("sequences")
+    if not isinstance(seqs, list):
+        raise InvalidManifest("sequences must be a list")
+    for s in seqs:
+        if not isinstance(s, Mapping) or set(s) != {"tokens", "pages"}:
+            raise InvalidManifest("a stored sequence is {tokens, pages}")
+        TokenRef.from_dict(s["tokens"], "tokens")
+        TokenRef.from_dict(s["pages"], "pages")
+    return seqs  # type: ignore[return-value]

@@ -1,0 +1,179 @@
+"""Content-addressed objects inside a transaction: pages, blobs, the journal of write times, pins.
+
+The journal records when each object was last written or re-used, so gc's grace period protects a
+writer that found a page already present (and skipped writing it) until its snapshot commits. Pins
+name the objects of a writer still in progress, so even `gc --prune=now` keeps them.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+from processfork.store.errors import InvalidName
+
+__all__ = [
+    "JOURNAL_BLOB",
+    "JOURNAL_PAGE",
+    "JOURNAL_SNAPSHOT",
+    "PIN_STALE_SECONDS",
+    "PinInfo",
+    "PutResult",
+    "as_buffer",
+    "decode_pin",
+    "now_us",
+    "validate_key_name",
+]
+
+JOURNAL_PAGE = b"p"
+JOURNAL_BLOB = b"b"
+JOURNAL_SNAPSHOT = b"s"
+PIN_STALE_SECONDS = 24 * 3600.0
+_U64 = struct.Struct("<Q")
+_PIN_HEADER = struct.Struct("<QQ")  # created, updated (Unix microseconds)
+DIGEST_SIZE = 16
+
+
+@dataclass
+class PutResult:
+    """What a page write did: one digest and one `new` flag per input page, and the bytes added."""
+
+    digests: list[bytes]
+    new: list[bool]
+    bytes_written: int
+
+    @property
+    def num_new(self) -> int:
+        return sum(self.new)
+
+
+@dataclass(frozen=True)
+class PinInfo:
+    """A writer's pin: what it protects and when it was created / last extended (Unix seconds)."""
+
+    name: str
+    digests: list[bytes]
+    created: float
+    updated: float
+
+    def stale(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) - self.updated > PIN_STALE_SECONDS
+
+
+def now_us() -> int:
+    return int(time.time() * 1_000_000)
+
+
+def validate_key_name(name: str, what: str = "name") -> str:
+    """Pins and meta keys: non-empty UTF-8, at most 255 bytes, no control characters."""
+    if not isinstance(name, str) or not name:
+        raise InvalidName(str(name), f"empty {what}")
+    if len(name.encode("utf-8")) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidName(name, f"a {what} is at most 255 bytes without control characters")
+    return name
+
+
+def as_buffer(page: Any) -> memoryview:
+    """A flat byte view of a page without copying (a non-contiguous array is copied once)."""
+    mv = page if isinstance(page, memoryview) else memoryview(page)
+    if not mv.c_contiguous:
+        mv = memoryview(mv.tobytes())
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+def stamp(txn: lmdb.Transaction, dbs: dict[str, Any], kind: bytes, key: bytes, t_us: int) -> None:
+    txn.put(kind + key, _U64.pack(t_us), db=dbs["journal"])
+
+
+def journal_time(txn: lmdb.Transaction, dbs: dict[str, Any], kind: bytes, key: bytes) -> float:
+    """Seconds of the last write/re-use of an object; 0.0 (infinitely old) when unrecorded."""
+    raw = txn.get(kind + key, db=dbs["journal"])
+    if raw is None or len(raw) != 8:
+        return 0.0
+    return _U64.unpack(bytes(raw))[0] / 1e6
+
+
+def put_pages(
+    txn: lmdb.Transaction,
+    dbs: dict[str, Any],
+    items: Sequence[tuple[bytes, memoryview]],
+    t_us: int,
+) -> tuple[list[bool], int]:
+    """Insert pages not yet present (one B-tree descent each, no copy of existing pages)."""
+    pages, journal = dbs["pages"], dbs["journal"]
+    put = txn.put
+    stamp_value = _U64.pack(t_us)
+    new: list[bool] = []
+    written = 0
+    for digest, buf in items:
+        if put(digest, buf, overwrite=False, db=pages):
+            new.append(True)
+            written += buf.nbytes
+        else:
+            new.append(False)
+        put(JOURNAL_PAGE + digest, stamp_value, db=journal)
+    return new, written
+
+
+def put_blob(
+    txn: lmdb.Transaction, dbs: dict[str, Any], digest: bytes, data: Any, t_us: int
+) -> bool:
+    created = txn.put(digest, data, overwrite=False, db=dbs["blobs"])
+    stamp(txn, dbs, JOURNAL_BLOB, digest, t_us)
+    return created
+
+
+# -- pins ----------------------------------------------------------------------------------------
+def decode_pin(name: str, raw: bytes) -> PinInfo:
+    raw = bytes(raw)
+    if len(raw) < _PIN_HEADER.size or (len(raw) - _PIN_HEADER.size) % DIGEST_SIZE:
+        raise ValueError(f"pin {name!r} has a malformed value of {len(raw)} bytes")
+    created, updated = _PIN_HEADER.unpack_from(raw)
+    body = raw[_PIN_HEADER.size :]
+    digests = [body[i : i + DIGEST_SIZE] for i in range(0, len(body), DIGEST_SIZE)]
+    return PinInfo(name, digests, created / 1e6, updated / 1e6)
+
+
+def pin_extend(
+    txn: lmdb.Transaction, dbs: dict[str, Any], name: str, digests: Iterable[bytes], t_us: int
+) -> None:
+    """Add digests to pin `name` (created when absent) and refresh its time."""
+    validate_key_name(name, "pin name")
+    key = name.encode("utf-8")
+    raw = txn.get(key, db=dbs["pins"])
+    if raw is None:
+        created, body, seen = t_us, bytearray(), set()
+    else:
+        info = decode_pin(name, raw)
+        created, body = int(info.created * 1e6), bytearray(bytes(raw)[_PIN_HEADER.size :])
+        seen = set(info.digests)
+    for d in digests:
+        d = bytes(d)
+        if len(d) != DIGEST_SIZE:
+            raise InvalidName(d.hex(), "a pinned digest is 16 bytes")
+        if d not in seen:
+            seen.add(d)
+            body += d
+    txn.put(key, _PIN_HEADER.pack(created, t_us) + bytes(body), db=dbs["pins"])
+
+
+def drop_pin(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> bool:
+    return bool(txn.delete(name.encode("utf-8"), db=dbs["pins"]))
+
+
+def read_pins(txn: lmdb.Transaction, dbs: dict[str, Any]) -> dict[str, PinInfo | None]:
+    """Every pin by name; None for a malformed record (fsck reports it, gc deletes it)."""
+    out: dict[str, PinInfo | None] = {}
+    for key, value in txn.cursor(db=dbs["pins"]):
+        name = bytes(key).decode("utf-8", "replace")
+        try:
+            out[name] = decode_pin(name, value)
+        except ValueError:
+            out[name] = None
+    return out

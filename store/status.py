@@ -1,0 +1,73 @@
+"""`Store.status()`: sizes and counts for `pf status` and `GET /status`, from one read transaction."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import lmdb
+from processfork.store.env import META_FORMAT_KEY
+from processfork.store.refs import HEAD, HeadInfo, read_head
+
+if TYPE_CHECKING:
+    from processfork.store.lmdb_store import Store
+
+__all__ = ["StoreStatus", "compute_status"]
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """`size_bytes` is the part of the data file in use (LMDB pages up to the last one written);
+    `file_bytes` what the file occupies; `map_size` the current LMDB map size."""
+
+    path: str
+    format: str
+    size_bytes: int
+    map_size: int
+    num_pages: int
+    page_bytes: int
+    num_blobs: int
+    num_snapshots: int
+    num_refs: int
+    head: HeadInfo
+    created: str = ""
+    num_pins: int = 0
+    file_bytes: int = 0
+
+
+def compute_status(store: Store) -> StoreStatus:
+    dbs = store.dbs
+
+    def run(txn: lmdb.Transaction) -> StoreStatus:
+        info = store.env.env.info()
+        psize = store.env.env.stat()["psize"]
+        page_bytes = sum(len(v) for v in txn.cursor(db=dbs["pages"]).iternext(keys=False))
+        refs = sum(
+            1
+            for k in txn.cursor(db=dbs["refs"]).iternext(values=False)
+            if bytes(k) != HEAD.encode()
+        )
+        meta = json.loads(bytes(txn.get(META_FORMAT_KEY, db=dbs["meta"])))
+        try:
+            file_bytes = os.path.getsize(os.path.join(store.path, "data.mdb"))
+        except OSError:
+            file_bytes = 0
+        return StoreStatus(
+            path=store.path,
+            format=f"{meta['format']} (version {meta['version']})",
+            size_bytes=(info["last_pgno"] + 1) * psize,
+            map_size=info["map_size"],
+            num_pages=txn.stat(dbs["pages"])["entries"],
+            page_bytes=page_bytes,
+            num_blobs=txn.stat(dbs["blobs"])["entries"],
+            num_snapshots=txn.stat(dbs["snapshots"])["entries"],
+            num_refs=refs,
+            head=read_head(txn, dbs),
+            created=str(meta.get("created", "")),
+            num_pins=txn.stat(dbs["pins"])["entries"],
+            file_bytes=file_bytes,
+        )
+
+    return store._read(run, buffers=True)
