@@ -1,0 +1,196 @@
+"""A small HTTP client for the server's `/v1/processfork/` routes (docs/http-api.md has the shapes).
+
+Every failure becomes a `ServerError` (the server answered with an error status) or `ServerUnreachable`
+(no answer), so commands never see httpx exceptions and `main()` can pick the exit code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, final
+from urllib.parse import quote
+
+import httpx
+
+from processfork_cli.errors import ServerError, ServerUnreachable
+
+__all__ = ["API_PREFIX", "Client"]
+
+API_PREFIX = "/v1/processfork"
+
+# Snapshots and checkouts of long contexts run a forward pass: reads may take minutes, connecting not.
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+
+
+@final
+class Client:
+    """Synchronous client; one instance per command, closed by `with`."""
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        api_key: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.server = server.rstrip("/")
+        headers = {"Accept": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(
+            base_url=self.server + API_PREFIX,
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- routes ------------------------------------------------------------------------------------
+
+    def snapshot(
+        self,
+        name: str,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        token_ids: Sequence[int] | None = None,
+        request_id: str | None = None,
+        parent: str | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """POST /snapshot; with no sequence source the server captures the whole resident state."""
+        body: dict[str, Any] = {"name": name}
+        for key, value in (
+            ("prompt", prompt),
+            ("messages", messages),
+            ("token_ids", token_ids),
+            ("request_id", request_id),
+            ("parent", parent),
+        ):
+            if value is not None:
+                body[key] = list(value) if key in ("messages", "token_ids") else value
+        body.update({k: v for k, v in extra.items() if v is not None})
+        return self.request("POST", "/snapshot", json=body)
+
+    def fork(self, rev: str, n: int, *, name: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"cid": rev, "n": n}
+        if name is not None:
+            body["name"] = name
+        return self.request("POST", "/fork", json=body)
+
+    def checkout(self, rev: str) -> dict[str, Any]:
+        return self.request("POST", "/checkout", json={"cid": rev})
+
+    def show(self, rev: str) -> dict[str, Any]:
+        return self.request("GET", f"/snapshots/{quote(rev, safe='')}")
+
+    def log(
+        self, ref: str | None = None, *, limit: int | None = None, all_refs: bool = False
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if ref is not None:
+            params["ref"] = ref
+        if limit is not None:
+            params["limit"] = limit
+        if all_refs:
+            params["all"] = "true"
+        return self.request("GET", "/log", params=params)
+
+    def refs(self) -> dict[str, Any]:
+        return self.request("GET", "/refs")
+
+    def status(self) -> dict[str, Any]:
+        return self.request("GET", "/status")
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Send one request and return its JSON body, or raise the project's error for it."""
+        try:
+            response = self._http.request(method, path, json=json, params=params)
+        except httpx.TimeoutException as exc:
+            raise ServerUnreachable(self.server, f"timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(self.server, _reason(exc)) from exc
+        if response.status_code >= 400:
+            raise _error_from(response, self.server)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise ServerError(
+                response.status_code,
+                "InvalidResponse",
+                f"{method} {path} did not answer JSON",
+                self.server,
+                hint="is --server pointing at a vLLM server with the processfork plugin?",
+            ) from exc
+
+
+def _reason(exc: httpx.TransportError) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, httpx.ConnectError) and ("refused" in text.lower() or not text):
+        return "connection refused"
+    return text or type(exc).__name__
+
+
+def _error_from(response: httpx.Response, server: str) -> ServerError:
+    """Read `{"error": {"type", "message"}}`, and the shapes FastAPI and vLLM use for their own errors."""
+    status = response.status_code
+    error_type = response.reason_phrase or "Error"
+    message = ""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    ours = False
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            error_type = str(error.get("type") or error_type)
+            message = str(error.get("message") or "")
+            ours = True
+        elif isinstance(error, str):
+            message = error
+        elif "detail" in body:
+            message = _detail_text(body["detail"])
+        elif "message" in body:
+            message = str(body["message"])
+    if not message:
+        message = (response.text or "").strip().splitlines()[0][:200] if response.text.strip() else ""
+    message = " ".join((message or error_type).split())
+    hint = None
+    if status == 401:
+        hint = "pass --api-key or set PF_API_KEY to the key the server was started with"
+    elif status == 404 and not ours:
+        hint = "is the processfork plugin enabled on this server? (`pf serve` enables it)"
+    return ServerError(status, error_type, message, server, hint=hint)
+
+
+def _detail_text(detail: Any) -> str:
+    """FastAPI validation errors come as a list of {loc, msg}; keep them on one line."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+                parts.append(f"{loc}: {item.get('msg', '')}" if loc else str(item.get("msg", "")))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return str(detail)

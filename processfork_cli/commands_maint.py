@@ -1,0 +1,149 @@
+"""Store maintenance: `pf status`, `pf fsck`, `pf gc`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.text import Text
+
+from processfork_cli.errors import IntegrityProblems
+from processfork_cli.options import JsonOpt, QuietOpt, StoreOpt
+from processfork_cli.output import Output, to_jsonable
+from processfork_cli.render import human_bytes, human_count, short_cid
+from processfork_cli.settings import settings
+
+__all__ = ["register"]
+
+GC_EXAMPLES = """
+Examples:
+
+  pf gc --dry-run             # what would go, nothing deleted
+  pf gc                       # unreachable objects older than 10 minutes
+  pf branch -d trial/3 && pf gc --prune now --expire now   # drop an abandoned branch right away
+"""
+
+
+def _key_value_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """Generic rendering of flat records: sizes as bytes, counts with separators."""
+    rows = []
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={short_cid(v) if k == 'cid' else v}" for k, v in value.items())
+        elif key.endswith(("bytes", "size")):
+            value = human_bytes(value)
+        elif key == "seconds" and isinstance(value, (int, float)):
+            value = f"{value:.3f} s"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = human_count(value)
+        rows.append((key.replace("_", " "), str(value)))
+    return rows
+
+
+def status(
+    ctx: typer.Context,
+    store: StoreOpt = None,
+    json_: JsonOpt = None,
+    quiet: QuietOpt = None,
+) -> None:
+    """Store location, size and object counts."""
+    s = settings(ctx, store=store, json=json_, quiet=quiet)
+    with s.open_store() as st:
+        doc = to_jsonable(st.status())
+    s.out.emit(
+        doc,
+        human=lambda out: out.fields(_key_value_rows(doc)),
+        quiet=[str(doc.get("path", ""))],
+    )
+
+
+def fsck(
+    ctx: typer.Context,
+    store: StoreOpt = None,
+    json_: JsonOpt = None,
+    quiet: QuietOpt = None,
+) -> None:
+    """Verify every page digest, manifest, reference and ref; exit 3 if anything is wrong."""
+    s = settings(ctx, store=store, json=json_, quiet=quiet)
+    out = s.out
+    issues: list[dict[str, Any]] = []
+    with s.open_store() as st:
+        for issue in st.fsck():
+            record = to_jsonable(issue)
+            issues.append(record)
+            if not out.json_mode:
+                _print_issue(out, record)
+    if out.json_mode:
+        out.write_json({"ok": not issues, "issues": issues})
+    elif not issues:
+        out.info("fsck: no problems found")
+    if issues:
+        raise IntegrityProblems(len(issues))
+
+
+def _print_issue(out: Output, issue: dict[str, Any]) -> None:
+    if out.quiet:
+        out.line(str(issue.get("object", "")))
+        return
+    out.render(
+        Text.assemble(
+            (f"{issue.get('kind', 'problem')}", "red bold"),
+            " ",
+            (str(issue.get("object", "")), "yellow"),
+            f": {issue.get('message', '')}",
+        )
+    )
+
+
+def gc(
+    ctx: typer.Context,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", "-n", help="Report what would be removed; remove nothing.")
+    ] = False,
+    prune: Annotated[
+        str,
+        typer.Option(
+            "--prune",
+            metavar="AGE",
+            help="Grace period: keep unreachable objects younger than AGE (`now` keeps none).",
+        ),
+    ] = "10m",
+    expire: Annotated[
+        str,
+        typer.Option(
+            "--expire",
+            metavar="AGE",
+            help="Drop reflog entries older than AGE (`never` keeps all), so what only they kept goes.",
+        ),
+    ] = "30d",
+    store: StoreOpt = None,
+    json_: JsonOpt = None,
+    quiet: QuietOpt = None,
+) -> None:
+    """Delete snapshots, pages and blobs that no ref, reflog entry or writer in progress reaches."""
+    from processfork.store import parse_age
+
+    s = settings(ctx, store=store, json=json_, quiet=quiet)
+    grace, expiry = parse_age(prune), parse_age(expire)
+    with s.open_store(readonly=False) as st, s.out.progress("gc") as progress:
+        stats = st.gc(dry_run=dry_run, prune=grace, expire=expiry, progress=progress)
+    doc: dict[str, Any] = {"dry_run": dry_run, "prune": prune, "expire": expire}
+    doc.update(to_jsonable(stats))
+    doc.update(dry_run=dry_run, prune=prune, expire=expire)
+
+    def human(out: Output) -> None:
+        title = "gc --dry-run: would remove" if dry_run else "gc: removed"
+        rows = [
+            (k, v)
+            for k, v in _key_value_rows(doc)
+            if k not in ("dry run", "prune", "expire")
+        ]
+        out.fields(rows, title=title)
+
+    s.out.emit(doc, human=human)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status)
+    app.command("fsck")(fsck)
+    app.command("gc", epilog=GC_EXAMPLES)(gc)

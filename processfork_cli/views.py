@@ -1,0 +1,149 @@
+"""JSON documents for store objects: what `pf ... --json` prints and what the read-only HTTP routes return.
+
+Free of Typer and Rich on purpose: the server's routes can build the same documents from the same
+functions, so `pf show X` and `pf show X --via-server` render identical data. docs/cli.md lists the shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from processfork_cli.output import to_jsonable
+
+if TYPE_CHECKING:
+    from processfork.store import LogEntry, Manifest, Store
+
+__all__ = [
+    "diff_doc",
+    "head_doc",
+    "log_doc",
+    "log_entry_doc",
+    "reflog_entry_doc",
+    "refs_by_cid",
+    "refs_doc",
+    "snapshot_bytes",
+    "snapshot_doc",
+]
+
+
+def refs_by_cid(refs: Mapping[str, str]) -> dict[str, list[str]]:
+    """Invert name -> cid so every snapshot can show the names that point at it."""
+    out: dict[str, list[str]] = {}
+    for name, cid in sorted(refs.items()):
+        out.setdefault(cid, []).append(name)
+    return out
+
+
+def head_doc(store: Store) -> dict[str, Any]:
+    head = store.head()
+    return {"ref": head.ref, "cid": head.cid}
+
+
+def _fork_doc(manifest: Manifest) -> dict[str, int] | None:
+    fork = manifest.fork
+    if fork is None:
+        return None
+    if isinstance(fork, Mapping):
+        return {"index": int(fork["index"]), "of": int(fork["of"])}
+    return {"index": int(fork.index), "of": int(fork.of)}
+
+
+def _hex(digest: Any) -> str:
+    return digest.hex() if isinstance(digest, (bytes, bytearray)) else str(digest)
+
+
+def snapshot_bytes(store: Store, digests: Iterable[str]) -> int:
+    """Stored bytes of the distinct pages, read from LMDB's value lengths (no page is copied)."""
+    return int(store.pages_size(sorted({bytes.fromhex(_hex(d)) for d in digests})))
+
+
+def snapshot_doc(
+    store: Store, cid: str, manifest: Manifest, *, refs: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The manifest summary of `pf show`: identity, history, fingerprint and per-sequence sizes."""
+    sequences = []
+    all_pages: set[str] = set()
+    num_blocks = 0
+    for seq in manifest.sequences:
+        pages = {_hex(d) for pair in seq.pages for d in pair}
+        all_pages |= pages
+        num_blocks += len(seq.pages)
+        sequences.append(
+            {
+                "tokens": int(seq.tokens.count),
+                "token_digest": _hex(seq.tokens.digest),
+                "blocks": len(seq.pages),
+                "pages": len(pages),
+            }
+        )
+    return {
+        "cid": cid,
+        "name": manifest.name,
+        "format": manifest.format,
+        "parents": list(manifest.parents),
+        "fork": _fork_doc(manifest),
+        "created": manifest.created,
+        "refs": list(refs),
+        "num_sequences": len(sequences),
+        "num_tokens": int(manifest.num_tokens),
+        "num_blocks": num_blocks,
+        "num_pages": len(all_pages),
+        "bytes": snapshot_bytes(store, all_pages),
+        "fingerprint": to_jsonable(manifest.fingerprint),
+        "sequences": sequences,
+    }
+
+
+def log_entry_doc(entry: LogEntry, *, head_cid: str | None = None) -> dict[str, Any]:
+    manifest = entry.manifest
+    return {
+        "cid": entry.cid,
+        "name": manifest.name,
+        "parents": list(manifest.parents),
+        "fork": _fork_doc(manifest),
+        "created": manifest.created,
+        "num_sequences": len(manifest.sequences),
+        "num_tokens": int(manifest.num_tokens),
+        "refs": [r for r in entry.refs if r != "HEAD"],
+        "head": entry.cid == head_cid,
+    }
+
+
+def log_doc(entries: Sequence[LogEntry], *, head: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "head": dict(head),
+        "entries": [log_entry_doc(e, head_cid=head.get("cid")) for e in entries],
+    }
+
+
+def refs_doc(store: Store) -> dict[str, Any]:
+    """Every ref with the snapshot it names; refs to a missing snapshot are listed, marked missing."""
+    head = head_doc(store)
+    rows = []
+    for name, cid in sorted(store.list_refs().items()):
+        row: dict[str, Any] = {"name": name, "cid": cid, "head": head["ref"] == name}
+        if store.has_snapshot(cid):
+            manifest = store.get_snapshot(cid)
+            row.update(snapshot=manifest.name, num_tokens=int(manifest.num_tokens), missing=False)
+        else:
+            row.update(snapshot=None, num_tokens=None, missing=True)
+        rows.append(row)
+    return {"head": head, "refs": rows}
+
+
+def diff_doc(a: str, b: str, result: Any) -> dict[str, Any]:
+    doc = {"a": a, "b": b}
+    doc.update(to_jsonable(result))
+    return doc
+
+
+def reflog_entry_doc(entry: Any) -> dict[str, Any]:
+    return {
+        "seq": int(entry.seq),
+        "time": to_jsonable(entry.time),
+        "old": entry.old,
+        "new": entry.new,
+        "action": entry.action,
+        "message": entry.message,
+    }
