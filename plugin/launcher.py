@@ -69,8 +69,13 @@ class ServerStartError(RuntimeError):
 
 
 def default_store() -> Path:
-    """``$PF_STORE``, else ``~/.processfork`` (the CLI's default too)."""
-    return Path(os.environ.get("PF_STORE") or "~/.processfork").expanduser().resolve()
+    """The store's own default (``$PF_STORE``, else ``~/.processfork``), made absolute.
+
+    Absolute because the server's processes may not share the caller's working directory.
+    """
+    from processfork.store import default_store_path
+
+    return Path(default_store_path()).expanduser().resolve()
 
 
 def is_cpu_build() -> bool:

