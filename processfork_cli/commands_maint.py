@@ -66,25 +66,25 @@ def fsck(
     """Verify every page digest, manifest, reference and ref; exit 3 if anything is wrong."""
     s = settings(ctx, store=store, json=json_, quiet=quiet)
     out = s.out
-    issues: list[dict[str, Any]] = []
-    with s.open_store() as st:
-        for issue in st.fsck():
-            record = to_jsonable(issue)
-            issues.append(record)
-            if not out.json_mode:
-                _print_issue(out, record)
-    if out.json_mode:
-        out.write_json({"ok": not issues, "issues": issues})
-    elif not issues:
-        out.info("fsck: no problems found")
+    with s.open_store() as st, out.progress("fsck") as progress:
+        issues = [to_jsonable(issue) for issue in st.fsck(progress=progress)]
+
+    def human(out: Output) -> None:
+        for issue in issues:
+            _print_issue(out, issue)
+        if not issues:
+            out.info("fsck: no problems found")
+
+    out.emit(
+        {"ok": not issues, "issues": issues},
+        human=human,
+        quiet=[str(i.get("object", "")) for i in issues],
+    )
     if issues:
         raise IntegrityProblems(len(issues))
 
 
 def _print_issue(out: Output, issue: dict[str, Any]) -> None:
-    if out.quiet:
-        out.line(str(issue.get("object", "")))
-        return
     out.render(
         Text.assemble(
             (f"{issue.get('kind', 'problem')}", "red bold"),
@@ -125,7 +125,7 @@ def gc(
 
     s = settings(ctx, store=store, json=json_, quiet=quiet)
     grace, expiry = parse_age(prune), parse_age(expire)
-    with s.open_store(readonly=False) as st, s.out.progress("gc") as progress:
+    with s.open_store(readonly=dry_run) as st, s.out.progress("gc") as progress:
         stats = st.gc(dry_run=dry_run, prune=grace, expire=expiry, progress=progress)
     doc: dict[str, Any] = {"dry_run": dry_run, "prune": prune, "expire": expire}
     doc.update(to_jsonable(stats))

@@ -87,7 +87,9 @@ class Output:
         if not self.console.is_terminal and "COLUMNS" not in os.environ:
             # Pipes and files get whole lines: 80 columns would fold cids and paths.
             self.console.width = _PIPE_WIDTH
-        self.err_console = Console(file=stderr, stderr=stderr is None, highlight=False)
+        self.err_console = Console(
+            file=stderr, stderr=stderr is None, highlight=False, soft_wrap=True
+        )
 
     @property
     def json_mode(self) -> bool:
@@ -200,7 +202,7 @@ class Output:
         text = Text.assemble(("pf: error: ", "red bold"), message)
         if hint:
             text.append(f" ({hint})", style="dim")
-        self.err_console.print(text, soft_wrap=True, markup=False, highlight=False)
+        self.err_console.print(text, markup=False, highlight=False)
 
     # -- progress (stderr, terminal only) -----------------------------------------------------------
 

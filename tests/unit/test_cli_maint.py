@@ -1,0 +1,152 @@
+"""`pf status`, `pf fsck` (exit 3 on damage) and `pf gc` (dry run against the real thing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lmdb
+import pytest
+from processfork.store import Store
+from test_cli_support import PAGE, History, build_history, pf, snapshot
+
+TRIAL_TOKENS = [90, 91, 92, 93, 94, 95]  # shares no block with the history: 2 blocks, 4 pages
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> History:
+    return build_history(tmp_path / "store")
+
+
+def _open_raw(path: Path) -> lmdb.Environment:
+    """The store's LMDB environment, opened behind the store's back to damage it."""
+    try:
+        return lmdb.open(str(path), max_dbs=16, lib_version=0)
+    except TypeError:  # bindings without a choice of LMDB engine
+        return lmdb.open(str(path), max_dbs=16)
+
+
+def _corrupt_one_page(path: Path) -> str:
+    env = _open_raw(path)
+    try:
+        pages = env.open_db(b"pages", create=False)
+        with env.begin(write=True, db=pages) as txn:
+            key, value = next(iter(txn.cursor()))
+            key = bytes(key)
+            txn.put(key, b"\xff" * len(value))
+    finally:
+        env.close()
+    return key.hex()
+
+
+def test_status(history: History) -> None:
+    result = pf(history.path, "status", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = result.json()
+    assert Path(doc["path"]) == history.path
+    assert doc["num_snapshots"] == 5
+    assert doc["num_refs"] == 5
+    assert doc["num_pages"] == 10  # base: 6, child adds 4 (its 3rd block differs, plus a 4th)
+    assert doc["page_bytes"] == 10 * PAGE
+    assert doc["head"] == {"ref": "main", "cid": history.child}
+    human = pf(history.path, "status").stdout
+    assert "num snapshots  5" in human and "page bytes" in human and "640 B" in human
+
+
+def test_fsck_clean_store(history: History) -> None:
+    result = pf(history.path, "fsck")
+    assert result.exit_code == 0
+    assert result.stdout == ""
+    assert "no problems" in result.stderr
+    assert pf(history.path, "fsck", "--json").json() == {"ok": True, "issues": []}
+
+
+def test_fsck_corrupt_page_exit_3(history: History) -> None:
+    digest = _corrupt_one_page(history.path)
+    result = pf(history.path, "fsck")
+    assert result.exit_code == 3
+    assert f"corrupt-page {digest}" in result.stdout
+    assert result.error_lines == ["pf: error: fsck found 1 problem"]
+
+    as_json = pf(history.path, "fsck", "--json")
+    assert as_json.exit_code == 3
+    doc = as_json.json()
+    assert doc["ok"] is False
+    assert [(i["kind"], i["object"]) for i in doc["issues"]] == [("corrupt-page", digest)]
+    assert pf(history.path, "fsck", "-q").stdout == digest + "\n"
+
+
+def test_fsck_dangling_ref_exit_3(history: History) -> None:
+    env = _open_raw(history.path)
+    try:
+        refs = env.open_db(b"refs", create=False)
+        with env.begin(write=True, db=refs) as txn:
+            txn.put(b"ghost", ("sha256:" + "ab" * 32).encode())
+    finally:
+        env.close()
+    result = pf(history.path, "fsck", "--json")
+    assert result.exit_code == 3
+    assert any(i["kind"] == "dangling-ref" and i["object"] == "ghost" for i in result.json()["issues"])
+
+
+def _add_abandoned_trial(history: History) -> str:
+    with Store(history.path) as st:
+        trial = snapshot(st, "trial", TRIAL_TOKENS, ref="trial", move_head=False)
+        st.delete_ref("trial")
+    return trial
+
+
+def test_gc_grace_period_keeps_young_objects(history: History) -> None:
+    _add_abandoned_trial(history)
+    result = pf(history.path, "gc", "--expire", "now", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = result.json()
+    assert doc["removed_snapshots"] == doc["removed_pages"] == doc["removed_blobs"] == 0
+    assert doc["reachable_snapshots"] == 6  # the young trial counts as a root
+
+
+def test_gc_reflog_keeps_a_deleted_ref_until_it_expires(history: History) -> None:
+    trial = _add_abandoned_trial(history)
+    doc = pf(history.path, "gc", "--prune", "now", "--json").json()
+    assert doc["removed_snapshots"] == 0
+    assert pf(history.path, "show", trial, "-q").exit_code == 0
+
+
+def test_gc_dry_run_then_real(history: History) -> None:
+    trial = _add_abandoned_trial(history)
+    dry = pf(history.path, "gc", "--dry-run", "--prune", "now", "--expire", "now", "--json")
+    assert dry.exit_code == 0, dry.stderr
+    planned = dry.json()
+    assert planned["dry_run"] is True
+    assert planned["removed_snapshots"] == 1
+    assert planned["removed_pages"] == 4 and planned["removed_page_bytes"] == 4 * PAGE
+    assert planned["removed_blobs"] == 2  # its token ids and its page table
+    assert pf(history.path, "show", trial, "-q").exit_code == 0  # nothing deleted yet
+
+    human = pf(history.path, "gc", "--prune", "now", "--expire", "now")
+    assert human.exit_code == 0, human.stderr
+    assert "gc: removed" in human.stdout
+    assert "removed pages        4" in human.stdout
+    assert f"removed page bytes   {4 * PAGE} B" in human.stdout
+
+    gone = pf(history.path, "show", trial)
+    assert gone.exit_code == 1 and "unknown revision" in gone.stderr
+    again = pf(history.path, "gc", "--prune", "now", "--expire", "now", "--json").json()
+    assert again["removed_snapshots"] == again["removed_pages"] == 0
+    assert pf(history.path, "fsck").exit_code == 0
+    assert pf(history.path, "log", "--all", "--json").json()["entries"][-1]["cid"] == history.base
+
+
+def test_gc_sizes_are_human_readable(history: History) -> None:
+    with Store(history.path) as st:
+        snapshot(st, "big", list(range(500, 500 + 4 * 40)), ref="big", move_head=False)
+        st.delete_ref("big")
+    out = pf(history.path, "gc", "--dry-run", "--prune", "now", "--expire", "now").stdout
+    assert "removed page bytes   5.0 KiB" in out  # 80 pages of 64 bytes
+
+
+@pytest.mark.parametrize("option", ["--prune", "--expire"])
+def test_gc_bad_age_exit_1(history: History, option: str) -> None:
+    result = pf(history.path, "gc", option, "soon")
+    assert result.exit_code == 1
+    assert "invalid age 'soon'" in result.stderr
+    assert len(result.error_lines) == 1
