@@ -98,7 +98,7 @@ def _print_issue(out: Output, issue: dict[str, Any]) -> None:
 def gc(
     ctx: typer.Context,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", "-n", help="Report what would be removed; remove nothing.")
+        bool, typer.Option("--dry-run", help="Report what would be removed; remove nothing.")
     ] = False,
     prune: Annotated[
         str,
@@ -113,7 +113,7 @@ def gc(
         typer.Option(
             "--expire",
             metavar="AGE",
-            help="Drop reflog entries older than AGE (`never` keeps all), so what only they kept goes.",
+            help="Drop reflog entries older than AGE (`never` keeps all); what only they kept goes too.",
         ),
     ] = "30d",
     store: StoreOpt = None,
