@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import httpx
 
+from processfork_cli import views
 from processfork_cli.errors import ServerError, ServerUnreachable
 
 __all__ = ["API_PREFIX", "Client"]
@@ -85,13 +86,15 @@ class Client:
         body: dict[str, Any] = {"cid": rev, "n": n}
         if name is not None:
             body["name"] = name
-        return self.request("POST", "/fork", json=body)
+        return self._expect(self.request("POST", "/fork", json=body), views.FORK_KEYS, "POST /fork")
 
     def checkout(self, rev: str) -> dict[str, Any]:
         return self.request("POST", "/checkout", json={"cid": rev})
 
     def show(self, rev: str) -> dict[str, Any]:
-        return self.request("GET", f"/snapshots/{quote(rev, safe='')}")
+        """The `pf show` document (processfork_cli.views.snapshot_doc) of one snapshot."""
+        doc = self.request("GET", f"/snapshots/{quote(rev, safe='')}")
+        return self._expect(doc, views.SNAPSHOT_KEYS, "GET /snapshots/{rev}")
 
     def log(
         self, ref: str | None = None, *, limit: int | None = None, all_refs: bool = False
@@ -103,15 +106,38 @@ class Client:
             params["limit"] = limit
         if all_refs:
             params["all"] = "true"
-        return self.request("GET", "/log", params=params)
+        return self._expect(self.request("GET", "/log", params=params), views.LOG_KEYS, "GET /log")
 
     def refs(self) -> dict[str, Any]:
-        return self.request("GET", "/refs")
+        doc = self._expect(self.request("GET", "/refs"), views.REFS_KEYS, "GET /refs")
+        if not isinstance(doc["refs"], list):
+            raise self._unexpected("GET /refs", "refs is not a list")
+        return doc
 
     def status(self) -> dict[str, Any]:
         return self.request("GET", "/status")
 
     # -- plumbing ----------------------------------------------------------------------------------
+
+    def _expect(self, doc: Any, keys: frozenset[str], route: str) -> dict[str, Any]:
+        """The commands render server documents like local ones; a different shape is the server's
+        fault (an older or newer plugin), reported as such instead of a KeyError later."""
+        if not isinstance(doc, dict):
+            raise self._unexpected(route, "not a JSON object")
+        missing = sorted(keys - doc.keys())
+        if missing:
+            raise self._unexpected(route, "missing " + ", ".join(missing))
+        return doc
+
+    def _unexpected(self, route: str, detail: str) -> ServerError:
+        return ServerError(
+            200,
+            "UnexpectedDocument",
+            f"{route} answered a document pf cannot read ({detail})",
+            self.server,
+            hint="the server's processfork plugin and this pf come from different versions",
+        )
+
 
     def request(
         self,
@@ -171,8 +197,9 @@ def _error_from(response: httpx.Response, server: str) -> ServerError:
             message = _detail_text(body["detail"])
         elif "message" in body:
             message = str(body["message"])
-    if not message:
-        message = (response.text or "").strip().splitlines()[0][:200] if response.text.strip() else ""
+    text = (response.text or "").strip()
+    if not message and text and not text.startswith("<"):  # an HTML error page says nothing useful
+        message = text.splitlines()[0][:200]
     message = " ".join((message or error_type).split())
     hint = None
     if status == 401:

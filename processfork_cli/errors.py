@@ -79,7 +79,8 @@ class ServerError(CliError):
     def __init__(
         self, status: int, error_type: str, message: str, url: str, *, hint: str | None = None
     ) -> None:
-        super().__init__(f"{message} (HTTP {status} {error_type} from {url})", hint=hint)
+        kind = "" if error_type == message else f" {error_type}"
+        super().__init__(f"{message} (HTTP {status}{kind} from {url})", hint=hint)
         self.status = status
         self.error_type = error_type
         self.server_message = message

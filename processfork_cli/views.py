@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from processfork.store import LogEntry, Manifest, Store
 
 __all__ = [
+    "FORK_KEYS",
+    "LOG_KEYS",
+    "REFS_KEYS",
+    "SNAPSHOT_KEYS",
     "diff_doc",
     "head_doc",
     "log_doc",
@@ -25,6 +29,16 @@ __all__ = [
     "snapshot_bytes",
     "snapshot_doc",
 ]
+
+
+# The keys each document must have; the client checks server answers against them.
+SNAPSHOT_KEYS = frozenset(
+    {"cid", "name", "format", "parents", "fork", "created", "refs", "num_sequences", "num_tokens",
+     "num_blocks", "num_pages", "bytes", "fingerprint", "sequences"}
+)
+LOG_KEYS = frozenset({"head", "entries"})
+REFS_KEYS = frozenset({"head", "refs"})
+FORK_KEYS = frozenset({"cids"})
 
 
 def refs_by_cid(refs: Mapping[str, str]) -> dict[str, list[str]]:
