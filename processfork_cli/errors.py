@@ -145,8 +145,6 @@ def describe(exc: BaseException) -> Problem:
         return Problem(ExitCode.SERVER, str(exc), show_debug_hint=True)
     if isinstance(exc, OSError):
         return _describe_os_error(exc)
-    if isinstance(exc, KeyboardInterrupt):
-        return Problem(ExitCode.USER, "interrupted")
     name = type(exc).__module__.split(".")[0]
     if name == "lmdb":
         return Problem(ExitCode.SERVER, f"store error: {exc}", show_debug_hint=True)

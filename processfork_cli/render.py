@@ -31,14 +31,15 @@ def human_bytes(n: float | None) -> str:
     """Binary units like `du -h`; exact bytes below 1 KiB."""
     if n is None:
         return "-"
-    n = float(n)
-    if abs(n) < 1024:
-        return f"{int(n)} B"
+    value = float(n)
+    if abs(value) < 1024:
+        return f"{int(value)} B"
+    unit = "B"
     for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
+        value /= 1024
+        if abs(value) < 1024:
+            break
+    return f"{value:.1f} {unit}"
 
 
 def human_count(n: int | None) -> str:
