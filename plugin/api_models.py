@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["SnapshotBody", "ForkBody", "CheckoutBody"]
+__all__ = ["CheckoutBody", "ForkBody", "SnapshotBody"]
 
 
 class _Body(BaseModel):
@@ -30,7 +30,7 @@ class SnapshotBody(_Body):
     message: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "SnapshotBody":
+    def _one_source(self) -> SnapshotBody:
         given = [
             k for k in ("prompt", "messages", "token_ids", "request_id") if getattr(self, k) is not None
         ]

@@ -10,12 +10,12 @@ gather runs on the GPU and one device-to-host copy fills a pinned staging tensor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-__all__ = ["PageCodec", "CpuAttnCodec", "SplitLastDimCodec", "StackedKVCodec", "codec_for"]
+__all__ = ["CpuAttnCodec", "PageCodec", "SplitLastDimCodec", "StackedKVCodec", "codec_for"]
 
 BlockView = Callable[[torch.Tensor], torch.Tensor]
 

@@ -15,11 +15,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from processfork.store import Manifest, Sequence, Store, StoreError
 from vllm.inputs import TokensPrompt
 from vllm.logger import init_logger
 from vllm.sampling_params import SamplingParams
-
-from processfork.store import Manifest, Sequence, Store, StoreError
 
 from .api_errors import ApiError, from_store_error
 from .api_models import CheckoutBody, ForkBody, SnapshotBody

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from .codec import PageCodec
 
-__all__ = ["layer_order", "engine_fingerprint"]
+__all__ = ["engine_fingerprint", "layer_order"]
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -43,18 +43,18 @@ def layer_order(kv_caches: dict[str, torch.Tensor]) -> list[str]:
 
 
 def engine_fingerprint(
-    vllm_config: "VllmConfig", codec: "PageCodec", *, backend: str, isa: str | None
+    vllm_config: VllmConfig, codec: PageCodec, *, backend: str, isa: str | None
 ) -> dict[str, Any]:
     """Everything that must match for this engine to load another engine's pages."""
     import vllm
-    import vllm.envs as envs
+    from vllm import envs
 
     model_config = vllm_config.model_config
     parallel = vllm_config.parallel_config
     geo = codec.geometry
     try:
         hf_dict = model_config.hf_config.to_dict()
-    except Exception:  # configs without to_dict: fall back to their attributes
+    except (AttributeError, TypeError):  # configs without to_dict: use their attributes
         hf_dict = dict(vars(model_config.hf_config))
     on_cpu = codec.device.type == "cpu"
     return {

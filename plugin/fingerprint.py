@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-__all__ = ["FINGERPRINT_FIELDS", "first_mismatch", "config_hash"]
+__all__ = ["FINGERPRINT_FIELDS", "config_hash", "first_mismatch"]
 
 #: Compared in this order; the first differing field is the one reported.
 FINGERPRINT_FIELDS: tuple[str, ...] = (

@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "PARAMS_KEY",
-    "OP_SNAPSHOT",
-    "OP_CHECKOUT",
     "OP_CAPTURE",
-    "SaveJob",
+    "OP_CHECKOUT",
+    "OP_SNAPSHOT",
+    "PARAMS_KEY",
     "LoadJob",
+    "SaveJob",
     "StepPlan",
-    "op_params",
-    "job_meta_key",
     "engine_meta_key",
+    "job_meta_key",
+    "op_params",
 ]
 
 #: Key inside a request's ``kv_transfer_params`` that carries our instructions.

@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import json
 from argparse import Namespace
-from dataclasses import asdict, is_dataclass
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
+from processfork.store import Store, StoreError, documents
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import State
-
-from processfork.store import StoreError
 
 from .api_errors import ApiError, from_store_error
 from .api_models import CheckoutBody, ForkBody, SnapshotBody
 from .connector import store_path_from_config
 from .control import Control
 
-__all__ = ["ProcessForkEndpoints", "PREFIX"]
+__all__ = ["PREFIX", "ProcessForkEndpoints"]
 
 PREFIX = "/v1/processfork"
 
@@ -73,30 +72,6 @@ async def _guard(fn: Handler, *args: Any) -> JSONResponse:
         return _error_response(from_store_error(exc))
 
 
-def _plain(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        return {k: _plain(v) for k, v in asdict(value).items()}
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _summary(cid: str, manifest: Any, refs: list[str] | None = None) -> dict[str, Any]:
-    return {
-        "cid": cid,
-        "name": manifest.name,
-        "parents": list(manifest.parents),
-        "fork": manifest.fork.to_dict() if manifest.fork is not None else None,
-        "created": manifest.created,
-        "num_sequences": len(manifest.sequences),
-        "num_tokens": manifest.num_tokens,
-        "num_pages": sum(len(s.pages) for s in manifest.sequences),
-        "refs": refs or [],
-    }
-
-
 def build_router() -> APIRouter:
     router = APIRouter(prefix=PREFIX)
 
@@ -122,20 +97,16 @@ def build_router() -> APIRouter:
         return await _guard(run)
 
     @router.get("/snapshots/{rev:path}")
-    async def show(request: Request, rev: str, pages: bool = False) -> JSONResponse:
+    async def show(request: Request, rev: str) -> JSONResponse:
         async def run() -> Any:
             control = _control(request)
-            cid = await control._run(control.store.resolve, rev)
-            manifest = await control._run(control.store.get_snapshot, cid)
-            refs = await control._run(control.store.list_refs)
-            out = _summary(cid, manifest, sorted(n for n, c in refs.items() if c == cid))
-            out["fingerprint"] = manifest.fingerprint
-            out["sequences"] = [
-                {"num_tokens": s.tokens.count, "num_pages": len(s.pages), "tokens": s.tokens.digest}
-                | ({"pages": [list(p) for p in s.pages]} if pages else {})
-                for s in manifest.sequences
-            ]
-            return out
+
+            def build(store: Store) -> dict[str, Any]:
+                cid = store.resolve(rev)
+                names = documents.refs_by_cid(store.list_refs()).get(cid, [])
+                return documents.snapshot_doc(store, cid, store.get_snapshot(cid), refs=names)
+
+            return await control._run(build, control.store)
 
         return await _guard(run)
 
@@ -147,10 +118,13 @@ def build_router() -> APIRouter:
             control = _control(request)
             if limit is not None and limit < 1:
                 raise ApiError(422, "invalid_request", "limit must be at least 1")
-            entries = await control._run(
-                control.store.log, ref or ("HEAD" if not all else None), limit=limit, all_refs=all
-            )
-            return {"entries": [_summary(e.cid, e.manifest, list(e.refs)) for e in entries]}
+
+            def build(store: Store) -> dict[str, Any]:
+                rev = ref if ref is not None else (None if all else "HEAD")
+                entries = store.log(rev, limit=limit, all_refs=all)
+                return documents.log_doc(entries, head=documents.head_doc(store))
+
+            return await control._run(build, control.store)
 
         return await _guard(run)
 
@@ -158,9 +132,7 @@ def build_router() -> APIRouter:
     async def refs(request: Request) -> JSONResponse:
         async def run() -> Any:
             control = _control(request)
-            all_refs = await control._run(control.store.list_refs)
-            head = await control._run(control.store.head)
-            return {"refs": all_refs, "head": _plain(head)}
+            return await control._run(documents.refs_doc, control.store)
 
         return await _guard(run)
 
@@ -183,7 +155,7 @@ def build_router() -> APIRouter:
             store_status = await control._run(control.store.status)
             record = await control.engine_record()
             return {
-                "store": _plain(store_status),
+                "store": documents.to_jsonable(store_status),
                 "engine": {
                     "fingerprint": record["fingerprint"],
                     "num_blocks": record.get("num_blocks"),

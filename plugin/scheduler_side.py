@@ -66,7 +66,7 @@ class _FinishedSeq:
 class SchedulerSide:
     """Plans snapshot saves and checkout loads; indexes resident sequences."""
 
-    def __init__(self, vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig"):
+    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig):
         self.block_size = vllm_config.cache_config.block_size
         # Finished sequences stay resident until their blocks are evicted; remember
         # at most as many tokens as the cache can hold.
@@ -80,12 +80,12 @@ class SchedulerSide:
         self._pending_loads: list[LoadJob] = []
         self.loaded_tokens_total = 0
 
-    def bind_kv_cache_manager(self, manager: "KVCacheManager") -> None:
+    def bind_kv_cache_manager(self, manager: KVCacheManager) -> None:
         self._kv_cache_manager = manager
 
     # --- admission ------------------------------------------------------------
     def get_num_new_matched_tokens(
-        self, request: "Request", num_computed_tokens: int
+        self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
         params = op_params(request.kv_transfer_params)
         op = params.get("op") if params else None
@@ -110,7 +110,7 @@ class SchedulerSide:
         return max(0, loadable - num_computed_tokens), False
 
     def update_state_after_alloc(
-        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         state = self._checkouts.get(request.request_id)
         if state is None or num_external_tokens <= 0:
@@ -131,7 +131,7 @@ class SchedulerSide:
         )
 
     # --- per step -------------------------------------------------------------
-    def build_step_plan(self, scheduler_output: "SchedulerOutput") -> StepPlan:
+    def build_step_plan(self, scheduler_output: SchedulerOutput) -> StepPlan:
         plan = StepPlan(loads=self._pending_loads)
         self._pending_loads = []
         if not self._snapshots:
@@ -186,7 +186,7 @@ class SchedulerSide:
         state.done = final
 
     # --- completion -----------------------------------------------------------
-    def request_finished(self, request: "Request") -> dict[str, Any] | None:
+    def request_finished(self, request: Request) -> dict[str, Any] | None:
         req_id = request.request_id
         self._live.pop(req_id, None)
         params = op_params(request.kv_transfer_params)
@@ -208,7 +208,7 @@ class SchedulerSide:
             return {PARAMS_KEY: {"saved_to_end": snap.done}}
         return None
 
-    def _remember_finished(self, request: "Request") -> None:
+    def _remember_finished(self, request: Request) -> None:
         tokens = list(request.all_token_ids)
         if not tokens:
             return

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.logger import init_logger
-
 from processfork.store import Store
+from vllm.logger import init_logger
 
 from .codec import PageCodec, codec_for
 from .engine_info import engine_fingerprint, layer_order
@@ -59,7 +58,7 @@ class _JobStats:
 class WorkerSide:
     """Gathers/scatters pages through a codec and reads/writes them in the store."""
 
-    def __init__(self, vllm_config: "VllmConfig", store_path: str, *, verify_loads: bool):
+    def __init__(self, vllm_config: VllmConfig, store_path: str, *, verify_loads: bool):
         self.vllm_config = vllm_config
         self.store_path = store_path
         self.verify_loads = verify_loads
@@ -106,7 +105,7 @@ class WorkerSide:
         for job in plan.loads:
             try:
                 self._load(job)
-            except Exception as exc:  # reported, never raised: vLLM recomputes the blocks
+            except Exception as exc:  # noqa: BLE001 - reported, never raised: vLLM recomputes
                 logger.warning("processfork: load for %s failed: %s", job.req_id, exc)
                 self._load_errors.update(job.block_ids)
                 self._fail(job.job, exc)
@@ -147,7 +146,7 @@ class WorkerSide:
         for job in plan.saves:
             try:
                 self._save(job)
-            except Exception as exc:  # reported to the API server through the store
+            except Exception as exc:  # noqa: BLE001 - reported to the API server via the store
                 logger.warning("processfork: save for %s failed: %s", job.req_id, exc)
                 self._fail(job.job, exc)
 
@@ -186,7 +185,7 @@ class WorkerSide:
 
 
 def _backend_and_isa(
-    vllm_config: "VllmConfig", layer_name: str, tensor: torch.Tensor, head_dim: int
+    vllm_config: VllmConfig, layer_name: str, tensor: torch.Tensor, head_dim: int
 ) -> tuple[str, str | None]:
     """Name the attention backend that owns the tensors, and the CPU kernel ISA."""
     ctx = vllm_config.compilation_config.static_forward_context

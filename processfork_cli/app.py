@@ -66,6 +66,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "processfork_cli.commands_refs",
     "processfork_cli.commands_maint",
     "processfork_cli.commands_server",
+    "processfork_cli.commands_live",
 )
 
 for _name in COMMAND_MODULES:

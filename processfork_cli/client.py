@@ -11,8 +11,8 @@ from typing import Any, final
 from urllib.parse import quote
 
 import httpx
+from processfork.store import documents as views
 
-from processfork_cli import views
 from processfork_cli.errors import ServerError, ServerUnreachable
 
 __all__ = ["API_PREFIX", "Client"]
@@ -92,7 +92,7 @@ class Client:
         return self.request("POST", "/checkout", json={"cid": rev})
 
     def show(self, rev: str) -> dict[str, Any]:
-        """The `pf show` document (processfork_cli.views.snapshot_doc) of one snapshot."""
+        """The `pf show` document (processfork.store.documents.snapshot_doc) of one snapshot."""
         doc = self.request("GET", f"/snapshots/{quote(rev, safe='')}")
         return self._expect(doc, views.SNAPSHOT_KEYS, "GET /snapshots/{rev}")
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
+from processfork.store import documents as views
 from rich.text import Text
 
-from processfork_cli import views
 from processfork_cli.options import (
     ApiKeyOpt,
     JsonOpt,

@@ -6,9 +6,9 @@ import json
 from typing import Annotated, Any
 
 import typer
+from processfork.store import documents as views
 from rich.text import Text
 
-from processfork_cli import views
 from processfork_cli.options import (
     ApiKeyOpt,
     JsonOpt,

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from processfork.store import documents as views
 from rich.text import Text
 
-from processfork_cli import views
 from processfork_cli.errors import UserError
 from processfork_cli.options import (
     ApiKeyOpt,

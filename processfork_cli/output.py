@@ -8,16 +8,14 @@ directly: they hand a JSON-able result to `emit` with a human renderer and the i
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import PurePath
 from typing import IO, Any
 
+from processfork.store.documents import to_jsonable
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -37,33 +35,6 @@ class Mode(str, enum.Enum):
     QUIET = "quiet"
 
 
-def to_jsonable(value: Any) -> Any:
-    """Convert store records (dataclasses, bytes digests, paths, enums) into plain JSON values."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no infinity: "never" ages and the like become null
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, enum.Enum):
-        return to_jsonable(value.value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).hex()
-    if isinstance(value, PurePath):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        to_dict = getattr(value, "to_dict", None)
-        if callable(to_dict):
-            return to_jsonable(to_dict())
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset)):
-        return sorted(to_jsonable(v) for v in value)
-    if isinstance(value, Iterable):
-        return [to_jsonable(v) for v in value]
-    model_dump = getattr(value, "model_dump", None)
-    if callable(model_dump):
-        return to_jsonable(model_dump())
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
 class Output:

@@ -6,10 +6,12 @@ functions, so `pf show X` and `pf show X --via-server` render identical data. do
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
-
-from processfork_cli.output import to_jsonable
 
 if TYPE_CHECKING:
     from processfork.store import LogEntry, Manifest, Store
@@ -28,6 +30,7 @@ __all__ = [
     "refs_doc",
     "snapshot_bytes",
     "snapshot_doc",
+    "to_jsonable",
 ]
 
 
@@ -161,3 +164,31 @@ def reflog_entry_doc(entry: Any) -> dict[str, Any]:
         "action": entry.action,
         "message": entry.message,
     }
+
+def to_jsonable(value: Any) -> Any:
+    """Convert store records (dataclasses, bytes digests, paths, enums) into plain JSON values."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no infinity: "never" ages and the like become null
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return to_jsonable(value.value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, PurePath):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        to_dict = getattr(value, "to_dict", None)
+        if callable(to_dict):
+            return to_jsonable(to_dict())
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(to_jsonable(v) for v in value)
+    if isinstance(value, Iterable):
+        return [to_jsonable(v) for v in value]
+    model_dump = getattr(value, "model_dump", None)
+    if callable(model_dump):
+        return to_jsonable(model_dump())
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
