@@ -355,12 +355,6 @@ class ServerProcess:
         except Exception:  # noqa: BLE001 - best effort; the group kill covers the usual case
             return []
 
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def _kill_quietly(pid: int) -> None:
     try:

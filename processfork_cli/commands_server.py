@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.text import Text
@@ -29,12 +29,12 @@ def serve(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Model folder or hub name.")],
     vllm_args: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Argument(metavar="[VLLM ARGS]...", help="Passed through to `vllm serve`.",
                        show_default=False),
     ] = None,
     threads: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--threads", metavar="N", show_default="all cores but one",
                      help="CPU backend: worker threads, pinned to the first N cores."),
     ] = None,
@@ -43,7 +43,7 @@ def serve(
         typer.Option("--print-command", help="Print the equivalent `vllm serve` line and exit."),
     ] = False,
     connector_module: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--connector-module", hidden=True,
                      help="Module path of the KV connector (for development)."),
     ] = None,

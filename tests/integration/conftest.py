@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from processfork.plugin.launcher import ServerProcess, find_free_port, launch_server
 from processfork.plugin.model_builder import build_tiny_llama
 
@@ -44,6 +43,10 @@ DEFAULT_ARGS: tuple[str, ...] = (
     "--kv-cache-memory-bytes", "512M",
     "--enable-prompt-tokens-details",
 )
+
+
+# Prompts in the tests are 300-1000 tokens: a 256-token step budget chunks all of them.
+SESSION_SERVER_ARGS: tuple[str, ...] = ("--max-model-len", "4096", "--max-num-batched-tokens", "256")
 
 
 @dataclass
@@ -162,7 +165,9 @@ def start_server(
 
 @pytest.fixture(scope="session")
 def server(start_server: Callable[..., LiveServer], pf_store: Path) -> LiveServer:
-    return start_server(store=pf_store)
+    """The session server. Its small token budget makes every long prompt prefill in chunks
+    over several engine steps, so snapshots and loads are tested across chunk boundaries."""
+    return start_server(store=pf_store, extra_args=SESSION_SERVER_ARGS)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from processfork.plugin import launcher
 from processfork.plugin.launcher import build_plan, pinned_cpus
 from processfork.plugin.model_builder import (
