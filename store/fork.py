@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import lmdb
 from processfork.store import refs as _refs
-from processfork.store.digest import cid_key, cid_of
+from processfork.store.digest import canonical_json, cid_key, cid_of
 from processfork.store.errors import InvalidName, MissingObject
 from processfork.store.manifest import ForkInfo, Manifest, utc_now
 from processfork.store.revparse import resolve_in
@@ -70,7 +70,10 @@ def fork(
         for i, name in enumerate(names)
     ]
     tables = parent.page_tables()
-    encoded = [(c, c.canonical_bytes()) for c in children]
+    # Children differ from the parent only in four top-level fields: encode the shared stored form
+    # (page tables hashed) once, not once per child.
+    stored = parent.stored_dict()
+    encoded = [(c, canonical_json({**stored, **c._head_dict()})) for c in children]
     page_keys = parent.page_keys()
     text = message or f"fork {n} of {parent_cid[:19]}"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import time
 
 from processfork.store import Manifest, MissingObject, Sequence, Store
 
@@ -72,11 +73,15 @@ def write(path: str, prefix: str, iterations: int, seed: int) -> int:
     return 0
 
 
-def collect(path: str, stopfile: str) -> int:
+def collect(path: str, stopfile: str, limit_s: float = 600.0) -> int:
     store = Store(path)
     emit("ready")
     runs = removed = 0
+    deadline = time.monotonic() + limit_s  # never outlive a test that forgot to stop it
     while True:
+        if time.monotonic() > deadline:
+            emit("timeout")
+            return 3
         stop = os.path.exists(stopfile)  # checked first: one full round runs after the writers end
         stats = store.gc(prune="now")
         runs += 1

@@ -13,9 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 from processfork.store import Store
 from store_helpers import assert_intact
 
@@ -44,9 +46,24 @@ def ready(proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
     return proc
 
 
-def spawn_all(*commands: tuple[str, ...]) -> list[subprocess.Popen[str]]:
+def spawn_all(
+    children: list[subprocess.Popen[str]], *commands: tuple[str, ...]
+) -> list[subprocess.Popen[str]]:
     """Start all, then wait for all, so their interpreters start up in parallel."""
-    return [ready(p) for p in [start(*c) for c in commands]]
+    procs = [start(*c) for c in commands]
+    children.extend(procs)
+    return [ready(p) for p in procs]
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test started; any still running when it ends (a failed assertion) are killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def committed(output: str) -> list[str]:
@@ -65,14 +82,15 @@ def check_store(path: Path, cids: list[str]) -> None:
             store.read_pages_into(digests, out, 32 * 1024, verify=True)
 
 
-def test_writers_killed_at_random_points_lose_nothing_committed(tmp_path):
+def test_writers_killed_at_random_points_lose_nothing_committed(tmp_path, children):
     path = tmp_path / "store"
     Store(path).close()
     rng = random.Random(1234)
     printed: list[str] = []
     for wave in range(KILLS // PARALLEL):
         procs = spawn_all(
-            *[("write", str(path), f"crash{k}", "0", str(wave * 10 + k)) for k in range(PARALLEL)]
+            children,
+            *[("write", str(path), f"crash{k}", "0", str(wave * 10 + k)) for k in range(PARALLEL)],
         )
         time.sleep(rng.uniform(0.0, 0.25))
         for proc in procs:
@@ -90,11 +108,12 @@ def test_writers_killed_at_random_points_lose_nothing_committed(tmp_path):
     check_store(path, printed)
 
 
-def test_four_writers_and_gc_without_grace_lose_nothing_reachable(tmp_path):
+def test_four_writers_and_gc_without_grace_lose_nothing_reachable(tmp_path, children):
     path = tmp_path / "store"
     stop = tmp_path / "stop"
     Store(path).close()
     collector, *writers = spawn_all(
+        children,
         ("gc", str(path), str(stop)),
         *[("write", str(path), f"w{k}", "24", str(k)) for k in range(4)],
     )
