@@ -11,6 +11,7 @@ tokenizer is a byte-level BPE trained on a small built-in English text, so any t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import math
@@ -192,9 +193,20 @@ def build_model(path: str | os.PathLike[str], spec: TinyLlamaSpec) -> Path:
     stamp = _stamp(spec)
     if _read_stamp(target) == stamp:
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Two test sessions may build the same folder at once; the lock makes the second one reuse
+    # the first one's result instead of replacing a folder a server may already be reading.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _read_stamp(target) == stamp:
+            return target
+        _build_into(target, spec, stamp)
+    return target
+
+
+def _build_into(target: Path, spec: TinyLlamaSpec, stamp: dict[str, object]) -> None:
     if target.exists() and any(target.iterdir()) and _read_stamp(target) is None:
         raise ModelBuildError(f"{target} exists and is not a model built by processfork")
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.building-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -205,7 +217,6 @@ def build_model(path: str | os.PathLike[str], spec: TinyLlamaSpec) -> Path:
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _stamp(spec: TinyLlamaSpec) -> dict[str, object]:
