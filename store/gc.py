@@ -26,6 +26,7 @@ from processfork.store.objects import (
     JOURNAL_PAGE,
     JOURNAL_SNAPSHOT,
     PIN_STALE_SECONDS,
+    journal_seconds,
     journal_time,
     read_pins,
 )
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GcStats", "gc"]
 
-SWEEP_CHUNK = 20_000
+SWEEP_CHUNK = 50_000  # deletions per write transaction: bounded writer stalls, few commits
 Progress = Callable[[str, int, int], None]
 
 
@@ -127,8 +128,10 @@ def _roots(
     return [cid_key(c) for c in cids], pinned, stale, expired
 
 
-def _keys(txn: lmdb.Transaction, db: Any) -> list[bytes]:
-    return [bytes(k) for k in txn.cursor(db=db).iternext(keys=True, values=False)]
+def _keys(txn: lmdb.Transaction, db: Any, *, views: bool) -> list[bytes]:
+    """All keys of `db`; `views`: the transaction hands out memoryviews, which must be copied."""
+    keys = txn.cursor(db=db).iternext(keys=True, values=False)
+    return [bytes(k) for k in keys] if views else list(keys)
 
 
 def gc(
@@ -153,14 +156,14 @@ def gc(
 
     def plan(txn: lmdb.Transaction) -> tuple[set[bytes], list[bytes], list[bytes], list[bytes]]:
         roots, _, _, _ = _roots(txn, dbs, expire_cut, pin_cut)
-        all_snaps = _keys(txn, dbs["snapshots"])
+        all_snaps = _keys(txn, dbs["snapshots"], views=False)
         young = [k for k in all_snaps if journal_time(txn, dbs, JOURNAL_SNAPSHOT, k) > grace_cut]
         report("mark", 0, len(all_snaps))
         mark.walk(txn, dbs, roots + young)
         report("mark", len(mark.snapshots), len(all_snaps))
         dead_snaps = [k for k in all_snaps if k not in mark.snapshots]
-        dead_pages = [k for k in _keys(txn, dbs["pages"]) if k not in mark.pages]
-        dead_blobs = [k for k in _keys(txn, dbs["blobs"]) if k not in mark.blobs]
+        dead_pages = [k for k in _keys(txn, dbs["pages"], views=False) if k not in mark.pages]
+        dead_blobs = [k for k in _keys(txn, dbs["blobs"], views=False) if k not in mark.blobs]
         return set(all_snaps), dead_snaps, dead_pages, dead_blobs
 
     seen_snaps, dead_snaps, dead_pages, dead_blobs = store._read(plan)
@@ -173,7 +176,7 @@ def gc(
         s = GcStats(dry_run)
         roots, pinned, stale, expired = _roots(txn, dbs, expire_cut, pin_cut)
         # New since the mark, or re-stamped young since: both keep everything they name.
-        fresh = [k for k in _keys(txn, dbs["snapshots"]) if k not in seen_snaps]
+        fresh = [k for k in _keys(txn, dbs["snapshots"], views=True) if k not in seen_snaps]
         young = [k for k in dead_snaps if journal_time(txn, dbs, JOURNAL_SNAPSHOT, k) > grace_cut]
         mark.walk(txn, dbs, roots + fresh + young)
         if first:
@@ -183,22 +186,22 @@ def gc(
                     txn.delete(name.encode("utf-8"), db=dbs["pins"])
                 for key in expired:
                     txn.delete(key, db=dbs["reflog"])
-        kept = {
-            "snapshots": mark.snapshots,
-            "pages": mark.pages | pinned,
-            "blobs": mark.blobs | pinned,
-        }
-        journal = dbs["journal"]
+        marked = {"snapshots": mark.snapshots, "pages": mark.pages, "blobs": mark.blobs}
+        cursors = {name: txn.cursor(db=dbs[name]) for name in marked}
+        jcur = txn.cursor(db=dbs["journal"])
+        # Work items are in key order per database (they came from cursors), so each lookup
+        # lands next to the previous one; one cursor lookup serves both the read and the delete.
         for db_name, kind, key in chunk:
-            if key in kept[db_name]:
+            if key in marked[db_name] or (db_name != "snapshots" and key in pinned):
                 continue
-            if journal_time(txn, dbs, kind, key) > grace_cut:
+            journaled = jcur.set_key(kind + key)
+            if journaled and journal_seconds(jcur.value()) > grace_cut:
                 s.kept_young += 1
                 continue
-            value = txn.get(key, db=dbs[db_name])
-            if value is None:
+            cur = cursors[db_name]
+            if not cur.set_key(key):
                 continue
-            size = len(value)
+            size = len(cur.value())
             if db_name == "pages":
                 s.removed_pages += 1
                 s.removed_page_bytes += size
@@ -208,8 +211,9 @@ def gc(
                 s.removed_snapshots += 1
             s.removed_bytes += size
             if not dry_run:
-                txn.delete(key, db=dbs[db_name])
-                txn.delete(kind + key, db=journal)
+                cur.delete()
+                if journaled:
+                    jcur.delete()
         return s
 
     total = GcStats(dry_run)

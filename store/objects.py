@@ -91,12 +91,16 @@ def stamp(txn: lmdb.Transaction, dbs: dict[str, Any], kind: bytes, key: bytes, t
     txn.put(kind + key, _U64.pack(t_us), db=dbs["journal"])
 
 
-def journal_time(txn: lmdb.Transaction, dbs: dict[str, Any], kind: bytes, key: bytes) -> float:
-    """Seconds of the last write/re-use of an object; 0.0 (infinitely old) when unrecorded."""
-    raw = txn.get(kind + key, db=dbs["journal"])
+def journal_seconds(raw: Any) -> float:
+    """A journal value as Unix seconds; a malformed one counts as infinitely old."""
     if raw is None or len(raw) != 8:
         return 0.0
-    return _U64.unpack(bytes(raw))[0] / 1e6
+    return _U64.unpack(raw)[0] / 1e6
+
+
+def journal_time(txn: lmdb.Transaction, dbs: dict[str, Any], kind: bytes, key: bytes) -> float:
+    """Seconds of the last write/re-use of an object; 0.0 (infinitely old) when unrecorded."""
+    return journal_seconds(txn.get(kind + key, db=dbs["journal"]))
 
 
 def put_pages(
