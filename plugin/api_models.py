@@ -40,8 +40,14 @@ class SnapshotBody(_Body):
             raise ValueError("token_ids must be a non-empty list of non-negative integers")
         if self.prompt is not None and not self.prompt:
             raise ValueError("prompt must not be empty")
-        if self.messages is not None and not self.messages:
-            raise ValueError("messages must not be empty")
+        if self.messages is not None:
+            if not self.messages:
+                raise ValueError("messages must not be empty")
+            for i, message in enumerate(self.messages):
+                if not isinstance(message.get("role"), str):
+                    raise ValueError(f"messages[{i}].role must be a string")
+                if not isinstance(message.get("content"), (str, list, type(None))):
+                    raise ValueError(f"messages[{i}].content must be a string or a list of parts")
         return self
 
 

@@ -49,6 +49,7 @@ class Control:
         vllm_config = engine_client.vllm_config
         self.block_size: int = vllm_config.cache_config.block_size
         self.max_model_len: int = vllm_config.model_config.max_model_len
+        self.max_num_batched_tokens: int = vllm_config.scheduler_config.max_num_batched_tokens
         self._store: Store | None = None
         self._engine_record: dict[str, Any] | None = None
 

@@ -102,6 +102,9 @@ def kv_transfer_config(store: Path, connector_module: str = DEFAULT_CONNECTOR_MO
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": connector_module,
         "kv_role": "kv_both",
+        # A page that fails to load (missing or corrupt in the store) is recomputed by vLLM
+        # instead of failing the request; the checkout still reports the integrity error.
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"store": str(store)},
     }
 

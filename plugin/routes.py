@@ -162,6 +162,7 @@ def build_router() -> APIRouter:
                     "page_bytes": record.get("page_bytes"),
                     "block_size": control.block_size,
                     "max_model_len": control.max_model_len,
+                    "max_num_batched_tokens": control.max_num_batched_tokens,
                 },
             }
 

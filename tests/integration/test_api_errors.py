@@ -1,0 +1,104 @@
+"""Bad input gets a clear 4xx JSON error and loses nothing; never a 5xx for client input."""
+
+from __future__ import annotations
+
+import pytest
+
+from pf_http import PF, pf, post, random_tokens
+
+pytestmark = pytest.mark.integration
+
+OTHER_KEY = "other-secret"
+
+
+def _error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body["error"]) >= {"type", "message"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+@pytest.fixture(scope="module")
+def known(server):
+    """A snapshot of the session model, to check out on an incompatible server."""
+    return pf(server, "snapshot", {"name": "errors/base", "token_ids": random_tokens(5000, 100)})
+
+
+@pytest.fixture(scope="module")
+def other(start_server, other_model, pf_store):
+    """A server with another model (3 layers) on the same store, guarded by an API key."""
+    return start_server(other_model, store=pf_store, api_key=OTHER_KEY)
+
+
+def test_unknown_cid_is_404(server):
+    _error(post(server, f"{PF}/checkout", {"cid": "0123456789abcdef"}), 404)
+    _error(post(server, f"{PF}/checkout", {"cid": "no-such-ref"}), 404)
+    _error(post(server, f"{PF}/fork", {"cid": "no-such-ref", "n": 2}), 404)
+    _error(post(server, f"{PF}/snapshot", {"name": "x", "token_ids": [5, 6],
+                                           "parent": "no-such-ref"}), 404)
+    from pf_http import get
+
+    _error(get(server, f"{PF}/snapshots/no-such-ref"), 404)
+
+
+def test_too_short_prefix_is_unknown(server):
+    _error(post(server, f"{PF}/checkout", {"cid": "abc"}), 404)
+
+
+@pytest.mark.parametrize(
+    "path,body,status",
+    [
+        ("snapshot", b"{not json", 400),
+        ("snapshot", b"[1, 2]", 400),
+        ("snapshot", {}, 422),
+        ("snapshot", {"name": ""}, 422),
+        ("snapshot", {"name": "x", "prompt": "a", "token_ids": [1]}, 422),
+        ("snapshot", {"name": "x", "token_ids": []}, 422),
+        ("snapshot", {"name": "x", "token_ids": [-1, 3]}, 422),
+        ("snapshot", {"name": "x", "token_ids": "12"}, 422),
+        ("snapshot", {"name": "bad..name", "token_ids": [1, 2]}, 400),
+        ("snapshot", {"name": "x", "token_ids": [10**9]}, 400),
+        ("snapshot", {"name": "x", "messages": [{"role": 3}]}, 422),
+        ("fork", {"cid": "errors/base", "n": 0}, 422),
+        ("fork", {"cid": "errors/base"}, 422),
+        ("fork", {"cid": "errors/base", "n": 2, "name": "bad name"}, 400),
+        ("checkout", {}, 422),
+        ("checkout", {"cid": 5}, 422),
+    ],
+)
+def test_malformed_bodies_are_4xx(server, known, path, body, status):
+    if isinstance(body, bytes):
+        response = post(server, f"{PF}/{path}", raw=body)
+    else:
+        response = post(server, f"{PF}/{path}", body)
+    _error(response, status)
+
+
+def test_sequence_longer_than_max_model_len_is_413(server):
+    _error(post(server, f"{PF}/snapshot", {"name": "too-long",
+                                           "token_ids": random_tokens(5001, 4096)}), 413)
+
+
+def test_snapshot_of_unknown_request_is_404(server):
+    _error(post(server, f"{PF}/snapshot", {"name": "x", "request_id": "cmpl-does-not-exist"}), 404)
+
+
+def test_errors_lose_nothing(server, known):
+    """After all the bad requests above, the earlier snapshot is intact and loadable."""
+    checkout = pf(server, "checkout", {"cid": known["cid"]})
+    assert checkout["cid"] == known["cid"]
+
+
+def test_incompatible_fingerprint_is_409_naming_the_field(other, known):
+    error = _error(post(other, f"{PF}/checkout", {"cid": known["cid"]}), 409)
+    assert error["type"] == "incompatible_snapshot"
+    assert "model_config_hash" in error["message"] or "num_layers" in error["message"]
+
+
+def test_api_key_is_required(other, known):
+    for key in (None, "wrong"):
+        response = post(other, f"{PF}/checkout", {"cid": known["cid"]}, api_key=key)
+        assert response.status_code == 401, response.text
+        assert "error" in response.json()
+    assert post(other, f"{PF}/fork", {"cid": known["cid"], "n": 1, "name": "keyed"}).status_code == 200

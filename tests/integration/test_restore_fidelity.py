@@ -1,0 +1,200 @@
+"""Checkout after a restart: the restored KV really loads, and continues bit-exactly.
+
+One module fixture does everything that needs the *first* engine (references, snapshots of
+every kind, several clients' sequences resident at once), then restarts the server so its
+prefix cache is cold. The tests then check out into the fresh engine and compare.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from processfork.store import Store
+
+from pf_http import cached_tokens, complete, get, metric, pf, random_tokens
+
+pytestmark = pytest.mark.integration
+
+BLOCK = 32
+# 29 whole blocks + 1 token, and a length that is not a whole number of blocks plus one.
+LENGTHS = (29 * BLOCK + 1, 941)
+TEXT_PROMPT = (
+    "Agents keep long contexts: a system prompt, tool descriptions, the user's goal, and every "
+    "observation so far. Restoring that context without recomputing it is what makes branching "
+    "cheap. " * 6
+)
+MESSAGES = [
+    {"role": "system", "content": "You are a careful planner. " * 20},
+    {"role": "user", "content": "List three ways to cross a river without a bridge. " * 4},
+]
+
+
+def split_point(length: int) -> int:
+    """Tokens vLLM's prefix cache serves for a prompt it has seen: whole blocks, never the last."""
+    return (length - 1) // BLOCK * BLOCK
+
+
+@dataclass
+class Before:
+    """What the first engine computed and stored before the restart."""
+
+    prompts: dict[int, list[int]] = field(default_factory=dict)
+    cold: dict[int, dict[str, Any]] = field(default_factory=dict)
+    warm: dict[int, dict[str, Any]] = field(default_factory=dict)
+    snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    clients: list[list[int]] = field(default_factory=list)
+    by_request: list[int] = field(default_factory=list)
+
+
+def _logprobs(completion: dict[str, Any]) -> dict[str, Any]:
+    return completion["choices"][0]["logprobs"]
+
+
+@pytest.fixture(scope="module")
+def before(server) -> Before:
+    out = Before()
+    for i, length in enumerate(LENGTHS):
+        prompt = random_tokens(1000 + i, length)
+        out.prompts[length] = prompt
+        out.cold[length] = complete(server, prompt, logprobs=5)
+        out.warm[length] = complete(server, prompt, logprobs=5)
+        assert cached_tokens(out.warm[length]) == split_point(length)
+        out.snapshots[f"fidelity/{length}"] = pf(
+            server, "snapshot", {"name": f"fidelity/{length}", "token_ids": prompt}
+        )
+
+    out.prompts[0] = random_tokens(1100, 700)  # only checked out by the metrics test
+    out.snapshots["proof"] = pf(server, "snapshot", {"name": "proof", "token_ids": out.prompts[0]})
+
+    # Several clients' sequences resident at once, then a name-only snapshot of everything.
+    client_prompts = [random_tokens(2000 + i, 250 + 70 * i) for i in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(
+            pool.map(
+                lambda p: complete(server, p, max_tokens=12, return_token_ids=True), client_prompts
+            )
+        )
+    out.clients = [p + r["choices"][0]["token_ids"] for p, r in zip(client_prompts, results)]
+    out.snapshots["resident"] = pf(server, "snapshot", {"name": "resident"})
+
+    answer = complete(server, random_tokens(3000, 400), max_tokens=16, return_token_ids=True)
+    out.by_request = random_tokens(3000, 400) + answer["choices"][0]["token_ids"]
+    out.snapshots["by-request"] = pf(
+        server, "snapshot", {"name": "by-request", "request_id": answer["id"]}
+    )
+    out.snapshots["by-prompt"] = pf(server, "snapshot", {"name": "by-prompt", "prompt": TEXT_PROMPT})
+    out.snapshots["by-messages"] = pf(
+        server, "snapshot", {"name": "by-messages", "messages": MESSAGES}
+    )
+    server.restart()
+    return out
+
+
+def test_long_prompts_were_prefilled_in_chunks(server, before):
+    engine = get(server, "/v1/processfork/status").json()["engine"]
+    assert engine["max_num_batched_tokens"] < min(LENGTHS)
+    for length in LENGTHS:
+        snap = before.snapshots[f"fidelity/{length}"]
+        assert snap["num_tokens"] == length
+        assert snap["num_pages"] == -(-length // BLOCK)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_restore_is_bit_identical_to_a_warm_prefix_cache_hit(server, before, length):
+    checkout = pf(server, "checkout", {"cid": f"fidelity/{length}"})
+    assert checkout["tokens_loaded"] == split_point(length)
+    assert checkout["tokens_already_resident"] == 0  # the restart left the cache cold
+
+    restored = complete(server, before.prompts[length], logprobs=5)
+    warm = before.warm[length]
+    assert _logprobs(restored)["tokens"] == _logprobs(warm)["tokens"]
+    assert _logprobs(restored)["token_logprobs"] == _logprobs(warm)["token_logprobs"]
+    assert _logprobs(restored)["top_logprobs"] == _logprobs(warm)["top_logprobs"]
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_restore_matches_a_cold_full_prefill(server, before, length):
+    pf(server, "checkout", {"cid": f"fidelity/{length}"})
+    restored = complete(server, before.prompts[length], logprobs=5)
+    cold = before.cold[length]
+    assert _logprobs(restored)["tokens"] == _logprobs(cold)["tokens"]
+    deltas = [
+        abs(a - b)
+        for a, b in zip(_logprobs(restored)["token_logprobs"], _logprobs(cold)["token_logprobs"])
+    ]
+    print(f"length {length}: max |delta logprob| vs cold prefill = {max(deltas):.3g}")
+    assert max(deltas) <= 1e-4
+
+
+def test_checkout_then_completion_computes_at_most_one_block(server, before):
+    """Proof from vLLM's own counters: the prompt is served from cache, not recomputed."""
+    prompt = before.prompts[0]
+    length = len(prompt)
+    external_before = metric(server, "vllm:external_prefix_cache_hits_total")
+    checkout = pf(server, "checkout", {"cid": "proof"})
+    assert checkout["tokens_loaded"] == split_point(length)
+    external_after = metric(server, "vllm:external_prefix_cache_hits_total")
+    assert external_after - external_before == checkout["tokens_loaded"]
+
+    hits_before = metric(server, "vllm:prefix_cache_hits_total")
+    prompt_before = metric(server, "vllm:prompt_tokens_total")
+    completion = complete(server, prompt, max_tokens=1)
+    hits = metric(server, "vllm:prefix_cache_hits_total") - hits_before
+    prompt = metric(server, "vllm:prompt_tokens_total") - prompt_before
+    assert prompt == length
+    assert prompt - hits <= BLOCK
+    assert length - cached_tokens(completion) <= BLOCK
+
+
+def test_name_only_snapshot_restores_every_resident_sequence(server, before, pf_store):
+    snap = before.snapshots["resident"]
+    assert snap["num_sequences"] >= len(before.clients)
+    with Store(pf_store, readonly=True) as store:
+        manifest = store.get_snapshot(snap["cid"])
+        stored = [store.get_tokens(s.tokens) for s in manifest.sequences]
+    for client in before.clients:
+        assert any(seq[: len(client)] == client for seq in stored), "a client sequence is missing"
+
+    checkout = pf(server, "checkout", {"cid": "resident"})
+    assert checkout["num_sequences"] == snap["num_sequences"]
+    for client in before.clients:
+        again = complete(server, client, max_tokens=1)
+        assert cached_tokens(again) == split_point(len(client))
+
+
+def test_request_id_snapshot_holds_prompt_and_output(server, before, pf_store):
+    snap = before.snapshots["by-request"]
+    with Store(pf_store, readonly=True) as store:
+        manifest = store.get_snapshot(snap["cid"])
+        assert [store.get_tokens(s.tokens) for s in manifest.sequences] == [before.by_request]
+    pf(server, "checkout", {"cid": "by-request"})
+    again = complete(server, before.by_request, max_tokens=1)
+    assert cached_tokens(again) == split_point(len(before.by_request))
+
+
+def test_prompt_snapshot_serves_the_same_text_prompt(server, before):
+    snap = before.snapshots["by-prompt"]
+    pf(server, "checkout", {"cid": "by-prompt"})
+    again = complete(server, TEXT_PROMPT, max_tokens=1)
+    assert again["usage"]["prompt_tokens"] == snap["num_tokens"]
+    assert cached_tokens(again) == split_point(snap["num_tokens"])
+
+
+def test_messages_snapshot_serves_the_same_chat(server, before):
+    snap = before.snapshots["by-messages"]
+    pf(server, "checkout", {"cid": "by-messages"})
+    from pf_http import post
+
+    response = post(
+        server,
+        "/v1/chat/completions",
+        {"model": server.model_name, "messages": MESSAGES, "max_tokens": 1, "temperature": 0},
+    )
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] == snap["num_tokens"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == split_point(snap["num_tokens"])
