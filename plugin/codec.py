@@ -146,7 +146,7 @@ class CpuAttnCodec(PageCodec):
 
     def __init__(self, layers: list[torch.Tensor], geometry: PageGeometry, isa: str):
         self.isa = isa
-        if isa in ("vec", "vec16"):
+        if isa == "vec":
             self.k_token_axis, self.v_token_axis = 2, 1
         super().__init__(layers, geometry)
 
