@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
-from codec import codec_for  # noqa: E402  (plugin/codec.py imports torch only)
+from processfork.plugin.codec import codec_for  # imports torch only
 
 LAYERS, KV_HEADS, HEAD_DIM = 12, 4, 64
 
