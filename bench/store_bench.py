@@ -27,11 +27,10 @@ from dataclasses import dataclass
 
 import lmdb
 import numpy as np
-from rich.console import Console
-from rich.table import Table
-
 from processfork.store import Manifest, Sequence, Store, page_digest
 from processfork.store.env import DB_NAMES, MAX_DBS
+from rich.console import Console
+from rich.table import Table
 
 MiB = 1 << 20
 FINGERPRINT = {
@@ -62,6 +61,12 @@ class Row:
     shown: str
     target: str
     ok: bool
+
+
+def check(ok: bool, what: str) -> None:
+    """The benchmark also checks its results: a fast wrong answer must not print a ratio."""
+    if not ok:
+        raise SystemExit(f"benchmark self-check failed: {what}")
 
 
 def median_time(fn: Callable[[], None], repeat: int) -> float:
@@ -102,7 +107,7 @@ def bench_write(root: str, page_size: int, total: int, repeat: int) -> Row:
             t = time.perf_counter()
             result = store.put_pages(pages)
             elapsed = time.perf_counter() - t
-            assert result.bytes_written == n * page_size
+            check(result.bytes_written == n * page_size, "result.bytes_written == n * page_size")
         shutil.rmtree(d)
         return elapsed
 
@@ -145,16 +150,20 @@ def bench_read(root: str, page_size: int, total: int, repeat: int) -> list[Row]:
     d = fresh_dir(root)
     rows = []
     with Store(d) as store:
-        digests = store.put_pages([src[i * page_size : (i + 1) * page_size] for i in range(n)]).digests
+        digests = store.put_pages(
+            [src[i * page_size : (i + 1) * page_size] for i in range(n)]
+        ).digests
         out = np.empty(n * page_size, dtype=np.uint8)
         for verify in (True, False):
             store.read_pages_into(digests, out, page_size, verify=verify)  # warm the mapping
-            assert np.array_equal(out, src)
+            check(np.array_equal(out, src), "np.array_equal(out, src)")
             t_ours, t_copy = [], []
             for _ in range(repeat):  # CPU-bound: best of N, interleaved, is the stable statistic
                 t_copy.append(median_time(lambda: np.copyto(out, src), 1))
                 t_ours.append(
-                    median_time(lambda: store.read_pages_into(digests, out, page_size, verify=verify), 1)
+                    median_time(
+                        lambda v=verify: store.read_pages_into(digests, out, page_size, verify=v), 1
+                    )
                 )
             mine, base = min(t_ours), min(t_copy)
             mb = n * page_size / MiB
@@ -222,7 +231,7 @@ def bench_fork(root: str, tokens: int, repeat: int) -> list[Row]:
             t = time.perf_counter()
             kids = store.fork("base", 12, prefix=f"try{r}")
             times.append(time.perf_counter() - t)
-            assert len(kids) == 12
+            check(len(kids) == 12, "len(kids) == 12")
             growth_rec.append((record_bytes(store) - rec0) / 12)
             growth_pages.append((used_bytes(store) - used0) / 12)
         ms = statistics.median(times) * 1000
@@ -295,7 +304,11 @@ def bench_gc(root: str, num_pages: int, num_snapshots: int) -> list[Row]:
     with Store(d) as store:
         dry = store.gc(dry_run=True, prune="now", expire="now")
         real = store.gc(prune="now", expire="now")
-        assert (dry.removed_pages, dry.removed_snapshots) == (real.removed_pages, real.removed_snapshots)
+        check(
+            (dry.removed_pages, dry.removed_snapshots)
+            == (real.removed_pages, real.removed_snapshots),
+            "the dry run plans what the real run removes",
+        )
     shutil.rmtree(d)
     rows = []
     for label, stats in (("gc --dry-run", dry), ("gc", real)):
@@ -338,10 +351,14 @@ def render(rows: list[Row], markdown: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
-    parser.add_argument("--dir", default=None, help="where to create scratch stores (default .bench/)")
+    parser.add_argument(
+        "--dir", default=None, help="where to create scratch stores (default .bench/)"
+    )
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
-    root = args.dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".bench")
+    root = args.dir or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".bench"
+    )
     os.makedirs(root, exist_ok=True)
     scratch = tempfile.mkdtemp(dir=root, prefix="store-bench-")
     write_total = (32 if args.quick else 64) * MiB

@@ -303,8 +303,12 @@ def acquire_env(path: str, *, map_size: int | None = None, create: bool = True) 
     with _REGISTRY_LOCK:
         env = _REGISTRY.get(key)
         if env is not None and env.pid != os.getpid():
-            del _REGISTRY[key]  # inherited through fork(): never use a parent's environment
-            env = None
+            # Inherited through fork(): LMDB forbids using the parent's environment, and the binding
+            # refuses a second open of the same files in this process image.
+            raise StoreError(
+                f"store {key} was opened before this process was forked; open it only after "
+                "fork, or start workers with the 'spawn' method"
+            )
         if env is None:
             env = Env(key, map_size=map_size, create=create)
             _REGISTRY[key] = env

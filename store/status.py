@@ -35,6 +35,7 @@ class StoreStatus:
     created: str = ""
     num_pins: int = 0
     file_bytes: int = 0
+    version: int = 0
 
 
 def compute_status(store: Store) -> StoreStatus:
@@ -56,7 +57,7 @@ def compute_status(store: Store) -> StoreStatus:
             file_bytes = 0
         return StoreStatus(
             path=store.path,
-            format=f"{meta['format']} (version {meta['version']})",
+            format=str(meta["format"]),
             size_bytes=(info["last_pgno"] + 1) * psize,
             map_size=info["map_size"],
             num_pages=txn.stat(dbs["pages"])["entries"],
@@ -68,6 +69,7 @@ def compute_status(store: Store) -> StoreStatus:
             created=str(meta.get("created", "")),
             num_pins=txn.stat(dbs["pins"])["entries"],
             file_bytes=file_bytes,
+            version=int(meta["version"]),
         )
 
     return store._read(run, buffers=True)

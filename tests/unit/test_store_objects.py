@@ -17,6 +17,7 @@ from processfork.store import (
     PageSizeMismatch,
     ReadOnlyStore,
     Store,
+    StoreError,
     StoreNotFound,
     TokenRef,
     UnsupportedFormat,
@@ -252,6 +253,27 @@ def test_status_counts(store):
     store.put_blob(b"blob")
     st_ = store.status()
     assert (st_.num_pages, st_.page_bytes, st_.num_blobs, st_.num_snapshots) == (2, 30, 1, 0)
-    assert st_.format.startswith("paged-batchinvariant-v1")
+    assert (st_.format, st_.version) == ("paged-batchinvariant-v1", 1)
     assert st_.head.ref is None and st_.head.cid is None
     assert 0 < st_.size_bytes <= st_.map_size
+
+
+def test_a_forked_child_is_told_to_open_the_store_after_forking(tmp_path):
+    store = Store(tmp_path / "s")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what opening the store does, then leave without cleanup
+        try:
+            Store(tmp_path / "s")
+            message = "opened"
+        except StoreError as exc:
+            message = str(exc)
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    message = os.read(read_end, 4096).decode()
+    os.close(read_end)
+    assert "opened before this process was forked" in message
+    assert store.put_pages([b"parent still works"]).new == [True]
+    store.close()
