@@ -7,7 +7,6 @@ changes becomes visible all at once or not at all. docs/format.md specifies the 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,17 +14,18 @@ from typing import Any
 
 import lmdb
 import numpy as np
+from processfork.store import meta as _meta
 from processfork.store import objects as _objects
 from processfork.store import refs as _refs
 from processfork.store.diff import DiffResult, diff
 from processfork.store.digest import (
-    canonical_json,
     cid_from_key,
     cid_key,
+    cid_of,
     normalize_cid,
     page_digest,
 )
-from processfork.store.env import META_FORMAT_KEY, Env, acquire_env, default_store_path, release_env
+from processfork.store.env import Env, acquire_env, default_store_path, release_env
 from processfork.store.errors import (
     CorruptPage,
     InvalidName,
@@ -292,7 +292,8 @@ class Store:
         manifest.validate()
         if ref is not None:
             _refs.validate_ref_name(ref)
-        data, cid = manifest.canonical_bytes(), manifest.cid
+        data = manifest.canonical_bytes()
+        cid = cid_of(data)
         tables = manifest.page_tables()
         page_keys = manifest.page_keys()
 
@@ -427,38 +428,19 @@ class Store:
 
     # -- meta ------------------------------------------------------------------------------------
     def meta_get(self, key: str) -> dict[str, Any] | None:
-        raw = self._read(lambda txn: txn.get(key.encode("utf-8"), db=self.dbs["meta"]))
-        return None if raw is None else json.loads(raw)
+        return self._read(lambda txn: _meta.meta_get(txn, self.dbs, key))
 
     def meta_put(self, key: str, value: dict[str, Any]) -> None:
         """Small JSON records (e.g. `engine:<id>` fingerprints); the `format` key is reserved."""
-        self._check_meta_key(key)
-        data = canonical_json(value)
-        self._write(lambda txn: txn.put(key.encode("utf-8"), data, db=self.dbs["meta"]))
+        _meta.check_meta_key(key)
+        self._write(lambda txn: _meta.meta_put(txn, self.dbs, key, value))
 
     def meta_delete(self, key: str) -> bool:
-        self._check_meta_key(key)
-        return self._write(lambda txn: bool(txn.delete(key.encode("utf-8"), db=self.dbs["meta"])))
+        _meta.check_meta_key(key)
+        return self._write(lambda txn: _meta.meta_delete(txn, self.dbs, key))
 
     def meta_items(self, prefix: str = "") -> dict[str, dict[str, Any]]:
-        def run(txn: lmdb.Transaction) -> dict[str, dict[str, Any]]:
-            cur = txn.cursor(db=self.dbs["meta"])
-            out = {}
-            p = prefix.encode("utf-8")
-            if cur.set_range(p):
-                for k, v in cur:
-                    if not k.startswith(p):
-                        break
-                    out[k.decode("utf-8")] = json.loads(v)
-            return out
-
-        return self._read(run)
-
-    @staticmethod
-    def _check_meta_key(key: str) -> None:
-        validate_key_name(key, "meta key")
-        if key.encode("utf-8") == META_FORMAT_KEY:
-            raise InvalidName(key, "reserved for the format record")
+        return self._read(lambda txn: _meta.meta_items(txn, self.dbs, prefix))
 
     # -- high level (each in its own module) -----------------------------------------------------
     def fork(self, rev: str, n: int, *, prefix: str | None = None, message: str = "") -> list[str]:
