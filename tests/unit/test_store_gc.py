@@ -58,7 +58,7 @@ def counts(store: Store) -> tuple[int, int, int]:
 
 # -- the property: gc never loses anything reachable ------------------------------------------
 @settings(
-    max_examples=25,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
