@@ -45,9 +45,11 @@ class SnapshotBody(_Body):
                 raise ValueError("messages must not be empty")
             for i, message in enumerate(self.messages):
                 if not isinstance(message.get("role"), str):
-                    raise ValueError(f"messages[{i}].role must be a string")
+                    raise ValueError(f"messages[{i}].role must be a string")  # noqa: TRY004
                 if not isinstance(message.get("content"), (str, list, type(None))):
-                    raise ValueError(f"messages[{i}].content must be a string or a list of parts")
+                    raise ValueError(  # noqa: TRY004 - pydantic reports ValueError as 422
+                        f"messages[{i}].content must be a string or a list of parts"
+                    )
         return self
 
 

@@ -86,7 +86,7 @@ class Control:
             max_tokens=1,
             temperature=0.0,
             detokenize=False,
-            extra_args={"kv_transfer_params": {PARAMS_KEY: params}},
+            extra_args={"kv_transfer_params": {PARAMS_KEY: {**params, "auth": self.engine_id}}},
         )
         request_id = f"pf-{tag}-{uuid.uuid4().hex[:12]}"
         final = None
@@ -157,29 +157,34 @@ class Control:
                 for seq in parent.sequences:
                     toks = await self._run(self.store.get_tokens, seq.tokens)
                     parent_seqs.append((list(toks), list(seq.pages)))
-        outcomes = await asyncio.gather(
-            *(self._snapshot_sequence(tokens, parent_seqs) for tokens in seqs)
-        )
-        sequences = []
-        for out in outcomes:
-            ref = await self._run(self.store.put_tokens, out.tokens)
-            sequences.append(Sequence(tokens=ref, pages=out.pages))
-        manifest = Manifest(
-            name=body.name,
-            parents=[parent_cid] if parent_cid else [],
-            fingerprint=record["fingerprint"],
-            sequences=sequences,
-        )
-        jobs = [o.job for o in outcomes]
-        cid = await self._run(
-            self.store.write_snapshot,
-            manifest,
-            ref=body.name,
-            expected_old=old_ref,
-            move_head=True,
-            message=body.message or f"snapshot: {len(seqs)} sequence(s)",
-            drop_pins=jobs,
-        )
+        jobs = [uuid.uuid4().hex for _ in seqs]
+        try:
+            outcomes = await asyncio.gather(
+                *(self._snapshot_sequence(job, t, parent_seqs) for job, t in zip(jobs, seqs))
+            )
+            sequences = []
+            for out in outcomes:
+                ref = await self._run(self.store.put_tokens, out.tokens, pin=out.job)
+                sequences.append(Sequence(tokens=ref, pages=out.pages))
+            manifest = Manifest(
+                name=body.name,
+                parents=[parent_cid] if parent_cid else [],
+                fingerprint=record["fingerprint"],
+                sequences=sequences,
+            )
+            cid = await self._run(
+                self.store.write_snapshot,
+                manifest,
+                ref=body.name,
+                expected_old=old_ref,
+                move_head=True,
+                message=body.message or f"snapshot: {len(seqs)} sequence(s)",
+                drop_pins=jobs,
+            )
+        except BaseException:
+            await self._run(self._forget_jobs, jobs, drop_pins=True)
+            raise
+        await self._run(self._forget_jobs, jobs, drop_pins=False)
         return {
             "cid": cid,
             "name": body.name,
@@ -192,8 +197,18 @@ class Control:
             "ms": round((time.perf_counter() - t0) * 1000, 3),
         }
 
+    def _forget_jobs(self, jobs: list[str], *, drop_pins: bool) -> None:
+        """Drop the workers' job records; after a failure also the pins, releasing pages to gc."""
+        for job in jobs:
+            self.store.meta_delete(job_meta_key(job))
+            if drop_pins:
+                self.store.drop_pin(job)
+
     async def _snapshot_sequence(
-        self, tokens: list[int], parent_seqs: list[tuple[list[int], list[tuple[str, str]]]]
+        self,
+        job: str,
+        tokens: list[int],
+        parent_seqs: list[tuple[list[int], list[tuple[str, str]]]],
     ) -> _SeqOutcome:
         """Run one sequence through the engine with a snapshot job; collect its pages."""
         bs = self.block_size
@@ -203,7 +218,6 @@ class Control:
             blocks = min(common // bs, len(ppages))
             if blocks > len(reuse):
                 reuse = ppages[:blocks]
-        job = uuid.uuid4().hex
         await self._generate_one(
             tokens, {"op": OP_SNAPSHOT, "job": job, "skip_blocks": len(reuse)}, "snapshot"
         )
@@ -223,7 +237,6 @@ class Control:
             raise ApiError(
                 500, "snapshot_failed", f"engine saved {len(pages)} of {expected} blocks"
             )
-        await self._run(self.store.meta_delete, job_meta_key(job))
         return _SeqOutcome(job, tokens, pages, result["new_blocks"], result["bytes_written"])
 
     # --- checkout -----------------------------------------------------------------

@@ -32,12 +32,30 @@ OP_CHECKOUT = "checkout"  # load this request's prompt blocks from a snapshot
 OP_CAPTURE = "capture"  # report the engine's resident sequences (no KV work)
 
 
-def op_params(kv_transfer_params: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Our instruction block from a request's ``kv_transfer_params``, if any."""
+def op_params(
+    kv_transfer_params: dict[str, Any] | None, auth: str | None
+) -> dict[str, Any] | None:
+    """Our instruction block from a request's ``kv_transfer_params``, if it is authentic.
+
+    Clients can put anything in ``kv_transfer_params`` of an OpenAI request.  Only the
+    control plane knows the engine's ``engine_id`` (a random id per start), so an op that
+    does not carry it is ignored: a client cannot load foreign pages into the shared
+    prefix cache or write pages into the store.
+    """
     if not kv_transfer_params:
         return None
     params = kv_transfer_params.get(PARAMS_KEY)
-    return params if isinstance(params, dict) else None
+    if not isinstance(params, dict) or auth is None or params.get("auth") != auth:
+        return None
+    return params
+
+
+def tokens_digest(tokens: Any) -> str:
+    """xxh3-128 of token ids as int32 little-endian (the store's token blob encoding)."""
+    import numpy as np
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(np.asarray(tokens, dtype="<i4").tobytes())
 
 
 def job_meta_key(job: str) -> str:
@@ -82,6 +100,9 @@ class LoadJob:
     seq: int
     first_block: int
     block_ids: list[int]
+    #: digest of the request's first ``(first_block + len(block_ids)) * block_size`` prompt
+    #: tokens; the worker loads only if the snapshot's tokens hash the same.
+    tokens_digest: str = ""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from .jobs import (
     SaveJob,
     StepPlan,
     op_params,
+    tokens_digest,
 )
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class SchedulerSide:
 
     def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig):
         self.block_size = vllm_config.cache_config.block_size
+        self.auth = vllm_config.kv_transfer_config.engine_id
         # Finished sequences stay resident until their blocks are evicted; remember
         # at most as many tokens as the cache can hold.
         self.capacity_tokens = max(1, kv_cache_config.num_blocks) * self.block_size
@@ -87,7 +89,7 @@ class SchedulerSide:
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
-        params = op_params(request.kv_transfer_params)
+        params = op_params(request.kv_transfer_params, self.auth)
         op = params.get("op") if params else None
         if op != OP_CAPTURE:
             self._live[request.request_id] = request
@@ -119,6 +121,7 @@ class SchedulerSide:
         first = state.local_tokens // self.block_size
         count = num_external_tokens // self.block_size
         state.external_tokens = num_external_tokens
+        covered = request.prompt_token_ids[: (first + count) * self.block_size]
         self._pending_loads.append(
             LoadJob(
                 job=state.job,
@@ -127,6 +130,7 @@ class SchedulerSide:
                 seq=state.seq,
                 first_block=first,
                 block_ids=list(block_ids[first : first + count]),
+                tokens_digest=tokens_digest(covered),
             )
         )
 
@@ -189,7 +193,7 @@ class SchedulerSide:
     def request_finished(self, request: Request) -> dict[str, Any] | None:
         req_id = request.request_id
         self._live.pop(req_id, None)
-        params = op_params(request.kv_transfer_params)
+        params = op_params(request.kv_transfer_params, self.auth)
         op = params.get("op") if params else None
         snap = self._snapshots.pop(req_id, None)
         checkout = self._checkouts.pop(req_id, None)

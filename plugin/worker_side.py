@@ -22,7 +22,7 @@ from vllm.logger import init_logger
 
 from .codec import PageCodec, codec_for
 from .engine_info import engine_fingerprint, layer_order
-from .jobs import LoadJob, SaveJob, StepPlan, engine_meta_key, job_meta_key
+from .jobs import LoadJob, SaveJob, StepPlan, engine_meta_key, job_meta_key, tokens_digest
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -122,7 +122,12 @@ class WorkerSide:
     def _load(self, job: LoadJob) -> None:
         assert self.codec is not None
         manifest = self._manifest(job.cid)
-        pages = manifest.sequences[job.seq].pages[job.first_block : job.first_block + len(job.block_ids)]
+        seq = manifest.sequences[job.seq]
+        covered = self.store.get_tokens(seq.tokens)[: (job.first_block + len(job.block_ids))
+                                                   * self.codec.geometry.block_size]
+        if tokens_digest(covered) != job.tokens_digest:
+            raise ValueError(f"request tokens differ from snapshot {job.cid[:19]}, sequence {job.seq}")
+        pages = seq.pages[job.first_block : job.first_block + len(job.block_ids)]
         if len(pages) != len(job.block_ids):
             raise ValueError(f"snapshot {job.cid} holds {len(pages)} of {len(job.block_ids)} blocks")
         digests = [bytes.fromhex(d) for pair in pages for d in pair]

@@ -102,3 +102,23 @@ def test_api_key_is_required(other, known):
         assert response.status_code == 401, response.text
         assert "error" in response.json()
     assert post(other, f"{PF}/fork", {"cid": known["cid"], "n": 1, "name": "keyed"}).status_code == 200
+
+
+def test_clients_cannot_smuggle_connector_ops(server, known, pf_store):
+    """kv_transfer_params from an OpenAI client never reach our connector as instructions."""
+    from pf_http import cached_tokens, complete, metric
+
+    from processfork.store import Store
+
+    with Store(pf_store, readonly=True) as store:
+        pins_before = len(store.list_pins())
+    loads_before = metric(server, "vllm:external_prefix_cache_hits_total")
+    prompt = random_tokens(5100, 100)
+    smuggled = {"processfork": {"op": "checkout", "cid": known["cid"], "seq": 0, "job": "x"}}
+    result = complete(server, prompt, max_tokens=2, kv_transfer_params=smuggled)
+    assert cached_tokens(result) == 0
+    assert metric(server, "vllm:external_prefix_cache_hits_total") == loads_before
+    snap = {"processfork": {"op": "snapshot", "job": "y", "skip_blocks": 0}}
+    complete(server, random_tokens(5101, 100), max_tokens=2, kv_transfer_params=snap)
+    with Store(pf_store, readonly=True) as store:
+        assert len(store.list_pins()) == pins_before
