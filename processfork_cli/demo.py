@@ -104,7 +104,8 @@ def _start(flow: DemoFlow, p: Presenter, what: str) -> None:
     flow.start_server()
     with p.spinner(f"{what}: starting vLLM with the processfork plugin (about a minute)..."):
         seconds = flow.wait_ready()
-    p.say(("ready", "green"), f" in {seconds:.0f} s on {flow.base_url}  (log: {flow.log_path})")
+    p.say(("ready", "green"),
+          f" in {seconds:.0f} s on {flow.base_url}  (log: {_relative(flow.log_path)})")
 
 
 def _present(flow: DemoFlow, p: Presenter, t_start: float) -> dict[str, Any]:
