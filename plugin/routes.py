@@ -137,12 +137,17 @@ def build_router() -> APIRouter:
         return await _guard(run)
 
     @router.delete("/refs/{name:path}")
-    async def delete_ref(request: Request, name: str) -> JSONResponse:
+    async def delete_ref(request: Request, name: str, force: bool = False) -> JSONResponse:
         async def run() -> Any:
             control = _control(request)
             old = await control._run(control.store.get_ref, name)
             if old is None:
                 raise ApiError(404, "not_found", f"no ref named {name!r}")
+            head = await control._run(control.store.head)
+            if head.ref == name and not force:
+                raise ApiError(
+                    409, "ref_is_head", f"HEAD points to {name!r}; pass force=true to delete it"
+                )
             await control._run(control.store.delete_ref, name, expected_old=old)
             return {"deleted": name, "cid": old}
 

@@ -69,6 +69,13 @@ class SchedulerSide:
 
     def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig):
         self.block_size = vllm_config.cache_config.block_size
+        if len(kv_cache_config.kv_cache_groups) != 1:
+            # Hybrid models (attention + Mamba/sliding-window groups) keep state outside the
+            # pages a snapshot holds: refuse at start rather than restore half a state.
+            raise ValueError(
+                "ProcessForkConnector supports models with one KV cache group "
+                f"(this model has {len(kv_cache_config.kv_cache_groups)})"
+            )
         self.auth = vllm_config.kv_transfer_config.engine_id
         # Finished sequences stay resident until their blocks are evicted; remember
         # at most as many tokens as the cache can hold.
