@@ -62,6 +62,15 @@ class PageCodec:
         self._v_views = [self.v_view(t) for t in layers]
         self.device = layers[0].device
 
+    @property
+    def k_views(self) -> list[torch.Tensor]:
+        """Per layer, the K of every block, indexed by block id first."""
+        return self._k_views
+
+    @property
+    def v_views(self) -> list[torch.Tensor]:
+        return self._v_views
+
     # --- layout hooks -------------------------------------------------------
     def k_view(self, layer: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

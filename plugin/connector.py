@@ -55,6 +55,11 @@ def store_path_from_config(extra: dict[str, Any]) -> str:
     return os.path.abspath(os.path.expanduser(str(path)))
 
 
+def _flag(extra: dict[str, Any], name: str, default: bool = True) -> bool:
+    value = extra.get(name)
+    return default if value is None else str(value).lower() not in ("0", "false", "no")
+
+
 class ProcessForkConnector(KVConnectorBase_V1):
     """Snapshots and checkouts of paged KV through the ProcessFork store."""
 
@@ -89,8 +94,12 @@ class ProcessForkConnector(KVConnectorBase_V1):
         else:
             from .worker_side import WorkerSide
 
-            verify = str(extra.get("verify_loads", "true")).lower() not in ("0", "false", "no")
-            self._worker = WorkerSide(vllm_config, self.store_path, verify_loads=verify)
+            self._worker = WorkerSide(
+                vllm_config,
+                self.store_path,
+                verify_loads=_flag(extra, "verify_loads"),
+                pipelined_loads=_flag(extra, "pipelined_loads"),
+            )
 
     # ==============================
     # Worker-side hooks (worker process)
@@ -106,7 +115,9 @@ class ProcessForkConnector(KVConnectorBase_V1):
             self._worker.start_load(plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv
+        # Called before each attention layer; loads of that layer may still be in flight.
+        if self._worker is not None:
+            self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(
         self,

@@ -259,10 +259,21 @@ class Control:
             tokens = list(await self._run(self.store.get_tokens, seq.tokens))
             self._check_length(tokens)
             token_lists.append(tokens)
-        replies = await asyncio.gather(
-            *(self._checkout_sequence(cid, i, t) for i, t in enumerate(token_lists))
-        )
-        await self._run(self.store.checkout_head, cid)
+        # HEAD moves while the engine loads (its durable commit costs as much as a small load);
+        # a failed load moves it back.
+        head_before = await self._run(self.store.head)
+        moving = asyncio.ensure_future(self._run(self.store.checkout_head, cid))
+        try:
+            replies = await asyncio.gather(
+                *(self._checkout_sequence(cid, i, t) for i, t in enumerate(token_lists))
+            )
+        except BaseException:
+            await asyncio.gather(moving, return_exceptions=True)
+            previous = head_before.ref or head_before.cid
+            if previous is not None:
+                await self._run(self.store.checkout_head, previous)
+            raise
+        await moving
         loaded = sum(r["loaded_tokens"] for r in replies)
         return {
             "ok": True,
@@ -283,8 +294,10 @@ class Control:
         )
         loaded = int(reply.get("loaded_tokens", 0))
         if loaded:
+            # The worker records a load only when it fails.
             result = await self._run(self.store.meta_get, job_meta_key(job))
-            await self._run(self.store.meta_delete, job_meta_key(job))
+            if result is not None:
+                await self._run(self.store.meta_delete, job_meta_key(job))
             err = (result or {}).get("error")
             if err:
                 raise ApiError(

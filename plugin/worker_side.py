@@ -1,9 +1,12 @@
 """The connector's WORKER role.  Runs in each worker process, next to the paged KV tensors.
 
-It moves bytes, synchronously: loads finish in ``start_load_kv`` (before the forward
-pass reads them) and saves finish in ``wait_for_save`` (before the step's output is
-returned).  That ordering is what lets the API server read a snapshot's pages from
-the store as soon as its request completes, with no extra handshake.
+It moves bytes.  Loads start in ``start_load_kv``; on CPU a helper thread copies them
+layer by layer while the forward pass runs, each attention layer waits for its own
+layer (``wait_for_layer_load``), and the step's ``get_block_ids_with_load_errors``
+waits for the rest (see ``loader``).  Saves finish in ``wait_for_save``, before the
+step's output is returned.  Both complete before the request's output reaches the API
+server, which can therefore read a snapshot's pages from the store as soon as its
+request completes, with no extra handshake.
 
 Failures never crash the engine: a failed load reports its blocks as invalid, so
 vLLM recomputes them, and any failure is written to the job's record in the store,
@@ -23,6 +26,7 @@ from vllm.logger import init_logger
 from .codec import PageCodec, codec_for
 from .engine_info import engine_fingerprint, layer_order
 from .jobs import LoadJob, SaveJob, StepPlan, engine_meta_key, job_meta_key, tokens_digest
+from .loader import BlockWriter, LoadItem, LoadTicket, PipelinedLoader
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -58,10 +62,14 @@ class _JobStats:
 class WorkerSide:
     """Gathers/scatters pages through a codec and reads/writes them in the store."""
 
-    def __init__(self, vllm_config: VllmConfig, store_path: str, *, verify_loads: bool):
+    def __init__(
+        self, vllm_config: VllmConfig, store_path: str, *, verify_loads: bool,
+        pipelined_loads: bool = True,
+    ):
         self.vllm_config = vllm_config
         self.store_path = store_path
         self.verify_loads = verify_loads
+        self.pipelined_loads = pipelined_loads
         self.engine_id = vllm_config.kv_transfer_config.engine_id
         self.codec: PageCodec | None = None
         self.fingerprint: dict[str, Any] = {}
@@ -69,6 +77,9 @@ class WorkerSide:
         self._manifests: dict[str, Any] = {}
         self._stats: dict[str, _JobStats] = {}
         self._load_errors: set[int] = set()
+        self._loader: PipelinedLoader | None = None
+        self._ticket: LoadTicket | None = None
+        self.layer_index: dict[str, int] = {}
         self.loaded_blocks_total = 0
         self.saved_blocks_total = 0
 
@@ -95,6 +106,13 @@ class WorkerSide:
             "pid": os.getpid(),
         }
         self.store.meta_put(engine_meta_key(self.engine_id), record)
+        ptrs = {t.data_ptr(): i for i, t in enumerate(layers)}
+        self.layer_index = {n: ptrs.get(t.data_ptr(), -1) for n, t in kv_caches.items()}
+        if self.codec.device.type == "cpu" and self.pipelined_loads:
+            writer = BlockWriter(self.codec.k_views, self.codec.v_views)
+            self._loader = PipelinedLoader(
+                self.store, writer, verify=self.verify_loads, page_bytes=self.codec.page_bytes
+            )
         logger.info(
             "processfork: %d layers, %s codec, %d-byte pages, store %s",
             len(layers), self.codec.layout, self.codec.page_bytes, self.store_path,
@@ -102,13 +120,28 @@ class WorkerSide:
 
     # --- loads ------------------------------------------------------------------
     def start_load(self, plan: StepPlan) -> None:
+        """Start this step's loads; on CPU they complete layer by layer during the forward pass."""
+        self._finish_loads()  # a previous step's ticket whose errors were never collected
+        items: list[LoadItem] = []
         for job in plan.loads:
             try:
-                self._load(job)
+                items += self._load_items(job)
             except Exception as exc:  # noqa: BLE001 - reported, never raised: vLLM recomputes
                 logger.warning("processfork: load for %s failed: %s", job.req_id, exc)
                 self._load_errors.update(job.block_ids)
                 self._fail(job.job, exc)
+        if not items:
+            return
+        self.loaded_blocks_total += len(items)
+        if self._loader is not None:
+            self._ticket = self._loader.submit(items)
+        else:
+            self._load_staged(items)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        ticket = self._ticket
+        if ticket is not None:
+            ticket.wait_layer(self.layer_index.get(layer_name, -1))
 
     def _manifest(self, cid: str) -> Any:
         manifest = self._manifests.get(cid)
@@ -119,30 +152,52 @@ class WorkerSide:
             self._manifests[cid] = manifest
         return manifest
 
-    def _load(self, job: LoadJob) -> None:
+    def _load_items(self, job: LoadJob) -> list[LoadItem]:
         assert self.codec is not None
         manifest = self._manifest(job.cid)
         seq = manifest.sequences[job.seq]
-        covered = self.store.get_tokens(seq.tokens)[: (job.first_block + len(job.block_ids))
-                                                   * self.codec.geometry.block_size]
+        n = len(job.block_ids)
+        covered = self.store.get_tokens(seq.tokens)[
+            : (job.first_block + n) * self.codec.geometry.block_size
+        ]
         if tokens_digest(covered) != job.tokens_digest:
             raise ValueError(f"request tokens differ from snapshot {job.cid[:19]}, sequence {job.seq}")
-        pages = seq.pages[job.first_block : job.first_block + len(job.block_ids)]
-        if len(pages) != len(job.block_ids):
-            raise ValueError(f"snapshot {job.cid} holds {len(pages)} of {len(job.block_ids)} blocks")
-        digests = [bytes.fromhex(d) for pair in pages for d in pair]
-        staging = self.codec.new_staging(len(job.block_ids))
-        flat = staging.view(torch.uint8).numpy().reshape(-1)
-        self.store.read_pages_into(digests, flat, self.codec.page_bytes, verify=self.verify_loads)
-        self.codec.scatter(job.block_ids, staging)
-        stats = self._stats.setdefault(job.job, _JobStats())
-        stats.loaded_blocks += len(job.block_ids)
-        stats.final = True
-        self.loaded_blocks_total += len(job.block_ids)
-        self.store.meta_put(job_meta_key(job.job), stats.record())
-        self._stats.pop(job.job, None)
+        pages = seq.pages[job.first_block : job.first_block + n]
+        if len(pages) != n:
+            raise ValueError(f"snapshot {job.cid} holds {len(pages)} of {n} blocks")
+        return [
+            LoadItem(block, bytes.fromhex(k), bytes.fromhex(v), job.job)
+            for block, (k, v) in zip(job.block_ids, pages)
+        ]
+
+    def _load_staged(self, items: list[LoadItem]) -> None:
+        """Devices other than CPU: read into a staging tensor, then scatter it into the blocks."""
+        assert self.codec is not None
+        digests = [d for item in items for d in (item.k_digest, item.v_digest)]
+        try:
+            staging = self.codec.new_staging(len(items))
+            flat = staging.view(torch.uint8).numpy().reshape(-1)
+            self.store.read_pages_into(digests, flat, self.codec.page_bytes, verify=self.verify_loads)
+            self.codec.scatter([item.block_id for item in items], staging)
+        except Exception as exc:  # noqa: BLE001 - reported, never raised: vLLM recomputes
+            logger.warning("processfork: load failed: %s", exc)
+            self._load_errors.update(item.block_id for item in items)
+            for job in {item.job for item in items}:
+                self._fail(job, exc)
+
+    def _finish_loads(self) -> None:
+        """Wait for the running ticket and record its failures. A successful load writes
+        nothing to the store: the scheduler reports loaded tokens to the API server."""
+        ticket, self._ticket = self._ticket, None
+        if ticket is None:
+            return
+        ticket.wait()
+        self._load_errors.update(ticket.bad_blocks)
+        for job, message in ticket.failures.items():
+            self._fail(job, RuntimeError(message))
 
     def take_load_errors(self) -> set[int]:
+        self._finish_loads()
         errors, self._load_errors = self._load_errors, set()
         return errors
 
@@ -184,6 +239,10 @@ class WorkerSide:
             logger.exception("processfork: could not record failure of job %s", job)
 
     def shutdown(self) -> None:
+        if self._loader is not None:
+            self._finish_loads()
+            self._loader.close()
+            self._loader = None
         if self._store is not None:
             self._store.close()
             self._store = None

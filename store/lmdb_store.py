@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 import numpy as np
@@ -53,6 +53,8 @@ from processfork.store.snapshots import load_manifest, write_manifest
 from processfork.store.status import StoreStatus, compute_status
 
 __all__ = ["Store"]
+
+T = TypeVar("T")
 
 
 class Store:
@@ -206,6 +208,28 @@ class Store:
                 lo = hi
 
         self._read(run, buffers=True)
+
+    def with_page_views(self, digests: Sequence[bytes], fn: Callable[[list[memoryview]], T]) -> T:
+        """Run `fn` on zero-copy views of the pages, all inside one read transaction.
+
+        For callers that copy pages somewhere other than one flat buffer (an engine's KV blocks,
+        layer by layer): no intermediate copy. The views are valid only while `fn` runs. A
+        missing page raises MissingObject before `fn` is called; nothing is verified here, so
+        hash with `page_digest` whatever must be checked.
+        """
+        keys = [bytes(d) for d in digests]
+
+        def run(txn: lmdb.Transaction) -> T:
+            get = txn.cursor(db=self.dbs["pages"]).get
+            views = []
+            for key in keys:
+                view = get(key)
+                if view is None:
+                    raise MissingObject("page", key.hex())
+                views.append(view)
+            return fn(views)
+
+        return self._read(run, buffers=True)
 
     def _get_verified(self, db: str, kind: str, key: bytes, verify: bool) -> bytes:
         data = self._read(lambda txn: txn.get(key, db=self.dbs[db]))
