@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from processfork.store import Manifest, Sequence, Store, StoreError
+from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.logger import init_logger
 from vllm.sampling_params import SamplingParams
@@ -95,7 +96,7 @@ class Control:
                 TokensPrompt(prompt_token_ids=tokens), sampling, request_id
             ):
                 final = output
-        except ValueError as exc:  # vLLM's input validation (token ids, length)
+        except (ValueError, VLLMValidationError) as exc:  # input validation (ids, length)
             raise ApiError(400, "invalid_request", str(exc)) from exc
         if final is None or not final.finished:
             raise ApiError(503, "engine_unavailable", "the engine did not finish the request")
@@ -262,7 +263,9 @@ class Control:
         # HEAD moves while the engine loads (its durable commit costs as much as a small load);
         # a failed load moves it back.
         head_before = await self._run(self.store.head)
-        moving = asyncio.ensure_future(self._run(self.store.checkout_head, cid))
+        # Like `git checkout BRANCH`: checking out by ref name makes HEAD point to the ref.
+        target = body.cid if await self._run(self.store.get_ref, body.cid) == cid else cid
+        moving = asyncio.ensure_future(self._run(self.store.checkout_head, target))
         try:
             replies = await asyncio.gather(
                 *(self._checkout_sequence(cid, i, t) for i, t in enumerate(token_lists))

@@ -122,3 +122,23 @@ def test_clients_cannot_smuggle_connector_ops(server, known, pf_store):
     complete(server, random_tokens(5101, 100), max_tokens=2, kv_transfer_params=snap)
     with Store(pf_store, readonly=True) as store:
         assert len(store.list_pins()) == pins_before
+
+
+def test_checkout_by_ref_attaches_head_and_delete_refuses_it(server):
+    from pf_http import get
+
+    pf(server, "snapshot", {"name": "errors/head", "token_ids": random_tokens(5200, 40)})
+    pf(server, "checkout", {"cid": "errors/head"})
+    assert get(server, f"{PF}/refs").json()["head"]["ref"] == "errors/head"
+    deleted = httpx_delete(server, f"{PF}/refs/errors/head")
+    assert _error(deleted, 409)["type"] == "ref_is_head"
+    assert httpx_delete(server, f"{PF}/refs/errors/head?force=true").status_code == 200
+    _error(httpx_delete(server, f"{PF}/refs/errors/head"), 404)
+
+
+def httpx_delete(server, path: str):
+    import httpx
+    from pf_http import headers
+
+    return httpx.delete(f"{server.base_url}{path}", headers=headers(server), timeout=60,
+                        trust_env=False)

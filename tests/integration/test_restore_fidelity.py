@@ -48,6 +48,36 @@ class Before:
     snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
     clients: list[list[int]] = field(default_factory=list)
     by_request: list[int] = field(default_factory=list)
+    running: list[int] = field(default_factory=list)
+
+
+def _stream_tokens(server, prompt: list[int], max_tokens: int, into: list[int]) -> list[int]:
+    """Stream a long greedy completion, appending output token ids to ``into`` as they come."""
+    import json as _json
+
+    import httpx
+
+    body = {"model": server.model_name, "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
+    headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, headers=headers,
+                      timeout=300, trust_env=False) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = _json.loads(line[6:])
+                for choice in chunk.get("choices", []):
+                    into.extend(choice.get("token_ids") or [])
+    return into
+
+
+def _wait_for(tokens: list[int], count: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    while len(tokens) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError("the streaming request produced no output")
+        time.sleep(0.01)
 
 
 def _logprobs(completion: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +110,17 @@ def before(server) -> Before:
         )
     out.clients = [p + r["choices"][0]["token_ids"] for p, r in zip(client_prompts, results)]
     out.snapshots["resident"] = pf(server, "snapshot", {"name": "resident"})
+
+    # A request still decoding is part of the resident state too.
+    running_prompt = random_tokens(2500, 200)
+    streamed: list[int] = []
+    with ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(_stream_tokens, server, running_prompt, 3800, streamed)
+        _wait_for(streamed, 8)
+        seen = len(streamed)
+        out.snapshots["running"] = pf(server, "snapshot", {"name": "running"})
+        print("streamed before/after snapshot:", seen, len(streamed))
+        out.running = running_prompt + stream.result()
 
     answer = complete(server, random_tokens(3000, 400), max_tokens=16, return_token_ids=True)
     out.by_request = random_tokens(3000, 400) + answer["choices"][0]["token_ids"]
@@ -164,6 +205,23 @@ def test_name_only_snapshot_restores_every_resident_sequence(server, before, pf_
     for client in before.clients:
         again = complete(server, client, max_tokens=1)
         assert cached_tokens(again) == split_point(len(client))
+
+
+def test_name_only_snapshot_captures_a_request_still_decoding(server, before, pf_store):
+    snap = before.snapshots["running"]
+    with Store(pf_store, readonly=True) as store:
+        manifest = store.get_snapshot(snap["cid"])
+        stored = [store.get_tokens(s.tokens) for s in manifest.sequences]
+    prompt_len = 200
+    partial = [seq for seq in stored if seq[:prompt_len] == before.running[:prompt_len]]
+    assert partial, "the running request is missing from the snapshot"
+    longest = max(partial, key=len)
+    assert prompt_len < len(longest) < len(before.running)  # caught mid-decode
+    assert longest == before.running[: len(longest)]
+
+    pf(server, "checkout", {"cid": "running"})
+    again = complete(server, longest, max_tokens=1)
+    assert cached_tokens(again) == split_point(len(longest))
 
 
 def test_request_id_snapshot_holds_prompt_and_output(server, before, pf_store):
