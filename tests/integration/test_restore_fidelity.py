@@ -15,7 +15,7 @@ import pytest
 
 from processfork.store import Store
 
-from pf_http import cached_tokens, complete, get, metric, pf, random_tokens
+from pf_http import PF, cached_tokens, complete, get, metric, pf, post, random_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -131,6 +131,11 @@ def before(server) -> Before:
     out.snapshots["by-messages"] = pf(
         server, "snapshot", {"name": "by-messages", "messages": MESSAGES}
     )
+    # Last, so no name-only snapshot above holds this sequence: only its own checkout loads it.
+    out.prompts[1] = random_tokens(1200, 500)  # its stored pages get damaged after the restart
+    out.warm[1] = complete(server, out.prompts[1], logprobs=5)
+    out.snapshots["damaged"] = pf(server, "snapshot", {"name": "damaged",
+                                                       "token_ids": out.prompts[1]})
     server.restart()
     return out
 
@@ -224,6 +229,39 @@ def test_name_only_snapshot_captures_a_request_still_decoding(server, before, pf
     assert cached_tokens(again) == split_point(len(longest))
 
 
+def _damage_page(store_path, digest: str) -> None:
+    """Overwrite one stored page behind the store's back, as a bad disk would."""
+    import lmdb
+
+    env = lmdb.open(str(store_path), max_dbs=16, map_size=1 << 36)
+    try:
+        pages = env.open_db(b"pages", create=False)
+        with env.begin(write=True, db=pages) as txn:
+            key = bytes.fromhex(digest)
+            size = len(txn.get(key))
+            txn.put(key, b"\x5a" * size)
+    finally:
+        env.close()
+
+
+def test_a_corrupt_page_is_caught_and_recomputed(server, before, pf_store):
+    """A damaged page is never served: checkout reports it, vLLM recomputes the block, and the
+    continuation still matches the original (as a cold prefill does)."""
+    with Store(pf_store, readonly=True) as store:
+        pages = store.get_snapshot(before.snapshots["damaged"]["cid"]).sequences[0].pages
+    _damage_page(pf_store, pages[3][0])
+    response = post(server, f"{PF}/checkout", {"cid": "damaged"})
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["type"] == "integrity_error" and pages[3][0] in error["message"]
+
+    again = complete(server, before.prompts[1], logprobs=5)
+    assert _logprobs(again)["tokens"] == _logprobs(before.warm[1])["tokens"]
+    deltas = [abs(a - b) for a, b in zip(_logprobs(again)["token_logprobs"],
+                                         _logprobs(before.warm[1])["token_logprobs"])]
+    assert max(deltas) <= 1e-4
+
+
 def test_request_id_snapshot_holds_prompt_and_output(server, before, pf_store):
     snap = before.snapshots["by-request"]
     with Store(pf_store, readonly=True) as store:
@@ -245,7 +283,6 @@ def test_prompt_snapshot_serves_the_same_text_prompt(server, before):
 def test_messages_snapshot_serves_the_same_chat(server, before):
     snap = before.snapshots["by-messages"]
     pf(server, "checkout", {"cid": "by-messages"})
-    from pf_http import post
 
     response = post(
         server,
