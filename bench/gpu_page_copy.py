@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from processfork.plugin.codec import codec_for  # imports torch only
 
 LAYERS, KV_HEADS, HEAD_DIM = 12, 4, 64

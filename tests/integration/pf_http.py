@@ -60,6 +60,6 @@ def metric(server: Any, name: str) -> float:
     text = httpx.get(f"{server.base_url}/metrics", timeout=30, trust_env=False).text
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             total += float(line.rsplit(" ", 1)[1])
     return total

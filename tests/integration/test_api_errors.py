@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from pf_http import PF, pf, post, random_tokens
 
 pytestmark = pytest.mark.integration
@@ -107,7 +106,6 @@ def test_api_key_is_required(other, known):
 def test_clients_cannot_smuggle_connector_ops(server, known, pf_store):
     """kv_transfer_params from an OpenAI client never reach our connector as instructions."""
     from pf_http import cached_tokens, complete, metric
-
     from processfork.store import Store
 
     with Store(pf_store, readonly=True) as store:

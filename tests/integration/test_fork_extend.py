@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from pf_http import cached_tokens, complete, pf, random_tokens
+from processfork.store import Store
 from typer.testing import CliRunner
 
-from processfork.store import Store
 from processfork_cli.app import app
 from processfork_cli.main import run
-
-from pf_http import cached_tokens, complete, pf, random_tokens
 
 pytestmark = pytest.mark.integration
 

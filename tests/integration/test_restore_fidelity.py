@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-
-from processfork.store import Store
-
 from pf_http import PF, cached_tokens, complete, get, metric, pf, post, random_tokens
+from processfork.store import Store
 
 pytestmark = pytest.mark.integration
 

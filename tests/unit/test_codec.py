@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from processfork.plugin.codec import (
     CpuAttnCodec,
     SplitLastDimCodec,
