@@ -219,8 +219,18 @@ class Control:
             blocks = min(common // bs, len(ppages))
             if blocks > len(reuse):
                 reuse = ppages[:blocks]
+        # vLLM computes at least one token of every request and reuses only whole blocks from its
+        # prefix cache, so a resident sequence that ends on a block boundary would have its whole
+        # last block recomputed (a block of queries over the entire context). One extra token
+        # after it lets every block of the sequence come from the cache; the saved range stops
+        # before that token, and causal attention keeps the sequence's KV independent of it.
+        prompt = tokens
+        if len(tokens) % bs == 0 and len(tokens) + 1 < self.max_model_len:
+            prompt = [*tokens, tokens[-1]]
         await self._generate_one(
-            tokens, {"op": OP_SNAPSHOT, "job": job, "skip_blocks": len(reuse)}, "snapshot"
+            prompt,
+            {"op": OP_SNAPSHOT, "job": job, "skip_blocks": len(reuse), "num_tokens": len(tokens)},
+            "snapshot",
         )
         result = await self._run(self.store.meta_get, job_meta_key(job))
         if not result or not result.get("final"):

@@ -102,8 +102,12 @@ class SchedulerSide:
             self._live[request.request_id] = request
         if op == OP_SNAPSHOT and request.request_id not in self._snapshots:
             skip = int(params.get("skip_blocks", 0))
+            # The control plane may append a token after the sequence (see Control); only the
+            # first ``num_tokens`` prompt tokens are the sequence.
+            num = min(int(params.get("num_tokens") or request.num_prompt_tokens),
+                      request.num_prompt_tokens)
             self._snapshots[request.request_id] = _SnapshotState(
-                job=str(params["job"]), num_prompt=request.num_prompt_tokens, next_block=skip
+                job=str(params["job"]), num_prompt=num, next_block=skip
             )
         if op != OP_CHECKOUT:
             return 0, False
@@ -206,7 +210,7 @@ class SchedulerSide:
         checkout = self._checkouts.pop(req_id, None)
         if op == OP_CAPTURE:
             return {PARAMS_KEY: {"sequences": self.resident_sequences(params.get("request_id"))}}
-        self._remember_finished(request)
+        self._remember_finished(request, snap.num_prompt if snap is not None else None)
         if checkout is not None:
             self.loaded_tokens_total += checkout.external_tokens
             return {
@@ -219,15 +223,18 @@ class SchedulerSide:
             return {PARAMS_KEY: {"saved_to_end": snap.done}}
         return None
 
-    def _remember_finished(self, request: Request) -> None:
-        tokens = list(request.all_token_ids)
+    def _remember_finished(self, request: Request, length: int | None = None) -> None:
+        """Index a finished request's sequence (a snapshot request's: the sequence alone)."""
+        tokens = list(request.all_token_ids)[:length]
         if not tokens:
             return
         old = self._finished.pop(request.request_id, None)
         if old is not None:
             self._finished_tokens -= len(old.tokens)
         self._finished[request.request_id] = _FinishedSeq(
-            tokens=tokens, block_hashes=list(request.block_hashes), finished_at=time.time()
+            tokens=tokens,
+            block_hashes=list(request.block_hashes[: len(tokens) // self.block_size]),
+            finished_at=time.time(),
         )
         self._finished_tokens += len(tokens)
         while self._finished_tokens > self.capacity_tokens and len(self._finished) > 1:
