@@ -159,14 +159,18 @@ class Control:
                     toks = await self._run(self.store.get_tokens, seq.tokens)
                     parent_seqs.append((list(toks), list(seq.pages)))
         jobs = [uuid.uuid4().hex for _ in seqs]
+        # The token blobs are written while the engine runs: their durable commit overlaps the
+        # engine's work instead of following it. Each has its own pin until the snapshot commits.
+        token_pins = [_tokens_pin(job) for job in jobs]
+        token_refs = asyncio.gather(
+            *(self._run(self.store.put_tokens, t, pin=p) for t, p in zip(seqs, token_pins))
+        )
         try:
             outcomes = await asyncio.gather(
                 *(self._snapshot_sequence(job, t, parent_seqs) for job, t in zip(jobs, seqs))
             )
-            sequences = []
-            for out in outcomes:
-                ref = await self._run(self.store.put_tokens, out.tokens, pin=out.job)
-                sequences.append(Sequence(tokens=ref, pages=out.pages))
+            refs = await token_refs
+            sequences = [Sequence(tokens=r, pages=o.pages) for r, o in zip(refs, outcomes)]
             manifest = Manifest(
                 name=body.name,
                 parents=[parent_cid] if parent_cid else [],
@@ -180,12 +184,13 @@ class Control:
                 expected_old=old_ref,
                 move_head=True,
                 message=body.message or f"snapshot: {len(seqs)} sequence(s)",
-                drop_pins=jobs,
+                drop_pins=[*jobs, *token_pins],
+                drop_meta=[job_meta_key(job) for job in jobs],
             )
         except BaseException:
-            await self._run(self._forget_jobs, jobs, drop_pins=True)
+            await asyncio.gather(token_refs, return_exceptions=True)
+            await self._run(self._forget_jobs, jobs)
             raise
-        await self._run(self._forget_jobs, jobs, drop_pins=False)
         return {
             "cid": cid,
             "name": body.name,
@@ -198,12 +203,13 @@ class Control:
             "ms": round((time.perf_counter() - t0) * 1000, 3),
         }
 
-    def _forget_jobs(self, jobs: list[str], *, drop_pins: bool) -> None:
-        """Drop the workers' job records; after a failure also the pins, releasing pages to gc."""
+    def _forget_jobs(self, jobs: list[str]) -> None:
+        """After a failed snapshot: drop the workers' job records and the pins, so gc may
+        reclaim what was written. (A committed snapshot drops them in its own transaction.)"""
         for job in jobs:
             self.store.meta_delete(job_meta_key(job))
-            if drop_pins:
-                self.store.drop_pin(job)
+            self.store.drop_pin(job)
+            self.store.drop_pin(_tokens_pin(job))
 
     async def _snapshot_sequence(
         self,
@@ -239,9 +245,8 @@ class Control:
                 raise ApiError(507, "store_full", err.get("message", "store full"))
             detail = f": {err['type']}: {err['message']}" if err else ""
             raise ApiError(500, "snapshot_failed", f"the engine did not save the sequence{detail}")
-        digests = await self._run(self.store.get_pin, job)
-        hexes = [d.hex() for d in digests]
-        new_pairs = [(hexes[i], hexes[i + 1]) for i in range(0, len(hexes), 2)]
+        # The worker's final record lists the saved pages in block order (a pin is a set).
+        new_pairs = [(k, v) for k, v in result.get("pages", [])]
         pages = reuse + new_pairs
         expected = -(-len(tokens) // bs)
         if len(pages) != expected:
@@ -330,6 +335,10 @@ class Control:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def _tokens_pin(job: str) -> str:
+    return f"{job}.tokens"
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -20,6 +20,7 @@ worker's core and the load costs what a synchronous one would.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -33,7 +34,7 @@ from vllm.logger import init_logger
 
 logger = init_logger(__name__)
 
-__all__ = ["BlockWriter", "LoadItem", "LoadTicket", "PipelinedLoader"]
+__all__ = ["BlockViews", "LoadItem", "LoadTicket", "PipelinedLoader"]
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,13 @@ class LoadItem:
     job: str
 
 
-class BlockWriter:
+class BlockViews:
     """Numpy views of every layer's K and V, indexed by block id, for direct page copies.
 
     A page holds one block's K (or V) of every layer, layer after layer, each in the order of
-    the codec's per-block view; ``copy_layer`` writes one layer's part of a page into a block.
+    the codec's per-block view. When all layers are views into one buffer at a constant
+    distance (vLLM's CPU backend allocates them so), one strided view spans every layer and a
+    whole page moves in one copy.
     """
 
     def __init__(self, k_views: Sequence[torch.Tensor], v_views: Sequence[torch.Tensor]):
@@ -60,6 +63,19 @@ class BlockWriter:
         self.num_layers = len(self.k)
         self.k_shape = (self.num_layers, *self.k[0].shape[1:])
         self.v_shape = (self.num_layers, *self.v[0].shape[1:])
+        self.k_all = _all_layers(self.k)
+        self.v_all = _all_layers(self.v)
+
+    def gather(self, block_id: int, k_out: np.ndarray, v_out: np.ndarray) -> None:
+        """Copy one block's K and V pages into two flat byte buffers."""
+        k_page, v_page = k_out.reshape(self.k_shape), v_out.reshape(self.v_shape)
+        if self.k_all is not None and self.v_all is not None:
+            np.copyto(k_page, self.k_all[:, block_id])
+            np.copyto(v_page, self.v_all[:, block_id])
+            return
+        for layer in range(self.num_layers):
+            np.copyto(k_page[layer], self.k[layer][block_id])
+            np.copyto(v_page[layer], self.v[layer][block_id])
 
     def k_page(self, buf: memoryview) -> np.ndarray:
         return np.frombuffer(buf, dtype=np.uint8).reshape(self.k_shape)
@@ -93,7 +109,7 @@ class LoadTicket:
 class PipelinedLoader:
     """A helper thread that runs tickets one at a time; see the module docstring."""
 
-    def __init__(self, store: Store, writer: BlockWriter, *, verify: bool, page_bytes: int):
+    def __init__(self, store: Store, writer: BlockViews, *, verify: bool, page_bytes: int):
         self.store = store
         self.writer = writer
         self.verify = verify
@@ -160,6 +176,22 @@ class PipelinedLoader:
                 if page_digest(view) != digest:
                     ticket.fail([item], f"CorruptPage: page {digest.hex()} does not match its "
                                         "digest")
+
+
+def _all_layers(layers: list[np.ndarray]) -> np.ndarray | None:
+    """One view ``[layer, block, ...]`` over per-layer views spaced evenly in one buffer."""
+    if len(layers) < 2:
+        return layers[0][None] if layers else None
+    first = layers[0]
+    addr = [a.__array_interface__["data"][0] for a in layers]
+    step = addr[1] - addr[0]
+    if step <= 0 or any(b - a != step for a, b in itertools.pairwise(addr)):
+        return None
+    if any(a.shape != first.shape or a.strides != first.strides for a in layers):
+        return None
+    return np.lib.stride_tricks.as_strided(
+        first, shape=(len(layers), *first.shape), strides=(step, *first.strides), writeable=True
+    )
 
 
 def _spare_cpus() -> set[int]:

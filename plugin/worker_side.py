@@ -16,17 +16,19 @@ where the API server finds it and answers the client.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from processfork.store import Store
+from processfork.store import PutResult, Store
 from vllm.logger import init_logger
 
 from .codec import PageCodec, codec_for
 from .engine_info import engine_fingerprint, layer_order
 from .jobs import LoadJob, SaveJob, StepPlan, engine_meta_key, job_meta_key, tokens_digest
-from .loader import BlockWriter, LoadItem, LoadTicket, PipelinedLoader
+from .loader import BlockViews, LoadItem, LoadTicket, PipelinedLoader
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -45,6 +47,14 @@ class _JobStats:
     final: bool = False
     error: dict[str, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    digests: list[bytes] = field(default_factory=list)  # K, V of every saved block, in order
+
+    def add(self, result: PutResult, blocks: int) -> None:
+        new = result.new
+        self.digests += result.digests
+        self.blocks += blocks
+        self.new_blocks += sum(1 for i in range(0, len(new), 2) if new[i] or new[i + 1])
+        self.bytes_written += result.bytes_written
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -56,6 +66,9 @@ class _JobStats:
         }
         if self.error:
             out["error"] = self.error
+        elif self.final and self.digests:
+            d = self.digests
+            out["pages"] = [[d[i].hex(), d[i + 1].hex()] for i in range(0, len(d), 2)]
         return out
 
 
@@ -78,6 +91,9 @@ class WorkerSide:
         self._stats: dict[str, _JobStats] = {}
         self._load_errors: set[int] = set()
         self._loader: PipelinedLoader | None = None
+        self._views: BlockViews | None = None
+        self._page_buf: np.ndarray | None = None
+        self._page_row: torch.Tensor | None = None
         self._ticket: LoadTicket | None = None
         self.layer_index: dict[str, int] = {}
         self.loaded_blocks_total = 0
@@ -108,11 +124,17 @@ class WorkerSide:
         self.store.meta_put(engine_meta_key(self.engine_id), record)
         ptrs = {t.data_ptr(): i for i, t in enumerate(layers)}
         self.layer_index = {n: ptrs.get(t.data_ptr(), -1) for n, t in kv_caches.items()}
-        if self.codec.device.type == "cpu" and self.pipelined_loads:
-            writer = BlockWriter(self.codec.k_views, self.codec.v_views)
-            self._loader = PipelinedLoader(
-                self.store, writer, verify=self.verify_loads, page_bytes=self.codec.page_bytes
-            )
+        if self.codec.device.type == "cpu":
+            self._views = BlockViews(self.codec.k_views, self.codec.v_views)
+            g = self.codec.geometry
+            buf = np.empty((2, self.codec.page_bytes), dtype=np.uint8)
+            self._page_buf = buf
+            self._page_row = torch.from_numpy(buf).view(g.dtype).view(2, g.num_layers, -1)
+            if self.pipelined_loads:
+                self._loader = PipelinedLoader(
+                    self.store, self._views, verify=self.verify_loads,
+                    page_bytes=self.codec.page_bytes,
+                )
         logger.info(
             "processfork: %d layers, %s codec, %d-byte pages, store %s",
             len(layers), self.codec.layout, self.codec.page_bytes, self.store_path,
@@ -214,21 +236,51 @@ class WorkerSide:
         assert self.codec is not None
         stats = self._stats.setdefault(job.job, _JobStats())
         if stats.error is None and job.block_ids:
-            staging = self.codec.new_staging(len(job.block_ids))
-            self.codec.gather(job.block_ids, staging)
-            if job.valid_in_last is not None:
-                self.codec.mask_tail(staging[-1], job.valid_in_last)
-            rows = staging.view(torch.uint8).numpy().reshape(2 * len(job.block_ids), -1)
-            result = self.store.put_pages(list(rows), pin=job.job)
-            new = result.new
-            stats.blocks += len(job.block_ids)
-            stats.new_blocks += sum(1 for i in range(0, len(new), 2) if new[i] or new[i + 1])
-            stats.bytes_written += result.bytes_written
-            self.saved_blocks_total += len(job.block_ids)
+            n = len(job.block_ids)
+            # The final save commits the job's record together with its pages (one durable
+            # commit instead of two); a transaction that reruns recomputes it from scratch.
+            meta = None
+            if job.final:
+                def meta(result: PutResult) -> dict[str, Any]:
+                    done = replace(stats, final=True, digests=list(stats.digests))
+                    done.add(result, n)
+                    return {job_meta_key(job.job): done.record()}
+            if self._views is not None:
+                result = self.store.put_pages_from(
+                    2 * n, self._page_source(job), pin=job.job, meta=meta
+                )
+            else:
+                staging = self.codec.new_staging(n)
+                self.codec.gather(job.block_ids, staging)
+                if job.valid_in_last is not None:
+                    self.codec.mask_tail(staging[-1], job.valid_in_last)
+                rows = staging.view(torch.uint8).numpy().reshape(2 * n, -1)
+                result = self.store.put_pages(list(rows), pin=job.job, meta=meta)
+            stats.add(result, n)
+            self.saved_blocks_total += n
+            if job.final:
+                self._stats.pop(job.job, None)
+                return
         if job.final:
             stats.final = True
             self.store.meta_put(job_meta_key(job.job), stats.record())
             self._stats.pop(job.job, None)
+
+    def _page_source(self, job: SaveJob) -> Callable[[int], np.ndarray]:
+        """Pages of a save, built one block at a time in one reusable two-page buffer."""
+        assert self._views is not None and self._page_buf is not None and self.codec is not None
+        views, buf, row, codec = self._views, self._page_buf, self._page_row, self.codec
+        blocks, last, tail = job.block_ids, len(job.block_ids) - 1, job.valid_in_last
+
+        def page(i: int) -> np.ndarray:
+            block, half = divmod(i, 2)
+            if half == 0:
+                views.gather(blocks[block], buf[0], buf[1])
+                if block == last and tail is not None:
+                    codec.mask_tail(row, tail)
+            return buf[half]
+
+        return page
 
     def _fail(self, job: str, exc: Exception) -> None:
         stats = self._stats.setdefault(job, _JobStats())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import lmdb
@@ -55,6 +55,7 @@ from processfork.store.status import StoreStatus, compute_status
 __all__ = ["Store"]
 
 T = TypeVar("T")
+MetaAfter = Callable[[PutResult], Mapping[str, dict[str, Any]]]
 
 
 class Store:
@@ -115,14 +116,21 @@ class Store:
         return self.env.write(fn)
 
     # -- pages -------------------------------------------------------------------------------
-    def put_pages(self, pages: Sequence[Any], *, pin: str | None = None) -> PutResult:
-        """Hash and store pages in ONE write transaction; pages already present are not copied."""
+    def put_pages(
+        self, pages: Sequence[Any], *, pin: str | None = None, meta: MetaAfter | None = None
+    ) -> PutResult:
+        """Hash and store pages in ONE write transaction; pages already present are not copied.
+
+        `meta`, if given, maps the result to small meta records written in the same transaction
+        (a writer's progress record commits with its pages, at the cost of one durable commit).
+        """
         bufs = [as_buffer(p) for p in pages]
         items = [(page_digest(b), b) for b in bufs]  # hashed before the writer lock is taken
-        return self._put_hashed(items, pin)
+        return self._put_hashed(items, pin, meta)
 
     def put_pages_hashed(
-        self, items: Sequence[tuple[bytes, Any]], *, pin: str | None = None
+        self, items: Sequence[tuple[bytes, Any]], *, pin: str | None = None,
+        meta: MetaAfter | None = None,
     ) -> PutResult:
         """Like put_pages for callers that already know each page's xxh3-128 digest."""
         checked = []
@@ -131,9 +139,51 @@ class Store:
             if len(digest) != 16:
                 raise InvalidName(digest.hex(), "a page digest is 16 bytes")
             checked.append((digest, as_buffer(page)))
-        return self._put_hashed(checked, pin)
+        return self._put_hashed(checked, pin, meta)
 
-    def _put_hashed(self, items: list[tuple[bytes, memoryview]], pin: str | None) -> PutResult:
+    def put_pages_from(
+        self,
+        count: int,
+        page: Callable[[int], Any],
+        *,
+        pin: str | None = None,
+        meta: MetaAfter | None = None,
+    ) -> PutResult:
+        """Like put_pages for pages produced one at a time, all in ONE write transaction.
+
+        `page(i)` returns the i-th page; it is hashed and inserted before `page(i + 1)` is asked
+        for, so the caller may build every page in the same small buffer (no staging copy of the
+        whole batch). `page` must be deterministic: a transaction that has to grow the map runs
+        again from `page(0)`.
+        """
+        if pin is not None:
+            validate_key_name(pin, "pin name")
+
+        def run(txn: lmdb.Transaction) -> PutResult:
+            t = now_us()
+            digests: list[bytes] = []
+            new: list[bool] = []
+            written = 0
+            for i in range(count):
+                buf = as_buffer(page(i))
+                digest = page_digest(buf)
+                created, nbytes = _objects.put_pages(txn, self.dbs, [(digest, buf)], t)
+                digests.append(digest)
+                new += created
+                written += nbytes
+            if pin is not None:
+                _objects.pin_extend(txn, self.dbs, pin, digests, t)
+            result = PutResult(digests, new, written)
+            if meta is not None:
+                for key, value in meta(result).items():
+                    _meta.meta_put(txn, self.dbs, key, value)
+            return result
+
+        return self._write(run)
+
+    def _put_hashed(
+        self, items: list[tuple[bytes, memoryview]], pin: str | None, meta: MetaAfter | None
+    ) -> PutResult:
         if pin is not None:
             validate_key_name(pin, "pin name")
 
@@ -142,7 +192,11 @@ class Store:
             new, written = _objects.put_pages(txn, self.dbs, items, t)
             if pin is not None:
                 _objects.pin_extend(txn, self.dbs, pin, (d for d, _ in items), t)
-            return PutResult([d for d, _ in items], new, written)
+            result = PutResult([d for d, _ in items], new, written)
+            if meta is not None:
+                for key, value in meta(result).items():
+                    _meta.meta_put(txn, self.dbs, key, value)
+            return result
 
         return self._write(run)
 
@@ -307,8 +361,12 @@ class Store:
         move_head: bool = True,
         message: str = "",
         drop_pins: Sequence[str] = (),
+        drop_meta: Sequence[str] = (),
     ) -> str:
         """Commit a snapshot in ONE transaction: check its objects exist, store it, move the refs.
+
+        `drop_pins` and `drop_meta` name the writers' pins and progress records that the commit
+        makes obsolete; they go in the same transaction.
 
         With `ref`, the ref moves (compare-and-swap against `expected_old`) and, with `move_head`,
         HEAD becomes a symbolic ref to it; without `ref`, `move_head` detaches HEAD at the new cid.
@@ -327,6 +385,8 @@ class Store:
             self._move_refs(txn, cid, ref, expected_old, move_head, "snapshot", message, now)
             for pin in drop_pins:
                 _objects.drop_pin(txn, self.dbs, pin)
+            for key in drop_meta:
+                _meta.meta_delete(txn, self.dbs, key)
             return cid
 
         return self._write(run)
