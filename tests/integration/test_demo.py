@@ -82,7 +82,7 @@ def test_demo_prints_its_proofs(demo_run):
         "prefill skipped: vLLM reports cached_tokens",
         "continuation after restore: identical (16 tokens, logprobs bit-for-bit)",
         "$ pf log --graph --all",
-        "(HEAD, base/1)",
+        "(HEAD -> base/1)",
         "deleted base/2",
         "gc: removed",
         "server stopped; demo finished",
