@@ -80,7 +80,7 @@ class Control:
         return self._engine_record
 
     async def _generate_one(
-        self, tokens: list[int], params: dict[str, Any], tag: str
+        self, tokens: list[int], params: dict[str, Any], tag: str, request_id: str | None = None
     ) -> dict[str, Any]:
         """Submit one internal request and wait for it; return our connector's reply."""
         sampling = SamplingParams(
@@ -89,7 +89,7 @@ class Control:
             detokenize=False,
             extra_args={"kv_transfer_params": {PARAMS_KEY: {**params, "auth": self.engine_id}}},
         )
-        request_id = f"pf-{tag}-{uuid.uuid4().hex[:12]}"
+        request_id = request_id or f"pf-{tag}-{uuid.uuid4().hex[:12]}"
         final = None
         try:
             async for output in self.engine.generate(
@@ -233,11 +233,19 @@ class Control:
         prompt = tokens
         if len(tokens) % bs == 0 and len(tokens) + 1 < self.max_model_len:
             prompt = [*tokens, tokens[-1]]
-        await self._generate_one(
+        request_id = f"pf-snapshot-{uuid.uuid4().hex[:12]}"
+        run = asyncio.ensure_future(self._generate_one(
             prompt,
             {"op": OP_SNAPSHOT, "job": job, "skip_blocks": len(reuse), "num_tokens": len(tokens)},
             "snapshot",
-        )
+            request_id,
+        ))
+        try:
+            await self._end_when_saved(job, run, request_id)
+        except BaseException:
+            run.cancel()
+            raise
+        await run
         result = await self._run(self.store.meta_get, job_meta_key(job))
         if not result or not result.get("final"):
             err = (result or {}).get("error")
@@ -254,6 +262,27 @@ class Control:
                 500, "snapshot_failed", f"engine saved {len(pages)} of {expected} blocks"
             )
         return _SeqOutcome(job, tokens, pages, result["new_blocks"], result["bytes_written"])
+
+    async def _end_when_saved(self, job: str, run: asyncio.Future, request_id: str) -> None:
+        """Return when the snapshot request ends, ending it as soon as its save is recorded.
+
+        When the prefix cache holds every block to save, the worker saves them without a
+        forward pass and the engine keeps the request waiting (see SchedulerSide): the worker's
+        record is then the signal, and aborting the request is how it ends.
+        """
+        key = job_meta_key(job)
+        started = time.monotonic()
+        while True:
+            # Poll often at first (a save without a forward pass takes milliseconds), then
+            # back off: a snapshot that computes its sequence may run for minutes.
+            delay = 0.001 if time.monotonic() - started < 0.2 else 0.02
+            done, _ = await asyncio.wait({run}, timeout=delay)
+            if done:
+                return
+            record = await self._run(self.store.meta_get, key)
+            if record is not None and (record.get("final") or record.get("error")):
+                await self.engine.abort(request_id)
+                return
 
     # --- checkout -----------------------------------------------------------------
     async def checkout(self, body: CheckoutBody) -> dict[str, Any]:

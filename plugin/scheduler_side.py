@@ -38,6 +38,9 @@ logger = init_logger(__name__)
 
 __all__ = ["SchedulerSide"]
 
+#: How long a snapshot request saved without a forward pass waits to be ended by the API server.
+RESIDENT_SAVE_WAIT_S = 5.0
+
 
 @dataclass
 class _SnapshotState:
@@ -46,6 +49,8 @@ class _SnapshotState:
     next_block: int  # first block index not yet handed to the worker
     block_ids: list[int] = field(default_factory=list)
     done: bool = False
+    held: list[Any] | None = None  # cached blocks held for a save without a forward pass
+    held_since: float = 0.0
 
 
 @dataclass
@@ -87,6 +92,7 @@ class SchedulerSide:
         self._snapshots: dict[str, _SnapshotState] = {}
         self._checkouts: dict[str, _CheckoutState] = {}
         self._pending_loads: list[LoadJob] = []
+        self._resident_saves: list[SaveJob] = []
         self.loaded_tokens_total = 0
 
     def bind_kv_cache_manager(self, manager: KVCacheManager) -> None:
@@ -109,6 +115,10 @@ class SchedulerSide:
             self._snapshots[request.request_id] = _SnapshotState(
                 job=str(params["job"]), num_prompt=num, next_block=skip
             )
+        if op == OP_SNAPSHOT and self._save_resident(request):
+            # Not scheduled: the worker saves the cached blocks in the next step, and the
+            # control plane ends the request once the job's record is in the store.
+            return None, False
         if op != OP_CHECKOUT:
             return 0, False
         state = self._checkouts.setdefault(
@@ -121,6 +131,50 @@ class SchedulerSide:
         loadable = (request.num_prompt_tokens - 1) // self.block_size * self.block_size
         state.local_tokens = num_computed_tokens
         return max(0, loadable - num_computed_tokens), False
+
+    def _save_resident(self, request: Request) -> bool:
+        """Plan a save that needs no forward pass, when the prefix cache holds every block.
+
+        vLLM computes at least one token of any request it schedules: one forward pass over the
+        whole context (all the weights, all the KV), much more than copying a few blocks. When
+        the sequence ends on a block boundary and each block still to save is cached, the
+        snapshot takes those blocks straight from the cache instead. They are held (reference
+        counted, so not evicted or reused) until the request ends.
+        """
+        state = self._snapshots[request.request_id]
+        if state.held is not None:
+            # Planned already: the request waits for the control plane to end it. Should that
+            # never come, it runs after a while like any request, so it cannot wait forever.
+            return time.monotonic() - state.held_since < RESIDENT_SAVE_WAIT_S
+        manager = self._kv_cache_manager
+        if manager is None or state.num_prompt % self.block_size:
+            return False
+        end = state.num_prompt // self.block_size
+        hashes = request.block_hashes
+        if len(hashes) < end:
+            return False
+        pool = manager.block_pool
+        blocks = []
+        for i in range(state.next_block, end):
+            cached = pool.get_cached_block(hashes[i], [0])
+            if cached is None:
+                return False
+            blocks.append(cached[0])
+        pool.touch(blocks)
+        state.held = blocks
+        state.held_since = time.monotonic()
+        state.done = True
+        self._resident_saves.append(
+            SaveJob(
+                job=state.job,
+                req_id=request.request_id,
+                first_block=state.next_block,
+                block_ids=[b.block_id for b in blocks],
+                final=True,
+            )
+        )
+        state.next_block = end
+        return True
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -147,8 +201,9 @@ class SchedulerSide:
 
     # --- per step -------------------------------------------------------------
     def build_step_plan(self, scheduler_output: SchedulerOutput) -> StepPlan:
-        plan = StepPlan(loads=self._pending_loads)
+        plan = StepPlan(loads=self._pending_loads, saves=self._resident_saves)
         self._pending_loads = []
+        self._resident_saves = []
         if not self._snapshots:
             return plan
         scheduled = scheduler_output.num_scheduled_tokens
@@ -208,6 +263,12 @@ class SchedulerSide:
         op = params.get("op") if params else None
         snap = self._snapshots.pop(req_id, None)
         checkout = self._checkouts.pop(req_id, None)
+        if snap is not None and snap.held is not None:
+            # A save still waiting for its step is dropped; one handed to the worker has run
+            # (vLLM processes aborts between steps). Either way the blocks can go back.
+            self._resident_saves = [j for j in self._resident_saves if j.req_id != req_id]
+            if self._kv_cache_manager is not None:
+                self._kv_cache_manager.block_pool.free_blocks(snap.held)
         if op == OP_CAPTURE:
             return {PARAMS_KEY: {"sequences": self.resident_sequences(params.get("request_id"))}}
         self._remember_finished(request, snap.num_prompt if snap is not None else None)
