@@ -31,8 +31,16 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest tests/integration -q
 
+# Every CPU benchmark, in turn; each prints its tables of ratios and writes raw numbers under
+# .bench/. `make bench QUICK=1` is the short run (tiny model, smaller sizes: a few minutes; its
+# ratios are a smoke test, not the recorded numbers). A missed target fails the target after all
+# scripts ran. bench/gpu_page_copy.py needs a CUDA device and is run by hand.
+BENCH_SCRIPTS := bench/store_bench.py bench/ttft_bench.py bench/snapshot_bench.py bench/serve_bench.py
 bench: install
-	$(PY) bench/store_bench.py
+	@status=0; for script in $(BENCH_SCRIPTS); do \
+		echo "==> $(PY) $$script $(if $(QUICK),--quick)"; \
+		$(PY) $$script $(if $(QUICK),--quick) || status=1; \
+	done; exit $$status
 
 lint: install
 	$(PY) -m ruff check store plugin processfork_cli tests bench

@@ -212,7 +212,9 @@ def main() -> int:
         "memcpy_seconds": {str(k): v for k, v in memcpy.items()},
         "targets": targets,
     })
-    return 0 if all(t.ok is not False for t in targets) else 1
+    # Quick runs use the tiny model, whose KV is too small for memory-bandwidth ratios to mean
+    # much: they check that everything works and print the ratios, but never fail on them.
+    return 0 if opts.quick or all(t.ok is not False for t in targets) else 1
 
 
 if __name__ == "__main__":
