@@ -211,7 +211,7 @@ class Server:
         """One greedy completion, timed client-side (with max_tokens=1 this is TTFT)."""
         return self.timed("/v1/completions", {
             "model": self.served_name, "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0.0, "logprobs": 1,
+            "temperature": 0.0, "logprobs": 1, "return_token_ids": True,
         })
 
     def reset_prefix_cache(self) -> None:
@@ -242,8 +242,9 @@ class Server:
         return r.json()
 
 
-def first_token(completion: dict[str, Any]) -> str:
-    return completion["choices"][0]["text"]
+def first_token(completion: dict[str, Any]) -> int:
+    """The id of the first generated token (its text may be empty)."""
+    return int(completion["choices"][0]["token_ids"][0])
 
 
 # -- statistics, tables, results ---------------------------------------------------------------

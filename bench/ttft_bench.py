@@ -158,7 +158,7 @@ def main() -> int:
     lengths = [1024, 4096] if opts.quick else [1024, 4096, 16384]
     if opts.lengths:
         lengths = [int(x) for x in opts.lengths.split(",")]
-    reps = opts.reps or 3
+    reps = opts.reps or 5
     cold_reps = {L: (1 if L > 4096 else 2) for L in lengths}
     model = model_path(preset)
     args = server_args(max(lengths))
