@@ -98,7 +98,8 @@ def _without(args: list[str], name: str) -> list[str]:
 @dataclass
 class Server:
     """One ``pf serve`` process; ``mode`` is ``pf`` (our connector), ``example`` (vLLM's
-    ExampleConnector, prefix caching off) or ``plain`` (no connector)."""
+    ExampleConnector, prefix caching off), ``plain`` (no connector) or ``custom`` (the
+    ``--kv-transfer-config`` given in ``args`` replaces ours)."""
 
     name: str
     model: Path
@@ -108,6 +109,8 @@ class Server:
     served_name: str = "bench"
     connector_extra: dict[str, Any] = field(default_factory=dict)
     """Extra ``kv_connector_extra_config`` keys of our connector (``pf`` mode)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of the server."""
     port: int = field(default_factory=find_free_port)
     process: ServerProcess | None = None
     starts: int = 0
@@ -127,9 +130,10 @@ class Server:
         if self.mode == "example":
             extra += ["--kv-transfer-config", example_connector_config(self.store),
                       "--no-enable-prefix-caching"]
+        env = {"VLLM_SERVER_DEV_MODE": "1", **self.env}
         plan = build_plan(str(self.model), extra, store=self.store, threads=THREADS,
-                          env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})
-        plan.env["VLLM_SERVER_DEV_MODE"] = "1"
+                          env={**os.environ, **env})
+        plan.env.update(env)
         if self.mode == "plain":
             plan.vllm_args = _without(plan.vllm_args, "--kv-transfer-config")
         return plan
