@@ -161,25 +161,22 @@ class Store:
 
         def run(txn: lmdb.Transaction) -> PutResult:
             t = now_us()
-            digests: list[bytes] = []
-            new: list[bool] = []
-            written = 0
-            for i in range(count):
-                buf = as_buffer(page(i))
-                digest = page_digest(buf)
-                created, nbytes = _objects.put_pages(txn, self.dbs, [(digest, buf)], t)
-                digests.append(digest)
-                new += created
-                written += nbytes
-            if pin is not None:
-                _objects.pin_extend(txn, self.dbs, pin, digests, t)
-            result = PutResult(digests, new, written)
-            if meta is not None:
-                for key, value in meta(result).items():
-                    _meta.meta_put(txn, self.dbs, key, value)
+            result = _objects.put_pages_stream(txn, self.dbs, count, page, t)
+            self._after_put(txn, result, pin, meta, t)
             return result
 
         return self._write(run)
+
+    def _after_put(
+        self, txn: lmdb.Transaction, result: PutResult, pin: str | None,
+        meta: MetaAfter | None, t: int,
+    ) -> None:
+        """The pin and the meta records that commit with a put's pages."""
+        if pin is not None:
+            _objects.pin_extend(txn, self.dbs, pin, result.digests, t)
+        if meta is not None:
+            for key, value in meta(result).items():
+                _meta.meta_put(txn, self.dbs, key, value)
 
     def _put_hashed(
         self, items: list[tuple[bytes, memoryview]], pin: str | None, meta: MetaAfter | None
@@ -190,12 +187,8 @@ class Store:
         def run(txn: lmdb.Transaction) -> PutResult:
             t = now_us()
             new, written = _objects.put_pages(txn, self.dbs, items, t)
-            if pin is not None:
-                _objects.pin_extend(txn, self.dbs, pin, (d for d, _ in items), t)
             result = PutResult([d for d, _ in items], new, written)
-            if meta is not None:
-                for key, value in meta(result).items():
-                    _meta.meta_put(txn, self.dbs, key, value)
+            self._after_put(txn, result, pin, meta, t)
             return result
 
         return self._write(run)
@@ -272,18 +265,7 @@ class Store:
         hash with `page_digest` whatever must be checked.
         """
         keys = [bytes(d) for d in digests]
-
-        def run(txn: lmdb.Transaction) -> T:
-            get = txn.cursor(db=self.dbs["pages"]).get
-            views = []
-            for key in keys:
-                view = get(key)
-                if view is None:
-                    raise MissingObject("page", key.hex())
-                views.append(view)
-            return fn(views)
-
-        return self._read(run, buffers=True)
+        return self._read(lambda txn: fn(_objects.page_views(txn, self.dbs, keys)), buffers=True)
 
     def _get_verified(self, db: str, kind: str, key: bytes, verify: bool) -> bytes:
         data = self._read(lambda txn: txn.get(key, db=self.dbs[db]))

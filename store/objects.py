@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lmdb
-from processfork.store.errors import InvalidName
+from processfork.store.digest import page_digest
+from processfork.store.errors import InvalidName, MissingObject
 
 __all__ = [
     "JOURNAL_BLOB",
@@ -123,6 +124,41 @@ def put_pages(
             new.append(False)
         put(JOURNAL_PAGE + digest, stamp_value, db=journal)
     return new, written
+
+
+def put_pages_stream(
+    txn: lmdb.Transaction,
+    dbs: dict[str, Any],
+    count: int,
+    page: Callable[[int], Any],
+    t_us: int,
+) -> PutResult:
+    """Hash and insert `page(0)`, `page(1)`, ... one at a time (LMDB copies each value at put, so
+    the producer may reuse one buffer)."""
+    digests: list[bytes] = []
+    new: list[bool] = []
+    written = 0
+    for i in range(count):
+        buf = as_buffer(page(i))
+        digest = page_digest(buf)
+        created, nbytes = put_pages(txn, dbs, [(digest, buf)], t_us)
+        digests.append(digest)
+        new += created
+        written += nbytes
+    return PutResult(digests, new, written)
+
+
+def page_views(txn: lmdb.Transaction, dbs: dict[str, Any], keys: Sequence[bytes]) -> list[Any]:
+    """Zero-copy views of pages (a transaction opened with buffers=True); MissingObject if any
+    is absent."""
+    get = txn.cursor(db=dbs["pages"]).get
+    views = []
+    for key in keys:
+        view = get(key)
+        if view is None:
+            raise MissingObject("page", key.hex())
+        views.append(view)
+    return views
 
 
 def put_blob(
