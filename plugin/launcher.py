@@ -62,6 +62,8 @@ DEFAULT_BLOCK_SIZE = 32
 # GiB of KV cache for the CPU backend when VLLM_CPU_KVCACHE_SPACE is unset. vLLM's own fallback
 # sizes the cache from --gpu-memory-utilization (0.9 of RAM), which does not fit next to anything.
 DEFAULT_KVCACHE_GIB = 2
+# Cores for the server's API server and EngineCore (see apply_frontend_affinity).
+FRONTEND_CPUS_ENV = "PF_FRONTEND_CPUS"
 
 
 class ServerStartError(RuntimeError):
@@ -109,6 +111,12 @@ def kv_transfer_config(store: Path, connector_module: str = DEFAULT_CONNECTOR_MO
     }
 
 
+def _allowed_cpus() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def pinned_cpus(threads: int | None) -> list[int]:
     """The cores the worker's OpenMP threads are bound to: the first ``threads`` allowed cores.
 
@@ -116,8 +124,7 @@ def pinned_cpus(threads: int | None) -> list[int]:
     automatic binding does, but fixed: vLLM reserves one more core whenever a KV connector is
     configured, so its automatic choice differs between runs with and without the plugin.
     """
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        list(range(os.cpu_count() or 1))
+    allowed = _allowed_cpus()
     if threads is None:
         threads = max(1, len(allowed) - 1)
     if threads < 1 or threads > len(allowed):
@@ -178,6 +185,9 @@ class LaunchPlan:
     vllm_args: list[str]
     env: dict[str, str]
     """Only the variables we set or changed; the server gets os.environ plus these."""
+    frontend_cpus: list[int] | None = None
+    """Cores for the server's own processes (API server, EngineCore), kept off the worker's
+    cores; the worker's OpenMP threads bind to theirs whatever they inherit. None: inherit."""
 
     @property
     def argv(self) -> list[str]:
@@ -185,12 +195,36 @@ class LaunchPlan:
                 *self.vllm_args]
 
     def full_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        return {**(os.environ if base is None else base), **self.env}
+        env = {**(os.environ if base is None else base), **self.env}
+        if self.frontend_cpus:
+            env[FRONTEND_CPUS_ENV] = _cpu_list(self.frontend_cpus)
+        return env
 
     def stock_command(self) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
         cmd = shlex.join(["vllm", "serve", self.model, *self.vllm_args])
+        if self.frontend_cpus:
+            cmd = f"taskset -c {_cpu_list(self.frontend_cpus)} {cmd}"
         return f"{env} {cmd}" if env else cmd
+
+
+def apply_frontend_affinity(env: Mapping[str, str]) -> None:
+    """Confine this process (the server, before vLLM starts) to the cores in ``PF_FRONTEND_CPUS``.
+
+    Why: on a CPU backend the worker's threads compute on their pinned cores for the whole
+    step; when the scheduler also runs the API server or EngineCore there, the step stalls until
+    they yield. The processes vLLM spawns inherit the mask; the worker's OpenMP threads then bind
+    to their own cores regardless. Done in the server process itself rather than in a
+    ``preexec_fn``, which is unsafe in a threaded parent.
+    """
+    spec = env.get(FRONTEND_CPUS_ENV, "").strip()
+    if not spec or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    os.sched_setaffinity(0, cpus)
 
 
 def build_plan(
@@ -228,12 +262,16 @@ def build_plan(
     if PLUGIN_NAME not in plugins:
         plugins.append(PLUGIN_NAME)
     plan_env["VLLM_PLUGINS"] = ",".join(plugins)
+    frontend_cpus: list[int] | None = None
     if cpu:
         if threads is not None or "VLLM_CPU_OMP_THREADS_BIND" not in base_env:
-            plan_env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(pinned_cpus(threads))
+            worker_cpus = pinned_cpus(threads)
+            plan_env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(worker_cpus)
+            frontend_cpus = [c for c in _allowed_cpus() if c not in worker_cpus] or None
         if "VLLM_CPU_KVCACHE_SPACE" not in base_env and "--kv-cache-memory-bytes" not in given:
             plan_env["VLLM_CPU_KVCACHE_SPACE"] = str(DEFAULT_KVCACHE_GIB)
-    return LaunchPlan(model=model, vllm_args=[*args, *extra], env=plan_env)
+    return LaunchPlan(model=model, vllm_args=[*args, *extra], env=plan_env,
+                      frontend_cpus=frontend_cpus)
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
@@ -437,4 +475,6 @@ def run_vllm_cli(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:
+        apply_frontend_affinity(os.environ)
     sys.exit(run_vllm_cli(sys.argv[1:]))

@@ -71,7 +71,8 @@ def serve(
 
     if print_command:
         command = plan.stock_command()
-        out.emit({"command": command, "argv": plan.argv, "env": plan.env},
+        out.emit({"command": command, "argv": plan.argv, "env": plan.env,
+                  "frontend_cpus": plan.frontend_cpus},
                  human=lambda o: o.line(command), quiet=[command])
         return
     if importlib.util.find_spec("vllm") is None:

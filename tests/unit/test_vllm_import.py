@@ -128,6 +128,32 @@ def test_threads_are_pinned_to_the_first_cores():
         _plan(threads=len(allowed) + 1)
 
 
+def test_frontend_is_kept_off_the_worker_cores():
+    allowed = sorted(os.sched_getaffinity(0))
+    plan = _plan(threads=1)
+    if len(allowed) == 1:
+        assert plan.frontend_cpus is None  # nothing left over: share the only core
+        return
+    assert plan.frontend_cpus == allowed[1:]
+    assert f"taskset -c {launcher._cpu_list(allowed[1:])} vllm serve m" in plan.stock_command()
+    # A binding the user chose is theirs: the frontend is left alone too.
+    assert _plan(env={"VLLM_CPU_OMP_THREADS_BIND": "0"}).frontend_cpus is None
+    assert build_plan("m", [], store="/tmp/s", env={}, cpu=False).frontend_cpus is None
+
+
+def test_frontend_affinity_reaches_the_server_process():
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two cores")
+    plan = _plan(threads=1)
+    code = ("import os, sys; from processfork.plugin.launcher import apply_frontend_affinity; "
+            "apply_frontend_affinity(os.environ); print(sorted(os.sched_getaffinity(0)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=plan.full_env()).stdout
+    assert json.loads(out) == allowed[1:]
+    assert launcher.FRONTEND_CPUS_ENV not in plan.env  # shown as taskset, not as a variable
+
+
 def test_cpu_list_is_compressed():
     assert launcher._cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
