@@ -25,15 +25,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lmdb
 from harness import (
     BENCH_DIR,
     PF,
@@ -52,8 +48,8 @@ from harness import (
     tokens,
     write_json,
 )
+from lmdb_baseline import bare_put_seconds
 from processfork.store import page_digest
-from processfork.store.env import MAX_DBS
 
 BLOCK = 32
 
@@ -93,18 +89,7 @@ def bare_lmdb_write(page_size: int, count: int, root: Path) -> float:
     """A txn.put loop of ``count`` random pages under precomputed keys, one durable commit."""
     pages = [os.urandom(page_size) for _ in range(count)]
     keys = [page_digest(p) for p in pages]
-    d = tempfile.mkdtemp(dir=root)
-    env = lmdb.open(d, map_size=1 << 34, subdir=True, metasync=True, sync=True, writemap=False,
-                    max_dbs=MAX_DBS, max_readers=512)
-    db = env.open_db(b"pages")
-    t = time.perf_counter()
-    with env.begin(write=True) as txn:
-        for k, p in zip(keys, pages):
-            txn.put(k, p, db=db)
-    elapsed = time.perf_counter() - t
-    env.close()
-    shutil.rmtree(d)
-    return elapsed
+    return bare_put_seconds(keys, pages, str(root))
 
 
 def throughput(srv: Server, context: int, reps: int, page_size: int, root: Path) -> dict:

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import lmdb
 import numpy as np
+from lmdb_baseline import bare_put_seconds
 from processfork.store import Manifest, Sequence, Store, page_digest
-from processfork.store.env import DB_NAMES, MAX_DBS
+from processfork.store.env import DB_NAMES
 from rich.console import Console
 from rich.table import Table
 
@@ -82,19 +83,6 @@ def fresh_dir(root: str) -> str:
     return tempfile.mkdtemp(dir=root)
 
 
-def env_settings() -> dict:
-    """The settings Store opens LMDB with (see store/env.py), for the bare baseline."""
-    return {
-        "map_size": 1 << 30,
-        "subdir": True,
-        "metasync": True,
-        "sync": True,
-        "writemap": False,
-        "max_dbs": MAX_DBS,
-        "max_readers": 512,
-    }
-
-
 # -- write path -------------------------------------------------------------------------------
 def bench_write(root: str, page_size: int, total: int, repeat: int) -> Row:
     n = max(4, total // page_size)
@@ -112,17 +100,7 @@ def bench_write(root: str, page_size: int, total: int, repeat: int) -> Row:
         return elapsed
 
     def bare() -> float:
-        d = fresh_dir(root)
-        env = lmdb.open(d, **env_settings())
-        db = env.open_db(b"pages")
-        t = time.perf_counter()
-        with env.begin(write=True) as txn:
-            for k, p in zip(keys, pages):
-                txn.put(k, p, db=db)
-        elapsed = time.perf_counter() - t
-        env.close()
-        shutil.rmtree(d)
-        return elapsed
+        return bare_put_seconds(keys, pages, root)
 
     ours(), bare()  # warm-up: allocator, page cache
     t_ours, t_bare = [], []
