@@ -98,32 +98,40 @@ class PageCodec:
         return torch.empty((n, 2, g.num_layers, g.elems_per_layer), dtype=g.dtype, pin_memory=pin)
 
     def gather(self, block_ids: list[int], out: torch.Tensor) -> torch.Tensor:
-        """Copy blocks into ``out`` (a staging tensor); returns ``out``."""
-        n = len(block_ids)
+        """Copy blocks into ``out`` (a host staging tensor); returns ``out``.
+
+        On a GPU this synchronizes; the staged page path uses ``gather_on_device`` instead.
+        """
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         if self.device.type == "cpu":
-            for layer, (k, v) in enumerate(zip(self._k_views, self._v_views)):
-                out[:, 0, layer].copy_(k.index_select(0, idx).reshape(n, -1))
-                out[:, 1, layer].copy_(v.index_select(0, idx).reshape(n, -1))
-            return out
+            return self.gather_on_device(idx, out)
         dev = torch.empty(out.shape, dtype=out.dtype, device=self.device)
+        out.copy_(self.gather_on_device(idx, dev))
+        return out
+
+    def gather_on_device(self, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Copy blocks ``idx`` into ``out[:len(idx)]``, a staging tensor on the cache's device."""
+        n = idx.numel()
         for layer, (k, v) in enumerate(zip(self._k_views, self._v_views)):
-            dev[:, 0, layer].copy_(k.index_select(0, idx).reshape(n, -1))
-            dev[:, 1, layer].copy_(v.index_select(0, idx).reshape(n, -1))
-        out.copy_(dev)
+            out[:n, 0, layer].copy_(k.index_select(0, idx).reshape(n, -1))
+            out[:n, 1, layer].copy_(v.index_select(0, idx).reshape(n, -1))
         return out
 
     def scatter(self, block_ids: list[int], src: torch.Tensor) -> None:
-        """Write staged pages into the engine's blocks."""
-        n = len(block_ids)
+        """Write staged pages into the engine's blocks (synchronously on a GPU)."""
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         if self.device.type != "cpu":
             src = src.to(self.device, non_blocking=True)
-        for layer, (k, v) in enumerate(zip(self._k_views, self._v_views)):
-            k.index_copy_(0, idx, src[:, 0, layer].reshape(n, *k.shape[1:]))
-            v.index_copy_(0, idx, src[:, 1, layer].reshape(n, *v.shape[1:]))
+        self.scatter_on_device(idx, src)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+
+    def scatter_on_device(self, idx: torch.Tensor, src: torch.Tensor) -> None:
+        """Write ``src[:len(idx)]`` (staged pages on the cache's device) into blocks ``idx``."""
+        n = idx.numel()
+        for layer, (k, v) in enumerate(zip(self._k_views, self._v_views)):
+            k.index_copy_(0, idx, src[:n, 0, layer].reshape(n, *k.shape[1:]))
+            v.index_copy_(0, idx, src[:n, 1, layer].reshape(n, *v.shape[1:]))
 
     def mask_tail(self, row: torch.Tensor, valid_tokens: int) -> None:
         """Zero token slots ``>= valid_tokens`` of one staged block (both pages).

@@ -26,15 +26,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 from vllm.logger import init_logger
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from .jobs import StepPlan
+from .vllm_compat import CacheHitSource, check_supported_vllm
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
@@ -60,10 +61,23 @@ def _flag(extra: dict[str, Any], name: str, default: bool = True) -> bool:
     return default if value is None else str(value).lower() not in ("0", "false", "no")
 
 
+def _int(extra: dict[str, Any], name: str) -> int | None:
+    value = extra.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
+        raise ValueError(f"kv_connector_extra_config.{name} must be a positive integer "
+                         f"(got {value!r})")
+    return int(value)
+
+
 class ProcessForkConnector(KVConnectorBase_V1):
     """Snapshots and checkouts of paged KV through the ProcessFork store."""
 
-    _cache_hit_source = CacheHitSource.DISK
+    # vLLM >= 0.30 labels prompt tokens served by a connector by source in /metrics; older
+    # versions have no such label (and no such module).
+    if CacheHitSource is not None:
+        _cache_hit_source = CacheHitSource.DISK
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -77,11 +91,13 @@ class ProcessForkConnector(KVConnectorBase_V1):
         role: KVConnectorRole,
         kv_cache_config: KVCacheConfig,
     ):
+        check_supported_vllm()
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.store_path = store_path_from_config(extra)
         self._scheduler = None
         self._worker = None
+        self._saved_plan: StepPlan | None = None
         if vllm_config.parallel_config.tensor_parallel_size != 1:
             raise ValueError(
                 "ProcessForkConnector supports tensor_parallel_size=1 only "
@@ -99,6 +115,9 @@ class ProcessForkConnector(KVConnectorBase_V1):
                 self.store_path,
                 verify_loads=_flag(extra, "verify_loads"),
                 pipelined_loads=_flag(extra, "pipelined_loads"),
+                page_path=str(extra.get("page_path") or "auto"),
+                staging_mib=_int(extra, "staging_mib"),
+                copy_threads=_int(extra, "copy_threads"),
             )
 
     # ==============================
@@ -129,13 +148,23 @@ class ProcessForkConnector(KVConnectorBase_V1):
         return  # whole blocks are copied once, after the forward pass, in wait_for_save
 
     def wait_for_save(self) -> None:
+        self._save_step()
+
+    def _save_step(self) -> None:
+        """Run this step's saves once, from whichever hook comes first."""
         assert self._worker is not None
-        plan = self._connector_metadata
-        if isinstance(plan, StepPlan) and plan.saves:
+        plan = getattr(self, "_connector_metadata", None)
+        if isinstance(plan, StepPlan) and plan.saves and plan is not self._saved_plan:
+            self._saved_plan = plan
             self._worker.save(plan)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self._worker.take_load_errors() if self._worker is not None else set()
+        if self._worker is None:
+            return set()
+        # vLLM 0.26-0.30 skip wait_for_save in a step without a forward pass, which is what a
+        # snapshot of cached blocks schedules; every version calls this hook in every step.
+        self._save_step()
+        return self._worker.take_load_errors()
 
     def shutdown(self) -> None:
         if self._worker is not None:
@@ -144,10 +173,10 @@ class ProcessForkConnector(KVConnectorBase_V1):
     # ==============================
     # Scheduler-side hooks (EngineCore process)
     # ==============================
-    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
-        super().bind_kv_cache_manager(kv_cache_manager)
+    def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
+        # vLLM 0.26-0.29 call this directly; later versions from bind_kv_cache_manager.
         if self._scheduler is not None:
-            self._scheduler.bind_kv_cache_manager(kv_cache_manager)
+            self._scheduler.bind_block_pool(gpu_block_pool)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int

@@ -156,7 +156,15 @@ PRESETS: dict[str, TinyLlamaSpec] = {
         num_layers=12, hidden=1024, heads=16, kv_heads=4, head_dim=64, intermediate=2816,
         vocab=1024, max_pos=32768,
     ),
+    # Llama-3-8B's shape (32 layers, 8 KV heads of 128 dims: 128 KiB of bf16 KV per token) with
+    # this builder's small vocabulary; built without weights, for `--load-format dummy` on a GPU.
+    "llama3-8b": TinyLlamaSpec(
+        num_layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336,
+        vocab=1024, max_pos=131072 + 1024, dtype="bfloat16", rope_theta=500000.0,
+    ),
 }
+#: Presets built as config and tokenizer only (serve them with ``--load-format dummy``).
+CONFIG_ONLY = frozenset({"llama3-8b"})
 
 
 def build_tiny_llama(
@@ -182,7 +190,9 @@ def build_tiny_llama(
     return build_model(path, spec)
 
 
-def build_model(path: str | os.PathLike[str], spec: TinyLlamaSpec) -> Path:
+def build_model(
+    path: str | os.PathLike[str], spec: TinyLlamaSpec, *, weights: bool = True
+) -> Path:
     """Build ``spec`` into ``path`` unless an identical build is already there.
 
     The folder is written under a temporary name and renamed into place, so a crash or a
@@ -191,6 +201,8 @@ def build_model(path: str | os.PathLike[str], spec: TinyLlamaSpec) -> Path:
     spec.validate()
     target = Path(path).expanduser().resolve()
     stamp = _stamp(spec)
+    if not weights:
+        stamp["weights"] = False
     if _read_stamp(target) == stamp:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +265,8 @@ def _write_model(folder: Path, spec: TinyLlamaSpec, stamp: dict[str, object]) ->
     _write_json(folder / "generation_config.json", {
         "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD,
     })
-    _write_weights(folder / "model.safetensors", spec, vocab)
+    if stamp.get("weights", True):
+        _write_weights(folder / "model.safetensors", spec, vocab)
     _write_json(folder / STAMP_NAME, stamp)
 
 

@@ -29,7 +29,8 @@ from .jobs import (
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
@@ -85,7 +86,7 @@ class SchedulerSide:
         # Finished sequences stay resident until their blocks are evicted; remember
         # at most as many tokens as the cache can hold.
         self.capacity_tokens = max(1, kv_cache_config.num_blocks) * self.block_size
-        self._kv_cache_manager: KVCacheManager | None = None
+        self._block_pool: BlockPool | None = None
         self._live: dict[str, Request] = {}
         self._finished: OrderedDict[str, _FinishedSeq] = OrderedDict()
         self._finished_tokens = 0
@@ -95,8 +96,8 @@ class SchedulerSide:
         self._resident_saves: list[SaveJob] = []
         self.loaded_tokens_total = 0
 
-    def bind_kv_cache_manager(self, manager: KVCacheManager) -> None:
-        self._kv_cache_manager = manager
+    def bind_block_pool(self, pool: BlockPool) -> None:
+        self._block_pool = pool
 
     # --- admission ------------------------------------------------------------
     def get_num_new_matched_tokens(
@@ -146,14 +147,13 @@ class SchedulerSide:
             # Planned already: the request waits for the control plane to end it. Should that
             # never come, it runs after a while like any request, so it cannot wait forever.
             return time.monotonic() - state.held_since < RESIDENT_SAVE_WAIT_S
-        manager = self._kv_cache_manager
-        if manager is None or state.num_prompt % self.block_size:
+        pool = self._block_pool
+        if pool is None or state.num_prompt % self.block_size:
             return False
         end = state.num_prompt // self.block_size
         hashes = request.block_hashes
         if len(hashes) < end:
             return False
-        pool = manager.block_pool
         blocks = []
         for i in range(state.next_block, end):
             cached = pool.get_cached_block(hashes[i], [0])
@@ -267,8 +267,8 @@ class SchedulerSide:
             # A save still waiting for its step is dropped; one handed to the worker has run
             # (vLLM processes aborts between steps). Either way the blocks can go back.
             self._resident_saves = [j for j in self._resident_saves if j.req_id != req_id]
-            if self._kv_cache_manager is not None:
-                self._kv_cache_manager.block_pool.free_blocks(snap.held)
+            if self._block_pool is not None:
+                self._block_pool.free_blocks(snap.held)
         if op == OP_CAPTURE:
             return {PARAMS_KEY: {"sequences": self.resident_sequences(params.get("request_id"))}}
         self._remember_finished(request, snap.num_prompt if snap is not None else None)
@@ -305,10 +305,9 @@ class SchedulerSide:
     # --- resident state -------------------------------------------------------
     def _resident_prefix_tokens(self, seq: _FinishedSeq) -> int:
         """How many leading tokens of a finished sequence still sit in cached blocks."""
-        manager = self._kv_cache_manager
-        if manager is None or not seq.block_hashes:
+        pool = self._block_pool
+        if pool is None or not seq.block_hashes:
             return len(seq.tokens)
-        pool = manager.block_pool
         resident = 0
         for block_hash in seq.block_hashes:
             if pool.get_cached_block(block_hash, [0]) is None:

@@ -29,6 +29,7 @@ from .codec import PageCodec, codec_for
 from .engine_info import engine_fingerprint, layer_order
 from .jobs import LoadJob, SaveJob, StepPlan, engine_meta_key, job_meta_key, tokens_digest
 from .loader import BlockViews, LoadItem, LoadTicket, PipelinedLoader
+from .staged_pages import MiB, StagedPagePath
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -77,12 +78,19 @@ class WorkerSide:
 
     def __init__(
         self, vllm_config: VllmConfig, store_path: str, *, verify_loads: bool,
-        pipelined_loads: bool = True,
+        pipelined_loads: bool = True, page_path: str = "auto", staging_mib: int | None = None,
+        copy_threads: int | None = None,
     ):
         self.vllm_config = vllm_config
         self.store_path = store_path
         self.verify_loads = verify_loads
         self.pipelined_loads = pipelined_loads
+        if page_path not in ("auto", "direct", "staged"):
+            raise ValueError(f"page_path must be auto, direct or staged (got {page_path!r})")
+        self.page_path = page_path
+        self.staging_mib = staging_mib
+        self.copy_threads = copy_threads
+        self._staged: StagedPagePath | None = None
         self.engine_id = vllm_config.kv_transfer_config.engine_id
         self.codec: PageCodec | None = None
         self.fingerprint: dict[str, Any] = {}
@@ -114,6 +122,15 @@ class WorkerSide:
         head_dim = model_config.get_head_size()
         backend, isa = _backend_and_isa(self.vllm_config, names[0], layers[0], head_dim)
         self.codec = codec_for(backend, layers, head_dim=head_dim, isa=isa)
+        block_size = self.vllm_config.cache_config.block_size
+        if self.codec.geometry.block_size != block_size:
+            # Some backends split each block into smaller kernel blocks; a page would then hold
+            # a fraction of a block, and the scheduler's block ids would address the wrong rows.
+            raise ValueError(
+                f"processfork: the {backend} KV cache holds {self.codec.geometry.block_size}-token "
+                f"blocks but the engine's block size is {block_size}; choose a block size the "
+                "attention backend uses as is"
+            )
         self.fingerprint = engine_fingerprint(self.vllm_config, self.codec, backend=backend, isa=isa)
         record = {
             "fingerprint": self.fingerprint,
@@ -124,7 +141,8 @@ class WorkerSide:
         self.store.meta_put(engine_meta_key(self.engine_id), record)
         ptrs = {t.data_ptr(): i for i, t in enumerate(layers)}
         self.layer_index = {n: ptrs.get(t.data_ptr(), -1) for n, t in kv_caches.items()}
-        if self.codec.device.type == "cpu":
+        direct = self.codec.device.type == "cpu" and self.page_path != "staged"
+        if direct:
             self._views = BlockViews(self.codec.k_views, self.codec.v_views)
             g = self.codec.geometry
             buf = np.empty((2, self.codec.page_bytes), dtype=np.uint8)
@@ -135,6 +153,17 @@ class WorkerSide:
                     self.store, self._views, verify=self.verify_loads,
                     page_bytes=self.codec.page_bytes,
                 )
+        else:
+            kwargs = {} if self.staging_mib is None else {"staging_bytes": self.staging_mib * MiB}
+            self._staged = StagedPagePath(
+                self.codec, verify=self.verify_loads, threads=self.copy_threads, **kwargs
+            )
+            logger.info(
+                "processfork: staged page path, %d MiB of %s staging in chunks of %d blocks, "
+                "%d copy threads", self._staged.staging_bytes // MiB,
+                "pinned" if self._staged.cuda else "host", self._staged.chunk_blocks,
+                self._staged.threads,
+            )
         logger.info(
             "processfork: %d layers, %s codec, %d-byte pages, store %s",
             len(layers), self.codec.layout, self.codec.page_bytes, self.store_path,
@@ -157,8 +186,10 @@ class WorkerSide:
         self.loaded_blocks_total += len(items)
         if self._loader is not None:
             self._ticket = self._loader.submit(items)
-        else:
+        elif self._staged is not None:
             self._load_staged(items)
+        else:
+            self._load_direct(items)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         ticket = self._ticket
@@ -193,8 +224,25 @@ class WorkerSide:
         ]
 
     def _load_staged(self, items: list[LoadItem]) -> None:
-        """Devices other than CPU: read into a staging tensor, then scatter it into the blocks."""
-        assert self.codec is not None
+        """Through the staging slots (GPU): the device work is queued ahead of the forward pass."""
+        assert self._staged is not None
+        digests = [d for item in items for d in (item.k_digest, item.v_digest)]
+        try:
+            outcome = self._staged.load(
+                self.store, [item.block_id for item in items], digests,
+                [item.job for item in items],
+            )
+        except Exception as exc:  # noqa: BLE001 - reported, never raised: vLLM recomputes
+            self._fail_items(items, exc)
+            return
+        self._load_errors.update(outcome.bad_blocks)
+        for job, message in outcome.failures.items():
+            logger.warning("processfork: load for job %s failed: %s", job, message)
+            self._fail(job, RuntimeError(message))
+
+    def _load_direct(self, items: list[LoadItem]) -> None:
+        """CPU without the helper thread: copy every page straight into its block."""
+        assert self.codec is not None and self._views is not None
         digests = [d for item in items for d in (item.k_digest, item.v_digest)]
         try:
             staging = self.codec.new_staging(len(items))
@@ -202,10 +250,13 @@ class WorkerSide:
             self.store.read_pages_into(digests, flat, self.codec.page_bytes, verify=self.verify_loads)
             self.codec.scatter([item.block_id for item in items], staging)
         except Exception as exc:  # noqa: BLE001 - reported, never raised: vLLM recomputes
-            logger.warning("processfork: load failed: %s", exc)
-            self._load_errors.update(item.block_id for item in items)
-            for job in {item.job for item in items}:
-                self._fail(job, exc)
+            self._fail_items(items, exc)
+
+    def _fail_items(self, items: list[LoadItem], exc: Exception) -> None:
+        logger.warning("processfork: load failed: %s", exc)
+        self._load_errors.update(item.block_id for item in items)
+        for job in {item.job for item in items}:
+            self._fail(job, exc)
 
     def _finish_loads(self) -> None:
         """Wait for the running ticket and record its failures. A successful load writes
@@ -243,20 +294,23 @@ class WorkerSide:
             if job.final:
                 def meta(result: PutResult) -> dict[str, Any]:
                     done = replace(stats, final=True, digests=list(stats.digests))
-                    done.add(result, n)
+                    done.add(result, len(result.digests) // 2)
                     return {job_meta_key(job.job): done.record()}
-            if self._views is not None:
-                result = self.store.put_pages_from(
-                    2 * n, self._page_source(job), pin=job.job, meta=meta
-                )
+            if self._staged is not None:
+                def commit(items: list[tuple[bytes, memoryview]], blocks: int, last: bool) -> None:
+                    stats.add(
+                        self.store.put_pages_hashed(
+                            items, pin=job.job, meta=meta if last else None
+                        ),
+                        blocks,
+                    )
+
+                self._staged.save(job.block_ids, job.valid_in_last, commit)
             else:
-                staging = self.codec.new_staging(n)
-                self.codec.gather(job.block_ids, staging)
-                if job.valid_in_last is not None:
-                    self.codec.mask_tail(staging[-1], job.valid_in_last)
-                rows = staging.view(torch.uint8).numpy().reshape(2 * n, -1)
-                result = self.store.put_pages(list(rows), pin=job.job, meta=meta)
-            stats.add(result, n)
+                stats.add(
+                    self.store.put_pages_from(2 * n, self._page_source(job), pin=job.job, meta=meta),
+                    n,
+                )
             self.saved_blocks_total += n
             if job.final:
                 self._stats.pop(job.job, None)
@@ -291,6 +345,9 @@ class WorkerSide:
             logger.exception("processfork: could not record failure of job %s", job)
 
     def shutdown(self) -> None:
+        if self._staged is not None:
+            self._staged.close()
+            self._staged = None
         if self._loader is not None:
             self._finish_loads()
             self._loader.close()

@@ -267,6 +267,24 @@ class Store:
         keys = [bytes(d) for d in digests]
         return self._read(lambda txn: fn(_objects.page_views(txn, self.dbs, keys)), buffers=True)
 
+    def with_page_locations(
+        self, digests: Sequence[bytes], fn: Callable[[list[memoryview], int, str], T]
+    ) -> T:
+        """Like `with_page_views`, and also where the views lie in the store's data file.
+
+        `fn(views, map_base, data_file)`: a view's byte `i` is byte `address(view) - map_base + i`
+        of `data_file`, so a reader can `pread` a page straight into its own buffer (from the
+        page cache, with no page faults on this process's map) instead of copying out of the map.
+        """
+        keys = [bytes(d) for d in digests]
+        data_file = os.path.join(self.path, "data.mdb")
+
+        def run(txn: lmdb.Transaction) -> T:
+            views = _objects.page_views(txn, self.dbs, keys)
+            return fn(views, int(self.env.env.info()["map_addr"]), data_file)
+
+        return self._read(run, buffers=True)
+
     def _get_verified(self, db: str, kind: str, key: bytes, verify: bool) -> bytes:
         data = self._read(lambda txn: txn.get(key, db=self.dbs[db]))
         if data is None:

@@ -1,0 +1,153 @@
+"""Real ``vllm serve`` on a CUDA GPU with the connector: the GPU suite (skipped without CUDA).
+
+Run it on a GPU machine with ``bash tests/gpu/run.sh`` (or ``pytest tests/gpu``). The model is a
+tiny random Llama in bf16 (head size 64, which FlashAttention supports); the servers use vLLM's
+default block size on CUDA (16) and ``--enforce-eager``, so an engine starts in seconds instead of
+compiling kernels for minutes. Prompts are longer than the step budget, so prefills are chunked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))  # pf_http
+
+try:
+    import torch
+
+    HAVE_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch comes with vLLM
+    HAVE_CUDA = False
+
+MODELS_DIR = Path(os.environ.get("PF_TEST_MODELS", REPO_ROOT / ".models"))
+READY_TIMEOUT = float(os.environ.get("PF_TEST_SERVER_TIMEOUT", "600"))
+BLOCK = 16
+SERVER_ARGS: tuple[str, ...] = (
+    "--enforce-eager",
+    "--dtype", "bfloat16",
+    "--max-model-len", "4096",
+    "--max-num-batched-tokens", "256",
+    "--gpu-memory-utilization", "0.2",
+    "--kv-cache-memory-bytes", "2G",
+    "--enable-prompt-tokens-details",
+)
+_STARTED: list[GpuServer] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).resolve().parent
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if here in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.gpu)
+            if not HAVE_CUDA:
+                item.add_marker(skip)
+
+
+@dataclass
+class GpuServer:
+    """One ``pf serve`` on the GPU, restartable on the same port and store."""
+
+    model: Path
+    store: Path
+    extra_args: tuple[str, ...]
+    log_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    api_key: str | None = None
+    served_name: str = "tiny"
+    port: int = 0
+    process: object | None = None
+    starts: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_name
+
+    def start(self) -> GpuServer:
+        from processfork.plugin.launcher import find_free_port, launch_server
+
+        self.port = self.port or find_free_port()
+        self.starts += 1
+        self.process = launch_server(
+            self.model, port=self.port, store=self.store, api_key=self.api_key,
+            extra_args=["--served-model-name", self.served_name, *self.extra_args],
+            env=self.env, log_path=self.log_dir / f"server-{self.port}-{self.starts}.log",
+        )
+        self.process.wait_ready(READY_TIMEOUT)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def restart(self) -> GpuServer:
+        self.stop()
+        return self.start()
+
+    def log_tail(self, max_chars: int = 8000) -> str:
+        return self.process.log_tail(max_chars) if self.process is not None else ""
+
+
+@pytest.fixture(scope="session")
+def gpu_model() -> Path:
+    from processfork.plugin.model_builder import build_tiny_llama
+
+    return build_tiny_llama(MODELS_DIR / "tiny-bf16", dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def other_gpu_model() -> Path:
+    from processfork.plugin.model_builder import build_tiny_llama
+
+    return build_tiny_llama(MODELS_DIR / "tiny-bf16-3layer", dtype="bfloat16", num_layers=3,
+                            seed=1)
+
+
+@pytest.fixture(scope="session")
+def start_gpu_server(tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[Callable[..., GpuServer]]:
+    log_dir = tmp_path_factory.mktemp("gpu-server-logs")
+    started: list[GpuServer] = []
+
+    def start(model: Path, *, store: Path | None = None, extra_args: Sequence[str] = (),
+              env: dict[str, str] | None = None, api_key: str | None = None) -> GpuServer:
+        live = GpuServer(model=model, store=store or tmp_path_factory.mktemp("pf-store"),
+                         extra_args=(*SERVER_ARGS, *extra_args), log_dir=log_dir,
+                         env=dict(env or {}), api_key=api_key)
+        started.append(live)
+        _STARTED.append(live)
+        return live.start()
+
+    yield start
+    for live in reversed(started):
+        live.stop()
+
+
+@pytest.fixture(scope="session")
+def gpu_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pf-store-gpu")
+
+
+@pytest.fixture(scope="session")
+def gpu_server(start_gpu_server, gpu_model, gpu_store) -> GpuServer:
+    return start_gpu_server(gpu_model, store=gpu_store)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for live in _STARTED:
+            report.sections.append((f"server log (port {live.port})", live.log_tail()))

@@ -1,0 +1,78 @@
+"""The staged page path, the one a GPU uses, end to end through vLLM's CPU backend.
+
+A server started with ``"page_path": "staged"`` moves every page through the fixed pool of
+staging slots (here 1 MiB: four blocks of the tiny model per chunk, so every transfer spans
+several chunks), with several copy threads. Its snapshots must hold the very pages the direct CPU
+path of the session server stores for the same tokens, and a checkout after a restart must
+continue bit for bit like the same engine's warm prefix-cache hit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pf_http import cached_tokens, complete, pf, random_tokens
+from processfork.plugin.launcher import kv_transfer_config
+from processfork.store import Store
+
+pytestmark = pytest.mark.integration
+
+BLOCK = 32
+COMPUTED = 19 * BLOCK + 7  # ragged: the last block is partial
+RESIDENT = 12 * BLOCK  # block-aligned and cached: saved without a forward pass
+
+
+@pytest.fixture(scope="module")
+def staged(start_server, tmp_path_factory):
+    store = tmp_path_factory.mktemp("pf-store-staged")
+    config = kv_transfer_config(store)
+    config["kv_connector_extra_config"].update(
+        {"page_path": "staged", "staging_mib": 1, "copy_threads": 3}
+    )
+    return start_server(store=store, extra_args=(
+        "--max-model-len", "4096", "--max-num-batched-tokens", "256",
+        "--kv-transfer-config", json.dumps(config),
+    ))
+
+
+def _pages(store_path, cid):
+    with Store(store_path, readonly=True) as store:
+        return store.get_snapshot(cid).sequences[0].pages
+
+
+def test_staged_server_reports_its_page_path(staged):
+    log = staged.process.log_path.read_text(errors="replace")
+    assert "staged page path" in log and "chunks of 4 blocks" in log
+
+
+def test_staged_pages_equal_the_direct_paths_pages(server, pf_store, staged):
+    """Computed in chunks of 256 tokens by both engines, saved by two different page paths."""
+    tokens = random_tokens(8100, COMPUTED)
+    direct = pf(server, "snapshot", {"name": "paths/direct", "token_ids": tokens})
+    via_slots = pf(staged, "snapshot", {"name": "paths/staged", "token_ids": tokens})
+    assert via_slots["num_pages"] == direct["num_pages"] == -(-COMPUTED // BLOCK)
+    assert _pages(staged.store, via_slots["cid"]) == _pages(pf_store, direct["cid"])
+
+
+def test_staged_checkout_after_restart_matches_a_warm_hit(staged):
+    computed = random_tokens(8200, COMPUTED)
+    resident = random_tokens(8300, RESIDENT)
+    references = {}
+    for name, tokens in (("computed", computed), ("resident", resident)):
+        if name == "resident":
+            complete(staged, tokens, max_tokens=1)  # make every block resident first
+        snap = pf(staged, "snapshot", {"name": f"staged/{name}", "token_ids": tokens})
+        warm = complete(staged, tokens, max_tokens=20, logprobs=5)
+        assert cached_tokens(warm) == (len(tokens) - 1) // BLOCK * BLOCK
+        references[name] = (tokens, snap, warm)
+    staged.restart()
+    for name, (tokens, snap, warm) in references.items():
+        out = pf(staged, "checkout", {"cid": snap["cid"]})
+        assert out["tokens_loaded"] == (len(tokens) - 1) // BLOCK * BLOCK, name
+        again = complete(staged, tokens, max_tokens=20, logprobs=5)
+        assert cached_tokens(again) == out["tokens_loaded"], name
+        got, ref = again["choices"][0]["logprobs"], warm["choices"][0]["logprobs"]
+        assert got["tokens"] == ref["tokens"], name
+        assert got["token_logprobs"] == ref["token_logprobs"], name
+        assert got["top_logprobs"] == ref["top_logprobs"], name

@@ -1,0 +1,152 @@
+"""The staged page path (the GPU path) on synthetic KV tensors and a real store.
+
+It runs on CPU tensors everywhere and on CUDA tensors where a GPU is present: saves are cut into
+chunks that flow through the staging slots, loads come back byte for byte into other blocks, a
+corrupt page fails its block only, and a partial last block is saved with its tail zeroed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from processfork.plugin.codec import codec_for
+from processfork.plugin.staged_pages import StagedPagePath
+from processfork.store import PutResult, Store, page_digest
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+L, B, H, N, D = 3, 40, 2, 16, 32
+
+
+def _layers(device: str, *, zero: bool = False) -> list[torch.Tensor]:
+    """vLLM's FlashAttention layout: logical [B, H, N, 2D], physically [B, N, H, 2D]."""
+    make = torch.zeros if zero else torch.randn
+    phys = make(L, B, N, H, 2 * D, device=device, dtype=torch.float32).to(torch.bfloat16)
+    return [phys[i].transpose(1, 2) for i in range(L)]
+
+
+def _path(layers: list[torch.Tensor], *, chunk_blocks: int, threads: int = 3,
+          verify: bool = True) -> StagedPagePath:
+    codec = codec_for("FLASH_ATTN", layers, head_dim=D)
+    return StagedPagePath(codec, verify=verify, staging_bytes=4 * chunk_blocks * 2 * codec.page_bytes,
+                          slots=4, threads=threads)
+
+
+def _save(path: StagedPagePath, store: Store, blocks: list[int], tail: int | None = None
+          ) -> tuple[list[bytes], list[tuple[int, bool]]]:
+    digests: list[bytes] = []
+    calls: list[tuple[int, bool]] = []
+
+    def commit(items, n, last):
+        result: PutResult = store.put_pages_hashed(items, pin="job")
+        digests.extend(result.digests)
+        calls.append((n, last))
+
+    path.save(blocks, tail, commit)
+    return digests, calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_save_then_load_moves_exactly_those_blocks_through_many_chunks(tmp_path, device):
+    src = _layers(device)
+    blocks = [37, 2, 5, 11, 0, 23, 30, 8, 19, 1, 3]  # 11 blocks in chunks of 3: 4 chunks
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=3)
+        assert path.chunk_blocks == 3
+        digests, calls = _save(path, store, blocks)
+        path.close()
+        assert calls == [(3, False), (3, False), (3, False), (2, True)]
+        assert len(digests) == 2 * len(blocks)
+        dst = _layers(device, zero=True)
+        target = [4, 9, 12, 13, 14, 15, 16, 17, 18, 20, 39]
+        loader = _path(dst, chunk_blocks=2)
+        outcome = loader.load(store, target, digests, ["job"] * len(target))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        loader.close()
+    assert not outcome.bad_blocks and not outcome.failures
+    for layer_src, layer_dst in zip(src, dst):
+        for b_src, b_dst in zip(blocks, target):
+            assert torch.equal(layer_src[b_src], layer_dst[b_dst])
+        untouched = [b for b in range(B) if b not in target]
+        assert layer_dst[untouched].abs().sum() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pages_are_the_same_bytes_as_the_codecs_own_gather(tmp_path, device):
+    """The staged path stores what the codec's one-shot gather stores: the format is unchanged."""
+    src = _layers(device)
+    blocks = [3, 1, 4, 15, 9]
+    codec = codec_for("FLASH_ATTN", src, head_dim=D)
+    staging = codec.gather(blocks, codec.new_staging(len(blocks)))
+    rows = staging.view(torch.uint8).numpy().reshape(2 * len(blocks), -1)
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=2)
+        digests, _ = _save(path, store, blocks)
+        path.close()
+    assert digests == [page_digest(r) for r in rows]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_partial_last_block_is_saved_with_its_tail_zeroed(tmp_path, device):
+    src = _layers(device)
+    blocks, valid = [6, 7, 8], 5
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=2)
+        digests, _ = _save(path, store, blocks, tail=valid)
+        path.close()
+        k_last = torch.frombuffer(bytearray(store.get_page(digests[-2])), dtype=torch.bfloat16)
+    k = k_last.view(L, H, N, D)
+    expected = src[0][8][..., :D].cpu()
+    assert torch.equal(k[0, :, :valid], expected[:, :valid])
+    assert k[:, :, valid:].abs().sum() == 0  # slots past the sequence's end: zero, every layer
+
+
+def test_verify_catches_a_page_whose_bytes_do_not_match_its_digest(tmp_path):
+    src = _layers("cpu")
+    blocks = [1, 2, 3, 4, 5]
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=2)
+        digests, _ = _save(path, store, blocks)
+        path.close()
+    # Damage one stored page in place, as a bad disk would: rewrite the LMDB value's bytes.
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=32, lock=False)
+    pages = env.open_db(b"pages", create=False)
+    with env.begin(write=True, db=pages) as txn:
+        value = bytearray(txn.get(digests[5]))
+        value[0] ^= 0xFF
+        txn.put(digests[5], bytes(value))
+    env.close()
+    with Store(tmp_path / "store") as store:
+        dst = _layers("cpu", zero=True)
+        loader = _path(dst, chunk_blocks=2)
+        outcome = loader.load(store, [10, 11, 12, 13, 14], digests, ["a", "a", "b", "b", "b"])
+        unverified = _path(_layers("cpu", zero=True), chunk_blocks=2, verify=False)
+        quiet = unverified.load(store, [10, 11, 12, 13, 14], digests, ["a"] * 5)
+        loader.close()
+        unverified.close()
+    assert outcome.bad_blocks == {12}  # block index 2 holds page 5 (its V page)
+    assert set(outcome.failures) == {"b"}
+    assert not quiet.bad_blocks
+    for layer_src, layer_dst in zip(src, dst):
+        for b_src, b_dst in zip([1, 2, 4, 5], [10, 11, 13, 14]):
+            assert torch.equal(layer_src[b_src], layer_dst[b_dst])
+
+
+def test_a_failing_commit_is_raised_after_the_writer_stops(tmp_path):
+    path = _path(_layers("cpu"), chunk_blocks=2)
+    seen = []
+
+    def commit(items, n, last):
+        seen.append(n)
+        if len(seen) == 2:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        path.save([1, 2, 3, 4, 5, 6, 7], None, commit)
+    # The path is usable again afterwards.
+    seen.clear()
+    path.save([1, 2], None, lambda items, n, last: seen.append(n))
+    path.close()
+    assert seen == [2]
