@@ -299,6 +299,35 @@ def part_ours(setup: Setup) -> None:
     save("ours", {"copies": copies, "results": res, "args": setup.args})
 
 
+def part_unverified(setup: Setup) -> None:
+    """(c) again with ``verify_loads: false``, from the store ``--part ours`` left: what the
+    integrity check costs a checkout."""
+    from processfork.plugin.launcher import kv_transfer_config
+
+    store = WORK / "store"
+    config = kv_transfer_config(store)
+    config["kv_connector_extra_config"]["verify_loads"] = False
+    srv = Server(setup, "ours-unverified", store=store,
+                 extra=["--kv-transfer-config", json.dumps(config)]).start()
+    path = OUT / "ours.json"
+    data = json.loads(path.read_text())
+    try:
+        for n in setup.lengths:
+            times = []
+            for rep in range(3):
+                if rep:
+                    srv.reset()
+                t, out = srv.post(f"{PF}/checkout", {"cid": f"bench/{n}"})
+                check(out["tokens_loaded"] == (n - 1) // setup.block * setup.block,
+                      f"{n}: unverified checkout loaded {out['tokens_loaded']} tokens")
+                times.append(t)
+            data["results"][str(n)]["checkout_unverified"] = times
+            log(f"{n}: unverified checkout {[round(x * 1e3) for x in times]} ms")
+    finally:
+        srv.stop()
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def _page_path_line(srv: Server) -> str:
     text = Path(srv.process.log_path).read_text(errors="replace")
     lines = [ln for ln in text.splitlines() if "processfork:" in ln]
@@ -307,12 +336,17 @@ def _page_path_line(srv: Server) -> str:
 
 def offloading_args(setup: Setup) -> list[str]:
     size = max(8, int(1.5 * setup.kv_bytes(max(setup.lengths)) / GiB) + 1)
-    return ["--kv-offloading-size", str(size)]
+    # The connector config is given whole: otherwise pf serve's own would be merged into it.
+    config = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+              "kv_connector_extra_config": {"cpu_bytes_to_use": size * GiB}}
+    return ["--kv-offloading-size", str(size), "--kv-transfer-config", json.dumps(config)]
 
 
-def part_peers(setup: Setup) -> None:
+def part_peers(setup: Setup, only_offloading: bool = False) -> None:
     res: dict[str, dict[int, dict[str, Any]]] = {"example": {}, "offloading": {}}
     shutil.rmtree(WORK / "store", ignore_errors=True)  # ours is done: free its disk
+    if only_offloading:
+        return _offloading(setup, res)
     files = WORK / "example-kv"
     shutil.rmtree(files, ignore_errors=True)
     example = json.dumps({"kv_connector": "ExampleConnector", "kv_role": "kv_both",
@@ -333,6 +367,11 @@ def part_peers(setup: Setup) -> None:
     finally:
         srv.stop()
         shutil.rmtree(files, ignore_errors=True)
+    save("peers", {"results": res, "args": setup.args})
+    _offloading(setup, res)
+
+
+def _offloading(setup: Setup, res: dict[str, Any]) -> None:
     if not setup.cuda:
         log("offloading: vLLM's CPU-memory tier needs a GPU; skipped")
         save("peers", {"results": res, "args": setup.args})
@@ -370,7 +409,8 @@ def part_report(setup: Setup) -> None:
     ttft = Table(title=f"TTFT, {ours['machine'].get('gpu', 'CPU')}, vLLM "
                        f"{ours['machine'].get('vllm')} (median; ms)")
     for col in ("tokens", "GiB", "(a) cold", "(b) Example", "(b2) Offload", "(c) checkout",
-                "(d) warm", "(e) H2D", "a/c", "c/b", "c/b2", "(c-d)/e"):
+                "(c') unverified", "(d) warm", "(e) H2D", "a/c", "c/b", "c/b2", "(c-d)/e",
+                "(c'-d)/e"):
         ttft.add_column(col, justify="right")
     snaps = Table(title="Snapshot and checkout throughput (GB/s)")
     for col in ("tokens", "snapshot", "warm store", "D2H", "snap/D2H", "warm/D2H",
@@ -389,15 +429,18 @@ def part_report(setup: Setup) -> None:
         def f(x: float | None) -> str:
             return "-" if x is None else f"{x * 1e3:,.0f}" if x >= 0.01 else f"{x * 1e3:.1f}"
 
-        ttft.add_row(str(n), f"{r['kv_bytes'] / GiB:.1f}", f(a), f(b), f(b2), f(c), f(d), f(e),
-                     f"{a / c:.1f}x", "-" if b is None else f"{c / b:.2f}",
-                     "-" if b2 is None else f"{c / b2:.2f}", f"{(c - d) / e:.1f}")
+        cu = median(r["checkout_unverified"]) if r.get("checkout_unverified") else None
+        ttft.add_row(str(n), f"{r['kv_bytes'] / GiB:.1f}", f(a), f(b), f(b2), f(c), f(cu), f(d),
+                     f(e), f"{a / c:.1f}x", "-" if b is None else f"{c / b:.2f}",
+                     "-" if b2 is None else f"{c / b2:.2f}", f"{(c - d) / e:.1f}",
+                     "-" if cu is None else f"{(cu - d) / e:.1f}")
         snaps.add_row(str(n), f"{gb / r['snapshot']:.1f}", f"{gb / r['snapshot_warm_store']:.1f}",
                       f"{gb / d2h:.1f}", f"{(gb / r['snapshot']) / (gb / d2h):.0%}",
                       f"{(gb / r['snapshot_warm_store']) / (gb / d2h):.0%}",
                       f"{gb / max(c - d, 1e-9):.1f}", f"{gb / e:.1f}",
                       f"{(c - d) and e / (c - d):.0%}")
-        rows.append({"tokens": n, "a": a, "b": b, "b2": b2, "c": c, "d": d, "e": e, "d2h": d2h,
+        rows.append({"tokens": n, "a": a, "b": b, "b2": b2, "c": c, "c_unverified": cu, "d": d,
+                     "e": e, "d2h": d2h,
                      "snapshot": r["snapshot"], "snapshot_warm": r["snapshot_warm_store"],
                      "kv_bytes": r["kv_bytes"]})
     console.print(ttft)
@@ -412,7 +455,8 @@ def _peer(peers: dict[str, Any], name: str, key: str) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["ours", "peers", "report", "all"], default="all")
+    parser.add_argument("--part", default="all", choices=[
+        "ours", "unverified", "peers", "offloading", "report", "all"])
     parser.add_argument("--quick", action="store_true", help="tiny model, short prompts")
     opts = parser.parse_args()
     setup = Setup(opts.quick)
@@ -420,8 +464,12 @@ def main() -> None:
         f"lengths {setup.lengths}, cuda={setup.cuda}")
     if opts.part in ("ours", "all"):
         part_ours(setup)
+    if opts.part in ("unverified", "all"):
+        part_unverified(setup)
     if opts.part in ("peers", "all"):
         part_peers(setup)
+    if opts.part == "offloading":
+        part_peers(setup, only_offloading=True)
     if opts.part in ("report", "all"):
         part_report(setup)
 

@@ -18,7 +18,8 @@ is what made a 32K-token checkout of an 8B model take 3.3 s for 4 GiB. Here inst
   loaded blocks simply queues behind the scatter;
 - saves gather a chunk's blocks on the device, copy the chunk to its pinned slot in one
   device-to-host copy, hash it in threads, and hand it to one writer thread that puts it into
-  LMDB while the next chunk is gathered and copied.
+  LMDB while the next chunk is gathered and copied; chunks that are ready while the writer waits
+  for the disk share its next commit.
 
 The same code runs on CPU tensors (no streams, no pinning), which is how CI exercises it end to
 end through vLLM's CPU backend (``kv_connector_extra_config: {"page_path": "staged"}``).
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +49,8 @@ DEFAULT_STAGING_MIB = 512
 DEFAULT_SLOTS = 4
 
 PageItems = list[tuple[bytes, memoryview]]
-#: ``commit(items, num_blocks, last)`` stores one chunk's pages; runs on the writer thread.
+#: ``commit(items, num_blocks, last)`` stores the pages of one or more consecutive chunks (one
+#: durable commit); runs on the writer thread. ``last``: the save's final chunk is among them.
 Commit = Callable[[PageItems, int, bool], None]
 
 
@@ -133,6 +136,8 @@ class StagedPagePath:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="processfork-writer")
         self._stream = torch.cuda.Stream(codec.device) if self.cuda else None
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._ready: list[tuple[PageItems, int, bool, Future[None]]] = []
 
     @property
     def staging_bytes(self) -> int:
@@ -190,25 +195,48 @@ class StagedPagePath:
             # Blocks just handed to this request may still be read by the engine's previous
             # step: the side stream starts after everything queued so far.
             self._stream.wait_stream(torch.cuda.current_stream(self.codec.device))
-        for c, start in enumerate(range(0, len(block_ids), self.chunk_blocks)):
-            slot = self._slots[c % len(self._slots)]
+        # Chunks flow through the slots: the pool fills up to one chunk per slot ahead while the
+        # GPU copies and scatters the chunks filled before, so the threads never wait for a
+        # chunk's stragglers or for the device.
+        starts = list(range(0, len(block_ids), self.chunk_blocks))
+        nslots = len(self._slots)
+        fills: dict[int, list[Future[list[int]]]] = {}
+
+        def submit(c: int) -> None:
+            slot = self._slots[c % nslots]
             if slot.done is not None:
                 slot.done.synchronize()  # its previous chunk has left the host buffer
-            ids = list(block_ids[start : start + self.chunk_blocks])
-            n = len(ids)
-            bad = self._fill(slot.rows, views[2 * start : 2 * (start + n)],
-                             digests[2 * start : 2 * (start + n)], source)
-            for i in bad:
-                outcome.fail(ids[i], jobs[start + i],
-                             f"CorruptPage: page of block {ids[i]} does not match its digest")
-            self._to_blocks(slot, ids)
+            lo = 2 * starts[c]
+            hi = min(lo + 2 * self.chunk_blocks, len(views))
+            fills[c] = self._submit_fill(slot.rows, views[lo:hi], digests[lo:hi], source)
+
+        try:
+            for c in range(min(nslots, len(starts))):
+                submit(c)
+            for c, start in enumerate(starts):
+                ids = list(block_ids[start : start + self.chunk_blocks])
+                for future in fills.pop(c):
+                    for i in future.result():
+                        outcome.fail(ids[i], jobs[start + i],
+                                     f"CorruptPage: page {digests[2 * (start + i)].hex()} or "
+                                     f"{digests[2 * (start + i) + 1].hex()} of block {ids[i]} "
+                                     "does not match its digest")
+                self._to_blocks(self._slots[c % nslots], ids)
+                if c + nslots < len(starts):
+                    submit(c + nslots)
+        finally:
+            # The threads read the store's buffers, which end with the read transaction.
+            for pending in fills.values():
+                for future in pending:
+                    future.exception()
         if self._stream is not None:
             torch.cuda.current_stream(self.codec.device).wait_stream(self._stream)
         return outcome
 
-    def _fill(self, rows: np.ndarray, views: list[memoryview], digests: Sequence[bytes],
-              source: _PageFile) -> list[int]:
-        """Copy pages into ``rows`` (and check them) in threads; returns the bad blocks' indexes."""
+    def _submit_fill(self, rows: np.ndarray, views: list[memoryview], digests: Sequence[bytes],
+                     source: _PageFile) -> list[Future[list[int]]]:
+        """Copy pages into ``rows`` (and check them) in threads: one future per slice, each
+        giving the indexes of the blocks whose pages do not match their digests."""
 
         def part(lo: int, hi: int) -> list[int]:
             bad: list[int] = []
@@ -216,14 +244,14 @@ class StagedPagePath:
                 row = rows[i]
                 if not source.read_into(row, views[i]):
                     np.copyto(row, np.frombuffer(views[i], dtype=np.uint8))
-                if self.verify and page_digest(row) != digests[i]:
+                if self.verify and page_digest(row) != digests[i] and i // 2 not in bad:
                     bad.append(i // 2)
             return bad
 
-        found: set[int] = set()
-        for bad in self._spread(len(views), part):
-            found.update(bad)
-        return sorted(found)
+        count = len(views)
+        pieces = max(1, min(self.threads, count // 2))
+        bounds = [count * i // pieces // 2 * 2 for i in range(pieces)] + [count]
+        return [self._pool.submit(part, lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
     def _to_blocks(self, slot: _Slot, ids: list[int]) -> None:
         n = len(ids)
@@ -241,8 +269,9 @@ class StagedPagePath:
     def save(self, block_ids: Sequence[int], valid_in_last: int | None, commit: Commit) -> None:
         """Gather blocks chunk by chunk and hand each chunk's hashed pages to ``commit``.
 
-        ``commit`` runs on one writer thread, in chunk order, while the next chunks are being
-        copied and hashed; the chunk's page buffers stay valid until it returns. The first
+        ``commit`` runs on one writer thread, in chunk order (consecutive chunks that are ready
+        together in one call), while the next chunks are being copied and hashed; the page
+        buffers stay valid until it returns. The first
         exception (copy, hash or commit) is raised here, after the writer has stopped.
         """
         chunks = [list(block_ids[i : i + self.chunk_blocks])
@@ -307,8 +336,32 @@ class StagedPagePath:
 
         list(self._spread(2 * n, part))
         items = [(digests[i], memoryview(rows[i])) for i in range(2 * n)]
-        slot.commit = self._writer.submit(commit, items, n, last)
-        return slot.commit
+        done: Future[None] = Future()
+        with self._lock:
+            self._ready.append((items, n, last, done))
+        self._writer.submit(self._commit_ready, commit)
+        slot.commit = done
+        return done
+
+    def _commit_ready(self, commit: Commit) -> None:
+        """Commit every chunk hashed so far in one call (one durable LMDB commit).
+
+        While the writer waits on the disk, the next chunks are gathered and hashed; they are
+        then committed together, so a save costs a few commits, not one per chunk.
+        """
+        with self._lock:
+            batch, self._ready = self._ready, []
+        if not batch:
+            return
+        try:
+            commit([item for items, _, _, _ in batch for item in items],
+                   sum(n for _, n, _, _ in batch), any(last for _, _, last, _ in batch))
+        except BaseException as exc:  # noqa: BLE001 - handed to every chunk of the batch
+            for *_, done in batch:
+                done.set_exception(exc)
+            return
+        for *_, done in batch:
+            done.set_result(None)
 
     # -- helpers ---------------------------------------------------------------------------
     def _spread(self, count: int, part: Callable[[int, int], Any]) -> list[Any]:

@@ -185,7 +185,7 @@ def test_a_damaged_page_is_caught_and_recomputed(gpu_server, before, gpu_store):
     response = post(gpu_server, f"{PF}/checkout", {"cid": "damaged"})
     assert response.status_code == 500, response.text
     error = response.json()["error"]
-    assert error["type"] == "integrity_error" and pages[3][1] in error["message"]
+    assert error["type"] == "integrity_error" and pages[3][1] in error["message"], error
     again = complete(gpu_server, before.damaged_prompt, logprobs=5)
     assert _lp(again)["tokens"] == _lp(before.damaged_warm)["tokens"]
 
@@ -201,13 +201,20 @@ def invariant(start_gpu_server, gpu_model, tmp_path_factory):
     )
 
 
-def test_batch_invariant_restore_equals_a_cold_full_prefill_under_load(invariant):
+def test_batch_invariant_restore_under_load_equals_a_warm_hit_alone(invariant):
+    """With batch-invariant kernels, a restore computed beside other requests is bit-identical
+    to the same engine's warm prefix hit computed alone. Against a cold full prefill (one pass,
+    no split) the greedy tokens match; the logprobs differ where the split changes how the
+    attention over the prefix is reduced: the largest difference is printed (docs/gpu.md)."""
     fingerprint = get(invariant, f"{PF}/status").json()["engine"]["fingerprint"]
     assert fingerprint["batch_invariant"] is True
     prompts = {n: random_tokens(1000 + n, n) for n in (40 * BLOCK + 1, 40 * BLOCK + 9)}
-    cold = {n: complete(invariant, p, logprobs=5) for n, p in prompts.items()}
+    cold, warm = {}, {}
     for n, p in prompts.items():
+        cold[n] = complete(invariant, p, logprobs=5)
         assert cached_tokens(cold[n]) == 0
+        warm[n] = complete(invariant, p, logprobs=5)
+        assert cached_tokens(warm[n]) == split_point(n)
         pf(invariant, "snapshot", {"name": f"inv/{n}", "token_ids": p})
     invariant.restart()
     stop = threading.Event()
@@ -219,16 +226,23 @@ def test_batch_invariant_restore_equals_a_cold_full_prefill_under_load(invariant
             sent += 1
         return sent
 
+    restored = {}
     with ThreadPoolExecutor(3) as pool:
         background = [pool.submit(load) for _ in range(3)]
         try:
             for n, p in prompts.items():
                 out = pf(invariant, "checkout", {"cid": f"inv/{n}"})
                 assert out["tokens_loaded"] == split_point(n)
-                restored = complete(invariant, p, logprobs=5)
-                assert cached_tokens(restored) == split_point(n)
-                _same_continuation(restored, cold[n])
+                restored[n] = complete(invariant, p, logprobs=5)
+                assert cached_tokens(restored[n]) == split_point(n)
         finally:
             stop.set()
             sent = [f.result() for f in background]
     assert sum(sent) >= 3  # the restores really ran beside other requests
+    for n in prompts:
+        _same_continuation(restored[n], warm[n])
+        assert _lp(restored[n])["tokens"] == _lp(cold[n])["tokens"]
+        delta = max(abs(a - b) for a, b in zip(_lp(restored[n])["token_logprobs"],
+                                               _lp(cold[n])["token_logprobs"]))
+        print(f"batch-invariant, length {n}: max |delta logprob| vs cold full prefill = "
+              f"{delta:.3g}")
