@@ -299,18 +299,19 @@ def part_ours(setup: Setup) -> None:
     save("ours", {"copies": copies, "results": res, "args": setup.args})
 
 
-def part_unverified(setup: Setup) -> None:
+def part_unverified(setup: Setup, verify: bool = False) -> None:
     """(c) again with ``verify_loads: false``, from the store ``--part ours`` left: what the
     integrity check costs a checkout."""
     from processfork.plugin.launcher import kv_transfer_config
 
     store = WORK / "store"
     config = kv_transfer_config(store)
-    config["kv_connector_extra_config"]["verify_loads"] = False
-    srv = Server(setup, "ours-unverified", store=store,
+    config["kv_connector_extra_config"]["verify_loads"] = verify
+    key = "checkout" if verify else "checkout_unverified"
+    srv = Server(setup, key, store=store,
                  extra=["--kv-transfer-config", json.dumps(config)]).start()
     path = OUT / "ours.json"
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text()) if path.exists() else {"results": {}}
     try:
         for n in setup.lengths:
             times = []
@@ -321,8 +322,8 @@ def part_unverified(setup: Setup) -> None:
                 check(out["tokens_loaded"] == (n - 1) // setup.block * setup.block,
                       f"{n}: unverified checkout loaded {out['tokens_loaded']} tokens")
                 times.append(t)
-            data["results"][str(n)]["checkout_unverified"] = times
-            log(f"{n}: unverified checkout {[round(x * 1e3) for x in times]} ms")
+            data["results"].setdefault(str(n), {})[key] = times
+            log(f"{n}: {key} {[round(x * 1e3) for x in times]} ms")
     finally:
         srv.stop()
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -456,7 +457,7 @@ def _peer(peers: dict[str, Any], name: str, key: str) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", default="all", choices=[
-        "ours", "unverified", "peers", "offloading", "report", "all"])
+        "ours", "unverified", "checkouts", "peers", "offloading", "report", "all"])
     parser.add_argument("--quick", action="store_true", help="tiny model, short prompts")
     opts = parser.parse_args()
     setup = Setup(opts.quick)
@@ -464,6 +465,8 @@ def main() -> None:
         f"lengths {setup.lengths}, cuda={setup.cuda}")
     if opts.part in ("ours", "all"):
         part_ours(setup)
+    if opts.part == "checkouts":
+        part_unverified(setup, verify=True)
     if opts.part in ("unverified", "all"):
         part_unverified(setup)
     if opts.part in ("peers", "all"):
