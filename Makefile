@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install demo test test-unit test-integration bench lint clean
+.PHONY: install demo test test-unit test-integration test-gpu bench lint clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ test-integration: install
 # ratios are a smoke test, not the recorded numbers). A missed target fails the target after all
 # scripts ran. bench/gpu_page_copy.py needs a CUDA device and is run by hand.
 BENCH_SCRIPTS := bench/store_bench.py bench/ttft_bench.py bench/snapshot_bench.py bench/serve_bench.py
+# On a CUDA machine: `make test-gpu EXTRA=vllm` (the official vLLM wheel); results in .bench/gpu.
+test-gpu: install
+	PATH=$(VENV)/bin:$$PATH bash tests/gpu/run.sh .bench/gpu
+
 bench: install
 	@status=0; for script in $(BENCH_SCRIPTS); do \
 		echo "==> $(PY) $$script $(if $(QUICK),--quick)"; \

@@ -1,7 +1,7 @@
 """Request bodies of the control plane (``/v1/processfork/...``).
 
-Unknown fields are accepted and ignored, so clients written against the original
-three-call API (``{"name"}``, ``{"cid", "n"}``, ``{"cid"}``) keep working.
+Unknown fields are refused (400, naming the field and the closest known one): a misspelt
+``promt`` must not turn a snapshot of one prompt into a snapshot of the whole engine.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ __all__ = ["CheckoutBody", "ForkBody", "SnapshotBody"]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
 
 class SnapshotBody(_Body):

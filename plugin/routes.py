@@ -7,6 +7,7 @@ error shaping here, the work in ``control.Control``.
 
 from __future__ import annotations
 
+import difflib
 import json
 from argparse import Namespace
 from collections.abc import Awaitable, Callable
@@ -45,9 +46,22 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
+        unknown = [str(e["loc"][0]) for e in exc.errors() if e.get("type") == "extra_forbidden"]
+        if unknown:
+            raise ApiError(400, "invalid_request", unknown_field_message(unknown, model)) from exc
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise ApiError(422, "invalid_request", f"{where}: {first.get('msg')}") from exc
+
+
+def unknown_field_message(names: list[str], model: type[BaseModel]) -> str:
+    """``unknown field 'promt' (did you mean 'prompt'?); known fields: ...``"""
+    known = sorted(model.model_fields)
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        parts.append(f"unknown field {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return "; ".join(parts) + f"; known fields: {', '.join(known)}"
 
 
 def _control(request: Request) -> Control:

@@ -19,6 +19,7 @@ from processfork_cli.options import (
     QuietOpt,
 )
 from processfork_cli.settings import Settings
+from processfork_cli.version import VersionOpt
 
 __all__ = ["COMMAND_MODULES", "app"]
 
@@ -46,6 +47,7 @@ def _global_options(
     api_key: GlobalApiKeyOpt = None,
     json_: JsonOpt = None,
     quiet: QuietOpt = None,
+    version: VersionOpt = False,
 ) -> None:
     ctx.obj = Settings(
         server=server or DEFAULT_SERVER,
@@ -67,6 +69,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "processfork_cli.commands_maint",
     "processfork_cli.commands_server",
     "processfork_cli.commands_live",
+    "processfork_cli.version",
 )
 
 for _name in COMMAND_MODULES:

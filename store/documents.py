@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
@@ -44,10 +45,16 @@ REFS_KEYS = frozenset({"head", "refs"})
 FORK_KEYS = frozenset({"cids"})
 
 
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders digit runs by value: `base/2` before `base/10`, as people count."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in re.split(r"(\d+)", name) if part)
+
+
 def refs_by_cid(refs: Mapping[str, str]) -> dict[str, list[str]]:
     """Invert name -> cid so every snapshot can show the names that point at it."""
     out: dict[str, list[str]] = {}
-    for name, cid in sorted(refs.items()):
+    for name, cid in sorted(refs.items(), key=lambda item: natural_key(item[0])):
         out.setdefault(cid, []).append(name)
     return out
 
@@ -138,7 +145,7 @@ def refs_doc(store: Store) -> dict[str, Any]:
     """Every ref with the snapshot it names; refs to a missing snapshot are listed, marked missing."""
     head = head_doc(store)
     rows = []
-    for name, cid in sorted(store.list_refs().items()):
+    for name, cid in sorted(store.list_refs().items(), key=lambda item: natural_key(item[0])):
         row: dict[str, Any] = {"name": name, "cid": cid, "head": head["ref"] == name}
         if store.has_snapshot(cid):
             manifest = store.get_snapshot(cid)

@@ -74,6 +74,30 @@ def test_malformed_bodies_are_4xx(server, known, path, body, status):
     _error(response, status)
 
 
+@pytest.mark.parametrize(
+    "path,body,field,suggestion",
+    [
+        ("snapshot", {"name": "typo", "promt": "hello"}, "promt", "prompt"),
+        ("snapshot", {"name": "typo", "token_id": [5, 6]}, "token_id", "token_ids"),
+        ("fork", {"cid": "errors/base", "n": 2, "nmae": "zz"}, "nmae", "name"),
+        ("checkout", {"cid": "errors/base", "cdi": "x"}, "cdi", "cid"),
+    ],
+)
+def test_unknown_fields_are_refused_with_the_closest_known_one(server, known, pf_store, path,
+                                                               body, field, suggestion):
+    from processfork.store import Store
+
+    with Store(pf_store, readonly=True) as store:
+        head_before = store.head()
+    error = _error(post(server, f"{PF}/{path}", body), 400)
+    assert error["type"] == "invalid_request"
+    assert f"unknown field '{field}'" in error["message"]
+    assert f"did you mean '{suggestion}'" in error["message"]
+    with Store(pf_store, readonly=True) as store:
+        assert store.head() == head_before  # nothing was snapshotted, forked or checked out
+        assert store.get_ref("typo") is None
+
+
 def test_sequence_longer_than_max_model_len_is_413(server):
     _error(post(server, f"{PF}/snapshot", {"name": "too-long",
                                            "token_ids": random_tokens(5001, 4096)}), 413)

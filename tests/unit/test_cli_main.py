@@ -185,3 +185,19 @@ def test_console_script_subprocess(history: History, command: list[str]) -> None
     assert bad.returncode == 1
     assert bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_version_names_the_package_vllm_and_the_store_format(tmp_path):
+    import importlib.metadata
+
+    from processfork.store.manifest import FORMAT
+
+    package = importlib.metadata.version("processfork-vllm")
+    for args in (("--version",), ("version",)):
+        result = pf(tmp_path / "no-store", *args)
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout.startswith(f"pf {package} (vLLM ")
+        assert FORMAT in result.stdout and "+cpu" in result.stdout
+    doc = json.loads(pf(None, "--json", "version").stdout)
+    assert doc == {"processfork-vllm": package, "vllm": doc["vllm"], "store_format": FORMAT}
+    assert doc["vllm"].split(".")[:2] == ["0", "32"]

@@ -132,3 +132,11 @@ def test_ref_group_without_subcommand_shows_help(history: History) -> None:
     result = pf(history.path, "ref")
     assert result.exit_code == 0
     assert "set" in result.stdout and "delete" in result.stdout
+
+
+def test_refs_sort_numbers_by_value(history: History) -> None:
+    with Store(history.path) as store:
+        for i in (10, 3, 11):
+            store.set_ref(f"base/{i}", history.forks[0])
+    quiet = pf(history.path, "refs", "-q").stdout.splitlines()
+    assert quiet == ["base", "base/0", "base/1", "base/2", "base/3", "base/10", "base/11", "main"]
