@@ -145,9 +145,9 @@ def reflog(
     doc = {"ref": ref, "entries": [views.reflog_entry_doc(e) for e in entries]}
 
     def human(out: Output) -> None:
-        for e in doc["entries"]:
+        for i, e in enumerate(doc["entries"]):
             line = Text(short_cid(e["new"]) if e["new"] else "(deleted)   ", style="yellow")
-            line.append(f" {ref}@{{{e['seq']}}}: ")
+            line.append(f" {ref}@{{{i}}}: ")
             line.append(e["action"], style="bold")
             if e["message"]:
                 line.append(f": {e['message']}")

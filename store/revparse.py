@@ -1,4 +1,5 @@
-"""Revision names to cids, as git reads them: full cid, unique hex prefix, ref, HEAD, `REV~N`."""
+"""Revision names to cids, as git reads them: full cid, unique hex prefix, ref, HEAD, `REF@{N}`
+(where REF pointed N moves ago, 0 the newest, from its reflog) and `REV~N`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import lmdb
 from processfork.store.digest import CID_PREFIX, cid_key
 from processfork.store.errors import AmbiguousRevision, UnknownRevision
-from processfork.store.refs import HEAD, read_head, read_ref
+from processfork.store.refs import HEAD, read_head, read_ref, read_reflog
 
 __all__ = ["MIN_PREFIX", "resolve_in", "stored_parents"]
 
@@ -17,6 +18,7 @@ MIN_PREFIX = 7
 _FULL = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
 _PREFIX = re.compile(r"^(?:sha256:)?([0-9a-f]{" + str(MIN_PREFIX) + r",63})$")
 _ANCESTRY = re.compile(r"^(.+?)((?:~\d*)+)$")
+_REFLOG = re.compile(r"^(.*)@\{(\d+)\}$")
 _MAX_CANDIDATES = 20
 
 
@@ -56,7 +58,18 @@ def _by_prefix(txn: lmdb.Transaction, dbs: dict[str, Any], rev: str, prefix: str
     return found[0]
 
 
+def _by_reflog(txn: lmdb.Transaction, dbs: dict[str, Any], ref: str, n: int, whole: str) -> str:
+    """`REF@{N}`: the snapshot REF pointed to N moves ago, numbered as `pf reflog` shows them."""
+    entries = sorted(read_reflog(txn, dbs, ref or HEAD), key=lambda e: e.seq, reverse=True)
+    if n >= len(entries) or entries[n].new is None or not _has_snapshot(txn, dbs, entries[n].new):
+        raise UnknownRevision(whole)
+    return entries[n].new
+
+
 def _resolve_base(txn: lmdb.Transaction, dbs: dict[str, Any], rev: str, whole: str) -> str:
+    reflog = _REFLOG.match(rev)
+    if reflog:
+        return _by_reflog(txn, dbs, reflog.group(1), int(reflog.group(2)), whole)
     if rev == HEAD:
         head = read_head(txn, dbs)
         if head.cid is None:

@@ -123,3 +123,18 @@ def test_reflog_newest_first(history: History) -> None:
     assert human[0].startswith(history.base.removeprefix("sha256:")[:12] + " main@{")
     assert "rewind" in human[0]
     assert pf(history.path, "reflog", "main", "-n", "1", "-q").stdout.splitlines() == [history.base]
+
+
+def test_ref_at_n_names_where_a_ref_pointed_n_moves_ago(history: History) -> None:
+    with Store(history.path) as store:
+        store.set_ref("main", history.forks[1])  # main: ..., child, then base/1's snapshot
+    now = pf(history.path, "show", "main@{0}", "--json").json()["cid"]
+    before = pf(history.path, "show", "main@{1}", "--json").json()["cid"]
+    assert (now, before) == (history.forks[1], history.child)
+    assert pf(history.path, "show", "main@{1}~1", "--json").json()["cid"] == history.base
+    head = pf(history.path, "show", "HEAD@{0}", "--json").json()["cid"]
+    assert head == pf(history.path, "show", "HEAD", "--json").json()["cid"]
+    reflog = pf(history.path, "reflog", "main").stdout.splitlines()
+    assert " main@{0}: " in reflog[0] and " main@{1}: " in reflog[1]
+    missing = pf(history.path, "show", "main@{99}")
+    assert missing.exit_code == 1 and "main@{99}" in missing.stderr
