@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from processfork.store import Manifest, Sequence, Store, StoreError
+from processfork.store import Manifest, Sequence, Store, StoreError, documents
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.logger import init_logger
@@ -357,8 +357,8 @@ class Control:
 
     # --- store operations -----------------------------------------------------------
     async def fork(self, body: ForkBody) -> dict[str, Any]:
-        cids = await self._run(self.store.fork, body.cid, body.n, prefix=body.name)
-        return {"cids": cids}
+        children = await self._run(self.store.fork_named, body.cid, body.n, prefix=body.name)
+        return documents.fork_doc(children)
 
     def close(self) -> None:
         if self._store is not None:

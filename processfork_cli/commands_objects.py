@@ -27,9 +27,10 @@ __all__ = ["register"]
 FORK_EXAMPLES = """
 Examples:
 
-  pf fork base -n 12                  # base/0 … base/11, one per line
+  pf fork base -n 12                  # base/0 … base/11: name and cid, one per line
+  pf fork 3f2a9c1 -n 4                # named after the one ref at 3f2a9c1, if exactly one
   pf fork 3f2a9c1 -n 4 --name trial   # trial/0 … trial/3
-  pf fork base -n 12 --json           # {"cids": [...]}
+  pf fork base -n 12 --json           # {"cids": [...], "names": [...]}
 """
 
 
@@ -152,7 +153,7 @@ def fork(
             "--name",
             metavar="PREFIX",
             help="Children are named and referenced PREFIX/0 … PREFIX/N-1.",
-            show_default="the ref given as REV, else the 12-digit short cid",
+            show_default="the ref given as REV, or the one ref at that snapshot, else the short cid",
         ),
     ] = None,
     via_server: ViaServerOpt = False,
@@ -162,20 +163,23 @@ def fork(
     json_: JsonOpt = None,
     quiet: QuietOpt = None,
 ) -> None:
-    """Make N children of a snapshot that share all its pages (metadata only); print their cids."""
+    """Make N children of a snapshot that share all its pages (metadata only); print each child's
+    ref name and cid."""
     s = settings(ctx, store=store, server=server, api_key=api_key, json=json_, quiet=quiet)
     if via_server:
         with s.client() as client:
             doc = client.fork(rev, n, name=name)
     else:
         with s.open_store(readonly=False) as st:
-            doc = {"cids": list(st.fork(rev, n, prefix=name))}
+            doc = views.fork_doc(st.fork_named(rev, n, prefix=name))
     cids = doc["cids"]
 
     def human(out: Output) -> None:
-        for cid in cids:
-            out.line(cid)
-        out.info(f"forked {rev} into {len(cids)} children")
+        width = max(len(ref) for ref in doc["names"])
+        for ref, cid in zip(doc["names"], cids):
+            out.line(f"{ref:<{width}}  {cid}")
+        out.info(f"forked {rev} into {len(cids)} children: {doc['names'][0]} … {doc['names'][-1]}"
+                 if len(cids) > 1 else f"forked {rev} into {doc['names'][0]}")
 
     s.out.emit(doc, human=human, quiet=cids)
 

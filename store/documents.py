@@ -42,7 +42,12 @@ SNAPSHOT_KEYS = frozenset(
 )
 LOG_KEYS = frozenset({"head", "entries"})
 REFS_KEYS = frozenset({"head", "refs"})
-FORK_KEYS = frozenset({"cids"})
+FORK_KEYS = frozenset({"cids", "names"})
+
+
+def fork_doc(children: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """What `pf fork` and `POST /fork` answer: the children's cids and ref names, in fork order."""
+    return {"cids": [cid for _, cid in children], "names": [name for name, _ in children]}
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:

@@ -21,26 +21,38 @@ from processfork.store.snapshots import load_manifest, write_manifest
 if TYPE_CHECKING:
     from processfork.store.lmdb_store import Store
 
-__all__ = ["MAX_FORK", "fork"]
+__all__ = ["MAX_FORK", "fork", "fork_named"]
 
 MAX_FORK = 10_000
 
 
 def _default_prefix(txn: lmdb.Transaction, dbs: dict, rev: str, cid: str) -> str:
-    """The ref name the user typed (HEAD: the ref it follows), else the 12-hex short cid."""
+    """The ref name the user typed (HEAD: the ref it follows); for a cid or any other revision,
+    the one ref that points at that snapshot; else (none, or several) the 12-hex short cid."""
     if rev == _refs.HEAD:
         head = _refs.read_head(txn, dbs)
         if head.ref is not None:
             return head.ref
-    elif "~" not in rev and _refs.read_ref(txn, dbs, rev) is not None:
+    elif "~" not in rev and "@{" not in rev and _refs.read_ref(txn, dbs, rev) is not None:
         return rev
+    pointing = [name for name, target in _refs.list_refs(txn, dbs).items() if target == cid]
+    if len(pointing) == 1:
+        return pointing[0]
     return cid.removeprefix("sha256:")[:12]
 
 
 def fork(
     store: Store, rev: str, n: int, *, prefix: str | None = None, message: str = ""
 ) -> list[str]:
-    """Create refs `{prefix}/0` .. `{prefix}/{n-1}` naming n children of `rev`; returns their cids.
+    """The cids of `fork_named`'s children."""
+    return [cid for _, cid in fork_named(store, rev, n, prefix=prefix, message=message)]
+
+
+def fork_named(
+    store: Store, rev: str, n: int, *, prefix: str | None = None, message: str = ""
+) -> list[tuple[str, str]]:
+    """Create refs `{prefix}/0` .. `{prefix}/{n-1}` naming n children of `rev`; returns each
+    child's (ref name, cid), in fork order.
 
     Existing refs of those names are moved (their reflog keeps the old value).
     """
@@ -77,7 +89,7 @@ def fork(
     page_keys = parent.page_keys()
     text = message or f"fork {n} of {parent_cid[:19]}"
 
-    def run(txn: lmdb.Transaction) -> list[str]:
+    def run(txn: lmdb.Transaction) -> list[tuple[str, str]]:
         if txn.get(cid_key(parent_cid), db=dbs["snapshots"]) is None:
             raise MissingObject("snapshot", parent_cid)
         now = time.time()
@@ -100,7 +112,7 @@ def fork(
                 check_pages=first,
             )
             _refs.set_ref(txn, dbs, names[i], cid, action="fork", message=text, now=now)
-            cids.append(cid)
+            cids.append((names[i], cid))
         return cids
 
     return store._write(run)

@@ -34,7 +34,7 @@ from processfork.store.errors import (
     ReadOnlyStore,
     UnknownRevision,
 )
-from processfork.store.fork import fork
+from processfork.store.fork import fork, fork_named
 from processfork.store.fsck import FsckIssue, fsck
 from processfork.store.gc import GcStats, gc
 from processfork.store.graph import LogEntry, graph_lines, log
@@ -530,6 +530,12 @@ class Store:
     def fork(self, rev: str, n: int, *, prefix: str | None = None, message: str = "") -> list[str]:
         """n children of `rev` sharing all its pages, refs `{prefix}/0..n-1`; one transaction."""
         return fork(self, rev, n, prefix=prefix, message=message)
+
+    def fork_named(
+        self, rev: str, n: int, *, prefix: str | None = None, message: str = ""
+    ) -> list[tuple[str, str]]:
+        """Like `fork`, returning each child's (ref name, cid)."""
+        return fork_named(self, rev, n, prefix=prefix, message=message)
 
     def log(
         self, rev: str | None = "HEAD", *, limit: int | None = None, all_refs: bool = False

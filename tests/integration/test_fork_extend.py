@@ -103,7 +103,9 @@ def test_cli_drives_the_server(server, tree, tmp_path, capsys):
 
     forked = runner.invoke(app, [*remote, "fork", "cli-base", "-n", "2", "--via-server"])
     assert forked.exit_code == 0, forked.output
-    assert len(forked.stdout.split()) == 2
+    rows = [line.split() for line in forked.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["cli-base/0", "cli-base/1"]
+    assert all(r[1].startswith("sha256:") for r in rows)
 
     for command in (["log", "--via-server", "-n", "3"], ["show", "cli-base", "--via-server"],
                     ["refs", "--via-server"]):

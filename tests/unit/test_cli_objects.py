@@ -128,10 +128,12 @@ def test_diff_identical(history: History) -> None:
     assert "identical" in pf(history.path, "diff", "base", "base/0").stdout
 
 
-def test_fork_prints_cids_one_per_line(history: History) -> None:
+def test_fork_prints_names_and_cids_one_per_line(history: History) -> None:
     result = pf(history.path, "fork", "main", "-n", "4")
     assert result.exit_code == 0, result.stderr
-    cids = result.stdout.splitlines()
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert [r[0] for r in rows] == [f"main/{i}" for i in range(4)]
+    cids = [r[1] for r in rows]
     assert len(cids) == 4 and len(set(cids)) == 4
     assert all(c.startswith("sha256:") for c in cids)
     with Store(history.path, readonly=True) as st:
@@ -146,7 +148,7 @@ def test_fork_name_prefix_and_json(history: History) -> None:
     result = pf(history.path, "fork", bare(history.child)[:10], "-n", "2", "--name", "trial", "--json")
     assert result.exit_code == 0, result.stderr
     cids = result.json()["cids"]
-    assert len(cids) == 2
+    assert len(cids) == 2 and result.json()["names"] == ["trial/0", "trial/1"]
     refs = pf(history.path, "refs", "--json").json()["refs"]
     assert {r["name"]: r["cid"] for r in refs}["trial/1"] == cids[1]
 
@@ -164,3 +166,13 @@ def test_fork_bad_name_exit_1(history: History) -> None:
     assert result.exit_code == 1
     assert "invalid name" in result.stderr
     assert len(result.error_lines) == 1
+
+
+def test_fork_by_cid_is_named_after_the_one_ref_at_it(history: History) -> None:
+    """`pf fork <cid>` where only `main` points: main/0, main/1 (the README's next step works)."""
+    doc = pf(history.path, "fork", bare(history.child)[:12], "-n", "2", "--json").json()
+    assert doc["names"] == ["main/0", "main/1"]
+    with Store(history.path) as st:
+        st.set_ref("other", history.child)  # now two refs point at it: the short cid it is
+    doc = pf(history.path, "fork", bare(history.child)[:12], "-n", "1", "--json").json()
+    assert doc["names"] == [f"{bare(history.child)[:12]}/0"]

@@ -208,6 +208,9 @@ def test_fork_children_share_every_page(store, n, blocks):
 def test_fork_prefix_defaults(store):
     base = make_snapshot(store, "b", ref="base", move_head=True)
     assert store.get_snapshot(store.fork("HEAD", 1)[0]).name == "base/0"
+    kids = store.fork(base, 2)  # by cid: named after the one ref that points at it
+    assert store.list_refs()["base/1"] == kids[1]
+    store.set_ref("also-base", base)  # two refs: neither is the name, the short cid is
     short = base.removeprefix("sha256:")[:12]
     kids = store.fork(base, 2)
     assert store.list_refs()[f"{short}/1"] == kids[1]
