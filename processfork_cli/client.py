@@ -13,7 +13,7 @@ from urllib.parse import quote
 import httpx
 from processfork.store import documents as views
 
-from processfork_cli.errors import ServerError, ServerUnreachable
+from processfork_cli.errors import ServerError, ServerUnreachable, UserError
 
 __all__ = ["API_PREFIX", "Client"]
 
@@ -21,6 +21,26 @@ API_PREFIX = "/v1/processfork"
 
 # Snapshots and checkouts of long contexts run a forward pass: reads may take minutes, connecting not.
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+
+
+def server_base(url: str) -> str:
+    """The server's base URL from what a user has at hand, or a UserError saying what to fix.
+
+    `http://host:8000`, `http://host:8000/` and the OpenAI-style `http://host:8000/v1` (or
+    `.../v1/processfork`) all mean the same server; a URL without a scheme is a mistake, not an
+    unreachable server.
+    """
+    text = (url or "").strip().rstrip("/")
+    if "://" not in text:
+        raise UserError(f"server URL {url!r} has no scheme; use http://{text or 'HOST:PORT'}")
+    scheme, rest = text.split("://", 1)
+    if scheme.lower() not in ("http", "https") or not rest or rest.startswith("/"):
+        raise UserError(f"server URL {url!r} is not an http:// or https:// URL with a host")
+    for suffix in (API_PREFIX, "/v1"):
+        if text.endswith(suffix):
+            text = text[: -len(suffix)]
+            break
+    return text
 
 
 @final
@@ -35,7 +55,7 @@ class Client:
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.server = server.rstrip("/")
+        self.server = server_base(server)
         headers = {"Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"

@@ -201,3 +201,20 @@ def test_version_names_the_package_vllm_and_the_store_format(tmp_path):
     doc = json.loads(pf(None, "--json", "version").stdout)
     assert doc == {"processfork-vllm": package, "vllm": doc["vllm"], "store_format": FORMAT}
     assert doc["vllm"].split(".")[:2] == ["0", "32"]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://127.0.0.1:8000/",
+                                 "http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1/",
+                                 "http://127.0.0.1:8000/v1/processfork"])
+def test_openai_style_server_urls_mean_the_server(url):
+    from processfork_cli.client import server_base
+
+    assert server_base(url) == "http://127.0.0.1:8000"
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "localhost", "ftp://host", "http://"])
+def test_a_server_url_without_a_scheme_is_a_user_error(history: History, url: str) -> None:
+    result = pf(history.path, "refs", "--via-server", env={"PF_SERVER": url})
+    assert result.exit_code == 1
+    assert len(result.error_lines) == 1 and "server URL" in result.stderr
+    assert "cannot reach" not in result.stderr
