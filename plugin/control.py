@@ -183,7 +183,11 @@ class Control:
                 ref=body.name,
                 expected_old=old_ref,
                 move_head=True,
-                message=body.message or f"snapshot: {len(seqs)} sequence(s)",
+                # The reflog shows the action ("snapshot") before the message: do not repeat it.
+                message=body.message or (
+                    f"{len(seqs)} sequence{'s' if len(seqs) != 1 else ''}, "
+                    f"{sum(len(t) for t in seqs)} tokens"
+                ),
                 drop_pins=[*jobs, *token_pins],
                 drop_meta=[job_meta_key(job) for job in jobs],
             )

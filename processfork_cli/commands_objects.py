@@ -67,7 +67,7 @@ def _render_show(out: Output, doc: dict[str, Any]) -> None:
         ("parents", "\n".join(doc["parents"]) or "(none: a root)"),
         ("fork", f"child {fork['index']} of {fork['of']} (0-based)" if fork else "-"),
         ("created", human_time(doc["created"])),
-        ("format", doc["format"]),
+        ("format", f"{doc['format']} (the page layout; see docs/format.md)"),
         ("tokens", f"{human_count(doc['num_tokens'])} in {doc['num_sequences']} sequence(s)"),
         (
             "pages",
@@ -79,7 +79,8 @@ def _render_show(out: Output, doc: dict[str, Any]) -> None:
     if doc.get("fingerprint"):
         out.line()
         out.fields(
-            [(k, _scalar(v)) for k, v in sorted(doc["fingerprint"].items())], title="fingerprint"
+            [(k, _fingerprint_value(k, v)) for k, v in sorted(doc["fingerprint"].items())],
+            title="fingerprint",
         )
     if doc.get("sequences"):
         out.line()
@@ -92,6 +93,13 @@ def _render_show(out: Output, doc: dict[str, Any]) -> None:
                 for i, q in enumerate(doc["sequences"])
             ],
         )
+
+
+def _fingerprint_value(key: str, value: Any) -> str:
+    if key == "batch_invariant":
+        return ("True: computed with batch-invariant kernels" if value else
+                "False: restores match a warm hit under the same batch conditions")
+    return _scalar(value)
 
 
 def _scalar(value: Any) -> str:

@@ -85,7 +85,37 @@ class ServerError(CliError):
         self.error_type = error_type
         self.server_message = message
         self.url = url
-        self.exit_code = ExitCode.USER if 400 <= status < 500 else ExitCode.SERVER
+        # The error's type decides, as the same error raised locally would: an integrity error
+        # is exit 3 and a full store exit 2 whatever status carried them.
+        by_type = _EXIT_BY_TYPE.get(error_type)
+        if by_type is not None:
+            self.exit_code = by_type
+        else:
+            self.exit_code = ExitCode.USER if 400 <= status < 500 else ExitCode.SERVER
+        if self.hint is None and (error_type != "not_found" or "revision" in message):
+            self.hint = _HINT_BY_TYPE.get(error_type)
+
+
+_UNKNOWN_REVISION_HINT = "`pf refs` lists names, `pf log --all` lists snapshots"
+#: Exit codes of the control plane's error types (docs/http-api.md), as their local errors have.
+_EXIT_BY_TYPE: dict[str, ExitCode] = {
+    "not_found": ExitCode.USER,
+    "invalid_request": ExitCode.USER,
+    "invalid_json": ExitCode.USER,
+    "ref_conflict": ExitCode.USER,
+    "incompatible_snapshot": ExitCode.USER,
+    "integrity_error": ExitCode.INTEGRITY,
+    "unsupported_format": ExitCode.INTEGRITY,
+    "store_full": ExitCode.SERVER,
+    "store_error": ExitCode.SERVER,
+}
+_HINT_BY_TYPE: dict[str, str] = {
+    "not_found": _UNKNOWN_REVISION_HINT,
+    "ref_conflict": "check `pf refs` and retry",
+    "integrity_error": "run `pf fsck` for a full report",
+    "unsupported_format": "run `pf fsck` for a full report",
+    "store_full": "free disk space, or run `pf gc`",
+}
 
 
 class ServerUnreachable(CliError):
@@ -126,7 +156,7 @@ def describe(exc: BaseException) -> Problem:
     if isinstance(exc, AmbiguousRevision):
         return Problem(ExitCode.USER, str(exc), "give more hex digits or a ref name")
     if isinstance(exc, UnknownRevision):
-        return Problem(ExitCode.USER, str(exc), "`pf refs` lists names, `pf log --all` lists snapshots")
+        return Problem(ExitCode.USER, str(exc), _UNKNOWN_REVISION_HINT)
     if isinstance(exc, StoreNotFound):
         return Problem(
             ExitCode.USER,

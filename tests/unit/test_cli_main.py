@@ -218,3 +218,19 @@ def test_a_server_url_without_a_scheme_is_a_user_error(history: History, url: st
     assert result.exit_code == 1
     assert len(result.error_lines) == 1 and "server URL" in result.stderr
     assert "cannot reach" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "status,error_type,message,local,hint",
+    [
+        (404, "not_found", "unknown revision 'x'", UnknownRevision("x"), "pf refs"),
+        (500, "integrity_error", "page 00 is corrupt", CorruptPage("00", "11"), "pf fsck"),
+        (409, "unsupported_format", "format v9", UnsupportedFormat("v9"), "pf fsck"),
+        (507, "store_full", "store full", StoreFull("/s", "full"), "pf gc"),
+        (409, "ref_conflict", "changed", RefConflict("r", "a", "b"), "pf refs"),
+    ],
+)
+def test_server_errors_exit_as_the_same_local_errors(status, error_type, message, local, hint):
+    through_server = describe(ServerError(status, error_type, message, "http://h"))
+    assert through_server.exit_code == describe(local).exit_code
+    assert hint in (through_server.hint or "")
