@@ -17,7 +17,6 @@ from typing import IO, Any
 
 from processfork.store.documents import to_jsonable
 from rich.console import Console, RenderableType
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -187,6 +186,14 @@ class Output:
         if not self.shows_progress:
             yield _no_progress
             return
+        from rich.progress import (  # only commands that draw a bar pay for it
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
         bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),

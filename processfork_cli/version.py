@@ -6,7 +6,6 @@ the store package's constant.
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Annotated
 
 import typer
@@ -20,6 +19,8 @@ DISTRIBUTION = "processfork-vllm"
 
 
 def _installed(name: str) -> str | None:
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import lmdb
-import numpy as np
 from processfork.store.errors import MissingObject
 from processfork.store.manifest import Manifest
 from processfork.store.revparse import resolve_in
 from processfork.store.snapshots import load_manifest
 
 if TYPE_CHECKING:
+    import numpy as np
     from processfork.store.lmdb_store import Store
 
 __all__ = ["DiffResult", "diff"]
@@ -41,6 +41,7 @@ class DiffResult:
 
 
 def _tokens(txn: lmdb.Transaction, dbs: dict, m: Manifest) -> np.ndarray:
+    import numpy as np  # lazily: numpy costs `pf` a tenth of a second to start
     if not m.sequences:
         return np.zeros(0, dtype="<i4")
     digest = m.sequences[0].tokens.digest
@@ -62,6 +63,7 @@ def diff(store: Store, a: str, b: str) -> DiffResult:
     dbs = store.dbs
 
     def run(txn: lmdb.Transaction) -> DiffResult:
+        import numpy as np  # lazily: numpy costs `pf` a tenth of a second to start
         cid_a, cid_b = resolve_in(txn, dbs, a), resolve_in(txn, dbs, b)
         ma, mb = load_manifest(txn, dbs, cid_a), load_manifest(txn, dbs, cid_b)
         ta, tb = _tokens(txn, dbs, ma), _tokens(txn, dbs, mb)

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import lmdb
-import numpy as np
 from processfork.store import meta as _meta
 from processfork.store import objects as _objects
 from processfork.store import refs as _refs
@@ -224,6 +223,7 @@ class Store:
         One read transaction, zero-copy source buffers, one memcpy per page; with `verify` the copy
         in `out` is re-hashed, which catches corruption at rest and in flight alike.
         """
+        import numpy as np  # lazily: numpy costs `pf` a tenth of a second to start
         dst = (
             as_buffer(out)
             if not isinstance(out, np.ndarray)
@@ -319,6 +319,7 @@ class Store:
 
     def put_tokens(self, tokens: Any, *, pin: str | None = None) -> TokenRef:
         """Store token ids as int32 little-endian; out-of-range ids are refused, never wrapped."""
+        import numpy as np  # lazily: numpy costs `pf` a tenth of a second to start
         arr = np.asarray(tokens)
         if arr.ndim != 1:
             raise ValueError("tokens must be a flat sequence of integers")
@@ -329,6 +330,7 @@ class Store:
         return TokenRef(digest.hex(), int(data.size))
 
     def get_tokens(self, ref: TokenRef | str) -> list[int]:
+        import numpy as np  # lazily: numpy costs `pf` a tenth of a second to start
         digest_hex = ref.digest if isinstance(ref, TokenRef) else str(ref)
         data = self.get_blob(bytes.fromhex(digest_hex))
         if len(data) % 4:
