@@ -30,24 +30,30 @@ class LogEntry:
 
 
 def order_newest_first(manifests: dict[str, Manifest]) -> list[str]:
-    """Children always before their parents; among the ready ones, newest `created` (then cid) first."""
+    """Children always before their parents; among the ready ones, newest `created` first, then
+    fork children by fork index (they share one `created`), then by cid."""
     children_left = {cid: 0 for cid in manifests}
     for m in manifests.values():
         for p in set(m.parents):
             if p in children_left:
                 children_left[p] += 1
-    ready = [(_neg(manifests[c].created), _neg(c), c) for c, k in children_left.items() if k == 0]
+    ready = [_key(manifests, c) for c, k in children_left.items() if k == 0]
     heapq.heapify(ready)
     out = []
     while ready:
-        _, _, cid = heapq.heappop(ready)
+        cid = heapq.heappop(ready)[-1]
         out.append(cid)
         for p in set(manifests[cid].parents):
             if p in children_left:
                 children_left[p] -= 1
                 if children_left[p] == 0:
-                    heapq.heappush(ready, (_neg(manifests[p].created), _neg(p), p))
+                    heapq.heappush(ready, _key(manifests, p))
     return out
+
+
+def _key(manifests: dict[str, Manifest], cid: str) -> tuple[tuple[int, ...], int, tuple[int, ...], str]:
+    m = manifests[cid]
+    return (_neg(m.created), m.fork.index if m.fork is not None else -1, _neg(cid), cid)
 
 
 def _neg(text: str) -> tuple[int, ...]:
@@ -110,12 +116,18 @@ def graph_lines(entries: Sequence[LogEntry]) -> list[tuple[str, LogEntry | None]
     known = {e.cid for e in entries}
     cols: list[str] = []
     out: list[tuple[str, LogEntry | None]] = []
+    freed: int | None = None  # the column a root just left empty
     for e in entries:
         if e.cid in cols:
             c = cols.index(e.cid)
         else:
+            if freed is not None and freed == len(cols):
+                # A new history would start right under an unrelated root, in the lane the root
+                # left: a blank line keeps the two from reading as parent and child.
+                out.append((("| " * len(cols)).rstrip(), None))
             cols.append(e.cid)
             c = len(cols) - 1
+        freed = None
         out.append(("".join("* " if i == c else "| " for i in range(len(cols))).rstrip(), e))
         parents = [p for p in dict.fromkeys(e.manifest.parents) if p in known]
         after = len(cols) - c - 1
@@ -123,6 +135,7 @@ def graph_lines(entries: Sequence[LogEntry]) -> list[tuple[str, LogEntry | None]
             del cols[c]
             if after:
                 out.append((("| " * c + " /" * after).rstrip(), None))
+            freed = c if not after else None
             continue
         cols[c : c + 1] = parents
         if len(parents) > 1:

@@ -138,3 +138,25 @@ def test_ref_at_n_names_where_a_ref_pointed_n_moves_ago(history: History) -> Non
     assert " main@{0}: " in reflog[0] and " main@{1}: " in reflog[1]
     missing = pf(history.path, "show", "main@{99}")
     assert missing.exit_code == 1 and "main@{99}" in missing.stderr
+
+
+def test_log_graph_separates_unrelated_histories(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    with Store(path) as st:
+        a = snapshot(st, "a", [1, 2, 3], ref="a")
+        snapshot(st, "a2", [1, 2, 3, 4], parents=[a], ref="a")
+        snapshot(st, "b", [7, 8, 9], ref="b")  # a root of its own, newest
+    lines = pf(path, "log", "--graph", "--all").stdout.splitlines()
+    stars = [i for i, line in enumerate(lines) if line.startswith("*")]
+    assert len(stars) == 3
+    # b is a root: the next history starts after a blank line, not right under it.
+    assert "b" in lines[stars[0]].split() and lines[stars[0] + 1] == ""
+    assert stars[1] == stars[0] + 2
+    # a2 -> a is one history: no gap between them.
+    assert stars[2] == stars[1] + 1
+
+
+def test_log_lists_fork_children_by_fork_index(history: History) -> None:
+    entries = pf(history.path, "log", "--all", "--json").json()["entries"]
+    forks = [e for e in entries if e["fork"] is not None]
+    assert [e["fork"]["index"] for e in forks] == [0, 1, 2]
