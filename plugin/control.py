@@ -122,8 +122,14 @@ class Control:
         if body.messages is not None:
             tokenizer = self.engine.get_tokenizer()
             try:
+                # Reached only where vLLM has no render route (plugin/chat_render.py): the
+                # model's own template, without the server's --chat-template.
                 text = tokenizer.apply_chat_template(
-                    body.messages, tokenize=False, add_generation_prompt=True
+                    body.messages, tokenize=False, tools=body.tools,
+                    add_generation_prompt=(
+                        True if body.add_generation_prompt is None else body.add_generation_prompt
+                    ),
+                    **(body.chat_template_kwargs or {}),
                 )
             except Exception as exc:  # template errors are the client's messages
                 raise ApiError(400, "invalid_request", f"cannot apply chat template: {exc}") from exc

@@ -21,6 +21,7 @@ from starlette.datastructures import State
 
 from .api_errors import ApiError, from_store_error
 from .api_models import CheckoutBody, ForkBody, SnapshotBody
+from .chat_render import render_chat
 from .connector import store_path_from_config
 from .control import Control
 
@@ -92,7 +93,13 @@ def build_router() -> APIRouter:
     @router.post("/snapshot")
     async def snapshot(request: Request) -> JSONResponse:
         async def run() -> Any:
-            return await _control(request).snapshot(await _parse(request, SnapshotBody))
+            control = _control(request)
+            body = await _parse(request, SnapshotBody)
+            if body.messages is not None:
+                ids = await render_chat(request, body)
+                if ids is not None:
+                    body = body.model_copy(update={"token_ids": ids, "messages": None})
+            return await control.snapshot(body)
 
         return await _guard(run)
 
