@@ -120,8 +120,11 @@ def test_interrupted_demo_stops_its_server(tmp_path: Path, tiny_model: Path, sig
     """Ctrl-C (or SIGTERM) while the server starts: the demo exits and leaves nothing running."""
     workdir = tmp_path / "demo"
     store = workdir / "store"
+    # A test run started in the background of a shell inherits SIGINT ignored (POSIX shells do
+    # that for `&` jobs), and so would the demo; a user's Ctrl-C reaches a foreground demo.
     proc = subprocess.Popen(_demo_argv(workdir, tiny_model), env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not _server_pids(store):
