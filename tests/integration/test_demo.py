@@ -121,10 +121,14 @@ def test_interrupted_demo_stops_its_server(tmp_path: Path, tiny_model: Path, sig
     workdir = tmp_path / "demo"
     store = workdir / "store"
     # A test run started in the background of a shell inherits SIGINT ignored (POSIX shells do
-    # that for `&` jobs), and so would the demo; a user's Ctrl-C reaches a foreground demo.
-    proc = subprocess.Popen(_demo_argv(workdir, tiny_model), env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # that for `&` jobs), and so would the demo; a user's Ctrl-C reaches a foreground demo. A
+    # handled (not ignored) signal is reset to its default in the child at exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(_demo_argv(workdir, tiny_model), env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.monotonic() + 120
         while not _server_pids(store):
