@@ -283,20 +283,27 @@ def part_ours(setup: Setup) -> None:
         srv.restart()  # a fresh engine: the GPU cache is empty; the store is in the page cache
         for n in setup.lengths:
             prompt, r = setup.prompt(n), res[n]
-            r["checkout"] = []
-            for rep in range(3):
-                if rep:
-                    srv.reset()
-                t, out = srv.post(f"{PF}/checkout", {"cid": f"bench/{n}"})
-                check(out["tokens_loaded"] == (n - 1) // setup.block * setup.block,
-                      f"{n}: checkout loaded {out['tokens_loaded']} tokens")
-                r["checkout"].append(t)
+            r["checkout"] = timed_checkouts(srv, setup, n)
             _, out = srv.complete(prompt)
             check(first_token(out) == r["token"], f"{n}: token after checkout differs from cold")
             log(f"{n}: checkout {[round(x * 1e3) for x in r['checkout']]} ms")
     finally:
         srv.stop()
     save("ours", {"copies": copies, "results": res, "args": setup.args})
+
+
+def timed_checkouts(srv: Server, setup: Setup, n: int, reps: int = 3) -> list[float]:
+    """``POST /checkout`` of ``bench/<n>``: first in the engine as it is (a fresh one), then
+    after ``/reset_prefix_cache``; each must load every loadable token."""
+    times = []
+    for rep in range(reps):
+        if rep:
+            srv.reset()
+        t, out = srv.post(f"{PF}/checkout", {"cid": f"bench/{n}"})
+        check(out["tokens_loaded"] == (n - 1) // setup.block * setup.block,
+              f"{n}: checkout loaded {out['tokens_loaded']} tokens")
+        times.append(t)
+    return times
 
 
 def part_unverified(setup: Setup, verify: bool = False) -> None:
@@ -314,14 +321,7 @@ def part_unverified(setup: Setup, verify: bool = False) -> None:
     data = json.loads(path.read_text()) if path.exists() else {"results": {}}
     try:
         for n in setup.lengths:
-            times = []
-            for rep in range(3):
-                if rep:
-                    srv.reset()
-                t, out = srv.post(f"{PF}/checkout", {"cid": f"bench/{n}"})
-                check(out["tokens_loaded"] == (n - 1) // setup.block * setup.block,
-                      f"{n}: unverified checkout loaded {out['tokens_loaded']} tokens")
-                times.append(t)
+            times = timed_checkouts(srv, setup, n)
             data["results"].setdefault(str(n), {})[key] = times
             log(f"{n}: {key} {[round(x * 1e3) for x in times]} ms")
     finally:

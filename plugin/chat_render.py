@@ -1,64 +1,64 @@
 """Token ids of a chat, rendered exactly as this server's ``/v1/chat/completions`` renders it.
 
 A ``messages`` snapshot must hold the very tokens the next chat request will send, or that
-request misses the restored pages. The server's own rendering depends on its ``--chat-template``,
-``--chat-template-content-format``, the tools and the template's kwargs; rather than repeat that
-logic (and drift from it across vLLM versions), the snapshot route asks vLLM's own render route,
-``POST /v1/chat/completions/render``, in process, with the caller's credentials.
+request misses the restored pages. The server's rendering depends on its ``--chat-template``,
+``--chat-template-content-format``, the request's tools and the template's kwargs; rather than
+repeat that logic (and drift from it across vLLM versions), the snapshot route hands a chat
+completion request to the server's own chat handler, ``OpenAIServingChat.render_chat_request``
+(vLLM 0.26 to 0.33), which is the step ``/v1/chat/completions`` itself starts with.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import httpx
 from fastapi import Request
 
 from .api_errors import ApiError
 from .api_models import SnapshotBody
 
-__all__ = ["CHAT_FIELDS", "RENDER_ROUTE", "render_chat"]
+__all__ = ["CHAT_FIELDS", "render_chat"]
 
-RENDER_ROUTE = "/v1/chat/completions/render"
-#: Snapshot body fields that shape the rendering, passed to the render route as they are.
+#: Snapshot body fields that shape the rendering, passed on as a chat completion request has them.
 CHAT_FIELDS = ("messages", "tools", "add_generation_prompt", "continue_final_message",
                "chat_template_kwargs")
 
 
 async def render_chat(request: Request, body: SnapshotBody) -> list[int] | None:
-    """The chat's token ids, or None when this vLLM has no render route (the caller falls back)."""
-    payload: dict[str, Any] = {
-        name: getattr(body, name) for name in CHAT_FIELDS if getattr(body, name) is not None
-    }
-    headers = {"content-type": "application/json"}
-    auth = request.headers.get("authorization")
-    if auth:
-        headers["authorization"] = auth
-    transport = httpx.ASGITransport(app=request.app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://render") as client:
-        response = await client.post(RENDER_ROUTE, json=payload, headers=headers)
-    if response.status_code in (404, 405, 501):
+    """The chat's token ids; None when this server has no chat handler to ask (the caller then
+    falls back to the model's own template)."""
+    serving = getattr(request.app.state, "openai_serving_chat", None)
+    render = getattr(serving, "render_chat_request", None)
+    if render is None:
         return None
     try:
-        doc = response.json()
-    except ValueError:
-        doc = None
-    if response.status_code != 200 or not isinstance(doc, dict):
-        message = _error_text(doc) or response.text[:300]
-        raise ApiError(400, "invalid_request", f"cannot render messages: {message}")
-    ids = doc.get("token_ids")
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    except ImportError:
+        return None
+    fields: dict[str, Any] = {
+        name: getattr(body, name) for name in CHAT_FIELDS if getattr(body, name) is not None
+    }
+    try:
+        chat = ChatCompletionRequest(max_tokens=1, **fields)
+    except ValueError as exc:  # pydantic's ValidationError: the client's messages or tools
+        raise ApiError(400, "invalid_request", f"invalid chat request: {_first_line(exc)}") from exc
+    try:
+        result = await render(chat)
+    except ValueError as exc:  # a template that fails on these messages
+        raise ApiError(400, "invalid_request", f"cannot render messages: {exc}") from exc
+    error = getattr(result, "error", None)
+    if error is not None:
+        raise ApiError(400, "invalid_request",
+                       f"cannot render messages: {getattr(error, 'message', error)}")
+    try:
+        _, engine_inputs = result
+        ids = engine_inputs[0].get("prompt_token_ids")
+    except (TypeError, ValueError, IndexError, AttributeError):
+        return None
     if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
         return None
-    return ids
+    return list(ids)
 
 
-def _error_text(doc: Any) -> str:
-    if isinstance(doc, dict):
-        error = doc.get("error")
-        if isinstance(error, dict):
-            return str(error.get("message") or "")
-        if "detail" in doc:
-            return str(doc["detail"])
-        if "message" in doc:
-            return str(doc["message"])
-    return ""
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300]

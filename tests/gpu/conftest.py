@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))  # pf_http
+sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))  # pf_http, live_server
+
+from live_server import LiveServer
 
 try:
     import torch
@@ -27,7 +28,6 @@ except ImportError:  # pragma: no cover - torch comes with vLLM
     HAVE_CUDA = False
 
 MODELS_DIR = Path(os.environ.get("PF_TEST_MODELS", REPO_ROOT / ".models"))
-READY_TIMEOUT = float(os.environ.get("PF_TEST_SERVER_TIMEOUT", "600"))
 #: Set (to 32) to run the suite on vLLM's CPU backend: a dry run of the tests' own logic.
 DRY_RUN_BLOCK = os.environ.get("PF_GPU_SUITE_BLOCK")
 BLOCK = int(DRY_RUN_BLOCK or 16)
@@ -41,7 +41,7 @@ SERVER_ARGS: tuple[str, ...] = (*(("--block-size", DRY_RUN_BLOCK) if DRY_RUN_BLO
     "--kv-cache-memory-bytes", "2G",
     "--enable-prompt-tokens-details",
 )
-_STARTED: list[GpuServer] = []
+_STARTED: list[LiveServer] = []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -52,54 +52,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.gpu)
             if not HAVE_CUDA and not DRY_RUN_BLOCK:
                 item.add_marker(skip)
-
-
-@dataclass
-class GpuServer:
-    """One ``pf serve`` on the GPU, restartable on the same port and store."""
-
-    model: Path
-    store: Path
-    extra_args: tuple[str, ...]
-    log_dir: Path
-    env: dict[str, str] = field(default_factory=dict)
-    api_key: str | None = None
-    served_name: str = "tiny"
-    port: int = 0
-    process: object | None = None
-    starts: int = 0
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def model_name(self) -> str:
-        return self.served_name
-
-    def start(self) -> GpuServer:
-        from processfork.plugin.launcher import find_free_port, launch_server
-
-        self.port = self.port or find_free_port()
-        self.starts += 1
-        self.process = launch_server(
-            self.model, port=self.port, store=self.store, api_key=self.api_key,
-            extra_args=["--served-model-name", self.served_name, *self.extra_args],
-            env=self.env, log_path=self.log_dir / f"server-{self.port}-{self.starts}.log",
-        )
-        self.process.wait_ready(READY_TIMEOUT)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-    def restart(self) -> GpuServer:
-        self.stop()
-        return self.start()
-
-    def log_tail(self, max_chars: int = 8000) -> str:
-        return self.process.log_tail(max_chars) if self.process is not None else ""
 
 
 @pytest.fixture(scope="session")
@@ -119,15 +71,15 @@ def other_gpu_model() -> Path:
 
 @pytest.fixture(scope="session")
 def start_gpu_server(tmp_path_factory: pytest.TempPathFactory
-                     ) -> Iterator[Callable[..., GpuServer]]:
+                     ) -> Iterator[Callable[..., LiveServer]]:
     log_dir = tmp_path_factory.mktemp("gpu-server-logs")
-    started: list[GpuServer] = []
+    started: list[LiveServer] = []
 
     def start(model: Path, *, store: Path | None = None, extra_args: Sequence[str] = (),
-              env: dict[str, str] | None = None, api_key: str | None = None) -> GpuServer:
-        live = GpuServer(model=model, store=store or tmp_path_factory.mktemp("pf-store"),
-                         extra_args=(*SERVER_ARGS, *extra_args), log_dir=log_dir,
-                         env=dict(env or {}), api_key=api_key)
+              env: dict[str, str] | None = None, api_key: str | None = None) -> LiveServer:
+        live = LiveServer(model=model, store=store or tmp_path_factory.mktemp("pf-store"),
+                          extra_args=(*SERVER_ARGS, *extra_args), log_dir=log_dir,
+                          env=dict(env or {}), api_key=api_key)
         started.append(live)
         _STARTED.append(live)
         return live.start()
@@ -143,7 +95,7 @@ def gpu_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gpu_server(start_gpu_server, gpu_model, gpu_store) -> GpuServer:
+def gpu_server(start_gpu_server, gpu_model, gpu_store) -> LiveServer:
     return start_gpu_server(gpu_model, store=gpu_store)
 
 

@@ -5,6 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-.bench/gpu}
+export PF_TEST_SERVER_TIMEOUT=${PF_TEST_SERVER_TIMEOUT:-600}  # a fresh GPU machine compiles kernels
 mkdir -p "$out"
 python3 -m pytest tests/gpu -v -rA -p no:cacheprovider --junitxml="$out/gpu-junit.xml" 2>&1 \
   | tee "$out/gpu-pytest.log"

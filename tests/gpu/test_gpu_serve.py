@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from pf_http import PF, cached_tokens, complete, get, pf, post, random_tokens
+from pf_http import PF, cached_tokens, complete, damage_page, get, pf, post, random_tokens
 from processfork.store import Store
 
 # vLLM's default block size on CUDA (tests/gpu/conftest.py leaves it as it is)
@@ -165,23 +165,10 @@ def test_other_model_is_409_and_a_missing_key_is_401(start_gpu_server, other_gpu
         other.stop()
 
 
-def _damage_page(store_path, digest: str) -> None:
-    import lmdb
-
-    env = lmdb.open(str(store_path), max_dbs=16, map_size=1 << 36)
-    try:
-        pages = env.open_db(b"pages", create=False)
-        with env.begin(write=True, db=pages) as txn:
-            key = bytes.fromhex(digest)
-            txn.put(key, b"\x5a" * len(txn.get(key)))
-    finally:
-        env.close()
-
-
 def test_a_damaged_page_is_caught_and_recomputed(gpu_server, before, gpu_store):
     with Store(gpu_store, readonly=True) as store:
         pages = store.get_snapshot(before.snapshots["damaged"]["cid"]).sequences[0].pages
-    _damage_page(gpu_store, pages[3][1])
+    damage_page(gpu_store, pages[3][1])
     response = post(gpu_server, f"{PF}/checkout", {"cid": "damaged"})
     assert response.status_code == 500, response.text
     error = response.json()["error"]

@@ -21,18 +21,16 @@ import importlib.util
 import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from processfork.plugin.launcher import ServerProcess, find_free_port, launch_server
+from live_server import LiveServer
 from processfork.plugin.model_builder import build_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(os.environ.get("PF_TEST_MODELS", REPO_ROOT / ".models"))
 SERVED_NAME = "tiny"
 _STARTED: list[LiveServer] = []  # every server of the session, for failure reports
-READY_TIMEOUT = float(os.environ.get("PF_TEST_SERVER_TIMEOUT", "300"))
 
 # fp32 so that fidelity comparisons measure our copies, not bf16 rounding (vLLM's CPU backend
 # downcasts an fp32 checkpoint to bf16 unless told otherwise). 512 MiB of KV cache is 256K
@@ -47,58 +45,6 @@ DEFAULT_ARGS: tuple[str, ...] = (
 
 # Prompts in the tests are 300-1000 tokens: a 256-token step budget chunks all of them.
 SESSION_SERVER_ARGS: tuple[str, ...] = ("--max-model-len", "4096", "--max-num-batched-tokens", "256")
-
-
-@dataclass
-class LiveServer:
-    """A started server plus what is needed to start it again the same way."""
-
-    model: Path
-    store: Path
-    extra_args: tuple[str, ...]
-    log_dir: Path
-    served_name: str = SERVED_NAME
-    api_key: str | None = None
-    port: int = field(default_factory=find_free_port)
-    process: ServerProcess | None = None
-    starts: int = 0
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def model_name(self) -> str:
-        return self.served_name
-
-    @property
-    def log_path(self) -> Path | None:
-        return self.process.log_path if self.process else None
-
-    def start(self) -> LiveServer:
-        self.starts += 1
-        self.process = launch_server(
-            self.model,
-            port=self.port,
-            store=self.store,
-            extra_args=["--served-model-name", self.served_name, *self.extra_args],
-            log_path=self.log_dir / f"server-{self.port}-{self.starts}.log",
-            api_key=self.api_key,
-        )
-        self.process.wait_ready(READY_TIMEOUT)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-    def restart(self) -> LiveServer:
-        """Stop and start on the same port and store: the engine comes back with a cold cache."""
-        self.stop()
-        return self.start()
-
-    def log_tail(self, max_chars: int = 6000) -> str:
-        return self.process.log_tail(max_chars) if self.process else ""
 
 
 @pytest.fixture(scope="session", autouse=True)

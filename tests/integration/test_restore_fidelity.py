@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from pf_http import PF, cached_tokens, complete, get, metric, pf, post, random_tokens
+from pf_http import PF, cached_tokens, complete, damage_page, get, metric, pf, post, random_tokens
 from processfork.store import Store
 
 pytestmark = pytest.mark.integration
@@ -227,27 +227,12 @@ def test_name_only_snapshot_captures_a_request_still_decoding(server, before, pf
     assert cached_tokens(again) == split_point(len(longest))
 
 
-def _damage_page(store_path, digest: str) -> None:
-    """Overwrite one stored page behind the store's back, as a bad disk would."""
-    import lmdb
-
-    env = lmdb.open(str(store_path), max_dbs=16, map_size=1 << 36)
-    try:
-        pages = env.open_db(b"pages", create=False)
-        with env.begin(write=True, db=pages) as txn:
-            key = bytes.fromhex(digest)
-            size = len(txn.get(key))
-            txn.put(key, b"\x5a" * size)
-    finally:
-        env.close()
-
-
 def test_a_corrupt_page_is_caught_and_recomputed(server, before, pf_store):
     """A damaged page is never served: checkout reports it, vLLM recomputes the block, and the
     continuation still matches the original (as a cold prefill does)."""
     with Store(pf_store, readonly=True) as store:
         pages = store.get_snapshot(before.snapshots["damaged"]["cid"]).sequences[0].pages
-    _damage_page(pf_store, pages[3][0])
+    damage_page(pf_store, pages[3][0])
     response = post(server, f"{PF}/checkout", {"cid": "damaged"})
     assert response.status_code == 500, response.text
     error = response.json()["error"]

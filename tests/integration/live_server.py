@@ -1,0 +1,71 @@
+"""A real server a test session starts, stops and restarts on the same port and store.
+
+Shared by the CPU integration suite and the GPU suite (tests/gpu), which add their fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from processfork.plugin.launcher import ServerProcess, find_free_port, launch_server
+
+__all__ = ["READY_TIMEOUT", "LiveServer"]
+
+READY_TIMEOUT = float(os.environ.get("PF_TEST_SERVER_TIMEOUT", "300"))
+
+
+@dataclass
+class LiveServer:
+    """A started server plus what is needed to start it again the same way."""
+
+    model: Path
+    store: Path
+    extra_args: tuple[str, ...]
+    log_dir: Path
+    served_name: str = "tiny"
+    api_key: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of the server."""
+    port: int = field(default_factory=find_free_port)
+    process: ServerProcess | None = None
+    starts: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_name
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.process.log_path if self.process else None
+
+    def start(self) -> LiveServer:
+        self.starts += 1
+        self.process = launch_server(
+            self.model,
+            port=self.port,
+            store=self.store,
+            extra_args=["--served-model-name", self.served_name, *self.extra_args],
+            log_path=self.log_dir / f"server-{self.port}-{self.starts}.log",
+            api_key=self.api_key,
+            env=self.env or None,
+        )
+        self.process.wait_ready(READY_TIMEOUT)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def restart(self) -> LiveServer:
+        """Stop and start on the same port and store: the engine comes back with a cold cache."""
+        self.stop()
+        return self.start()
+
+    def log_tail(self, max_chars: int = 6000) -> str:
+        return self.process.log_tail(max_chars) if self.process else ""
