@@ -30,6 +30,7 @@ class SnapshotBody(_Body):
     message: str | None = None
     # With `messages`, as in a chat completion request: they shape the rendered tokens.
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -45,8 +46,9 @@ class SnapshotBody(_Body):
             raise ValueError("token_ids must be a non-empty list of non-negative integers")
         if self.prompt is not None and not self.prompt:
             raise ValueError("prompt must not be empty")
-        chat_only = [k for k in ("tools", "add_generation_prompt", "continue_final_message",
-                                 "chat_template_kwargs") if getattr(self, k) is not None]
+        chat_only = [k for k in ("tools", "tool_choice", "add_generation_prompt",
+                                 "continue_final_message", "chat_template_kwargs")
+                     if getattr(self, k) is not None]
         if chat_only and self.messages is None:
             raise ValueError(f"{', '.join(chat_only)} apply to messages only")
         if self.messages is not None:

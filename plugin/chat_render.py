@@ -20,8 +20,8 @@ from .api_models import SnapshotBody
 __all__ = ["CHAT_FIELDS", "render_chat"]
 
 #: Snapshot body fields that shape the rendering, passed on as a chat completion request has them.
-CHAT_FIELDS = ("messages", "tools", "add_generation_prompt", "continue_final_message",
-               "chat_template_kwargs")
+CHAT_FIELDS = ("messages", "tools", "tool_choice", "add_generation_prompt",
+               "continue_final_message", "chat_template_kwargs")
 
 
 async def render_chat(request: Request, body: SnapshotBody) -> list[int] | None:
