@@ -1,6 +1,8 @@
 """Checkout vs recompute vs vLLM's own connectors on a CUDA GPU, measured side by side.
 
     python3 bench/gpu_bench.py --part ours    # (a) (c) (d) (e), snapshot and checkout GB/s
+    python3 bench/gpu_bench.py --part checkouts   # (c) again, in a fresh engine, from that store
+    python3 bench/gpu_bench.py --part unverified  # (c) with verify_loads off: what the check costs
     python3 bench/gpu_bench.py --part peers   # (b) ExampleConnector, (b2) OffloadingConnector
     python3 bench/gpu_bench.py --part report  # the tables, from the JSON the parts wrote
     python3 bench/gpu_bench.py --quick        # smoke run of every part (tiny model; CPU works)
