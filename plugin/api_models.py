@@ -8,13 +8,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 __all__ = ["CheckoutBody", "ForkBody", "SnapshotBody"]
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_absent(cls, data: Any) -> Any:
+        """`"token_ids": null` must not read as "no source" (a snapshot of everything)."""
+        if isinstance(data, dict):
+            nulls = sorted(k for k, v in data.items() if v is None and k in cls.model_fields)
+            if nulls:
+                raise ValueError(f"{', '.join(nulls)}: null is not a value; leave the field out")
+        return data
 
 
 class SnapshotBody(_Body):
@@ -24,7 +34,7 @@ class SnapshotBody(_Body):
     name: str = Field(min_length=1, max_length=255)
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
-    token_ids: list[int] | None = None
+    token_ids: list[StrictInt] | None = None
     request_id: str | None = None
     parent: str | None = None
     message: str | None = None
@@ -66,7 +76,7 @@ class SnapshotBody(_Body):
 
 class ForkBody(_Body):
     cid: str = Field(min_length=1)
-    n: int = Field(ge=1, le=4096)
+    n: StrictInt = Field(ge=1, le=4096)  # `true` and `2.0` are not counts
     name: str | None = None
 
 

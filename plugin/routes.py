@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-from processfork.store import Store, StoreError, documents
+from processfork.store import Store, StoreError, documents, validate_ref_name
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import State
 
@@ -39,11 +39,18 @@ def _error_response(exc: ApiError) -> JSONResponse:
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
     raw = await request.body()
     try:
-        data = json.loads(raw or b"null")
+        data = json.loads(raw or b"null", parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"request body is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "invalid_json", "request body is nested too deeply") from exc
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_request", "request body must be a JSON object")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, "invalid_json", "request body holds a lone UTF-16 surrogate "
+                                            f"({exc.object[exc.start:exc.end]!a})") from exc
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -53,6 +60,11 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise ApiError(422, "invalid_request", f"{where}: {first.get('msg')}") from exc
+
+
+def _no_constant(name: str) -> Any:
+    """JSON has no NaN or Infinity; Python's parser accepts them unless told not to."""
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
 def unknown_field_message(names: list[str], model: type[BaseModel]) -> str:
@@ -161,6 +173,7 @@ def build_router() -> APIRouter:
     async def delete_ref(request: Request, name: str, force: bool = False) -> JSONResponse:
         async def run() -> Any:
             control = _control(request)
+            await control._run(validate_ref_name, name)  # 400 before the name reaches LMDB
             old = await control._run(control.store.get_ref, name)
             if old is None:
                 raise ApiError(404, "not_found", f"no ref named {name!r}")

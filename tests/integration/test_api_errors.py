@@ -64,6 +64,17 @@ def test_too_short_prefix_is_unknown(server):
         ("fork", {"cid": "errors/base", "n": 2, "name": "bad name"}, 400),
         ("checkout", {}, 422),
         ("checkout", {"cid": 5}, 422),
+        # Types are strict: a boolean or a float is not a count, null is not "absent".
+        ("fork", {"cid": "errors/base", "n": True}, 422),
+        ("fork", {"cid": "errors/base", "n": 2.0}, 422),
+        ("snapshot", {"name": "x", "token_ids": None}, 422),
+        ("snapshot", {"name": "x", "prompt": None}, 422),
+        ("snapshot", {"name": "x", "token_ids": [5, 6.0]}, 422),
+        # JSON that Python's parser takes but JSON does not, or that breaks it.
+        ("snapshot", b'{"name": "x", "token_ids": [NaN]}', 400),
+        ("fork", b'{"cid": "errors/base", "n": Infinity}', 400),
+        ("snapshot", b'{"name": "x", "m": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
+        ("snapshot", b'{"name": "ok1", "request_id": "\\ud800"}', 400),
     ],
 )
 def test_malformed_bodies_are_4xx(server, known, path, body, status):
@@ -164,3 +175,11 @@ def httpx_delete(server, path: str):
 
     return httpx.delete(f"{server.base_url}{path}", headers=headers(server), timeout=60,
                         trust_env=False)
+
+
+@pytest.mark.parametrize("name", ["", "%0A", "a%00b"])
+def test_deleting_a_ref_with_an_invalid_name_is_400(server, name):
+    import httpx
+
+    response = httpx.delete(f"{server.base_url}{PF}/refs/{name}", timeout=60, trust_env=False)
+    _error(response, 400)
