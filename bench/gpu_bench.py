@@ -35,13 +35,16 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import check, first_token, median
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("PF_BENCH_DIR", REPO / ".bench" / "gpu"))
@@ -173,22 +176,9 @@ class Server:
         return self.client.get("/metrics").text
 
 
-def first_token(completion: dict[str, Any]) -> int:
-    return int(completion["choices"][0]["token_ids"][0])
-
-
 def cached(completion: dict[str, Any]) -> int:
     details = completion["usage"].get("prompt_tokens_details") or {}
     return int(details.get("cached_tokens") or 0)
-
-
-def check(ok: bool, what: str) -> None:
-    if not ok:
-        raise SystemExit(f"benchmark self-check failed: {what}")
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
 
 
 def save(name: str, data: dict[str, Any]) -> None:
@@ -308,9 +298,9 @@ def timed_checkouts(srv: Server, setup: Setup, n: int, reps: int = 3) -> list[fl
     return times
 
 
-def part_unverified(setup: Setup, verify: bool = False) -> None:
-    """(c) again with ``verify_loads: false``, from the store ``--part ours`` left: what the
-    integrity check costs a checkout."""
+def part_checkouts(setup: Setup, *, verify: bool) -> None:
+    """(c) again in a freshly started engine, from the store ``--part ours`` left; with
+    ``verify=False`` (``verify_loads: false``) it shows what the integrity check costs."""
     from processfork.plugin.launcher import kv_transfer_config
 
     store = WORK / "store"
@@ -468,9 +458,9 @@ def main() -> None:
     if opts.part in ("ours", "all"):
         part_ours(setup)
     if opts.part == "checkouts":
-        part_unverified(setup, verify=True)
+        part_checkouts(setup, verify=True)
     if opts.part in ("unverified", "all"):
-        part_unverified(setup)
+        part_checkouts(setup, verify=False)
     if opts.part in ("peers", "all"):
         part_peers(setup)
     if opts.part == "offloading":

@@ -74,7 +74,7 @@ def _int(extra: dict[str, Any], name: str) -> int | None:
 class ProcessForkConnector(KVConnectorBase_V1):
     """Snapshots and checkouts of paged KV through the ProcessFork store."""
 
-    # vLLM >= 0.30 labels prompt tokens served by a connector by source in /metrics; older
+    # vLLM >= 0.32 labels prompt tokens served by a connector by source in /metrics; older
     # versions have no such label (and no such module).
     if CacheHitSource is not None:
         _cache_hit_source = CacheHitSource.DISK

@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ MiB = 1 << 20
 DEFAULT_STAGING_MIB = 512
 DEFAULT_SLOTS = 4
 
+T = TypeVar("T")
 PageItems = list[tuple[bytes, memoryview]]
 #: ``commit(items, num_blocks, last)`` stores the pages of one or more consecutive chunks (one
 #: durable commit); runs on the writer thread. ``last``: the save's final chunk is among them.
@@ -248,10 +249,7 @@ class StagedPagePath:
                     bad.append(i // 2)
             return bad
 
-        count = len(views)
-        pieces = max(1, min(self.threads, count // 2))
-        bounds = [count * i // pieces // 2 * 2 for i in range(pieces)] + [count]
-        return [self._pool.submit(part, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        return self._submit_slices(len(views), part)
 
     def _to_blocks(self, slot: _Slot, ids: list[int]) -> None:
         n = len(ids)
@@ -365,13 +363,15 @@ class StagedPagePath:
 
     # -- helpers ---------------------------------------------------------------------------
     def _spread(self, count: int, part: Callable[[int, int], Any]) -> list[Any]:
-        """Run ``part(lo, hi)`` over ``range(count)`` cut into one slice per thread."""
-        pieces = min(self.threads, count)
-        if pieces <= 1:
-            return [part(0, count)]
-        bounds = [count * i // pieces for i in range(pieces + 1)]
-        futures = [self._pool.submit(part, lo, hi) for lo, hi in itertools.pairwise(bounds)]
-        return [f.result() for f in futures]
+        """Run ``part(lo, hi)`` over ``range(count)`` in the pool and wait for every slice."""
+        return [f.result() for f in self._submit_slices(count, part)]
+
+    def _submit_slices(self, count: int, part: Callable[[int, int], T]) -> list[Future[T]]:
+        """``part(lo, hi)`` over ``range(count)``, one slice per thread. Slices start on even
+        indexes, so a block's K and V pages (``2i``, ``2i + 1``) stay in one slice."""
+        pieces = max(1, min(self.threads, count // 2))
+        bounds = [count * i // pieces // 2 * 2 for i in range(pieces)] + [count]
+        return [self._pool.submit(part, lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
     def _index(self, ids: list[int]) -> torch.Tensor:
         """Block ids on the device, copied without blocking the host."""
