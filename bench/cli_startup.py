@@ -48,6 +48,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15)
     opts = parser.parse_args()
     build_store()
+    # A wheel install compiles bytecode when it installs; an editable checkout under
+    # PYTHONDONTWRITEBYTECODE would recompile every module on every start instead.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "processfork_cli"),
+                    str(REPO / "store")], check=True)
     pf = [sys.executable, "-m", "processfork_cli"]
     commands = {
         "python -c pass": [sys.executable, "-c", "pass"],

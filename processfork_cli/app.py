@@ -1,12 +1,18 @@
 """The Typer app `pf`: global options and the list of command modules.
 
-Each command module exposes `register(app)`. To add a group of commands, write a module with such a
-function and name it in `COMMAND_MODULES`; `main()` (processfork_cli/main.py) does the error handling.
+Each command module exposes `register(app)`. To add a command, register it in its module and name
+it in `COMMANDS`; `main()` (processfork_cli/main.py) does the error handling.
+
+`pf` starts for every command, and Typer reads the signature of every registered command on each
+start, so `build_app` registers only the module of the command being run (all of them for `--help`,
+a bare `pf` or an unknown name, where click must list them). tests/unit/test_cli_main.py checks
+that `COMMANDS` names exactly what the modules register.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 
 import typer
 
@@ -21,7 +27,7 @@ from processfork_cli.options import (
 from processfork_cli.settings import Settings
 from processfork_cli.version import VersionOpt
 
-__all__ = ["COMMAND_MODULES", "app"]
+__all__ = ["COMMANDS", "COMMAND_MODULES", "build_app", "invoked_command"]
 
 HELP = """Git for the KV cache of a running vLLM server.
 
@@ -29,17 +35,6 @@ Snapshot, fork, checkout, log and gc the paged KV cache, stored by content in an
 Exit codes: 0 ok, 1 user error, 2 server/engine/system error, 3 integrity error (see docs/cli.md).
 """
 
-app = typer.Typer(
-    name="pf",
-    help=HELP,
-    invoke_without_command=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-@app.callback()
 def _global_options(
     ctx: typer.Context,
     server: GlobalServerOpt = None,
@@ -62,15 +57,63 @@ def _global_options(
         raise typer.Exit(0)
 
 
-COMMAND_MODULES: tuple[str, ...] = (
-    "processfork_cli.commands_history",
-    "processfork_cli.commands_objects",
-    "processfork_cli.commands_refs",
-    "processfork_cli.commands_maint",
-    "processfork_cli.commands_server",
-    "processfork_cli.commands_live",
-    "processfork_cli.version",
-)
+COMMANDS: dict[str, str] = {
+    "log": "processfork_cli.commands_history",
+    "reflog": "processfork_cli.commands_history",
+    "show": "processfork_cli.commands_objects",
+    "diff": "processfork_cli.commands_objects",
+    "fork": "processfork_cli.commands_objects",
+    "refs": "processfork_cli.commands_refs",
+    "branch": "processfork_cli.commands_refs",
+    "ref": "processfork_cli.commands_refs",
+    "status": "processfork_cli.commands_maint",
+    "fsck": "processfork_cli.commands_maint",
+    "gc": "processfork_cli.commands_maint",
+    "serve": "processfork_cli.commands_server",
+    "snapshot": "processfork_cli.commands_live",
+    "checkout": "processfork_cli.commands_live",
+    "version": "processfork_cli.version",
+}
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(_name).register(app)
+COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
+
+# Global options that take a value: the word after them is not the command's name.
+_VALUE_OPTIONS = frozenset({"--server", "--store", "--api-key"})
+
+
+def invoked_command(args: Sequence[str]) -> str | None:
+    """The command named in `args` after the global options, or None (help, bare `pf`)."""
+    words = iter(args)
+    for word in words:
+        if word == "--":
+            return next(words, None)
+        if word in _VALUE_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_app(args: Sequence[str] = ()) -> typer.Typer:
+    """The `pf` app with the commands `args` can reach: the named command's module, or all."""
+    app = typer.Typer(
+        name="pf",
+        help=HELP,
+        invoke_without_command=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_global_options)
+    command = invoked_command(args)
+    modules = (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES
+    for name in modules:
+        importlib.import_module(name).register(app)
+    return app
+
+
+def __getattr__(name: str) -> typer.Typer:
+    # `app` (every command) for callers that drive the CLI in-process, e.g. typer's CliRunner.
+    if name == "app":
+        return build_app()
+    raise AttributeError(name)

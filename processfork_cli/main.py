@@ -30,9 +30,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     out = Output()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        from processfork_cli.app import app
+        from processfork_cli.app import build_app
 
-        result = app(args=args, prog_name=PROG, standalone_mode=False)
+        result = build_app(args)(args=args, prog_name=PROG, standalone_mode=False)
     except TyperException as exc:
         # Parser errors (click's UsageError family, exit 2 by click's convention) and the few
         # other errors click raises itself: one line, never the boxed usage panel.

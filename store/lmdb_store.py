@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import lmdb
 from processfork.store import meta as _meta
 from processfork.store import objects as _objects
 from processfork.store import refs as _refs
-from processfork.store.diff import DiffResult, diff
 from processfork.store.digest import (
     cid_from_key,
     cid_key,
@@ -33,10 +32,6 @@ from processfork.store.errors import (
     ReadOnlyStore,
     UnknownRevision,
 )
-from processfork.store.fork import fork, fork_named
-from processfork.store.fsck import FsckIssue, fsck
-from processfork.store.gc import GcStats, gc
-from processfork.store.graph import LogEntry, graph_lines, log
 from processfork.store.manifest import Manifest, TokenRef
 from processfork.store.objects import (
     JOURNAL_SNAPSHOT,
@@ -49,7 +44,15 @@ from processfork.store.objects import (
 from processfork.store.refs import ANY, HeadInfo, ReflogEntry
 from processfork.store.revparse import resolve_in
 from processfork.store.snapshots import load_manifest, write_manifest
-from processfork.store.status import StoreStatus, compute_status
+
+if TYPE_CHECKING:
+    # The history, maintenance and diff helpers load on first use: `pf log` and `pf refs` start
+    # faster without gc, fsck and diff in memory.
+    from processfork.store.diff import DiffResult
+    from processfork.store.fsck import FsckIssue
+    from processfork.store.gc import GcStats
+    from processfork.store.graph import LogEntry
+    from processfork.store.status import StoreStatus
 
 __all__ = ["Store"]
 
@@ -531,24 +534,34 @@ class Store:
     # -- high level (each in its own module) -----------------------------------------------------
     def fork(self, rev: str, n: int, *, prefix: str | None = None, message: str = "") -> list[str]:
         """n children of `rev` sharing all its pages, refs `{prefix}/0..n-1`; one transaction."""
+        from processfork.store.fork import fork
+
         return fork(self, rev, n, prefix=prefix, message=message)
 
     def fork_named(
         self, rev: str, n: int, *, prefix: str | None = None, message: str = ""
     ) -> list[tuple[str, str]]:
         """Like `fork`, returning each child's (ref name, cid)."""
+        from processfork.store.fork import fork_named
+
         return fork_named(self, rev, n, prefix=prefix, message=message)
 
     def log(
         self, rev: str | None = "HEAD", *, limit: int | None = None, all_refs: bool = False
     ) -> list[LogEntry]:
+        from processfork.store.graph import log
+
         return log(self, rev, limit=limit, all_refs=all_refs)
 
     @staticmethod
     def graph_lines(entries: Sequence[LogEntry]) -> list[tuple[str, LogEntry | None]]:
+        from processfork.store.graph import graph_lines
+
         return graph_lines(entries)
 
     def diff(self, a: str, b: str) -> DiffResult:
+        from processfork.store.diff import diff
+
         return diff(self, a, b)
 
     def gc(
@@ -559,14 +572,20 @@ class Store:
         expire: float | str = 30 * 86400.0,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> GcStats:
+        from processfork.store.gc import gc
+
         return gc(self, dry_run=dry_run, prune=prune, expire=expire, progress=progress)
 
     def fsck(
         self, *, progress: Callable[[str, int, int], None] | None = None
     ) -> Iterator[FsckIssue]:
+        from processfork.store.fsck import fsck
+
         return fsck(self, progress=progress)
 
     def status(self) -> StoreStatus:
+        from processfork.store.status import compute_status
+
         return compute_status(self)
 
     def snapshot_written_at(self, cid: str) -> float:

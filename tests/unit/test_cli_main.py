@@ -234,3 +234,48 @@ def test_server_errors_exit_as_the_same_local_errors(status, error_type, message
     through_server = describe(ServerError(status, error_type, message, "http://h"))
     assert through_server.exit_code == describe(local).exit_code
     assert hint in (through_server.hint or "")
+
+
+def test_command_table_names_exactly_what_the_modules_register() -> None:
+    """`pf X` loads only X's module, so the table must not drift from the modules' `register`."""
+    import importlib
+
+    import typer
+
+    from processfork_cli.app import COMMAND_MODULES, COMMANDS
+
+    registered: dict[str, str] = {}
+    for module in COMMAND_MODULES:
+        app = typer.Typer()
+        importlib.import_module(module).register(app)
+        names = [c.name for c in app.registered_commands]
+        names += [g.name or g.typer_instance.info.name for g in app.registered_groups]
+        assert all(names), f"{module} registers a command without an explicit name"
+        registered.update(dict.fromkeys(names, module))
+    assert registered == COMMANDS
+
+
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [
+        ([], None),
+        (["--help"], None),
+        (["log", "-n", "3"], "log"),
+        (["--store", "log", "show"], "show"),
+        (["--server=http://x", "-q", "--json", "fork", "a"], "fork"),
+        (["--api-key", "k", "--", "gc"], "gc"),
+    ],
+)
+def test_invoked_command_skips_global_options(args: list[str], command: str | None) -> None:
+    from processfork_cli.app import invoked_command
+
+    assert invoked_command(args) == command
+
+
+def test_help_lists_every_command(tmp_path: Path) -> None:
+    from processfork_cli.app import COMMANDS
+
+    result = pf(tmp_path / "none", "--help")
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert f" {name} " in result.stdout, name
