@@ -50,11 +50,16 @@ def status(
     s = settings(ctx, store=store, json=json_, quiet=quiet)
     with s.open_store() as st:
         doc = to_jsonable(st.status())
-    s.out.emit(
-        doc,
-        human=lambda out: out.fields(_key_value_rows(doc)),
-        quiet=[str(doc.get("path", ""))],
-    )
+
+    def human(out: Output) -> None:
+        out.fields(_key_value_rows(doc))
+        if doc.get("abandoned_pins"):
+            out.info(
+                f"{human_count(doc['abandoned_pins'])} pin(s) of exited writers hold "
+                f"{human_bytes(doc['abandoned_pin_bytes'])}: `pf gc` drops them"
+            )
+
+    s.out.emit(doc, human=human, quiet=[str(doc.get("path", ""))])
 
 
 def fsck(

@@ -1,8 +1,8 @@
 """Garbage collection: find reachable, find unreachable, prune (with a grace period), expire reflogs.
 
-Roots are every ref, HEAD, every reflog entry younger than `expire`, every fresh pin, and every
-snapshot younger than `prune` (a young snapshot keeps what it names, so no kept manifest can point
-to a pruned page).
+Roots are every ref, HEAD, every reflog entry younger than `expire`, every live pin (extended within
+a day, and its owner process not known to have exited: owners.py), and every snapshot younger than
+`prune` (a young snapshot keeps what it names, so no kept manifest can point to a pruned page).
 
 The mark runs in one read transaction so writers are not blocked. The sweep then runs in short write
 transactions, each of which first re-reads the roots and walks whatever appeared since the mark
@@ -105,7 +105,9 @@ class _Mark:
 def _roots(
     txn: lmdb.Transaction, dbs: dict[str, Any], expire_cut: float, pin_cut: float
 ) -> tuple[list[bytes], set[bytes], list[str], list[bytes]]:
-    """(snapshot keys, pinned digests, stale pin names, expired reflog keys) as of this transaction."""
+    """(snapshot keys, pinned digests, abandoned pin names, expired reflog keys) as of this
+    transaction. A pin is abandoned when it is malformed, a day old, or its owner process has
+    exited (owners.py): a writer killed mid-snapshot never drops its pin itself."""
     cids = set(list_refs(txn, dbs).values())
     head = read_head(txn, dbs).cid
     if head:
@@ -121,7 +123,7 @@ def _roots(
     pinned: set[bytes] = set()
     stale = []
     for name, info in read_pins(txn, dbs).items():
-        if info is None or info.updated < pin_cut:
+        if info is None or info.updated < pin_cut or info.owner_dead():
             stale.append(name)
         else:
             pinned.update(info.digests)

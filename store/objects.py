@@ -16,6 +16,7 @@ from typing import Any
 import lmdb
 from processfork.store.digest import page_digest
 from processfork.store.errors import InvalidName, MissingObject
+from processfork.store.owners import Liveness, Owner, current_owner, liveness
 
 __all__ = [
     "JOURNAL_BLOB",
@@ -36,6 +37,9 @@ JOURNAL_SNAPSHOT = b"s"
 PIN_STALE_SECONDS = 24 * 3600.0
 _U64 = struct.Struct("<Q")
 _PIN_HEADER = struct.Struct("<QQ")  # created, updated (Unix microseconds)
+# The top bit of `created` says that an owner record (owners.Owner, 40 bytes) follows the header.
+# Pins written before owners were recorded have no such bit and no record.
+_PIN_HAS_OWNER = 1 << 63
 DIGEST_SIZE = 16
 
 
@@ -60,9 +64,19 @@ class PinInfo:
     digests: list[bytes]
     created: float
     updated: float
+    owner: Owner | None = None
+    """The process that created the pin; None for pins written before owners were recorded."""
 
     def stale(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) - self.updated > PIN_STALE_SECONDS
+
+    def owner_dead(self) -> bool:
+        """Its owner has certainly exited (owners.liveness): nothing will finish or drop it."""
+        return liveness(self.owner) is Liveness.DEAD
+
+    def abandoned(self, now: float | None = None) -> bool:
+        """gc drops it: its owner is dead, or it has not been extended for a day."""
+        return self.owner_dead() or self.stale(now)
 
 
 def now_us() -> int:
@@ -172,27 +186,46 @@ def put_blob(
 # -- pins ----------------------------------------------------------------------------------------
 def decode_pin(name: str, raw: bytes) -> PinInfo:
     raw = bytes(raw)
-    if len(raw) < _PIN_HEADER.size or (len(raw) - _PIN_HEADER.size) % DIGEST_SIZE:
+    if len(raw) < _PIN_HEADER.size:
         raise ValueError(f"pin {name!r} has a malformed value of {len(raw)} bytes")
     created, updated = _PIN_HEADER.unpack_from(raw)
-    body = raw[_PIN_HEADER.size :]
+    owner: Owner | None = None
+    start = _PIN_HEADER.size
+    if created & _PIN_HAS_OWNER:
+        created &= ~_PIN_HAS_OWNER
+        if len(raw) < start + Owner.SIZE:
+            raise ValueError(f"pin {name!r} has a malformed value of {len(raw)} bytes")
+        owner = Owner.unpack(raw[start : start + Owner.SIZE])
+        start += Owner.SIZE
+    body = raw[start:]
+    if len(body) % DIGEST_SIZE:
+        raise ValueError(f"pin {name!r} has a malformed value of {len(raw)} bytes")
     digests = [body[i : i + DIGEST_SIZE] for i in range(0, len(body), DIGEST_SIZE)]
-    return PinInfo(name, digests, created / 1e6, updated / 1e6)
+    return PinInfo(name, digests, created / 1e6, updated / 1e6, owner)
+
+
+def _encode_pin(created_us: int, updated_us: int, owner: Owner | None, body: bytes) -> bytes:
+    if owner is None:
+        return _PIN_HEADER.pack(created_us, updated_us) + body
+    return _PIN_HEADER.pack(created_us | _PIN_HAS_OWNER, updated_us) + owner.pack() + body
 
 
 def pin_extend(
     txn: lmdb.Transaction, dbs: dict[str, Any], name: str, digests: Iterable[bytes], t_us: int
 ) -> None:
-    """Add digests to pin `name` (created when absent) and refresh its time."""
+    """Add digests to pin `name` (created when absent, owned by this process) and refresh its
+    time. Extending keeps the creator as the owner."""
     validate_key_name(name, "pin name")
     key = name.encode("utf-8")
     raw = txn.get(key, db=dbs["pins"])
     if raw is None:
-        created, body, seen = t_us, bytearray(), set()
+        created, owner, old, seen = t_us, current_owner(), b"", set()
     else:
         info = decode_pin(name, raw)
-        created, body = int(info.created * 1e6), bytearray(bytes(raw)[_PIN_HEADER.size :])
+        created, owner = int(round(info.created * 1e6)), info.owner
+        old = b"".join(info.digests)
         seen = set(info.digests)
+    body = bytearray(old)
     for d in digests:
         d = bytes(d)
         if len(d) != DIGEST_SIZE:
@@ -200,7 +233,7 @@ def pin_extend(
         if d not in seen:
             seen.add(d)
             body += d
-    txn.put(key, _PIN_HEADER.pack(created, t_us) + bytes(body), db=dbs["pins"])
+    txn.put(key, _encode_pin(created, t_us, owner, bytes(body)), db=dbs["pins"])
 
 
 def drop_pin(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> bool:

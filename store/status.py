@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import lmdb
 from processfork.store.env import META_FORMAT_KEY
+from processfork.store.objects import read_pins
 from processfork.store.refs import HEAD, HeadInfo, read_head
 
 if TYPE_CHECKING:
@@ -36,6 +37,26 @@ class StoreStatus:
     num_pins: int = 0
     file_bytes: int = 0
     version: int = 0
+    abandoned_pins: int = 0
+    """Pins whose writer has exited (or that are a day old): the next gc drops them."""
+    abandoned_pin_bytes: int = 0
+    """What the abandoned pins hold (pages and blobs, each counted once). gc reclaims the part that
+    no snapshot shares once its grace period (`--prune`) has passed."""
+
+
+def _abandoned_pins(txn: lmdb.Transaction, dbs: dict) -> tuple[int, int]:
+    count, digests = 0, set()
+    for info in read_pins(txn, dbs).values():
+        if info is not None and info.abandoned():
+            count += 1
+            digests.update(info.digests)
+    held = 0
+    for digest in digests:
+        value = txn.get(digest, db=dbs["pages"])
+        if value is None:
+            value = txn.get(digest, db=dbs["blobs"])
+        held += 0 if value is None else len(value)
+    return count, held
 
 
 def compute_status(store: Store) -> StoreStatus:
@@ -55,6 +76,7 @@ def compute_status(store: Store) -> StoreStatus:
             file_bytes = os.path.getsize(os.path.join(store.path, "data.mdb"))
         except OSError:
             file_bytes = 0
+        abandoned, abandoned_bytes = _abandoned_pins(txn, dbs)
         return StoreStatus(
             path=store.path,
             format=str(meta["format"]),
@@ -70,6 +92,8 @@ def compute_status(store: Store) -> StoreStatus:
             num_pins=txn.stat(dbs["pins"])["entries"],
             file_bytes=file_bytes,
             version=int(meta["version"]),
+            abandoned_pins=abandoned,
+            abandoned_pin_bytes=abandoned_bytes,
         )
 
     return store._read(run, buffers=True)
