@@ -7,6 +7,7 @@ traceback is visible.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     out = Output()
     args = list(sys.argv[1:] if argv is None else argv)
+    warnings = _StoreWarnings(out)
+    logging.getLogger("processfork").addHandler(warnings)
     try:
         from processfork_cli.app import build_app
 
@@ -51,6 +54,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             hint += "set PF_DEBUG=1 for the traceback"
         out.error(_one_line(problem.message), hint=hint)
         return int(problem.exit_code)
+    finally:
+        logging.getLogger("processfork").removeHandler(warnings)
     if isinstance(result, int) and not isinstance(result, bool):
         return result
     return ExitCode.OK
@@ -59,6 +64,18 @@ def run(argv: Sequence[str] | None = None) -> int:
 def main() -> None:
     """Console script `pf` and `python -m processfork_cli`."""
     sys.exit(run())
+
+
+class _StoreWarnings(logging.Handler):
+    """The store's warnings (e.g. a store made owner-only on open) as `warning:` lines on stderr,
+    instead of logging's bare last-resort output."""
+
+    def __init__(self, out: Output) -> None:
+        super().__init__(logging.WARNING)
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.warn(_one_line(record.getMessage()))
 
 
 def _one_line(text: str) -> str:

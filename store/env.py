@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -48,6 +50,10 @@ DEFAULT_MAP_SIZE = 1 << 30
 MAX_MAP_SIZE = 1 << 44
 MAX_DBS = 16
 META_FORMAT_KEY = b"format"
+# Owner-only: the store holds every agent's token ids and KV pages (restrict_modes says why).
+STORE_DIR_MODE = 0o700
+STORE_FILE_MODE = 0o600
+_log = logging.getLogger("processfork.store")
 _LOW_SPACE = 16 << 20  # an EIO at commit with less free space than this is a full disk
 
 
@@ -116,9 +122,11 @@ class Env:
         if not exists and not create:
             raise StoreNotFound(path)
         try:
-            os.makedirs(path, exist_ok=True)
+            os.makedirs(path, mode=STORE_DIR_MODE, exist_ok=True)
         except OSError as exc:
             raise self._os_error(exc) from exc
+        if exists:
+            restrict_modes(path)
         size = os.path.getsize(data_file) if exists else 0
         self.writable = os.access(path, os.W_OK)
         kwargs: dict[str, Any] = {
@@ -132,6 +140,7 @@ class Env:
             "max_readers": 512,
             "max_spare_txns": 8,
             "lock": True,
+            "mode": STORE_FILE_MODE,
         }
         try:
             self.env = _open_env(path, kwargs)
@@ -276,6 +285,31 @@ def _open_env(path: str, kwargs: dict[str, Any]) -> lmdb.Environment:
         return lmdb.open(path, lib_version=0, **kwargs)
     except TypeError:  # bindings before 3.0 have one engine and no lib_version
         return lmdb.open(path, **kwargs)
+
+
+def restrict_modes(path: str) -> list[str]:
+    """Make an existing store owner-only again, with a warning; return what was changed.
+
+    The store holds every agent's token ids and KV pages, which reveal its prompts: no other local
+    user may read them. Stores made before this rule (0755 / 0644 under the usual umask) are fixed
+    when their owner opens them; files of another owner are left as they are.
+    """
+    changed = []
+    for name in ("", "data.mdb", "lock.mdb"):
+        target = os.path.join(path, name) if name else path
+        try:
+            st = os.stat(target)
+            if st.st_uid != os.geteuid() or not stat.S_IMODE(st.st_mode) & 0o077:
+                continue
+            os.chmod(target, stat.S_IMODE(st.st_mode) & ~0o077)
+        except OSError:
+            continue
+        changed.append(f"{name or 'the directory'} {stat.S_IMODE(st.st_mode):04o}")
+    if changed:
+        _log.warning(
+            "store %s was readable by other users (%s); made it owner-only", path, ", ".join(changed)
+        )
+    return changed
 
 
 def check_format_record(record: Any) -> dict[str, Any]:
