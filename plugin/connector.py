@@ -25,7 +25,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.logger import init_logger
 
 from .jobs import StepPlan
 from .vllm_compat import CacheHitSource, check_supported_vllm
@@ -39,8 +38,6 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
-
-logger = init_logger(__name__)
 
 __all__ = ["ProcessForkConnector", "ProcessForkMetadata", "store_path_from_config"]
 

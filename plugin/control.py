@@ -18,23 +18,30 @@ from typing import Any
 from processfork.store import Manifest, Sequence, Store, StoreError, documents
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
-from vllm.logger import init_logger
 from vllm.sampling_params import SamplingParams
 
 from .api_errors import ApiError, from_store_error
 from .api_models import CheckoutBody, ForkBody, SnapshotBody
 from .fingerprint import first_mismatch
-from .jobs import OP_CAPTURE, OP_CHECKOUT, OP_SNAPSHOT, PARAMS_KEY, engine_meta_key, job_meta_key
-
-logger = init_logger(__name__)
+from .jobs import (
+    CaptureOp,
+    CaptureReply,
+    CheckoutOp,
+    CheckoutReply,
+    JobErrorKind,
+    JobRecord,
+    Op,
+    SnapshotOp,
+    engine_meta_key,
+    job_meta_key,
+    params_for,
+)
 
 __all__ = ["Control"]
 
 
 @dataclass
 class _SeqOutcome:
-    job: str
-    tokens: list[int]
     pages: list[tuple[str, str]]
     new_blocks: int
     bytes_written: int
@@ -80,14 +87,14 @@ class Control:
         return self._engine_record
 
     async def _generate_one(
-        self, tokens: list[int], params: dict[str, Any], tag: str, request_id: str | None = None
-    ) -> dict[str, Any]:
-        """Submit one internal request and wait for it; return our connector's reply."""
+        self, tokens: list[int], op: Op, tag: str, request_id: str | None = None
+    ) -> dict[str, Any] | None:
+        """Submit one internal request and wait for it; its ``kv_transfer_params`` at the end."""
         sampling = SamplingParams(
             max_tokens=1,
             temperature=0.0,
             detokenize=False,
-            extra_args={"kv_transfer_params": {PARAMS_KEY: {**params, "auth": self.engine_id}}},
+            extra_args={"kv_transfer_params": params_for(op, self.engine_id)},
         )
         request_id = request_id or f"pf-{tag}-{uuid.uuid4().hex[:12]}"
         final = None
@@ -100,8 +107,7 @@ class Control:
             raise ApiError(400, "invalid_request", str(exc)) from exc
         if final is None or not final.finished:
             raise ApiError(503, "engine_unavailable", "the engine did not finish the request")
-        reply = (final.kv_transfer_params or {}).get(PARAMS_KEY) or {}
-        return reply
+        return final.kv_transfer_params
 
     def _check_length(self, tokens: list[int]) -> None:
         if len(tokens) >= self.max_model_len:
@@ -134,10 +140,8 @@ class Control:
             except Exception as exc:  # template errors are the client's messages
                 raise ApiError(400, "invalid_request", f"cannot apply chat template: {exc}") from exc
             return [list(tokenizer.encode(text, add_special_tokens=False))]
-        reply = await self._generate_one(
-            [0], {"op": OP_CAPTURE, "request_id": body.request_id}, "capture"
-        )
-        seqs = [list(s) for s in reply.get("sequences", [])]
+        params = await self._generate_one([0], CaptureOp(body.request_id), "capture")
+        seqs = CaptureReply.from_params(params).sequences
         if body.request_id is not None and not seqs:
             raise ApiError(
                 404, "not_found", f"no request {body.request_id!r} is resident in the engine"
@@ -246,7 +250,7 @@ class Control:
         request_id = f"pf-snapshot-{uuid.uuid4().hex[:12]}"
         run = asyncio.ensure_future(self._generate_one(
             prompt,
-            {"op": OP_SNAPSHOT, "job": job, "skip_blocks": len(reuse), "num_tokens": len(tokens)},
+            SnapshotOp(job, skip_blocks=len(reuse), num_tokens=len(tokens)),
             "snapshot",
             request_id,
         ))
@@ -256,22 +260,25 @@ class Control:
             run.cancel()
             raise
         await run
-        result = await self._run(self.store.meta_get, job_meta_key(job))
-        if not result or not result.get("final"):
-            err = (result or {}).get("error")
-            if err and err.get("type") == "StoreFull":
-                raise ApiError(507, "store_full", err.get("message", "store full"))
-            detail = f": {err['type']}: {err['message']}" if err else ""
+        record = await self._job_record(job)
+        if record is None or not record.succeeded:
+            err = record.error if record is not None else None
+            if err is not None and err.kind is JobErrorKind.STORE_FULL:
+                raise ApiError(507, "store_full", err.message)
+            detail = f": {err.message}" if err is not None else ""
             raise ApiError(500, "snapshot_failed", f"the engine did not save the sequence{detail}")
         # The worker's final record lists the saved pages in block order (a pin is a set).
-        new_pairs = [(k, v) for k, v in result.get("pages", [])]
-        pages = reuse + new_pairs
+        pages = reuse + record.pages
         expected = -(-len(tokens) // bs)
         if len(pages) != expected:
             raise ApiError(
                 500, "snapshot_failed", f"engine saved {len(pages)} of {expected} blocks"
             )
-        return _SeqOutcome(job, tokens, pages, result["new_blocks"], result["bytes_written"])
+        return _SeqOutcome(pages, record.new_blocks, record.bytes_written)
+
+    async def _job_record(self, job: str) -> JobRecord | None:
+        raw = await self._run(self.store.meta_get, job_meta_key(job))
+        return None if raw is None else JobRecord.from_json(raw)
 
     async def _end_when_saved(self, job: str, run: asyncio.Future, request_id: str) -> None:
         """Return when the snapshot request ends, ending it as soon as its save is recorded.
@@ -280,7 +287,6 @@ class Control:
         forward pass and the engine keeps the request waiting (see SchedulerSide): the worker's
         record is then the signal, and aborting the request is how it ends.
         """
-        key = job_meta_key(job)
         started = time.monotonic()
         while True:
             # Poll often at first (a save without a forward pass takes milliseconds), then
@@ -289,8 +295,8 @@ class Control:
             done, _ = await asyncio.wait({run}, timeout=delay)
             if done:
                 return
-            record = await self._run(self.store.meta_get, key)
-            if record is not None and (record.get("final") or record.get("error")):
+            record = await self._job_record(job)
+            if record is not None and record.settled:
                 await self.engine.abort(request_id)
                 return
 
@@ -331,7 +337,7 @@ class Control:
                 await self._run(self.store.checkout_head, previous)
             raise
         await moving
-        loaded = sum(r["loaded_tokens"] for r in replies)
+        loaded = sum(r.loaded_tokens for r in replies)
         return {
             "ok": True,
             "cid": cid,
@@ -340,30 +346,28 @@ class Control:
             "num_tokens": manifest.num_tokens,
             "pages_loaded": loaded // self.block_size,
             "tokens_loaded": loaded,
-            "tokens_already_resident": sum(r["local_tokens"] for r in replies),
+            "tokens_already_resident": sum(r.local_tokens for r in replies),
             "ms": round((time.perf_counter() - t0) * 1000, 3),
         }
 
-    async def _checkout_sequence(self, cid: str, index: int, tokens: list[int]) -> dict[str, int]:
+    async def _checkout_sequence(self, cid: str, index: int, tokens: list[int]) -> CheckoutReply:
         job = uuid.uuid4().hex
-        reply = await self._generate_one(
-            tokens, {"op": OP_CHECKOUT, "job": job, "cid": cid, "seq": index}, "checkout"
+        reply = CheckoutReply.from_params(
+            await self._generate_one(tokens, CheckoutOp(job, cid, index), "checkout")
         )
-        loaded = int(reply.get("loaded_tokens", 0))
-        if loaded:
+        if reply.loaded_tokens:
             # The worker records a load only when it fails.
-            result = await self._run(self.store.meta_get, job_meta_key(job))
-            if result is not None:
+            record = await self._job_record(job)
+            if record is not None:
                 await self._run(self.store.meta_delete, job_meta_key(job))
-            err = (result or {}).get("error")
-            if err:
+            if record is not None and record.error is not None:
                 raise ApiError(
                     500,
                     "integrity_error",
-                    f"loading sequence {index} of {cid[:19]} failed ({err['type']}: "
-                    f"{err['message']}); the engine recomputed it instead",
+                    f"loading sequence {index} of {cid[:19]} failed ({record.error.message}); "
+                    "the engine recomputed it instead",
                 )
-        return {"loaded_tokens": loaded, "local_tokens": int(reply.get("local_tokens", 0))}
+        return reply
 
     # --- store operations -----------------------------------------------------------
     async def fork(self, body: ForkBody) -> dict[str, Any]:

@@ -13,17 +13,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vllm.logger import init_logger
-
 from .jobs import (
-    OP_CAPTURE,
-    OP_CHECKOUT,
-    OP_SNAPSHOT,
-    PARAMS_KEY,
+    CaptureOp,
+    CaptureReply,
+    CheckoutOp,
+    CheckoutReply,
     LoadJob,
     SaveJob,
+    SnapshotOp,
     StepPlan,
-    op_params,
+    parse_op,
     tokens_digest,
 )
 
@@ -34,8 +33,6 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
-
-logger = init_logger(__name__)
 
 __all__ = ["SchedulerSide"]
 
@@ -94,7 +91,6 @@ class SchedulerSide:
         self._checkouts: dict[str, _CheckoutState] = {}
         self._pending_loads: list[LoadJob] = []
         self._resident_saves: list[SaveJob] = []
-        self.loaded_tokens_total = 0
 
     def bind_block_pool(self, pool: BlockPool) -> None:
         self._block_pool = pool
@@ -103,28 +99,25 @@ class SchedulerSide:
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
-        params = op_params(request.kv_transfer_params, self.auth)
-        op = params.get("op") if params else None
-        if op != OP_CAPTURE:
+        op = parse_op(request.kv_transfer_params, self.auth)
+        if not isinstance(op, CaptureOp):
             self._live[request.request_id] = request
-        if op == OP_SNAPSHOT and request.request_id not in self._snapshots:
-            skip = int(params.get("skip_blocks", 0))
-            # The control plane may append a token after the sequence (see Control); only the
-            # first ``num_tokens`` prompt tokens are the sequence.
-            num = min(int(params.get("num_tokens") or request.num_prompt_tokens),
-                      request.num_prompt_tokens)
-            self._snapshots[request.request_id] = _SnapshotState(
-                job=str(params["job"]), num_prompt=num, next_block=skip
-            )
-        if op == OP_SNAPSHOT and self._save_resident(request):
-            # Not scheduled: the worker saves the cached blocks in the next step, and the
-            # control plane ends the request once the job's record is in the store.
-            return None, False
-        if op != OP_CHECKOUT:
+        if isinstance(op, SnapshotOp):
+            if request.request_id not in self._snapshots:
+                # The control plane may append a token after the sequence (see Control); only
+                # the first ``num_tokens`` prompt tokens are the sequence.
+                num = min(op.num_tokens or request.num_prompt_tokens, request.num_prompt_tokens)
+                self._snapshots[request.request_id] = _SnapshotState(
+                    job=op.job, num_prompt=num, next_block=op.skip_blocks
+                )
+            if self._save_resident(request):
+                # Not scheduled: the worker saves the cached blocks in the next step, and the
+                # control plane ends the request once the job's record is in the store.
+                return None, False
+        if not isinstance(op, CheckoutOp):
             return 0, False
         state = self._checkouts.setdefault(
-            request.request_id,
-            _CheckoutState(job=str(params["job"]), cid=str(params["cid"]), seq=int(params["seq"])),
+            request.request_id, _CheckoutState(job=op.job, cid=op.cid, seq=op.seq)
         )
         # Load whole blocks only, and leave at least one prompt token to compute:
         # the split point is then the one vLLM's own prefix cache would use, so the
@@ -257,10 +250,10 @@ class SchedulerSide:
 
     # --- completion -----------------------------------------------------------
     def request_finished(self, request: Request) -> dict[str, Any] | None:
+        """Release what the request held; the reply for its ``kv_transfer_params``, if any."""
         req_id = request.request_id
         self._live.pop(req_id, None)
-        params = op_params(request.kv_transfer_params, self.auth)
-        op = params.get("op") if params else None
+        op = parse_op(request.kv_transfer_params, self.auth)
         snap = self._snapshots.pop(req_id, None)
         checkout = self._checkouts.pop(req_id, None)
         if snap is not None and snap.held is not None:
@@ -269,19 +262,12 @@ class SchedulerSide:
             self._resident_saves = [j for j in self._resident_saves if j.req_id != req_id]
             if self._block_pool is not None:
                 self._block_pool.free_blocks(snap.held)
-        if op == OP_CAPTURE:
-            return {PARAMS_KEY: {"sequences": self.resident_sequences(params.get("request_id"))}}
+        if isinstance(op, CaptureOp):
+            return CaptureReply(self.resident_sequences(op.request_id)).to_params()
         self._remember_finished(request, snap.num_prompt if snap is not None else None)
         if checkout is not None:
-            self.loaded_tokens_total += checkout.external_tokens
-            return {
-                PARAMS_KEY: {
-                    "loaded_tokens": checkout.external_tokens,
-                    "local_tokens": checkout.local_tokens,
-                }
-            }
-        if snap is not None:
-            return {PARAMS_KEY: {"saved_to_end": snap.done}}
+            return CheckoutReply(checkout.external_tokens, checkout.local_tokens).to_params()
+        # A snapshot's outcome is its job record in the store, written by the worker.
         return None
 
     def _remember_finished(self, request: Request, length: int | None = None) -> None:

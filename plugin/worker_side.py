@@ -25,10 +25,20 @@ import torch
 from processfork.store import PutResult, Store
 from vllm.logger import init_logger
 
+from .block_views import BlockViews
 from .codec import PageCodec, codec_for
 from .engine_info import engine_fingerprint, layer_order
-from .jobs import LoadJob, SaveJob, StepPlan, engine_meta_key, job_meta_key, tokens_digest
-from .loader import BlockViews, LoadItem, LoadTicket, PipelinedLoader
+from .jobs import (
+    JobError,
+    JobRecord,
+    LoadJob,
+    SaveJob,
+    StepPlan,
+    engine_meta_key,
+    job_meta_key,
+    tokens_digest,
+)
+from .loader import LoadItem, LoadTicket, PipelinedLoader
 from .staged_pages import MiB, StagedPagePath
 
 if TYPE_CHECKING:
@@ -41,13 +51,13 @@ __all__ = ["WorkerSide"]
 
 @dataclass
 class _JobStats:
+    """A save job's progress across steps, until its final save records it."""
+
     blocks: int = 0
     new_blocks: int = 0
     bytes_written: int = 0
-    loaded_blocks: int = 0
     final: bool = False
-    error: dict[str, str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    error: JobError | None = None
     digests: list[bytes] = field(default_factory=list)  # K, V of every saved block, in order
 
     def add(self, result: PutResult, blocks: int) -> None:
@@ -57,20 +67,21 @@ class _JobStats:
         self.new_blocks += sum(1 for i in range(0, len(new), 2) if new[i] or new[i + 1])
         self.bytes_written += result.bytes_written
 
-    def record(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "blocks": self.blocks,
-            "new_blocks": self.new_blocks,
-            "bytes_written": self.bytes_written,
-            "loaded_blocks": self.loaded_blocks,
-            "final": self.final,
-        }
-        if self.error:
-            out["error"] = self.error
-        elif self.final and self.digests:
-            d = self.digests
-            out["pages"] = [[d[i].hex(), d[i + 1].hex()] for i in range(0, len(d), 2)]
-        return out
+    def record(self) -> JobRecord:
+        d = self.digests
+        pages = (
+            [(d[i].hex(), d[i + 1].hex()) for i in range(0, len(d), 2)]
+            if self.final and self.error is None
+            else []
+        )
+        return JobRecord(
+            final=self.final,
+            blocks=self.blocks,
+            new_blocks=self.new_blocks,
+            bytes_written=self.bytes_written,
+            pages=pages,
+            error=self.error,
+        )
 
 
 class WorkerSide:
@@ -104,8 +115,6 @@ class WorkerSide:
         self._page_row: torch.Tensor | None = None
         self._ticket: LoadTicket | None = None
         self.layer_index: dict[str, int] = {}
-        self.loaded_blocks_total = 0
-        self.saved_blocks_total = 0
 
     @property
     def store(self) -> Store:
@@ -183,7 +192,6 @@ class WorkerSide:
                 self._fail(job.job, exc)
         if not items:
             return
-        self.loaded_blocks_total += len(items)
         if self._loader is not None:
             self._ticket = self._loader.submit(items)
         elif self._staged is not None:
@@ -295,7 +303,7 @@ class WorkerSide:
                 def meta(result: PutResult) -> dict[str, Any]:
                     done = replace(stats, final=True, digests=list(stats.digests))
                     done.add(result, len(result.digests) // 2)
-                    return {job_meta_key(job.job): done.record()}
+                    return {job_meta_key(job.job): done.record().to_json()}
             if self._staged is not None:
                 def commit(items: list[tuple[bytes, memoryview]], blocks: int, last: bool) -> None:
                     stats.add(
@@ -311,13 +319,12 @@ class WorkerSide:
                     self.store.put_pages_from(2 * n, self._page_source(job), pin=job.job, meta=meta),
                     n,
                 )
-            self.saved_blocks_total += n
             if job.final:
                 self._stats.pop(job.job, None)
                 return
         if job.final:
             stats.final = True
-            self.store.meta_put(job_meta_key(job.job), stats.record())
+            self.store.meta_put(job_meta_key(job.job), stats.record().to_json())
             self._stats.pop(job.job, None)
 
     def _page_source(self, job: SaveJob) -> Callable[[int], np.ndarray]:
@@ -338,9 +345,9 @@ class WorkerSide:
 
     def _fail(self, job: str, exc: Exception) -> None:
         stats = self._stats.setdefault(job, _JobStats())
-        stats.error = {"type": type(exc).__name__, "message": str(exc)}
+        stats.error = JobError.of(exc)
         try:
-            self.store.meta_put(job_meta_key(job), stats.record())
+            self.store.meta_put(job_meta_key(job), stats.record().to_json())
         except Exception:  # the store itself is failing; the log line above remains
             logger.exception("processfork: could not record failure of job %s", job)
 
