@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-__all__ = ["CheckoutBody", "ForkBody", "SnapshotBody"]
+__all__ = ["CheckoutBody", "ForkBody", "RepairBody", "SnapshotBody"]
 
 
 class _Body(BaseModel):
@@ -81,4 +81,10 @@ class ForkBody(_Body):
 
 
 class CheckoutBody(_Body):
+    cid: str = Field(min_length=1)
+
+
+class RepairBody(_Body):
+    """The snapshot to repair: its damaged pages are recomputed from its token ids."""
+
     cid: str = Field(min_length=1)

@@ -20,10 +20,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import State
 
 from .api_errors import ApiError, from_store_error
-from .api_models import CheckoutBody, ForkBody, SnapshotBody
+from .api_models import CheckoutBody, ForkBody, RepairBody, SnapshotBody
 from .chat_render import render_chat
 from .connector import store_path_from_config
 from .control import Control
+from .repair import repair_snapshot
 
 __all__ = ["PREFIX", "ProcessForkEndpoints"]
 
@@ -126,6 +127,14 @@ def build_router() -> APIRouter:
     async def checkout(request: Request) -> JSONResponse:
         async def run() -> Any:
             return await _control(request).checkout(await _parse(request, CheckoutBody))
+
+        return await _guard(run)
+
+    @router.post("/repair")
+    async def repair(request: Request) -> JSONResponse:
+        async def run() -> Any:
+            control = _control(request)
+            return await repair_snapshot(control, (await _parse(request, RepairBody)).cid)
 
         return await _guard(run)
 

@@ -79,25 +79,47 @@ def fsck(
             _print_issue(out, issue)
         if not issues:
             out.info("fsck: no problems found")
+        elif any(issue["snapshots"] for issue in issues):
+            out.hint(
+                "a checkout of an affected snapshot recomputes the damaged blocks; "
+                "`pf repair` recomputes them on a running server and stores them again"
+            )
 
+    # -q: the damaged objects, then every snapshot and ref that uses one, each once.
+    quiet = [str(i["object"]) for i in issues]
+    quiet += [x for i in issues for x in (*i["snapshots"], *i["refs"])]
     out.emit(
         {"ok": not issues, "issues": issues},
         human=human,
-        quiet=[str(i.get("object", "")) for i in issues],
+        quiet=list(dict.fromkeys(quiet)),
     )
     if issues:
         raise IntegrityProblems(len(issues))
 
 
+#: How many refs a human fsck line names before it counts the rest.
+_REFS_SHOWN = 3
+
+
 def _print_issue(out: Output, issue: dict[str, Any]) -> None:
-    out.render(
-        Text.assemble(
-            (f"{issue.get('kind', 'problem')}", "red bold"),
-            " ",
-            (str(issue.get("object", "")), "yellow"),
-            f": {issue.get('message', '')}",
-        )
+    line = Text.assemble(
+        (f"{issue.get('kind', 'problem')}", "red bold"),
+        " ",
+        (str(issue.get("object", "")), "yellow"),
+        f": {issue.get('message', '')}",
     )
+    cids, refs = issue["snapshots"], issue["refs"]
+    if cids:
+        line.append(f"; used by {human_count(len(cids))} snapshot{'s' if len(cids) != 1 else ''}")
+        if refs:
+            shown = ", ".join(refs[:_REFS_SHOWN])
+            more = f" and {human_count(len(refs) - _REFS_SHOWN)} more" if len(refs) > _REFS_SHOWN else ""
+            line.append(f" (ref{'s' if len(refs) != 1 else ''} {shown}{more})")
+        elif len(cids) == 1:
+            line.append(f" ({short_cid(cids[0])}, no ref)")
+        else:
+            line.append(" (no ref)")
+    out.render(line)
 
 
 def gc(

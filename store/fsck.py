@@ -7,6 +7,7 @@ code they mean.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -20,12 +21,12 @@ from processfork.store.env import META_FORMAT_KEY, check_format_record
 from processfork.store.errors import InvalidName, StoreError
 from processfork.store.manifest import FORMAT, InvalidManifest, _parse_head, stored_sequences
 from processfork.store.objects import decode_pin
-from processfork.store.refs import HEAD, iter_reflog, validate_ref_name
+from processfork.store.refs import HEAD, iter_reflog, list_refs, read_head, validate_ref_name
 
 if TYPE_CHECKING:
     from processfork.store.lmdb_store import Store
 
-__all__ = ["FsckIssue", "fsck"]
+__all__ = ["DAMAGE_KINDS", "FsckIssue", "fsck"]
 
 _CHUNK_BYTES = 256 << 20
 _CHUNK_ITEMS = 8192
@@ -33,11 +34,21 @@ _CHUNK_ITEMS = 8192
 
 @dataclass(frozen=True)
 class FsckIssue:
-    """`kind` is a short code (corrupt-page, missing-page, dangling-ref, ...); `object` what it is about."""
+    """`kind` is a short code (corrupt-page, missing-page, dangling-ref, ...); `object` what it is about.
+
+    For a damaged or missing page or blob, `snapshots` are the cids whose sequences use it (a
+    checkout of them recomputes the blocks it holds) and `refs` the refs, and HEAD, that point at
+    one of them: what the user needs to know to decide what to repair (`pf repair`)."""
 
     kind: str
     object: str
     message: str
+    snapshots: tuple[str, ...] = ()
+    refs: tuple[str, ...] = ()
+
+
+#: Issues about an object that snapshots use; they get `snapshots` and `refs`.
+DAMAGE_KINDS = frozenset({"corrupt-page", "missing-page", "corrupt-blob", "missing-blob"})
 
 
 Progress = Callable[[str, int, int], None]
@@ -46,11 +57,54 @@ Progress = Callable[[str, int, int], None]
 def fsck(store: Store, *, progress: Progress | None = None) -> Iterator[FsckIssue]:
     report = progress or (lambda phase, done, total: None)
     yield from store._read(lambda txn: list(_check_meta(txn, store.dbs)))
-    yield from _check_content(store, "pages", "page", report)
-    yield from _check_content(store, "blobs", "blob", report)
-    yield from store._read(lambda txn: list(_check_snapshots(txn, store.dbs)), buffers=True)
+    damaged = [
+        *_check_content(store, "pages", "page", report),
+        *_check_content(store, "blobs", "blob", report),
+    ]
+    corrupt = {bytes.fromhex(issue.object) for issue in damaged}
+
+    def snapshots(txn: lmdb.Transaction) -> list[FsckIssue]:
+        users = _Users()
+        issues = list(_check_snapshots(txn, store.dbs, corrupt, users))
+        refs = _refs_by_cid(txn, store.dbs)
+        return [users.attach(issue, refs) for issue in [*damaged, *issues]]
+
+    yield from store._read(snapshots, buffers=True)
     yield from store._read(lambda txn: list(_check_refs(txn, store.dbs)), buffers=True)
     yield from store._read(lambda txn: list(_check_small(txn, store.dbs)), buffers=True)
+
+
+class _Users:
+    """Which snapshots use each damaged or missing object, gathered while manifests are read."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[bytes, list[str]] = {}
+
+    def add(self, key: bytes, cid: str) -> None:
+        cids = self.by_key.setdefault(key, [])
+        if not cids or cids[-1] != cid:
+            cids.append(cid)
+
+    def attach(self, issue: FsckIssue, refs: dict[str, list[str]]) -> FsckIssue:
+        if issue.kind not in DAMAGE_KINDS:
+            return issue
+        cids = self.by_key.get(bytes.fromhex(issue.object), [])
+        names = sorted({name for cid in cids for name in refs.get(cid, ())}, key=_ref_order)
+        return dataclasses.replace(issue, snapshots=tuple(cids), refs=tuple(names))
+
+
+def _ref_order(name: str) -> tuple[int, str]:
+    return (0 if name == HEAD else 1, name)
+
+
+def _refs_by_cid(txn: lmdb.Transaction, dbs: dict[str, Any]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, cid in list_refs(txn, dbs).items():
+        out.setdefault(cid, []).append(name)
+    head = read_head(txn, dbs).cid
+    if head:
+        out.setdefault(head, []).append(HEAD)
+    return out
 
 
 def _check_meta(txn: lmdb.Transaction, dbs: dict[str, Any]) -> Iterator[FsckIssue]:
@@ -99,7 +153,9 @@ def _check_content(store: Store, db_name: str, kind: str, report: Progress) -> I
         yield from issues
 
 
-def _check_snapshots(txn: lmdb.Transaction, dbs: dict[str, Any]) -> Iterator[FsckIssue]:
+def _check_snapshots(
+    txn: lmdb.Transaction, dbs: dict[str, Any], corrupt: set[bytes], users: _Users
+) -> Iterator[FsckIssue]:
     pages, blobs, snaps = (txn.cursor(db=dbs[n]) for n in ("pages", "blobs", "snapshots"))
     for key, raw in txn.cursor(db=dbs["snapshots"]):
         cid = cid_from_key(key)
@@ -130,7 +186,7 @@ def _check_snapshots(txn: lmdb.Transaction, dbs: dict[str, Any]) -> Iterator[Fsc
         block_size = head["fingerprint"].get("block_size")
         missing: set[str] = set()
         for i, s in enumerate(seqs):
-            yield from _check_sequence(cid, i, s, blobs, pages, missing, block_size)
+            yield from _check_sequence(cid, i, s, blobs, pages, missing, block_size, corrupt, users)
 
 
 def _check_sequence(
@@ -141,12 +197,23 @@ def _check_sequence(
     pages: lmdb.Cursor,
     missing: set[str],
     block_size: Any,
+    corrupt: set[bytes],
+    users: _Users,
 ) -> Iterator[FsckIssue]:
     where = f"sequence {index} of {cid}"
     tok, tab = s["tokens"], s["pages"]
-    if not blobs.set_key(bytes.fromhex(tok["digest"])):
-        yield FsckIssue("missing-blob", tok["digest"], f"token ids of {where}")
-    elif len(blobs.value()) != 4 * tok["count"]:
+    present = {}
+    for blob, what in ((tok["digest"], "token ids"), (tab["digest"], "page table")):
+        key = bytes.fromhex(blob)
+        present[blob] = blobs.set_key(key)
+        if key in corrupt or not present[blob]:
+            users.add(key, cid)
+        if not present[blob] and blob not in missing:
+            missing.add(blob)
+            yield FsckIssue("missing-blob", blob, f"{what} of {where}")
+    if present[tok["digest"]] and blobs.set_key(bytes.fromhex(tok["digest"])) and (
+        len(blobs.value()) != 4 * tok["count"]
+    ):
         yield FsckIssue("bad-tokens", tok["digest"], f"{where}: blob size does not match count")
     needed = (
         math.ceil(tok["count"] / block_size)
@@ -159,16 +226,18 @@ def _check_sequence(
             cid,
             f"{where}: {tok['count']} tokens need {needed} blocks of {block_size}, found {tab['count']}",
         )
-    if not blobs.set_key(bytes.fromhex(tab["digest"])):
-        yield FsckIssue("missing-blob", tab["digest"], f"page table of {where}")
+    if not present[tab["digest"]] or not blobs.set_key(bytes.fromhex(tab["digest"])):
         return
     table = bytes(blobs.value())
     if len(table) != 32 * tab["count"]:
         yield FsckIssue("bad-page-table", tab["digest"], f"{where}: size does not match count")
     for i in range(0, len(table) - len(table) % 16, 16):
         key = table[i : i + 16]
-        if key.hex() not in missing and not pages.set_key(key):
+        if key in corrupt or key.hex() in missing:
+            users.add(key, cid)
+        elif not pages.set_key(key):
             missing.add(key.hex())
+            users.add(key, cid)
             yield FsckIssue("missing-page", key.hex(), f"block {i // 32} of {where}")
 
 

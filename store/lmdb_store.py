@@ -46,8 +46,9 @@ from processfork.store.revparse import resolve_in
 from processfork.store.snapshots import load_manifest, write_manifest
 
 if TYPE_CHECKING:
-    # The history, maintenance and diff helpers load on first use: `pf log` and `pf refs` start
-    # faster without gc, fsck and diff in memory.
+    # The history, maintenance, damage and diff helpers load on first use: `pf log` and
+    # `pf refs` start faster without gc, fsck and diff in memory.
+    from processfork.store.damage import SnapshotDamage
     from processfork.store.diff import DiffResult
     from processfork.store.fsck import FsckIssue
     from processfork.store.gc import GcStats
@@ -395,6 +396,61 @@ class Store:
             return cid
 
         return self._write(run)
+
+    def write_replacement(
+        self,
+        manifest: Manifest,
+        *,
+        replaces: str,
+        message: str = "",
+        drop_pins: Sequence[str] = (),
+        drop_meta: Sequence[str] = (),
+    ) -> tuple[str, list[str]]:
+        """Commit `manifest` as the replacement of snapshot `replaces` (a repaired copy) and move
+        every ref that points at `replaces`, and HEAD when it is detached there, onto it: ONE
+        transaction, each move a compare-and-swap with its reflog entry (action "repair").
+
+        Returns the new cid and the names moved ("HEAD" for a detached HEAD)."""
+        manifest.validate()
+        old = normalize_cid(replaces)
+        data = manifest.canonical_bytes()
+        cid = cid_of(data)
+        tables = manifest.page_tables()
+        page_keys = manifest.page_keys()
+
+        def run(txn: lmdb.Transaction) -> tuple[str, list[str]]:
+            now = time.time()
+            write_manifest(txn, self.dbs, manifest, data, cid, tables, page_keys, int(now * 1e6))
+            moved = []
+            for name, value in sorted(_refs.list_refs(txn, self.dbs).items()):
+                if value == old:
+                    _refs.set_ref(txn, self.dbs, name, cid, expected_old=old, action="repair",
+                                  message=message, now=now)
+                    moved.append(name)
+            head = _refs.read_head(txn, self.dbs)
+            if head.ref is None and head.cid == old:
+                _refs.set_head(txn, self.dbs, cid=cid, action="repair", message=message, now=now)
+                moved.append(_refs.HEAD)
+            for pin in drop_pins:
+                _objects.drop_pin(txn, self.dbs, pin)
+            for key in drop_meta:
+                _meta.meta_delete(txn, self.dbs, key)
+            return cid, moved
+
+        return self._write(run)
+
+    # -- damage --------------------------------------------------------------------------------
+    def find_damage(self, cid: str) -> SnapshotDamage:
+        """Hash every object snapshot `cid` names: what is missing or damaged (store/damage.py)."""
+        from processfork.store.damage import find_damage
+
+        return find_damage(self, normalize_cid(cid))
+
+    def clear_damaged_pages(self, digests: Sequence[str]) -> list[str]:
+        """Delete the damaged records among these pages, so a recomputation can store them."""
+        from processfork.store.damage import clear_damaged_pages
+
+        return clear_damaged_pages(self, digests)
 
     def _move_refs(
         self,

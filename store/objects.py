@@ -222,7 +222,7 @@ def pin_extend(
         created, owner, old, seen = t_us, current_owner(), b"", set()
     else:
         info = decode_pin(name, raw)
-        created, owner = int(round(info.created * 1e6)), info.owner
+        created, owner = round(info.created * 1e6), info.owner
         old = b"".join(info.digests)
         seen = set(info.digests)
     body = bytearray(old)

@@ -26,19 +26,6 @@ def _open_raw(path: Path) -> lmdb.Environment:
         return lmdb.open(str(path), max_dbs=16)
 
 
-def _corrupt_one_page(path: Path) -> str:
-    env = _open_raw(path)
-    try:
-        pages = env.open_db(b"pages", create=False)
-        with env.begin(write=True, db=pages) as txn:
-            key, value = next(iter(txn.cursor()))
-            key = bytes(key)
-            txn.put(key, b"\xff" * len(value))
-    finally:
-        env.close()
-    return key.hex()
-
-
 def test_status(history: History) -> None:
     result = pf(history.path, "status", "--json")
     assert result.exit_code == 0, result.stderr
@@ -62,19 +49,66 @@ def test_fsck_clean_store(history: History) -> None:
     assert pf(history.path, "fsck", "--json").json() == {"ok": True, "issues": []}
 
 
-def test_fsck_corrupt_page_exit_3(history: History) -> None:
-    digest = _corrupt_one_page(history.path)
+def _corrupt_page(path: Path, digest: str) -> None:
+    env = _open_raw(path)
+    try:
+        pages = env.open_db(b"pages", create=False)
+        with env.begin(write=True, db=pages) as txn:
+            key = bytes.fromhex(digest)
+            txn.put(key, b"\xff" * len(txn.get(key)))
+    finally:
+        env.close()
+
+
+def test_fsck_corrupt_page_exit_3_naming_every_snapshot_and_ref_that_uses_it(
+    history: History,
+) -> None:
+    with Store(history.path) as st:
+        digest = st.get_snapshot(history.base).sequences[0].pages[0][0]
+    _corrupt_page(history.path, digest)
+    users = {history.base, history.child, *history.forks}  # the first block is shared by all
+    refs = ["HEAD", "base", "base/0", "base/1", "base/2", "main"]
+
     result = pf(history.path, "fsck")
     assert result.exit_code == 3
-    assert f"corrupt-page {digest}" in result.stdout
-    assert result.error_lines == ["pf: error: fsck found 1 problem"]
+    [line] = result.stdout.splitlines()
+    assert line.startswith(f"corrupt-page {digest}: bytes hash to ")
+    assert line.endswith("; used by 5 snapshots (refs HEAD, base, base/0 and 3 more)")
+    assert result.error_lines[-1] == "pf: error: fsck found 1 problem"
+    assert "pf repair" in result.error_lines[0]
 
     as_json = pf(history.path, "fsck", "--json")
     assert as_json.exit_code == 3
     doc = as_json.json()
     assert doc["ok"] is False
-    assert [(i["kind"], i["object"]) for i in doc["issues"]] == [("corrupt-page", digest)]
-    assert pf(history.path, "fsck", "-q").stdout == digest + "\n"
+    [issue] = doc["issues"]
+    assert (issue["kind"], issue["object"]) == ("corrupt-page", digest)
+    assert set(issue["snapshots"]) == users and len(issue["snapshots"]) == 5
+    assert issue["refs"] == refs
+    quiet = pf(history.path, "fsck", "-q").stdout.splitlines()
+    assert quiet[0] == digest and set(quiet[1:]) == users | set(refs) and len(quiet) == 12
+
+
+def test_fsck_names_the_users_of_a_missing_page_and_a_damaged_token_blob(history: History) -> None:
+    with Store(history.path) as st:
+        child = st.get_snapshot(history.child)
+        last_page = child.sequences[0].pages[-1][1]  # the V page of the child's own last block
+        tokens = child.sequences[0].tokens.digest
+    env = _open_raw(history.path)
+    try:
+        pages, blobs = env.open_db(b"pages", create=False), env.open_db(b"blobs", create=False)
+        with env.begin(write=True) as txn:
+            txn.delete(bytes.fromhex(last_page), db=pages)
+            key = bytes.fromhex(tokens)
+            txn.put(key, b"\x00" * len(txn.get(key, db=blobs)), db=blobs)
+    finally:
+        env.close()
+    issues = {i["kind"]: i for i in pf(history.path, "fsck", "--json").json()["issues"]}
+    assert issues["missing-page"]["object"] == last_page
+    assert issues["missing-page"]["snapshots"] == [history.child]
+    assert issues["missing-page"]["refs"] == ["HEAD", "main"]
+    assert issues["corrupt-blob"]["object"] == tokens
+    assert issues["corrupt-blob"]["snapshots"] == [history.child]
 
 
 def test_fsck_dangling_ref_exit_3(history: History) -> None:

@@ -1,0 +1,122 @@
+"""Repairing a snapshot whose pages are damaged or missing: recompute them on the engine.
+
+A damaged page is never loaded (a checkout verifies every page and recomputes what fails), but
+every later checkout of every snapshot that names it pays that recomputation. The token ids of the
+snapshot are what its KV was computed from, so the engine can compute it again:
+
+1. the damaged page records are deleted (store/damage.py), so that the recomputed pages are
+   stored instead of being deduplicated against them;
+2. each affected sequence runs through the engine as a snapshot job (the same path as
+   `POST /snapshot`, without committing a snapshot);
+3. if the recomputed pages have the digests the snapshot names, they are back in place, for every
+   snapshot that shares them (a fork's children too): the snapshot and its cid are unchanged.
+   Otherwise (the engine computed other bits, e.g. under another batch split) a repaired copy is
+   committed in the damaged snapshot's place (its parents, fork and name), and every ref pointing
+   at the damaged one moves to it, in one transaction.
+
+Damaged token ids or page tables cannot be recomputed: those snapshots are refused with
+`unrepairable`, and the store must come from a copy.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from processfork.store import Manifest, Sequence
+
+from .api_errors import ApiError
+from .fingerprint import first_mismatch
+from .jobs import job_meta_key
+
+if TYPE_CHECKING:
+    from .control import Control
+
+__all__ = ["repair_snapshot"]
+
+
+async def repair_snapshot(control: Control, rev: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    store = control.store
+    cid = await control._run(store.resolve, rev)
+    damage = await control._run(store.find_damage, cid)
+    reply: dict[str, Any] = {"cid": cid, "damaged_pages": len(damage.pages), "result": "intact"}
+    if damage.intact:
+        return {**reply, "ms": _ms(t0)}
+    if not damage.recomputable:
+        what = [f"token ids {d[:12]}" for d in damage.tokens]
+        what += [f"page table {d[:12]}" for d in damage.tables]
+        raise ApiError(
+            422,
+            "unrepairable",
+            f"snapshot {cid[:19]} has damaged {', '.join(what)}: the engine can recompute pages, "
+            "not the token ids and page tables that name them; restore the store from a copy",
+        )
+    manifest = await control._run(store.get_snapshot, cid)
+    record = await control.engine_record()
+    mismatch = first_mismatch(manifest.fingerprint, record["fingerprint"])
+    if mismatch is not None:
+        field, stored, engine = mismatch
+        raise ApiError(
+            409,
+            "incompatible_snapshot",
+            f"snapshot {cid[:19]} was taken with {field}={stored!r} but this engine has "
+            f"{field}={engine!r}: repair it on a server like the one that took it",
+        )
+    cleared = await control._run(store.clear_damaged_pages, damage.pages)
+    jobs: list[str] = []
+    sequences = list(manifest.sequences)
+    try:
+        for index in damage.sequences:
+            seq = manifest.sequences[index]
+            tokens = list(await control._run(store.get_tokens, seq.tokens))
+            control._check_length(tokens)
+            job = uuid.uuid4().hex
+            jobs.append(job)
+            outcome = await control._snapshot_sequence(job, tokens, [])
+            sequences[index] = Sequence(tokens=seq.tokens, pages=outcome.pages)
+        after = await control._run(store.find_damage, cid)
+        if after.intact:
+            await control._run(control._forget_jobs, jobs)
+            return {
+                **reply,
+                "result": "restored",
+                "cleared_pages": len(cleared),
+                "recomputed_sequences": len(damage.sequences),
+                "ms": _ms(t0),
+            }
+        # The copy takes the damaged snapshot's place in history (same parents, fork and name);
+        # the damaged one stays in the reflogs until they expire, then gc removes it.
+        copy = Manifest(
+            name=manifest.name,
+            parents=list(manifest.parents),
+            fork=manifest.fork,
+            fingerprint=record["fingerprint"],
+            sequences=sequences,
+        )
+        new_cid, moved = await control._run(
+            lambda: store.write_replacement(
+                copy,
+                replaces=cid,
+                message=f"recomputed {len(after.pages)} damaged page(s) of {cid[:19]}",
+                drop_pins=jobs,
+                drop_meta=[job_meta_key(job) for job in jobs],
+            )
+        )
+    except BaseException:
+        await control._run(control._forget_jobs, jobs)
+        raise
+    return {
+        **reply,
+        "result": "replaced",
+        "cleared_pages": len(cleared),
+        "recomputed_sequences": len(damage.sequences),
+        "new_cid": new_cid,
+        "moved_refs": moved,
+        "ms": _ms(t0),
+    }
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)

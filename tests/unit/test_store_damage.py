@@ -1,0 +1,86 @@
+"""Finding a snapshot's damaged objects, clearing damaged pages, and committing a repaired copy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lmdb
+import pytest
+from processfork.store import Manifest, Sequence, Store
+from test_cli_support import History, build_history, page_bytes
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> History:
+    return build_history(tmp_path / "store")
+
+
+def _raw(path: Path, db: bytes, key: str, value: bytes | None) -> None:
+    env = lmdb.open(str(path), max_dbs=16)
+    try:
+        handle = env.open_db(db, create=False)
+        with env.begin(write=True, db=handle) as txn:
+            if value is None:
+                txn.delete(bytes.fromhex(key))
+            else:
+                txn.put(bytes.fromhex(key), value)
+    finally:
+        env.close()
+
+
+def test_an_intact_snapshot_has_no_damage(history: History) -> None:
+    with Store(history.path) as st:
+        damage = st.find_damage(history.child)
+    assert damage.intact and not damage.recomputable
+
+
+def test_damaged_and_missing_pages_are_found_and_only_damaged_ones_cleared(history: History) -> None:
+    with Store(history.path) as st:
+        pages = st.get_snapshot(history.child).sequences[0].pages
+    corrupt, missing, sound = pages[0][0], pages[1][1], pages[2][0]
+    _raw(history.path, b"pages", corrupt, b"\xff" * 64)
+    _raw(history.path, b"pages", missing, None)
+    with Store(history.path) as st:
+        damage = st.find_damage(history.child)
+        assert set(damage.pages) == {corrupt, missing}
+        assert damage.sequences == (0,) and damage.recomputable
+        # Only a record that still fails its hash is deleted; sound and absent ones stay as they are.
+        assert st.clear_damaged_pages([corrupt, missing, sound]) == [corrupt]
+        assert st.has_pages([bytes.fromhex(d) for d in (corrupt, missing, sound)]) == [
+            False, False, True
+        ]
+        # Writing the right bytes again restores the page for every snapshot that names it.
+        tokens = st.get_tokens(st.get_snapshot(history.child).sequences[0].tokens)
+        restored = st.put_pages([page_bytes("K", tokens, 4)]).digests[0].hex()
+        assert restored == corrupt
+        # base shares the child's first two blocks: the restored page counts for it too.
+        assert st.find_damage(history.base).pages == (missing,)
+
+
+def test_damaged_token_ids_are_not_recomputable(history: History) -> None:
+    with Store(history.path) as st:
+        digest = st.get_snapshot(history.child).sequences[0].tokens.digest
+    _raw(history.path, b"blobs", digest, b"\x00" * 60)
+    with Store(history.path) as st:
+        damage = st.find_damage(history.child)
+    assert damage.tokens == (digest,) and not damage.recomputable and not damage.intact
+
+
+def test_a_replacement_takes_over_every_ref_and_a_detached_head(history: History) -> None:
+    with Store(history.path) as st:
+        st.set_ref("also-base", history.base)
+        st.checkout_head(history.base)  # detached at base
+        old = st.get_snapshot(history.base)
+        tokens = st.get_tokens(old.sequences[0].tokens)
+        pages = st.put_pages([page_bytes("X", tokens, 4), page_bytes("Y", tokens, 4)]).digests
+        seqs = [Sequence(old.sequences[0].tokens, [(pages[0].hex(), pages[1].hex()),
+                                                   *old.sequences[0].pages[1:]])]
+        copy = Manifest(name=old.name, parents=old.parents, fingerprint=old.fingerprint,
+                        sequences=seqs)
+        new, moved = st.write_replacement(copy, replaces=history.base, message="repair test")
+        assert moved == ["also-base", "base", "HEAD"]
+        assert st.get_ref("base") == st.get_ref("also-base") == new
+        assert st.head().cid == new and st.head().ref is None
+        assert st.get_ref("base/0") == history.forks[0]  # other snapshots' refs stay
+        assert st.reflog("base")[-1].action == "repair"
+        assert list(st.fsck()) == []
