@@ -72,6 +72,7 @@ COMMANDS: dict[str, str] = {
     "serve": "processfork_cli.commands_server",
     "snapshot": "processfork_cli.commands_live",
     "checkout": "processfork_cli.commands_live",
+    "repair": "processfork_cli.commands_live",
     "version": "processfork_cli.version",
 }
 

@@ -111,6 +111,10 @@ class Client:
     def checkout(self, rev: str) -> dict[str, Any]:
         return self.request("POST", "/checkout", json={"cid": rev})
 
+    def repair(self, rev: str) -> dict[str, Any]:
+        """POST /repair: recompute the snapshot's damaged pages on the engine."""
+        return self.request("POST", "/repair", json={"cid": rev})
+
     def show(self, rev: str) -> dict[str, Any]:
         """The `pf show` document (processfork.store.documents.snapshot_doc) of one snapshot."""
         doc = self.request("GET", f"/snapshots/{quote(rev, safe='')}")

@@ -1,4 +1,5 @@
-"""Commands that act on the live engine through the server: `pf snapshot`, `pf checkout`."""
+"""Commands that act on the live engine through the server: `pf snapshot`, `pf checkout`,
+`pf repair`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Annotated, Any
 
 import typer
 
-from processfork_cli.errors import UserError
-from processfork_cli.options import ApiKeyOpt, JsonOpt, QuietOpt, RevArg, ServerOpt
+from processfork_cli.errors import RepairIncomplete, ServerError, UserError
+from processfork_cli.options import ApiKeyOpt, JsonOpt, QuietOpt, RevArg, ServerOpt, StoreOpt
 from processfork_cli.output import Output
-from processfork_cli.render import human_bytes, human_count
+from processfork_cli.render import human_bytes, human_count, short_cid
 from processfork_cli.settings import settings
 
 __all__ = ["register"]
@@ -146,6 +147,94 @@ def _render_checkout(out: Output, doc: dict[str, Any]) -> None:
     )
 
 
+REPAIR_EXAMPLES = """
+Examples:
+
+  pf repair               # every snapshot that uses a damaged or missing page (found like fsck)
+  pf repair base agent/3  # these snapshots only
+  pf repair --dry-run     # which snapshots would be repaired; needs no server
+"""
+
+
+def repair(
+    ctx: typer.Context,
+    revs: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[REV]...", help="Snapshots to repair (default: every damaged one).",
+                       show_default=False),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the damaged snapshots; change nothing.")
+    ] = False,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
+    store: StoreOpt = None,
+    json_: JsonOpt = None,
+    quiet: QuietOpt = None,
+) -> None:
+    """Recompute damaged or missing pages on the server and store them again.
+
+    Pages recomputed with the same bits are back in place for every snapshot that shares them;
+    otherwise a repaired copy takes the damaged snapshot's refs. Token ids and page tables cannot
+    be recomputed: such snapshots are reported and the command exits 3.
+    """
+    s = settings(ctx, server=server, api_key=api_key, store=store, json=json_, quiet=quiet)
+    with s.open_store() as st, s.out.progress("fsck") as progress:
+        targets = [st.resolve(rev) for rev in revs] if revs else _damaged_snapshots(st, progress)
+    results: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    if not dry_run:
+        with s.client() as client:
+            for cid in targets:
+                try:
+                    results.append(client.repair(cid))
+                except ServerError as exc:
+                    if exc.error_type != "unrepairable":
+                        raise
+                    failed.append({"cid": cid, "error": exc.server_message})
+    doc = {"dry_run": dry_run, "damaged": targets, "repaired": results, "unrepairable": failed}
+    s.out.emit(
+        doc,
+        human=lambda out: _render_repair(out, doc),
+        quiet=[r.get("new_cid") or r["cid"] for r in results] if not dry_run else targets,
+    )
+    if failed:
+        raise RepairIncomplete(len(failed))
+
+
+def _damaged_snapshots(st: Any, progress: Any) -> list[str]:
+    """Every snapshot that uses a damaged or missing page or blob, each once, in fsck's order."""
+    from processfork.store.fsck import DAMAGE_KINDS
+
+    cids = [c for i in st.fsck(progress=progress) if i.kind in DAMAGE_KINDS for c in i.snapshots]
+    return list(dict.fromkeys(cids))
+
+
+def _render_repair(out: Output, doc: dict[str, Any]) -> None:
+    if not doc["damaged"]:
+        out.info("repair: no damaged snapshot")
+        return
+    if doc["dry_run"]:
+        for cid in doc["damaged"]:
+            out.line(cid)
+        out.info(f"{len(doc['damaged'])} damaged snapshot(s); run without --dry-run to repair")
+        return
+    for r in doc["repaired"]:
+        cid = short_cid(r["cid"])
+        if r["result"] == "restored":
+            out.line(f"{cid} restored: {human_count(r['damaged_pages'])} page(s) recomputed with "
+                     "the same bits, back in place for every snapshot that shares them")
+        elif r["result"] == "replaced":
+            moved = ", ".join(r["moved_refs"]) or "no ref"
+            out.line(f"{cid} replaced by {short_cid(r['new_cid'])}: recomputed pages differ in "
+                     f"their bits; moved {moved}")
+        else:
+            out.line(f"{cid} intact (repaired with a snapshot that shares its pages)")
+    for f in doc["unrepairable"]:
+        out.line(f"{short_cid(f['cid'])} unrepairable: {f['error']}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("snapshot", epilog=SNAPSHOT_EXAMPLES)(snapshot)
     app.command("checkout", epilog=CHECKOUT_EXAMPLES)(checkout)
+    app.command("repair", epilog=REPAIR_EXAMPLES)(repair)

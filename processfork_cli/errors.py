@@ -73,6 +73,18 @@ class IntegrityProblems(CliError):
         self.count = count
 
 
+class RepairIncomplete(CliError):
+    """`pf repair` could not repair everything: what it did was already printed."""
+
+    exit_code = ExitCode.INTEGRITY
+
+    def __init__(self, count: int) -> None:
+        super().__init__(
+            f"{count} snapshot{'s' if count != 1 else ''} could not be repaired",
+            hint="their token ids or page tables are damaged: restore the store from a copy",
+        )
+
+
 class ServerError(CliError):
     """The server answered with an error; 4xx is the caller's mistake, anything else the server's."""
 
@@ -106,6 +118,7 @@ _EXIT_BY_TYPE: dict[str, ExitCode] = {
     "incompatible_snapshot": ExitCode.USER,
     "integrity_error": ExitCode.INTEGRITY,
     "unsupported_format": ExitCode.INTEGRITY,
+    "unrepairable": ExitCode.INTEGRITY,
     "store_full": ExitCode.SERVER,
     "store_error": ExitCode.SERVER,
 }
