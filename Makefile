@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m processfork_cli.demo
+	$(PY) -m processfork_dev.demo
 
 # pytest exits 5 when it collects nothing: that is a failure here, never a pass.
 test: install
@@ -47,7 +47,7 @@ bench: install
 	done; exit $$status
 
 lint: install
-	$(PY) -m ruff check store plugin processfork_cli tests bench
+	$(PY) -m ruff check store plugin processfork_cli processfork_dev tests bench
 
 clean:
 	rm -rf $(VENV) .models .demo .bench .pytest_cache .hypothesis

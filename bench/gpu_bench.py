@@ -62,7 +62,7 @@ class Setup:
     """What every server of the run shares, decided once."""
 
     def __init__(self, quick: bool):
-        from processfork.plugin.model_builder import CONFIG_ONLY, PRESETS, build_model
+        from processfork_dev.model_builder import CONFIG_ONLY, PRESETS, build_model
 
         self.quick = quick
         self.cuda = _cuda()

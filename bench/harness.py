@@ -37,11 +37,14 @@ from processfork.plugin.launcher import (
     find_free_port,
     kv_transfer_config,
 )
-from processfork.plugin.model_builder import PRESETS, build_model
 from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # processfork_dev, when run as `python bench/<script>.py`
+
+from processfork_dev.model_builder import PRESETS, build_model
+
 BENCH_DIR = REPO / ".bench"
 MODELS_DIR = Path(os.environ.get("PF_TEST_MODELS", REPO / ".models"))
 THREADS = 1

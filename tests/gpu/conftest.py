@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))  # pf_http, live_server
+sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))  # pf_http
 
-from live_server import LiveServer
+from processfork_dev.live_server import LiveServer
 
 try:
     import torch
@@ -56,14 +56,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def gpu_model() -> Path:
-    from processfork.plugin.model_builder import build_tiny_llama
+    from processfork_dev.model_builder import build_tiny_llama
 
     return build_tiny_llama(MODELS_DIR / f"tiny-{DTYPE}", dtype=DTYPE)
 
 
 @pytest.fixture(scope="session")
 def other_gpu_model() -> Path:
-    from processfork.plugin.model_builder import build_tiny_llama
+    from processfork_dev.model_builder import build_tiny_llama
 
     return build_tiny_llama(MODELS_DIR / f"tiny-{DTYPE}-3layer", dtype=DTYPE, num_layers=3,
                             seed=1)

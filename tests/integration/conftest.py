@@ -24,8 +24,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from live_server import LiveServer
-from processfork.plugin.model_builder import build_tiny_llama
+
+from processfork_dev.live_server import LiveServer
+from processfork_dev.model_builder import build_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(os.environ.get("PF_TEST_MODELS", REPO_ROOT / ".models"))

@@ -9,8 +9,8 @@ from processfork.store import Store
 
 pytestmark = pytest.mark.integration
 
-# Not the model's own template (plugin/model_builder.py): a server given this file renders chats
-# differently from one that uses the model's.
+# Not the model's own template (processfork_dev/model_builder.py): a server given this file
+# renders chats differently from one that uses the model's.
 SERVER_TEMPLATE = (
     "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}"
     "{% if tools %}[TOOLS] {{ tools | length }}\n{% endif %}"

@@ -21,15 +21,18 @@ pytestmark = pytest.mark.integration
 
 BLOCK = 32
 DEMO_TIMEOUT = 900
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _demo_argv(workdir: Path, model: Path) -> list[str]:
-    return [sys.executable, "-m", "processfork_cli.demo", "--workdir", str(workdir),
+    return [sys.executable, "-m", "processfork_dev.demo", "--workdir", str(workdir),
             "--model", str(model)]
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+    """`make demo` runs from the repository's root, where `processfork_dev` is importable."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
 
 
 def _server_pids(store: Path) -> list[int]:

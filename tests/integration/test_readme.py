@@ -25,7 +25,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+README = REPO_ROOT / "README.md"
 BLOCK = re.compile(
     r"(?:<!-- readme-test: (?P<kind>\w+) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```",
     re.DOTALL,
@@ -51,7 +52,11 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def env(server, pf_store) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)  # where `pf` is installed next to this python
+    # The scratch folder stands in for the checkout a reader works in: `python -m
+    # processfork_dev.model_builder` imports from the repository's root.
+    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     out = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONPATH": python_path,
            "PF_SERVER": server.base_url, "PF_STORE": str(pf_store), "NO_COLOR": "1"}
     if server.api_key:
         out["PF_API_KEY"] = server.api_key

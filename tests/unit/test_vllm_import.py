@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from processfork.plugin import launcher
 from processfork.plugin.launcher import build_plan, pinned_cpus
-from processfork.plugin.model_builder import (
+
+from processfork_dev.model_builder import (
     ModelBuildError,
     build_tiny_llama,
     content_digest,

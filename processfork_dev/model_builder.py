@@ -381,7 +381,7 @@ def content_digest(folder: str | os.PathLike[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m processfork.plugin.model_builder",
+        prog="python -m processfork_dev.model_builder",
         description="Build a random-weight Llama (for tests, demos and benchmarks) into PATH.",
     )
     parser.add_argument("path", help="output folder (reused when already built identically)")

@@ -1,10 +1,10 @@
-"""`make demo` (`python -m processfork_cli.demo`): the whole product on this machine, in a few minutes.
+"""`make demo` (`python -m processfork_dev.demo`): the whole product on this machine, in minutes.
 
 Builds a small model, serves it with `pf serve`, snapshots a long agent context, forks it three
 ways, continues each branch with the OpenAI client, snapshots the branches, restarts the server,
 checks one branch out and shows that its continuation is bit-identical and its prefill skipped,
 then draws the history and garbage-collects a dropped branch. The steps live in
-`processfork_cli.demo_flow`; this module only presents them. Whatever happens (an error, Ctrl-C,
+`processfork_dev.demo_flow`; this module only presents them. Whatever happens (an error, Ctrl-C,
 SIGTERM), the server is stopped before the process exits.
 """
 
@@ -25,7 +25,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 from rich.text import Text
 
-from processfork_cli.demo_flow import (
+from processfork_cli.render import human_bytes, human_count, short_cid
+from processfork_dev.demo_flow import (
     BRANCHES,
     CONTINUATION_TOKENS,
     PRESETS,
@@ -36,7 +37,6 @@ from processfork_cli.demo_flow import (
     GcResult,
     RestoreResult,
 )
-from processfork_cli.render import human_bytes, human_count, short_cid
 
 __all__ = ["app", "run_demo"]
 
@@ -292,13 +292,13 @@ def _describe_model(folder: Path) -> str:
 
 def _build_command(flow: DemoFlow) -> str | None:
     """The model builder's own command line, where one of its presets builds the same model."""
-    from processfork.plugin.model_builder import PRESETS as BUILDER_PRESETS
+    from processfork_dev.model_builder import PRESETS as BUILDER_PRESETS
 
     if flow.given_model is not None:
         return None
     for name, spec in BUILDER_PRESETS.items():
         if spec == PRESETS[flow.preset]:
-            return (f"python -m processfork.plugin.model_builder "
+            return (f"python -m processfork_dev.model_builder "
                     f"{_relative(flow.workdir)}/model-{flow.preset} --preset {name}")
     return None
 
@@ -315,9 +315,9 @@ def run_demo(workdir: Path, *, model: Path | None = None, preset: str = "demo",
              console: Console | None = None) -> int:
     """Run the demo; returns the exit code. The server never outlives this call."""
     from processfork.plugin.launcher import ServerStartError
-    from processfork.plugin.model_builder import ModelBuildError
 
     from processfork_cli.errors import CliError
+    from processfork_dev.model_builder import ModelBuildError
 
     if console is None:
         console = Console(soft_wrap=True, highlight=False)
@@ -397,4 +397,4 @@ def demo(
 
 
 if __name__ == "__main__":
-    app(prog_name="python -m processfork_cli.demo")
+    app(prog_name="python -m processfork_dev.demo")

@@ -1,6 +1,7 @@
 """A real server a test session starts, stops and restarts on the same port and store.
 
-Shared by the CPU integration suite and the GPU suite (tests/gpu), which add their fixtures.
+Shared by the CPU integration suite (tests/integration) and the GPU suite (tests/gpu), which add
+their fixtures.
 """
 
 from __future__ import annotations

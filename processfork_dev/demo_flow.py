@@ -1,6 +1,6 @@
 """The steps of `make demo` as a library: build a model, serve it, snapshot, fork, restore, gc.
 
-`processfork_cli.demo` only presents these steps; everything that talks to the server or the store
+`processfork_dev.demo` only presents these steps; everything that talks to the server or the store
 is here, so the integration test runs exactly what a user sees. Each step returns a plain record.
 
 How the restore is timed, honestly: "restore" is a checkout plus the first token of the branch on
@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from processfork.plugin.launcher import ServerProcess, find_free_port, launch_server
-from processfork.plugin.model_builder import PRESETS as BUILDER_PRESETS
-from processfork.plugin.model_builder import TinyLlamaSpec, build_model
 from processfork.store import Store
 
 from processfork_cli.client import Client
-from processfork_cli.demo_context import AGENT_CONTEXT
+from processfork_dev.demo_context import AGENT_CONTEXT
+from processfork_dev.model_builder import PRESETS as BUILDER_PRESETS
+from processfork_dev.model_builder import TinyLlamaSpec, build_model
 
 __all__ = [
     "BRANCHES",
