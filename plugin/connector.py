@@ -15,7 +15,6 @@ Enable it with::
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from .connector_config import ConnectorConfig, store_path_from_config
 from .jobs import StepPlan
 from .vllm_compat import CacheHitSource, check_supported_vllm
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 __all__ = ["ProcessForkConnector", "ProcessForkMetadata", "store_path_from_config"]
@@ -45,27 +46,6 @@ __all__ = ["ProcessForkConnector", "ProcessForkMetadata", "store_path_from_confi
 @dataclass
 class ProcessForkMetadata(StepPlan, KVConnectorMetadata):
     """The step plan, typed as vLLM's connector metadata."""
-
-
-def store_path_from_config(extra: dict[str, Any]) -> str:
-    """The store directory: extra config ``store``, else ``$PF_STORE``, else ``~/.processfork``."""
-    path = extra.get("store") or os.environ.get("PF_STORE") or "~/.processfork"
-    return os.path.abspath(os.path.expanduser(str(path)))
-
-
-def _flag(extra: dict[str, Any], name: str, default: bool = True) -> bool:
-    value = extra.get(name)
-    return default if value is None else str(value).lower() not in ("0", "false", "no")
-
-
-def _int(extra: dict[str, Any], name: str) -> int | None:
-    value = extra.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
-        raise ValueError(f"kv_connector_extra_config.{name} must be a positive integer "
-                         f"(got {value!r})")
-    return int(value)
 
 
 class ProcessForkConnector(KVConnectorBase_V1):
@@ -90,8 +70,8 @@ class ProcessForkConnector(KVConnectorBase_V1):
     ):
         check_supported_vllm()
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        self.store_path = store_path_from_config(extra)
+        config = ConnectorConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
+        self.store_path = config.store
         self._scheduler = None
         self._worker = None
         self._saved_plan: StepPlan | None = None
@@ -110,11 +90,11 @@ class ProcessForkConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(
                 vllm_config,
                 self.store_path,
-                verify_loads=_flag(extra, "verify_loads"),
-                pipelined_loads=_flag(extra, "pipelined_loads"),
-                page_path=str(extra.get("page_path") or "auto"),
-                staging_mib=_int(extra, "staging_mib"),
-                copy_threads=_int(extra, "copy_threads"),
+                verify_loads=config.verify_loads,
+                pipelined_loads=config.pipelined_loads,
+                page_path=config.page_path,
+                staging_mib=config.staging_mib,
+                copy_threads=config.copy_threads,
             )
 
     # ==============================
@@ -163,6 +143,12 @@ class ProcessForkConnector(KVConnectorBase_V1):
         self._save_step()
         return self._worker.take_load_errors()
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        # Nothing is handed off after a request ends; the ids only let the worker forget jobs.
+        if self._worker is not None:
+            self._worker.forget_requests(finished_req_ids)
+        return None, None
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
@@ -186,6 +172,10 @@ class ProcessForkConnector(KVConnectorBase_V1):
     ) -> None:
         assert self._scheduler is not None
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self._scheduler is not None and connector_output.invalid_block_ids:
+            self._scheduler.forget_blocks(set(connector_output.invalid_block_ids))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None

@@ -21,15 +21,7 @@ if TYPE_CHECKING:
 
     from processfork_cli.client import Client
 
-__all__ = ["Settings", "default_store_path", "settings"]
-
-
-def default_store_path() -> Path:
-    """Where the store lives when neither --store nor PF_STORE says: the store's own default."""
-    from processfork.store import default_store_path as store_default
-
-    return Path(store_default())
-
+__all__ = ["Settings", "settings"]
 
 @dataclass
 class Settings:
@@ -51,7 +43,11 @@ class Settings:
 
     @property
     def resolved_store_path(self) -> Path:
-        return (self.store_path or default_store_path()).expanduser()
+        if self.store_path is not None:
+            return self.store_path.expanduser()
+        from processfork.store import default_store_path  # $PF_STORE, else ~/.processfork
+
+        return Path(default_store_path())
 
     @contextlib.contextmanager
     def open_store(self, *, readonly: bool = True) -> Iterator[Store]:

@@ -24,7 +24,7 @@ from processfork.store.snapshots import load_stored
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from processfork.store.lmdb_store import Store
+    from processfork.store.env import Env
 
 __all__ = ["SnapshotDamage", "clear_damaged_pages", "find_damage"]
 
@@ -57,18 +57,18 @@ def _sound(cursor: lmdb.Cursor, key: bytes) -> bool:
     return bool(cursor.set_key(key)) and page_digest(cursor.value()) == key
 
 
-def find_damage(store: Store, cid: str) -> SnapshotDamage:
+def find_damage(env: Env, cid: str) -> SnapshotDamage:
     """Hash every object `cid` names (one read transaction; reads every page of the snapshot)."""
 
     def run(txn: lmdb.Transaction) -> SnapshotDamage:
-        pages_cur = txn.cursor(db=store.dbs["pages"])
-        blobs_cur = txn.cursor(db=store.dbs["blobs"])
+        pages_cur = txn.cursor(db=env.dbs["pages"])
+        blobs_cur = txn.cursor(db=env.dbs["blobs"])
         pages: dict[str, None] = {}
         tokens: dict[str, None] = {}
         tables: dict[str, None] = {}
         sequences: list[int] = []
         checked: dict[bytes, bool] = {}
-        for index, seq in enumerate(stored_sequences(load_stored(txn, store.dbs, cid))):
+        for index, seq in enumerate(stored_sequences(load_stored(txn, env.dbs, cid))):
             tok, tab = seq["tokens"]["digest"], seq["pages"]["digest"]
             if not _sound(blobs_cur, bytes.fromhex(tok)):
                 tokens[tok] = None
@@ -88,25 +88,25 @@ def find_damage(store: Store, cid: str) -> SnapshotDamage:
                 sequences.append(index)
         return SnapshotDamage(cid, tuple(pages), tuple(sequences), tuple(tokens), tuple(tables))
 
-    return store._read(run, buffers=True)
+    return env.read(run, buffers=True)
 
 
-def clear_damaged_pages(store: Store, digests: Iterable[str]) -> list[str]:
+def clear_damaged_pages(env: Env, digests: Iterable[str]) -> list[str]:
     """Delete the page records among `digests` whose bytes do not hash to their digest (and
     their journal records); return those deleted. Sound and absent pages are left alone, so a
     concurrent repair that already restored a page keeps it."""
     keys = [bytes.fromhex(d) for d in digests]
 
     def run(txn: lmdb.Transaction) -> list[str]:
-        db: Any = store.dbs["pages"]
+        db: Any = env.dbs["pages"]
         deleted = []
         for key in keys:
             value = txn.get(key, db=db)
             if value is None or page_digest(value) == key:
                 continue
             txn.delete(key, db=db)
-            txn.delete(JOURNAL_PAGE + key, db=store.dbs["journal"])
+            txn.delete(JOURNAL_PAGE + key, db=env.dbs["journal"])
             deleted.append(key.hex())
         return deleted
 
-    return store._write(run)
+    return env.write(run)

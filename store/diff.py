@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING
 import lmdb
 from processfork.store.errors import MissingObject
 from processfork.store.manifest import Manifest
+from processfork.store.objects import pages_size
 from processfork.store.revparse import resolve_in
 from processfork.store.snapshots import load_manifest
 
 if TYPE_CHECKING:
     import numpy as np
-    from processfork.store.lmdb_store import Store
+    from processfork.store.env import Env
 
 __all__ = ["DiffResult", "diff"]
 
@@ -51,16 +52,8 @@ def _tokens(txn: lmdb.Transaction, dbs: dict, m: Manifest) -> np.ndarray:
     return np.frombuffer(bytes(raw), dtype="<i4")
 
 
-def _sizes(txn: lmdb.Transaction, dbs: dict, keys: set[bytes]) -> int:
-    total = 0
-    for k in keys:
-        v = txn.get(k, db=dbs["pages"])
-        total += 0 if v is None else len(v)
-    return total
-
-
-def diff(store: Store, a: str, b: str) -> DiffResult:
-    dbs = store.dbs
+def diff(env: Env, a: str, b: str) -> DiffResult:
+    dbs = env.dbs
 
     def run(txn: lmdb.Transaction) -> DiffResult:
         import numpy as np  # lazily: numpy costs `pf` a tenth of a second to start
@@ -88,9 +81,9 @@ def diff(store: Store, a: str, b: str) -> DiffResult:
             shared_pages=len(shared),
             unique_a=len(only_a),
             unique_b=len(only_b),
-            shared_bytes=_sizes(txn, dbs, shared),
-            unique_a_bytes=_sizes(txn, dbs, only_a),
-            unique_b_bytes=_sizes(txn, dbs, only_b),
+            shared_bytes=pages_size(txn, dbs, shared),
+            unique_a_bytes=pages_size(txn, dbs, only_a),
+            unique_b_bytes=pages_size(txn, dbs, only_b),
         )
 
-    return store._read(run, buffers=True)
+    return env.read(run, buffers=True)

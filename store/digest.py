@@ -21,7 +21,6 @@ __all__ = [
     "cid_key",
     "cid_of",
     "digest_from_hex",
-    "digest_hex",
     "is_cid",
     "normalize_cid",
     "page_digest",
@@ -33,11 +32,6 @@ _DIGEST_RE = re.compile(r"^[0-9a-f]{32}$")
 
 page_digest = xxhash.xxh3_128_digest
 """`page_digest(buf) -> bytes`: the 16-byte xxh3-128 digest (canonical big-endian) of any buffer."""
-
-
-def digest_hex(digest: bytes) -> str:
-    """The 32 lowercase hex characters a 16-byte digest is written as in JSON."""
-    return digest.hex()
 
 
 def digest_from_hex(text: str) -> bytes:

@@ -187,6 +187,14 @@ class Env:
 
         self.write(init)
 
+    def info(self) -> dict[str, Any]:
+        """LMDB's environment info: map_size, map_addr, last_pgno, ..."""
+        return self.env.info()
+
+    def stat(self) -> dict[str, Any]:
+        """LMDB's statistics of the main database: psize (the page size), depth, entries, ..."""
+        return self.env.stat()
+
     # -- transactions ---------------------------------------------------------------------
     def read(self, fn: Callable[[lmdb.Transaction], T], *, buffers: bool = False) -> T:
         """Run `fn` in one read transaction; buffers=True hands out zero-copy memoryviews."""

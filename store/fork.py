@@ -19,7 +19,7 @@ from processfork.store.revparse import resolve_in
 from processfork.store.snapshots import load_manifest, write_manifest
 
 if TYPE_CHECKING:
-    from processfork.store.lmdb_store import Store
+    from processfork.store.env import Env
 
 __all__ = ["MAX_FORK", "fork", "fork_named"]
 
@@ -42,14 +42,14 @@ def _default_prefix(txn: lmdb.Transaction, dbs: dict, rev: str, cid: str) -> str
 
 
 def fork(
-    store: Store, rev: str, n: int, *, prefix: str | None = None, message: str = ""
+    env: Env, rev: str, n: int, *, prefix: str | None = None, message: str = ""
 ) -> list[str]:
     """The cids of `fork_named`'s children."""
-    return [cid for _, cid in fork_named(store, rev, n, prefix=prefix, message=message)]
+    return [cid for _, cid in fork_named(env, rev, n, prefix=prefix, message=message)]
 
 
 def fork_named(
-    store: Store, rev: str, n: int, *, prefix: str | None = None, message: str = ""
+    env: Env, rev: str, n: int, *, prefix: str | None = None, message: str = ""
 ) -> list[tuple[str, str]]:
     """Create refs `{prefix}/0` .. `{prefix}/{n-1}` naming n children of `rev`; returns each
     child's (ref name, cid), in fork order.
@@ -58,14 +58,14 @@ def fork_named(
     """
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_FORK:
         raise InvalidName(str(n), f"fork count must be an integer from 1 to {MAX_FORK}")
-    dbs = store.dbs
+    dbs = env.dbs
 
     def prepare(txn: lmdb.Transaction) -> tuple[str, Manifest, str]:
         cid = resolve_in(txn, dbs, rev)
         parent = load_manifest(txn, dbs, cid)
         return cid, parent, prefix or _default_prefix(txn, dbs, rev.strip(), cid)
 
-    parent_cid, parent, base = store._read(prepare, buffers=True)
+    parent_cid, parent, base = env.read(prepare, buffers=True)
     names = [f"{base}/{i}" for i in range(n)]
     for name in names:
         _refs.validate_ref_name(name)
@@ -85,7 +85,7 @@ def fork_named(
     # Children differ from the parent only in four top-level fields: encode the shared stored form
     # (page tables hashed) once, not once per child.
     stored = parent.stored_dict()
-    encoded = [(c, canonical_json({**stored, **c._head_dict()})) for c in children]
+    encoded = [(c, canonical_json({**stored, **c.head_dict()})) for c in children]
     page_keys = parent.page_keys()
     text = message or f"fork {n} of {parent_cid[:19]}"
 
@@ -115,4 +115,4 @@ def fork_named(
             cids.append((names[i], cid))
         return cids
 
-    return store._write(run)
+    return env.write(run)

@@ -8,7 +8,6 @@ code they mean.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -16,15 +15,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import lmdb
-from processfork.store.digest import canonical_json, cid_from_key, cid_key, is_cid, page_digest
+from processfork.store.digest import (
+    canonical_json,
+    cid_from_key,
+    cid_key,
+    cid_of,
+    is_cid,
+    page_digest,
+)
 from processfork.store.env import META_FORMAT_KEY, check_format_record
 from processfork.store.errors import InvalidName, StoreError
-from processfork.store.manifest import FORMAT, InvalidManifest, _parse_head, stored_sequences
+from processfork.store.manifest import FORMAT, InvalidManifest, parse_head, stored_sequences
 from processfork.store.objects import decode_pin
 from processfork.store.refs import HEAD, iter_reflog, list_refs, read_head, validate_ref_name
 
 if TYPE_CHECKING:
-    from processfork.store.lmdb_store import Store
+    from processfork.store.env import Env
 
 __all__ = ["DAMAGE_KINDS", "FsckIssue", "fsck"]
 
@@ -54,24 +60,24 @@ DAMAGE_KINDS = frozenset({"corrupt-page", "missing-page", "corrupt-blob", "missi
 Progress = Callable[[str, int, int], None]
 
 
-def fsck(store: Store, *, progress: Progress | None = None) -> Iterator[FsckIssue]:
+def fsck(env: Env, *, progress: Progress | None = None) -> Iterator[FsckIssue]:
     report = progress or (lambda phase, done, total: None)
-    yield from store._read(lambda txn: list(_check_meta(txn, store.dbs)))
+    yield from env.read(lambda txn: list(_check_meta(txn, env.dbs)))
     damaged = [
-        *_check_content(store, "pages", "page", report),
-        *_check_content(store, "blobs", "blob", report),
+        *_check_content(env, "pages", "page", report),
+        *_check_content(env, "blobs", "blob", report),
     ]
     corrupt = {bytes.fromhex(issue.object) for issue in damaged}
 
     def snapshots(txn: lmdb.Transaction) -> list[FsckIssue]:
         users = _Users()
-        issues = list(_check_snapshots(txn, store.dbs, corrupt, users))
-        refs = _refs_by_cid(txn, store.dbs)
+        issues = list(_check_snapshots(txn, env.dbs, corrupt, users))
+        refs = _refs_by_cid(txn, env.dbs)
         return [users.attach(issue, refs) for issue in [*damaged, *issues]]
 
-    yield from store._read(snapshots, buffers=True)
-    yield from store._read(lambda txn: list(_check_refs(txn, store.dbs)), buffers=True)
-    yield from store._read(lambda txn: list(_check_small(txn, store.dbs)), buffers=True)
+    yield from env.read(snapshots, buffers=True)
+    yield from env.read(lambda txn: list(_check_refs(txn, env.dbs)), buffers=True)
+    yield from env.read(lambda txn: list(_check_small(txn, env.dbs)), buffers=True)
 
 
 class _Users:
@@ -119,9 +125,9 @@ def _check_meta(txn: lmdb.Transaction, dbs: dict[str, Any]) -> Iterator[FsckIssu
             yield FsckIssue("bad-meta", name, str(exc))
 
 
-def _check_content(store: Store, db_name: str, kind: str, report: Progress) -> Iterator[FsckIssue]:
+def _check_content(env: Env, db_name: str, kind: str, report: Progress) -> Iterator[FsckIssue]:
     """Every key of `db_name` must be the xxh3-128 of its value."""
-    total = store._read(lambda txn: txn.stat(store.dbs[db_name])["entries"])
+    total = env.read(lambda txn: txn.stat(env.dbs[db_name])["entries"])
     start: bytes | None = b""
     done = 0
     while start is not None:
@@ -129,7 +135,7 @@ def _check_content(store: Store, db_name: str, kind: str, report: Progress) -> I
         def chunk(
             txn: lmdb.Transaction, start: bytes = start
         ) -> tuple[list[FsckIssue], bytes | None, int]:
-            cur = txn.cursor(db=store.dbs[db_name])
+            cur = txn.cursor(db=env.dbs[db_name])
             issues: list[FsckIssue] = []
             if not cur.set_range(start):
                 return issues, None, 0
@@ -147,7 +153,7 @@ def _check_content(store: Store, db_name: str, kind: str, report: Progress) -> I
                 size += len(value)
             return issues, None, n
 
-        issues, start, n = store._read(chunk, buffers=True)
+        issues, start, n = env.read(chunk, buffers=True)
         done += n
         report(db_name, done, total)
         yield from issues
@@ -160,7 +166,7 @@ def _check_snapshots(
     for key, raw in txn.cursor(db=dbs["snapshots"]):
         cid = cid_from_key(key)
         data = bytes(raw)
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        actual = cid_of(data)
         if actual != cid:
             yield FsckIssue("cid-mismatch", cid, f"manifest bytes hash to {actual}")
         try:
@@ -173,7 +179,7 @@ def _check_snapshots(
             yield FsckIssue("unsupported-format", cid, f"manifest format {found!r}")
             continue
         try:
-            head = _parse_head(d)
+            head = parse_head(d)
             seqs = stored_sequences(d)
         except (InvalidManifest, StoreError) as exc:
             yield FsckIssue("bad-manifest", cid, str(exc))

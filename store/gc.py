@@ -34,7 +34,7 @@ from processfork.store.refs import iter_reflog, list_refs, read_head
 from processfork.store.timeparse import parse_age
 
 if TYPE_CHECKING:
-    from processfork.store.lmdb_store import Store
+    from processfork.store.env import Env
 
 __all__ = ["GcStats", "gc"]
 
@@ -137,7 +137,7 @@ def _keys(txn: lmdb.Transaction, db: Any, *, views: bool) -> list[bytes]:
 
 
 def gc(
-    store: Store,
+    env: Env,
     *,
     dry_run: bool = False,
     prune: float | str = 600.0,
@@ -152,7 +152,7 @@ def gc(
     grace_cut = now - prune_s
     expire_cut = -math.inf if math.isinf(expire_s) else now - expire_s
     pin_cut = now - PIN_STALE_SECONDS
-    dbs = store.dbs
+    dbs = env.dbs
     mark = _Mark()
     report = progress or (lambda phase, done, total: None)
 
@@ -168,7 +168,7 @@ def gc(
         dead_blobs = [k for k in _keys(txn, dbs["blobs"], views=False) if k not in mark.blobs]
         return set(all_snaps), dead_snaps, dead_pages, dead_blobs
 
-    seen_snaps, dead_snaps, dead_pages, dead_blobs = store._read(plan)
+    seen_snaps, dead_snaps, dead_pages, dead_blobs = env.read(plan)
     work = [("snapshots", JOURNAL_SNAPSHOT, k) for k in dead_snaps]
     work += [("blobs", JOURNAL_BLOB, k) for k in dead_blobs]
     work += [("pages", JOURNAL_PAGE, k) for k in dead_pages]
@@ -225,7 +225,7 @@ def gc(
         def run(txn: lmdb.Transaction, chunk: list = chunk, first: bool = n == 0) -> GcStats:
             return sweep(txn, chunk, first)
 
-        part = store._read(run, buffers=True) if dry_run else store._write(run)
+        part = env.read(run, buffers=True) if dry_run else env.write(run)
         for name in (
             "removed_snapshots", "removed_pages", "removed_blobs", "removed_page_bytes",
             "removed_bytes", "expired_reflog", "removed_pins", "kept_young",

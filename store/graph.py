@@ -15,7 +15,7 @@ from processfork.store.revparse import resolve_in
 from processfork.store.snapshots import load_manifest
 
 if TYPE_CHECKING:
-    from processfork.store.lmdb_store import Store
+    from processfork.store.env import Env
 
 __all__ = ["LogEntry", "graph_lines", "log", "order_newest_first"]
 
@@ -62,13 +62,13 @@ def _neg(text: str) -> tuple[int, ...]:
 
 
 def log(
-    store: Store, rev: str | None = HEAD, *, limit: int | None = None, all_refs: bool = False
+    env: Env, rev: str | None = HEAD, *, limit: int | None = None, all_refs: bool = False
 ) -> list[LogEntry]:
     """Snapshots reachable from `rev` (or from every ref and HEAD), newest first.
 
     An unborn HEAD gives an empty log; a missing parent (see fsck) ends that line of history.
     """
-    dbs = store.dbs
+    dbs = env.dbs
 
     def run(txn: lmdb.Transaction) -> list[LogEntry]:
         refs = list_refs(txn, dbs)
@@ -107,7 +107,7 @@ def log(
             entries.append(LogEntry(cid, manifests[cid], names))
         return entries
 
-    return store._read(run, buffers=True)
+    return env.read(run, buffers=True)
 
 
 def graph_lines(entries: Sequence[LogEntry]) -> list[tuple[str, LogEntry | None]]:

@@ -34,7 +34,6 @@ from processfork.store.errors import (
 )
 from processfork.store.manifest import Manifest, TokenRef
 from processfork.store.objects import (
-    JOURNAL_SNAPSHOT,
     PinInfo,
     PutResult,
     as_buffer,
@@ -114,9 +113,14 @@ class Store:
         return self.env.read(fn, buffers=buffers)
 
     def _write(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
+        return self._writable_env().write(fn)
+
+    def _writable_env(self) -> Env:
+        """The environment, for helpers that write (gc, fork, repair); refused when this Store
+        was opened read-only, even if the process's shared environment could write."""
         if self.readonly:
             raise ReadOnlyStore(self.path)
-        return self.env.write(fn)
+        return self.env
 
     # -- pages -------------------------------------------------------------------------------
     def put_pages(
@@ -208,16 +212,7 @@ class Store:
 
     def pages_size(self, digests: Sequence[bytes]) -> int:
         """Stored bytes of the given pages (missing ones count 0), without reading their contents."""
-
-        def run(txn: lmdb.Transaction) -> int:
-            db = self.dbs["pages"]
-            total = 0
-            for d in digests:
-                v = txn.get(bytes(d), db=db)
-                total += 0 if v is None else len(v)
-            return total
-
-        return self._read(run, buffers=True)
+        return self._read(lambda txn: _objects.pages_size(txn, self.dbs, digests), buffers=True)
 
     def read_pages_into(
         self, digests: Sequence[bytes], out: Any, page_size: int, *, verify: bool = True
@@ -285,7 +280,7 @@ class Store:
 
         def run(txn: lmdb.Transaction) -> T:
             views = _objects.page_views(txn, self.dbs, keys)
-            return fn(views, int(self.env.env.info()["map_addr"]), data_file)
+            return fn(views, int(self.env.info()["map_addr"]), data_file)
 
         return self._read(run, buffers=True)
 
@@ -444,13 +439,13 @@ class Store:
         """Hash every object snapshot `cid` names: what is missing or damaged (store/damage.py)."""
         from processfork.store.damage import find_damage
 
-        return find_damage(self, normalize_cid(cid))
+        return find_damage(self.env, normalize_cid(cid))
 
     def clear_damaged_pages(self, digests: Sequence[str]) -> list[str]:
         """Delete the damaged records among these pages, so a recomputation can store them."""
         from processfork.store.damage import clear_damaged_pages
 
-        return clear_damaged_pages(self, digests)
+        return clear_damaged_pages(self._writable_env(), digests)
 
     def _move_refs(
         self,
@@ -592,7 +587,7 @@ class Store:
         """n children of `rev` sharing all its pages, refs `{prefix}/0..n-1`; one transaction."""
         from processfork.store.fork import fork
 
-        return fork(self, rev, n, prefix=prefix, message=message)
+        return fork(self._writable_env(), rev, n, prefix=prefix, message=message)
 
     def fork_named(
         self, rev: str, n: int, *, prefix: str | None = None, message: str = ""
@@ -600,14 +595,14 @@ class Store:
         """Like `fork`, returning each child's (ref name, cid)."""
         from processfork.store.fork import fork_named
 
-        return fork_named(self, rev, n, prefix=prefix, message=message)
+        return fork_named(self._writable_env(), rev, n, prefix=prefix, message=message)
 
     def log(
         self, rev: str | None = "HEAD", *, limit: int | None = None, all_refs: bool = False
     ) -> list[LogEntry]:
         from processfork.store.graph import log
 
-        return log(self, rev, limit=limit, all_refs=all_refs)
+        return log(self.env, rev, limit=limit, all_refs=all_refs)
 
     @staticmethod
     def graph_lines(entries: Sequence[LogEntry]) -> list[tuple[str, LogEntry | None]]:
@@ -618,7 +613,7 @@ class Store:
     def diff(self, a: str, b: str) -> DiffResult:
         from processfork.store.diff import diff
 
-        return diff(self, a, b)
+        return diff(self.env, a, b)
 
     def gc(
         self,
@@ -630,21 +625,17 @@ class Store:
     ) -> GcStats:
         from processfork.store.gc import gc
 
-        return gc(self, dry_run=dry_run, prune=prune, expire=expire, progress=progress)
+        env = self.env if dry_run else self._writable_env()
+        return gc(env, dry_run=dry_run, prune=prune, expire=expire, progress=progress)
 
     def fsck(
         self, *, progress: Callable[[str, int, int], None] | None = None
     ) -> Iterator[FsckIssue]:
         from processfork.store.fsck import fsck
 
-        return fsck(self, progress=progress)
+        return fsck(self.env, progress=progress)
 
     def status(self) -> StoreStatus:
         from processfork.store.status import compute_status
 
-        return compute_status(self)
-
-    def snapshot_written_at(self, cid: str) -> float:
-        """When the snapshot was stored (journal time, Unix seconds); 0.0 if unrecorded."""
-        key = cid_key(cid)
-        return self._read(lambda txn: _objects.journal_time(txn, self.dbs, JOURNAL_SNAPSHOT, key))
+        return compute_status(self.env)

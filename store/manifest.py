@@ -33,6 +33,8 @@ __all__ = [
     "TokenRef",
     "decode_page_table",
     "encode_page_table",
+    "parse_head",
+    "stored_sequences",
     "utc_now",
 ]
 
@@ -219,7 +221,8 @@ class Manifest:
                 raise InvalidManifest("sequences must hold Sequence objects")
             seq.validate()
 
-    def _head_dict(self) -> dict[str, Any]:
+    def head_dict(self) -> dict[str, Any]:
+        """Every stored field except `sequences`: what a fork child changes (store/fork.py)."""
         return {
             "created": self.created,
             "fingerprint": self.fingerprint,
@@ -231,7 +234,7 @@ class Manifest:
 
     def stored_dict(self) -> dict[str, Any]:
         """The on-disk form: each sequence's pages replaced by its page table's {digest, count}."""
-        d = self._head_dict()
+        d = self.head_dict()
         d["sequences"] = [
             {
                 "pages": {"count": len(s.pages), "digest": page_digest(s.page_table()).hex()},
@@ -251,14 +254,14 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The logical form, pages inline (what `pf show --json` and the HTTP routes print)."""
-        d = self._head_dict()
+        d = self.head_dict()
         d["sequences"] = [s.to_dict() for s in self.sequences]
         return d
 
     @classmethod
     def from_dict(cls, d: Any) -> Manifest:
         """Parse the logical form; an unknown `format` raises UnsupportedFormat before anything else."""
-        head = _parse_head(d)
+        head = parse_head(d)
         if not isinstance(d["sequences"], list):
             raise InvalidManifest("sequences must be a list")
         m = cls(**head, sequences=[Sequence.from_dict(s) for s in d["sequences"]])
@@ -269,7 +272,7 @@ class Manifest:
     def from_stored(cls, data: bytes | Mapping[str, Any], tables: Mapping[str, bytes]) -> Manifest:
         """Rebuild a manifest from its stored form and the page table blobs it names."""
         d = json.loads(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-        head = _parse_head(d)
+        head = parse_head(d)
         sequences = []
         for s in stored_sequences(d):
             table_digest, count = s["pages"]["digest"], s["pages"]["count"]
@@ -282,7 +285,9 @@ class Manifest:
         return cls(**head, sequences=sequences)
 
 
-def _parse_head(d: Any) -> dict[str, Any]:
+def parse_head(d: Any) -> dict[str, Any]:
+    """The checked top-level fields of a stored manifest dict (fsck reads them without the
+    sequences' page tables)."""
     if not isinstance(d, Mapping):
         raise InvalidManifest("a manifest is a JSON object")
     if "format" in d and d["format"] != FORMAT:

@@ -51,10 +51,6 @@ class PutResult:
     new: list[bool]
     bytes_written: int
 
-    @property
-    def num_new(self) -> int:
-        return sum(self.new)
-
 
 @dataclass(frozen=True)
 class PinInfo:
@@ -160,6 +156,16 @@ def put_pages_stream(
         new += created
         written += nbytes
     return PutResult(digests, new, written)
+
+
+def pages_size(txn: lmdb.Transaction, dbs: dict[str, Any], keys: Iterable[bytes]) -> int:
+    """Stored bytes of these pages (missing ones count 0), without copying their contents."""
+    db = dbs["pages"]
+    total = 0
+    for key in keys:
+        value = txn.get(bytes(key), db=db)
+        total += 0 if value is None else len(value)
+    return total
 
 
 def page_views(txn: lmdb.Transaction, dbs: dict[str, Any], keys: Sequence[bytes]) -> list[Any]:

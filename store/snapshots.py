@@ -6,7 +6,6 @@ no reader, and no crash, can ever see a snapshot that points to a missing page.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -63,7 +62,7 @@ def load_stored(txn: lmdb.Transaction, dbs: dict[str, Any], cid: str) -> dict[st
     raw = txn.get(cid_key(cid), db=dbs["snapshots"])
     if raw is None:
         raise MissingObject("snapshot", cid)
-    actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+    actual = cid_of(raw)
     if actual != cid:
         raise CorruptPage(cid, actual, "snapshot")
     try:

@@ -13,7 +13,7 @@ from processfork.store.objects import read_pins
 from processfork.store.refs import HEAD, HeadInfo, read_head
 
 if TYPE_CHECKING:
-    from processfork.store.lmdb_store import Store
+    from processfork.store.env import Env
 
 __all__ = ["StoreStatus", "compute_status"]
 
@@ -59,12 +59,12 @@ def _abandoned_pins(txn: lmdb.Transaction, dbs: dict) -> tuple[int, int]:
     return count, held
 
 
-def compute_status(store: Store) -> StoreStatus:
-    dbs = store.dbs
+def compute_status(env: Env) -> StoreStatus:
+    dbs = env.dbs
 
     def run(txn: lmdb.Transaction) -> StoreStatus:
-        info = store.env.env.info()
-        psize = store.env.env.stat()["psize"]
+        info = env.info()
+        psize = env.stat()["psize"]
         page_bytes = sum(len(v) for v in txn.cursor(db=dbs["pages"]).iternext(keys=False))
         refs = sum(
             1
@@ -73,12 +73,12 @@ def compute_status(store: Store) -> StoreStatus:
         )
         meta = json.loads(bytes(txn.get(META_FORMAT_KEY, db=dbs["meta"])))
         try:
-            file_bytes = os.path.getsize(os.path.join(store.path, "data.mdb"))
+            file_bytes = os.path.getsize(os.path.join(env.path, "data.mdb"))
         except OSError:
             file_bytes = 0
         abandoned, abandoned_bytes = _abandoned_pins(txn, dbs)
         return StoreStatus(
-            path=store.path,
+            path=env.path,
             format=str(meta["format"]),
             size_bytes=(info["last_pgno"] + 1) * psize,
             map_size=info["map_size"],
@@ -96,4 +96,4 @@ def compute_status(store: Store) -> StoreStatus:
             abandoned_pin_bytes=abandoned_bytes,
         )
 
-    return store._read(run, buffers=True)
+    return env.read(run, buffers=True)

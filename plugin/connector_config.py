@@ -1,0 +1,61 @@
+"""The connector's `kv_connector_extra_config`, parsed once, without importing torch or vLLM.
+
+The API server process needs the store path too (routes.py), and must not pay for the connector's
+imports to learn it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from processfork.store import default_store_path
+
+__all__ = ["ConnectorConfig", "store_path_from_config"]
+
+
+def store_path_from_config(extra: dict[str, Any]) -> str:
+    """The store directory: extra config ``store``, else the store's default (``$PF_STORE``,
+    else ``~/.processfork``), made absolute: the server's processes may not share a directory."""
+    path = extra.get("store") or default_store_path()
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def _flag(extra: dict[str, Any], name: str, default: bool = True) -> bool:
+    value = extra.get(name)
+    return default if value is None else str(value).lower() not in ("0", "false", "no")
+
+
+def _positive_int(extra: dict[str, Any], name: str) -> int | None:
+    value = extra.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
+        raise ValueError(f"kv_connector_extra_config.{name} must be a positive integer "
+                         f"(got {value!r})")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """What `--kv-transfer-config '{"kv_connector_extra_config": {...}}'` can set (docs/gpu.md)."""
+
+    store: str
+    verify_loads: bool = True
+    pipelined_loads: bool = True
+    page_path: str = "auto"
+    staging_mib: int | None = None
+    copy_threads: int | None = None
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
+        extra = dict(extra or {})
+        return cls(
+            store=store_path_from_config(extra),
+            verify_loads=_flag(extra, "verify_loads"),
+            pipelined_loads=_flag(extra, "pipelined_loads"),
+            page_path=str(extra.get("page_path") or "auto"),
+            staging_mib=_positive_int(extra, "staging_mib"),
+            copy_threads=_positive_int(extra, "copy_threads"),
+        )
