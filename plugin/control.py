@@ -355,12 +355,12 @@ class Control:
         reply = CheckoutReply.from_params(
             await self._generate_one(tokens, CheckoutOp(job, cid, index), "checkout")
         )
-        if reply.loaded_tokens:
-            # The worker records a load only when it fails.
-            record = await self._job_record(job)
-            if record is not None:
-                await self._run(self.store.meta_delete, job_meta_key(job))
-            if record is not None and record.error is not None:
+        # The worker records a load only when it fails. Read it even when the reply counts
+        # nothing loaded: a request preempted and admitted again may have loaded then.
+        record = await self._job_record(job)
+        if record is not None:
+            await self._run(self.store.meta_delete, job_meta_key(job))
+            if record.error is not None:
                 raise ApiError(
                     500,
                     "integrity_error",

@@ -56,8 +56,8 @@ class _CheckoutState:
     job: str
     cid: str
     seq: int
-    local_tokens: int = 0
-    external_tokens: int = 0
+    local_tokens: int = 0  # the prefix cache's hit at the latest admission attempt
+    reply: CheckoutReply | None = None  # how the first admission served the request
 
 
 @dataclass
@@ -173,12 +173,17 @@ class SchedulerSide:
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         state = self._checkouts.get(request.request_id)
-        if state is None or num_external_tokens <= 0:
+        if state is None:
+            return
+        if state.reply is None:
+            # A request preempted after its load is admitted again with the loaded blocks in
+            # the prefix cache: the first admission is the one that says what was loaded.
+            state.reply = CheckoutReply(num_external_tokens, state.local_tokens)
+        if num_external_tokens <= 0:
             return
         block_ids = blocks.get_block_ids()[0]
         first = state.local_tokens // self.block_size
         count = num_external_tokens // self.block_size
-        state.external_tokens = num_external_tokens
         covered = request.prompt_token_ids[: (first + count) * self.block_size]
         self._pending_loads.append(
             LoadJob(
@@ -191,6 +196,20 @@ class SchedulerSide:
                 tokens_digest=tokens_digest(covered),
             )
         )
+
+    def forget_blocks(self, block_ids: set[int]) -> None:
+        """Take blocks that failed to load out of the prefix cache.
+
+        vLLM caches a request's blocks when it allocates them, and under the recompute policy it
+        leaves a block that failed to load in the cache for the request to overwrite in a later
+        step. Should the request end before that (aborted, or preempted and its blocks freed),
+        the block would serve its wrong bytes to every later request with the same prefix.
+        Without its hash, prefix-cache hits stop before it; the request keeps the block and
+        recomputes into it.
+        """
+        pool = self._block_pool
+        if pool is not None and block_ids:
+            pool.evict_blocks(block_ids)
 
     # --- per step -------------------------------------------------------------
     def build_step_plan(self, scheduler_output: SchedulerOutput) -> StepPlan:
@@ -266,7 +285,7 @@ class SchedulerSide:
             return CaptureReply(self.resident_sequences(op.request_id)).to_params()
         self._remember_finished(request, snap.num_prompt if snap is not None else None)
         if checkout is not None:
-            return CheckoutReply(checkout.external_tokens, checkout.local_tokens).to_params()
+            return (checkout.reply or CheckoutReply()).to_params()
         # A snapshot's outcome is its job record in the store, written by the worker.
         return None
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from processfork.store import PutResult, Store
+from processfork.store import MissingObject, PutResult, Store, page_digest
 from vllm.logger import init_logger
 
 from .block_views import BlockViews
@@ -30,6 +30,7 @@ from .codec import PageCodec, codec_for
 from .engine_info import engine_fingerprint, layer_order
 from .jobs import (
     JobError,
+    JobErrorKind,
     JobRecord,
     LoadJob,
     SaveJob,
@@ -53,6 +54,7 @@ __all__ = ["WorkerSide"]
 class _JobStats:
     """A save job's progress across steps, until its final save records it."""
 
+    req_id: str = ""
     blocks: int = 0
     new_blocks: int = 0
     bytes_written: int = 0
@@ -189,7 +191,7 @@ class WorkerSide:
             except Exception as exc:  # noqa: BLE001 - reported, never raised: vLLM recomputes
                 logger.warning("processfork: load for %s failed: %s", job.req_id, exc)
                 self._load_errors.update(job.block_ids)
-                self._fail(job.job, exc)
+                self._fail_load(job.job, JobError.of(exc))
         if not items:
             return
         if self._loader is not None:
@@ -226,10 +228,25 @@ class WorkerSide:
         pages = seq.pages[job.first_block : job.first_block + n]
         if len(pages) != n:
             raise ValueError(f"snapshot {job.cid} holds {len(pages)} of {n} blocks")
-        return [
+        items = [
             LoadItem(block, bytes.fromhex(k), bytes.fromhex(v), job.job)
             for block, (k, v) in zip(job.block_ids, pages)
         ]
+        # A missing page fails its own block, not the whole step's transfer (which fails at
+        # the first missing page): vLLM recomputes from the first block reported, and the
+        # other requests of the step keep their loads.
+        present = self.store.has_pages([d for item in items for d in (item.k_digest, item.v_digest)])
+        missing = [i for i in range(n) if not (present[2 * i] and present[2 * i + 1])]
+        if missing:
+            first = items[missing[0]]
+            digest = first.k_digest if not present[2 * missing[0]] else first.v_digest
+            logger.warning("processfork: load for %s: %d blocks have missing pages",
+                           job.req_id, len(missing))
+            self._load_errors.update(items[i].block_id for i in missing)
+            self._fail_load(job.job, JobError.of(MissingObject("page", digest.hex())))
+            gone = set(missing)
+            items = [item for i, item in enumerate(items) if i not in gone]
+        return items
 
     def _load_staged(self, items: list[LoadItem]) -> None:
         """Through the staging slots (GPU): the device work is queued ahead of the forward pass."""
@@ -246,25 +263,37 @@ class WorkerSide:
         self._load_errors.update(outcome.bad_blocks)
         for job, message in outcome.failures.items():
             logger.warning("processfork: load for job %s failed: %s", job, message)
-            self._fail(job, RuntimeError(message))
+            self._fail_load(job, JobError(JobErrorKind.FAILED, message))
 
     def _load_direct(self, items: list[LoadItem]) -> None:
         """CPU without the helper thread: copy every page straight into its block."""
         assert self.codec is not None and self._views is not None
         digests = [d for item in items for d in (item.k_digest, item.v_digest)]
+        size = self.codec.page_bytes
         try:
             staging = self.codec.new_staging(len(items))
             flat = staging.view(torch.uint8).numpy().reshape(-1)
-            self.store.read_pages_into(digests, flat, self.codec.page_bytes, verify=self.verify_loads)
+            # Verified page by page below: a corrupt page fails its own block only.
+            self.store.read_pages_into(digests, flat, size, verify=False)
             self.codec.scatter([item.block_id for item in items], staging)
         except Exception as exc:  # noqa: BLE001 - reported, never raised: vLLM recomputes
             self._fail_items(items, exc)
+            return
+        if not self.verify_loads:
+            return
+        for i, digest in enumerate(digests):
+            if page_digest(flat[i * size : (i + 1) * size]) != digest:
+                item = items[i // 2]
+                self._load_errors.add(item.block_id)
+                message = f"CorruptPage: page {digest.hex()} does not match its digest"
+                logger.warning("processfork: load for job %s failed: %s", item.job, message)
+                self._fail_load(item.job, JobError(JobErrorKind.FAILED, message))
 
     def _fail_items(self, items: list[LoadItem], exc: Exception) -> None:
         logger.warning("processfork: load failed: %s", exc)
         self._load_errors.update(item.block_id for item in items)
         for job in {item.job for item in items}:
-            self._fail(job, exc)
+            self._fail_load(job, JobError.of(exc))
 
     def _finish_loads(self) -> None:
         """Wait for the running ticket and record its failures. A successful load writes
@@ -275,7 +304,7 @@ class WorkerSide:
         ticket.wait()
         self._load_errors.update(ticket.bad_blocks)
         for job, message in ticket.failures.items():
-            self._fail(job, RuntimeError(message))
+            self._fail_load(job, JobError(JobErrorKind.FAILED, message))
 
     def take_load_errors(self) -> set[int]:
         self._finish_loads()
@@ -289,11 +318,11 @@ class WorkerSide:
                 self._save(job)
             except Exception as exc:  # noqa: BLE001 - reported to the API server via the store
                 logger.warning("processfork: save for %s failed: %s", job.req_id, exc)
-                self._fail(job.job, exc)
+                self._fail_save(job, exc)
 
     def _save(self, job: SaveJob) -> None:
         assert self.codec is not None
-        stats = self._stats.setdefault(job.job, _JobStats())
+        stats = self._stats.setdefault(job.job, _JobStats(req_id=job.req_id))
         if stats.error is None and job.block_ids:
             n = len(job.block_ids)
             # The final save commits the job's record together with its pages (one durable
@@ -343,13 +372,26 @@ class WorkerSide:
 
         return page
 
-    def _fail(self, job: str, exc: Exception) -> None:
-        stats = self._stats.setdefault(job, _JobStats())
+    def _fail_save(self, job: SaveJob, exc: Exception) -> None:
+        """Record the failure at once; the job's later saves are skipped (see _save)."""
+        stats = self._stats.setdefault(job.job, _JobStats(req_id=job.req_id))
         stats.error = JobError.of(exc)
+        self._record(job.job, stats.record())
+
+    def _fail_load(self, job: str, error: JobError) -> None:
+        self._record(job, JobRecord(error=error))
+
+    def _record(self, job: str, record: JobRecord) -> None:
         try:
-            self.store.meta_put(job_meta_key(job), stats.record().to_json())
-        except Exception:  # the store itself is failing; the log line above remains
+            self.store.meta_put(job_meta_key(job), record.to_json())
+        except Exception:  # the store itself is failing; the log line before this remains
             logger.exception("processfork: could not record failure of job %s", job)
+
+    def forget_requests(self, req_ids: set[str]) -> None:
+        """Drop the progress of jobs whose requests finished: a save that failed, or was
+        aborted, before its final step never reaches the point where it is dropped."""
+        if req_ids and self._stats:
+            self._stats = {j: s for j, s in self._stats.items() if s.req_id not in req_ids}
 
     def shutdown(self) -> None:
         if self._staged is not None:

@@ -250,6 +250,8 @@ class Engine:
         self._hasher = get_request_block_hasher(BLOCK, sha256)
         self.auth: str = cfg.kv_transfer_config.engine_id
         self.finished: dict[str, Finished] = {}
+        #: every request added, by id (vLLM's Request objects)
+        self.added: dict[str, Any] = {}
         self.steps: list[StepRecord] = []
         #: each request's block table as its last step ran (its blocks keep their bytes after
         #: it finishes, until another request takes them)
@@ -285,8 +287,17 @@ class Engine:
 
     def add(self, tokens: list[int], **kwargs: Any) -> str:
         request = self.request(tokens, **kwargs)
+        self.added[request.request_id] = request
         self.scheduler.add_request(request)
         return request.request_id
+
+    def preempt(self, request_id: str) -> None:
+        """Preempt a running request as vLLM's scheduler does when it runs out of blocks."""
+        import time
+
+        request = self.scheduler.requests[request_id]
+        self.scheduler.running.remove(request)
+        self.scheduler._preempt_request(request, time.monotonic())
 
     def abort(self, request_id: str) -> None:
         from vllm.v1.request import RequestStatus
@@ -302,15 +313,20 @@ class Engine:
         from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
         out = self.scheduler.schedule()
+        # The worker hooks in the order of vLLM's KVConnectorModelRunnerMixin.
         worker = self.worker
         worker.bind_connector_metadata(out.kv_connector_metadata)
-        worker.start_load_kv(None)  # type: ignore[arg-type]
+        if out.has_sync_kv_loads:
+            worker.start_load_kv(None)  # type: ignore[arg-type]
         if self.before_forward is not None:
             self.before_forward(out)
         for layer, name in enumerate(LAYER_NAMES):
             worker.wait_for_layer_load(name)
             self._forward_layer(out, layer)
+        if not out.has_sync_kv_loads:
+            worker.start_load_kv(None)  # type: ignore[arg-type]
         worker.wait_for_save()
+        worker.get_transfer_results(out.finished_req_ids)
         invalid = worker.get_block_ids_with_load_errors()
         worker.clear_connector_metadata()
 
@@ -430,10 +446,13 @@ class Engine:
 class InProcessEngine:
     """``generate`` / ``abort`` over an ``Engine``, stepping it while any request is waited on."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, *, late_aborts: bool = False):
         self.engine = engine
         self.vllm_config = engine.vllm_config
         self.aborted: list[str] = []
+        #: aborts arrive only after the request finished on its own (the race the API server
+        #: loses when the engine's last step is already under way)
+        self.late_aborts = late_aborts
 
     async def generate(
         self, prompt: Any, sampling: Any, request_id: str
@@ -450,6 +469,7 @@ class InProcessEngine:
         )
         if len(request.prompt_token_ids) >= engine.vllm_config.model_config.max_model_len:
             raise ValueError("prompt too long")
+        engine.added[request_id] = request
         engine.scheduler.add_request(request)
         while request_id not in engine.finished:
             if engine.scheduler.has_requests():
@@ -461,18 +481,19 @@ class InProcessEngine:
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
-        self.engine.abort(request_id)
+        if not self.late_aborts:
+            self.engine.abort(request_id)
 
     def get_tokenizer(self) -> Any:
         raise AssertionError("the tests pass token ids")
 
 
 # --- the control plane over the engine ------------------------------------------------------------
-def control_for(engine: Engine) -> Any:
+def control_for(engine: Engine, **options: Any) -> Any:
     """``Control`` (the API server's side) driving ``engine``, on the same store."""
     from processfork.plugin.control import Control
 
-    return Control(InProcessEngine(engine), str(engine.store_path), engine.auth)
+    return Control(InProcessEngine(engine, **options), str(engine.store_path), engine.auth)
 
 
 def take_snapshot(engine: Engine, name: str, token_ids: list[int], **body: Any) -> str:
