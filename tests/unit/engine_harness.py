@@ -252,6 +252,7 @@ class Engine:
         self.finished: dict[str, Finished] = {}
         #: every request added, by id (vLLM's Request objects)
         self.added: dict[str, Any] = {}
+        self._sampled: dict[str, list[int]] = {}
         self.steps: list[StepRecord] = []
         #: each request's block table as its last step ran (its blocks keep their bytes after
         #: it finishes, until another request takes them)
@@ -354,10 +355,11 @@ class Engine:
         self.steps.append(record)
         for outputs in self.scheduler.update_from_output(out, runner_out).values():
             for o in outputs.outputs:
+                self._sampled.setdefault(o.request_id, []).extend(o.new_token_ids)
                 if o.finish_reason is not None:
                     self.finished[o.request_id] = Finished(
                         o.request_id, o.finish_reason, o.kv_transfer_params,
-                        list(o.new_token_ids),
+                        self._sampled.pop(o.request_id),
                     )
         return record
 

@@ -1,0 +1,141 @@
+"""The connector's worker side: the bytes it saves and loads, on every page path.
+
+The KV tensors are real CPU-layout tensors that a fake forward pass fills (engine_harness), so
+a page can be compared with the block it came from, and a restored block with the block the
+engine would have computed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_harness import (
+    BLOCK,
+    HEAD_DIM,
+    KV_HEADS,
+    LAYERS,
+    Engine,
+    damage_page,
+    page_digests,
+    take_snapshot,
+    tokens,
+)
+from processfork.plugin.jobs import JobErrorKind, JobRecord, engine_meta_key, job_meta_key
+from processfork.store import Store, StoreFull
+
+PAGE_PATHS = {
+    "pipelined": {},
+    "direct": {"pipelined_loads": False},
+    "staged": {"page_path": "staged"},
+}
+
+
+def _record(engine: Engine, job: str) -> JobRecord | None:
+    with Store(engine.store_path) as store:
+        raw = store.meta_get(job_meta_key(job))
+    return None if raw is None else JobRecord.from_json(raw)
+
+
+def _snapshot(engine: Engine, job: str, seq: list[int]) -> JobRecord:
+    rid = engine.add(seq, params={"op": "snapshot", "job": job, "num_tokens": len(seq)})
+    engine.run(rid)
+    record = _record(engine, job)
+    assert record is not None and record.succeeded
+    return record
+
+
+def _k_page(store: Store, digest: str) -> torch.Tensor:
+    """A K page as ``[layer, head, head_dim, token]`` (the CPU backend's ``vec`` layout)."""
+    raw = bytearray(store.get_page(bytes.fromhex(digest)))
+    return torch.frombuffer(raw, dtype=torch.float32).view(LAYERS, KV_HEADS, HEAD_DIM, BLOCK)
+
+
+@pytest.mark.parametrize("path", ["direct", "staged"])
+def test_a_saved_page_is_its_block_with_the_slots_past_the_end_zeroed(make_engine, path):
+    engine = make_engine(worker_extra=PAGE_PATHS[path])
+    engine.forget_cache()  # every slot holds garbage until computed
+    seq = tokens(100)
+    record = _snapshot(engine, "s", seq)
+    table = engine.steps[-1].tables[engine.steps[-1].plan.saves[0].req_id]
+    with Store(engine.store_path) as store:
+        for index, (k, _) in enumerate(record.pages):
+            page = _k_page(store, k)
+            block = engine.kv.buffer[:, table[index]]
+            expected = block.reshape(LAYERS, KV_HEADS, 2, -1)[:, :, 0].reshape(page.shape)
+            valid = min(BLOCK, 100 - index * BLOCK)
+            assert torch.equal(page[..., :valid], expected[..., :valid])
+            assert torch.count_nonzero(page[..., valid:]) == 0
+
+
+def test_every_page_path_stores_the_same_pages(make_engine):
+    seq = tokens(100)
+    pages = {}
+    for path, extra in PAGE_PATHS.items():
+        engine = make_engine(worker_extra=extra)
+        engine.forget_cache()
+        pages[path] = _snapshot(engine, f"s-{path}", seq).pages
+    assert pages["pipelined"] == pages["direct"] == pages["staged"]
+
+
+@pytest.mark.parametrize("path", list(PAGE_PATHS))
+def test_a_restored_block_holds_what_the_engine_computed(make_engine, path):
+    engine = make_engine(worker_extra=PAGE_PATHS[path])
+    seq = tokens(200)
+    cid = take_snapshot(engine, "s", seq)
+    engine.forget_cache()
+    rid = engine.add(seq, params={"op": "checkout", "job": "c", "cid": cid, "seq": 0})
+    first = engine.step()
+    assert first.scheduled[rid] == 200 - 192 and first.invalid_block_ids == set()
+    engine.run(rid)
+    assert engine.holds(rid, seq)
+    assert _record(engine, "c") is None
+
+
+def test_loads_skip_the_rehash_when_told_to(make_engine):
+    """``verify_loads: false`` trades the integrity check for speed (docs/architecture.md)."""
+    engine = make_engine(worker_extra={"verify_loads": False})
+    seq = tokens(100)
+    cid = take_snapshot(engine, "s", seq)
+    with Store(engine.store_path) as store:
+        damage_page(store, page_digests(store, cid)[1][0])
+    engine.forget_cache()
+    rid = engine.add(seq, params={"op": "checkout", "job": "c", "cid": cid, "seq": 0})
+    assert engine.step().invalid_block_ids == set()
+    engine.run(rid)
+    assert not engine.holds(rid, seq, blocks=2)
+
+
+def test_a_save_that_fails_keeps_its_error_through_the_final_step(make_engine, monkeypatch):
+    """A full disk in the first chunk: the job is recorded as failed at once, its later saves
+    write nothing, and the final step's record still carries the error."""
+    engine = make_engine(max_num_batched_tokens=64)
+    store = engine.worker_side.store
+    put = store.put_pages_from
+    calls = []
+
+    def full_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise StoreFull(str(engine.store_path), "no space left on device")
+        return put(*args, **kwargs)
+
+    monkeypatch.setattr(store, "put_pages_from", full_once)
+    rid = engine.add(tokens(100), params={"op": "snapshot", "job": "s", "num_tokens": 100})
+    engine.step()
+    failed = _record(engine, "s")
+    assert failed.error is not None and failed.error.kind is JobErrorKind.STORE_FULL
+    assert not failed.final and failed.settled
+    engine.run(rid)
+    final = _record(engine, "s")
+    assert final.final and final.error == failed.error and not final.succeeded
+    assert final.pages == [] and len(calls) == 1  # the final step wrote no page
+
+
+def test_the_worker_publishes_its_engine_fingerprint(engine):
+    with Store(engine.store_path) as store:
+        record = store.meta_get(engine_meta_key(engine.auth))
+    fingerprint = record["fingerprint"]
+    assert (fingerprint["block_size"], fingerprint["num_layers"], fingerprint["num_kv_heads"],
+            fingerprint["head_dim"]) == (BLOCK, LAYERS, KV_HEADS, HEAD_DIM)
+    assert fingerprint["layout"] == "cpu_attn/BHN2D" and fingerprint["isa"] == "vec"
+    assert record["page_bytes"] == LAYERS * KV_HEADS * BLOCK * HEAD_DIM * 4
