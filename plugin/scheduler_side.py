@@ -334,18 +334,25 @@ class SchedulerSide:
         candidates: list[list[int]] = []
         for request in self._live.values():
             if request.num_computed_tokens > 0:
-                candidates.append(list(request.all_token_ids))
+                candidates.append(self._live_tokens(request))
         for seq in self._finished.values():
             keep = self._resident_prefix_tokens(seq)
             if keep > 0:
                 candidates.append(seq.tokens[:keep])
         return _drop_prefixes(candidates)
 
+    def _live_tokens(self, request: Request) -> list[int]:
+        """A running request's tokens so far; a snapshot request's without the token the
+        control plane appends to a block-aligned sequence (it is no part of the sequence)."""
+        tokens = list(request.all_token_ids)
+        snap = self._snapshots.get(request.request_id)
+        return tokens if snap is None else tokens[: snap.num_prompt]
+
     def _lookup_request(self, request_id: str) -> list[list[int]]:
         """A request's tokens by its id or by the OpenAI id it was derived from."""
         for rid, request in self._live.items():
             if _id_matches(rid, request_id):
-                return [list(request.all_token_ids)]
+                return [self._live_tokens(request)]
         for rid in reversed(self._finished):
             if _id_matches(rid, request_id):
                 return [list(self._finished[rid].tokens)]

@@ -243,6 +243,17 @@ def test_capture_includes_running_requests(make_engine):
     engine.run(rid)
 
 
+def test_capture_of_a_running_snapshot_leaves_out_the_token_appended_to_it(make_engine):
+    engine = make_engine(max_num_batched_tokens=64)
+    seq = tokens(96)
+    capture = engine.add([0], params={"op": "capture"})
+    rid = engine.add([*seq, seq[-1]], params=_snapshot_op("j", 96))
+    engine.run(capture)
+    assert rid not in engine.finished  # still in its prefill
+    assert engine.finished[capture].kv_transfer_params[PARAMS_KEY]["sequences"] == [seq]
+    engine.run(rid)
+
+
 def test_capture_finds_a_request_by_the_openai_id_it_was_derived_from(engine):
     seq = tokens(30)
     engine.run(engine.add(seq, request_id="cmpl-abc-0-1f2e", max_tokens=3))
