@@ -13,8 +13,8 @@ from enum import IntEnum
 from processfork.store import (
     AmbiguousRevision,
     CorruptPage,
-    InvalidAge,
-    InvalidName,
+    InvalidArgument,
+    MalformedObject,
     MissingObject,
     RefConflict,
     StoreError,
@@ -155,8 +155,8 @@ class Problem:
     show_debug_hint: bool = False
 
 
-_STORE_USER_ERRORS = (UnknownRevision, AmbiguousRevision, InvalidName, InvalidAge, RefConflict)
-_STORE_INTEGRITY_ERRORS = (MissingObject, CorruptPage, UnsupportedFormat)
+_STORE_USER_ERRORS = (UnknownRevision, AmbiguousRevision, InvalidArgument, RefConflict)
+_STORE_INTEGRITY_ERRORS = (MissingObject, CorruptPage, MalformedObject, UnsupportedFormat)
 
 
 def describe(exc: BaseException) -> Problem:

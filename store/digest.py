@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 import xxhash
-from processfork.store.errors import InvalidName
+from processfork.store.errors import InvalidDigest, InvalidName
 
 __all__ = [
     "CID_PREFIX",
@@ -37,7 +37,7 @@ page_digest = xxhash.xxh3_128_digest
 def digest_from_hex(text: str) -> bytes:
     """Parse a 32-hex-digit page or blob digest; anything else is a caller's mistake."""
     if not isinstance(text, str) or not _DIGEST_RE.match(text):
-        raise InvalidName(str(text), "a digest is 32 lowercase hex digits")
+        raise InvalidDigest(str(text))
     return bytes.fromhex(text)
 
 

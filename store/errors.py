@@ -12,7 +12,11 @@ __all__ = [
     "AmbiguousRevision",
     "CorruptPage",
     "InvalidAge",
+    "InvalidArgument",
+    "InvalidCount",
+    "InvalidDigest",
     "InvalidName",
+    "MalformedObject",
     "MissingObject",
     "PageSizeMismatch",
     "ReadOnlyStore",
@@ -121,6 +125,20 @@ class CorruptPage(StoreError):
         return f"corrupt {self.kind} {self.digest}: its bytes hash to {self.actual}"
 
 
+class MalformedObject(StoreError):
+    """Stored bytes that hash to their key but cannot be what their record holds (token ids whose
+    length is not a multiple of 4): written wrong, not damaged at rest."""
+
+    def __init__(self, digest: str, detail: str, kind: str = "blob") -> None:
+        super().__init__(digest, detail, kind)
+        self.digest = digest
+        self.detail = detail
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return f"malformed {self.kind} {self.digest}: {self.detail}"
+
+
 class PageSizeMismatch(StoreError):
     """A page is not the size the caller's buffer layout expects (wrong engine geometry)."""
 
@@ -134,7 +152,12 @@ class PageSizeMismatch(StoreError):
         return f"page {self.digest} has {self.actual} bytes, expected {self.expected}"
 
 
-class InvalidName(StoreError, ValueError):
+class InvalidArgument(StoreError, ValueError):
+    """A caller's value breaks a rule of the store: a name, a count, a digest, an age. The CLI and
+    the HTTP routes report every one as the caller's mistake."""
+
+
+class InvalidName(InvalidArgument):
     """A ref, pin or meta name breaks the naming rules."""
 
     def __init__(self, name: str, reason: str = "") -> None:
@@ -147,7 +170,32 @@ class InvalidName(StoreError, ValueError):
         return f"invalid name {self.name!r}{why}"
 
 
-class InvalidAge(StoreError, ValueError):
+class InvalidCount(InvalidArgument):
+    """A count outside its range, such as the number of fork children."""
+
+    def __init__(self, what: str, value: object, low: int, high: int) -> None:
+        super().__init__(what, value, low, high)
+        self.what = what
+        self.value = value
+        self.low = low
+        self.high = high
+
+    def __str__(self) -> str:
+        return f"{self.what} must be an integer from {self.low} to {self.high}, got {self.value!r}"
+
+
+class InvalidDigest(InvalidArgument):
+    """Not a page or blob digest: 16 bytes, written as 32 lowercase hex digits."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"invalid digest {self.text!r}: a digest is 16 bytes, 32 lowercase hex digits"
+
+
+class InvalidAge(InvalidArgument):
     """An age such as `--prune 10m` could not be parsed."""
 
     def __init__(self, text: str) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import lmdb
 from processfork.store import refs as _refs
 from processfork.store.digest import canonical_json, cid_key, cid_of
-from processfork.store.errors import InvalidName, MissingObject
+from processfork.store.errors import InvalidCount, MissingObject
 from processfork.store.manifest import ForkInfo, Manifest, utc_now
 from processfork.store.revparse import resolve_in
 from processfork.store.snapshots import load_manifest, write_manifest
@@ -57,7 +57,7 @@ def fork_named(
     Existing refs of those names are moved (their reflog keeps the old value).
     """
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_FORK:
-        raise InvalidName(str(n), f"fork count must be an integer from 1 to {MAX_FORK}")
+        raise InvalidCount("fork count", n, 1, MAX_FORK)
     dbs = env.dbs
 
     def prepare(txn: lmdb.Transaction) -> tuple[str, Manifest, str]:

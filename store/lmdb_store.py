@@ -26,7 +26,9 @@ from processfork.store.digest import (
 from processfork.store.env import Env, acquire_env, default_store_path, release_env
 from processfork.store.errors import (
     CorruptPage,
+    InvalidDigest,
     InvalidName,
+    MalformedObject,
     MissingObject,
     PageSizeMismatch,
     ReadOnlyStore,
@@ -144,7 +146,7 @@ class Store:
         for digest, page in items:
             digest = bytes(digest)
             if len(digest) != 16:
-                raise InvalidName(digest.hex(), "a page digest is 16 bytes")
+                raise InvalidDigest(digest.hex())
             checked.append((digest, as_buffer(page)))
         return self._put_hashed(checked, pin, meta)
 
@@ -333,7 +335,7 @@ class Store:
         digest_hex = ref.digest if isinstance(ref, TokenRef) else str(ref)
         data = self.get_blob(bytes.fromhex(digest_hex))
         if len(data) % 4:
-            raise CorruptPage(digest_hex, f"length {len(data)} is not a multiple of 4", "blob")
+            raise MalformedObject(digest_hex, f"{len(data)} bytes of token ids, not a multiple of 4")
         return np.frombuffer(data, dtype="<i4").tolist()
 
     # -- pins --------------------------------------------------------------------------------

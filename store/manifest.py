@@ -22,7 +22,7 @@ from processfork.store.digest import (
     is_cid,
     page_digest,
 )
-from processfork.store.errors import InvalidName, StoreError, UnsupportedFormat
+from processfork.store.errors import InvalidDigest, StoreError, UnsupportedFormat
 
 __all__ = [
     "FORMAT",
@@ -62,7 +62,7 @@ def utc_now() -> str:
 def _check_hex(value: Any, what: str) -> str:
     try:
         digest_from_hex(value)
-    except InvalidName:
+    except InvalidDigest:
         raise InvalidManifest(f"{what} must be 32 lowercase hex digits, got {value!r}") from None
     return value
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import lmdb
 from processfork.store.digest import page_digest
-from processfork.store.errors import InvalidName, MissingObject
+from processfork.store.errors import InvalidDigest, InvalidName, MissingObject
 from processfork.store.owners import Liveness, Owner, current_owner, liveness
 
 __all__ = [
@@ -235,7 +235,7 @@ def pin_extend(
     for d in digests:
         d = bytes(d)
         if len(d) != DIGEST_SIZE:
-            raise InvalidName(d.hex(), "a pinned digest is 16 bytes")
+            raise InvalidDigest(d.hex())
         if d not in seen:
             seen.add(d)
             body += d

@@ -285,7 +285,7 @@ def set_head(
     elif cid is not None:
         value = normalize_cid(cid)
     else:
-        raise InvalidName("HEAD", "needs a ref or a cid")
+        raise ValueError("set_head needs a ref or a cid")  # a caller bug, not input
     txn.put(HEAD.encode("ascii"), value.encode("utf-8"), db=dbs["refs"])
     new = read_head(txn, dbs)
     append_reflog(txn, dbs, HEAD, old.cid, new.cid, action, message, now)

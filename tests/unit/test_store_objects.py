@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from processfork.store import (
     CorruptPage,
+    InvalidDigest,
     InvalidName,
     MissingObject,
     PageSizeMismatch,
@@ -79,7 +80,7 @@ def test_put_pages_hashed_trusts_given_digests_and_skips_existing(store):
     assert first.new == [True, True, True]
     second = store.put_pages_hashed([(page_digest(p), p) for p in pages])
     assert second.new == [False, False, False] and second.bytes_written == 0
-    with pytest.raises(InvalidName):
+    with pytest.raises(InvalidDigest):
         store.put_pages_hashed([(b"short", pages[0])])
 
 

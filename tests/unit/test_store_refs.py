@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from processfork.store import (
     AmbiguousRevision,
+    InvalidCount,
     InvalidName,
     Manifest,
     MissingObject,
@@ -215,7 +216,7 @@ def test_fork_prefix_defaults(store):
     kids = store.fork(base, 2)
     assert store.list_refs()[f"{short}/1"] == kids[1]
     assert store.fork(base, 1, prefix="try")[0] == store.get_ref("try/0")
-    with pytest.raises(InvalidName):
+    with pytest.raises(InvalidCount, match="fork count must be an integer from 1 to"):
         store.fork(base, 0)
     with pytest.raises(UnknownRevision):
         store.fork("missing", 2)
