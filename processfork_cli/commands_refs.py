@@ -154,17 +154,18 @@ def _set(s: Settings, name: str, rev: str, *, expected_old: Any, action: str) ->
 
 def _delete(s: Settings, name: str, *, force: bool, old: str | None) -> None:
     from processfork.store import ANY as STORE_ANY
+    from processfork.store import RefIsHead, UnknownRevision
 
     with s.open_store(readonly=False) as st:
-        current = st.get_ref(name)
-        if current is None:
-            raise UserError(f"no ref named {name!r}", hint="`pf refs` lists refs")
-        if st.head().ref == name and not force:
-            raise UserError(
-                f"HEAD points to {name!r}", hint="use -f to delete it anyway; HEAD then points nowhere"
-            )
         expected = STORE_ANY if old is None else st.resolve(old)
-        st.delete_ref(name, expected_old=expected)
+        try:
+            current = st.delete_ref(name, expected_old=expected, allow_head=force)
+        except UnknownRevision:
+            raise UserError(f"no ref named {name!r}", hint="`pf refs` lists refs") from None
+        except RefIsHead as exc:
+            raise UserError(
+                str(exc), hint="use -f to delete it anyway; HEAD then points nowhere"
+            ) from None
     doc = {"ref": name, "deleted": current}
     s.out.emit(doc, human=lambda out: out.info(f"deleted {name} (was {short_cid(current)})"),
                quiet=[current])

@@ -17,6 +17,7 @@ from processfork.store import (
     MalformedObject,
     MissingObject,
     RefConflict,
+    RefIsHead,
     StoreError,
     StoreFull,
     StoreNotFound,
@@ -155,7 +156,7 @@ class Problem:
     show_debug_hint: bool = False
 
 
-_STORE_USER_ERRORS = (UnknownRevision, AmbiguousRevision, InvalidArgument, RefConflict)
+_STORE_USER_ERRORS = (UnknownRevision, AmbiguousRevision, InvalidArgument, RefConflict, RefIsHead)
 _STORE_INTEGRITY_ERRORS = (MissingObject, CorruptPage, MalformedObject, UnsupportedFormat)
 
 

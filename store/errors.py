@@ -21,6 +21,7 @@ __all__ = [
     "PageSizeMismatch",
     "ReadOnlyStore",
     "RefConflict",
+    "RefIsHead",
     "StoreError",
     "StoreFull",
     "StoreNotFound",
@@ -84,6 +85,18 @@ class RefConflict(StoreError):
             f"ref {self.name!r} changed concurrently: expected {self.expected or 'no ref'}, "
             f"found {self.actual or 'no ref'}"
         )
+
+
+class RefIsHead(StoreError):
+    """A delete of the ref HEAD points to, without being allowed to (`pf ref delete -f`,
+    `?force=true`): HEAD would point nowhere."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"HEAD points to {self.name!r}"
 
 
 class StoreFull(StoreError):

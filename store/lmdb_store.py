@@ -32,6 +32,7 @@ from processfork.store.errors import (
     MissingObject,
     PageSizeMismatch,
     ReadOnlyStore,
+    RefIsHead,
     UnknownRevision,
 )
 from processfork.store.manifest import Manifest, TokenRef
@@ -525,10 +526,19 @@ class Store:
 
         self._write(run)
 
-    def delete_ref(self, name: str, *, expected_old: Any = ANY, message: str = "") -> None:
-        def run(txn: lmdb.Transaction) -> None:
-            if _refs.read_ref(txn, self.dbs, name) is None:
+    def delete_ref(
+        self, name: str, *, expected_old: Any = ANY, message: str = "", allow_head: bool = True
+    ) -> str:
+        """Delete ref `name` (its reflog stays, ending with a `delete` entry); return the cid it
+        held. UnknownRevision if there is no such ref; with `allow_head=False`, RefIsHead if
+        HEAD points to it. Both are checked in the deleting transaction."""
+
+        def run(txn: lmdb.Transaction) -> str:
+            old = _refs.read_ref(txn, self.dbs, name)
+            if old is None:
                 raise UnknownRevision(name)
+            if not allow_head and _refs.read_head(txn, self.dbs).ref == name:
+                raise RefIsHead(name)
             _refs.set_ref(
                 txn,
                 self.dbs,
@@ -538,9 +548,10 @@ class Store:
                 action="delete",
                 message=message,
             )
+            return old
 
         _refs.validate_ref_name(name)
-        self._write(run)
+        return self._write(run)
 
     def get_ref(self, name: str) -> str | None:
         if name == _refs.HEAD:

@@ -14,6 +14,7 @@ from processfork.store import (
     Manifest,
     MissingObject,
     RefConflict,
+    RefIsHead,
     Store,
     UnknownRevision,
     canonical_json,
@@ -83,7 +84,10 @@ def test_unborn_head(store):
         store.resolve("HEAD")
     assert store.log() == []
     a = make_snapshot(store, "a", ref="main", move_head=True)
-    store.delete_ref("main")
+    with pytest.raises(RefIsHead, match="HEAD points to 'main'"):
+        store.delete_ref("main", allow_head=False)
+    assert store.get_ref("main") == a
+    assert store.delete_ref("main") == a
     assert store.head().ref == "main" and store.head().cid is None
     assert store.log("HEAD") == []
     assert store.log(a)[0].cid == a
