@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install demo test test-unit test-integration test-gpu bench lint clean
+.PHONY: install demo test test-unit test-integration test-slow test-gpu bench lint clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ test-unit: install
 
 test-integration: install
 	$(PY) -m pytest tests/integration -q
+
+# The tests marked slow (pyproject's addopts leaves them out of every other run): thousands of
+# generated hostile requests per HTTP route (docs/reliability.md).
+test-slow: install
+	$(PY) -m pytest tests -q -m slow
 
 # Every CPU benchmark, in turn; each prints its tables of ratios and writes raw numbers under
 # .bench/. `make bench QUICK=1` is the short run (tiny model, smaller sizes: a few minutes; its
