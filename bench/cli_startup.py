@@ -26,7 +26,7 @@ TARGET_S = 0.3
 
 
 def build_store() -> None:
-    from processfork.store import Manifest, Sequence, Store
+    from processfork.store import Manifest, SnapshotSequence, Store
 
     if (STORE / "data.mdb").exists():
         return
@@ -36,7 +36,7 @@ def build_store() -> None:
             tokens = list(range(i, i + 64))
             pages = [os.urandom(1024) for _ in range(4)]
             digests = [d.hex() for d in store.put_pages(pages).digests]
-            seq = Sequence(store.put_tokens(tokens), [(digests[0], digests[1]),
+            seq = SnapshotSequence(store.put_tokens(tokens), [(digests[0], digests[1]),
                                                        (digests[2], digests[3])])
             manifest = Manifest(name="main", parents=[parent] if parent else [],
                                 fingerprint={"block_size": 32, "model": "bench"}, sequences=[seq])

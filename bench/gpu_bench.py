@@ -119,7 +119,7 @@ class Server:
         self.starts = 0
 
     def start(self) -> Server:
-        from processfork.plugin.launcher import launch_server
+        from processfork.plugin.server_process import launch_server
 
         self.starts += 1
         t = time.perf_counter()
@@ -301,7 +301,7 @@ def timed_checkouts(srv: Server, setup: Setup, n: int, reps: int = 3) -> list[fl
 def part_checkouts(setup: Setup, *, verify: bool) -> None:
     """(c) again in a freshly started engine, from the store ``--part ours`` left; with
     ``verify=False`` (``verify_loads: false``) it shows what the integrity check costs."""
-    from processfork.plugin.launcher import kv_transfer_config
+    from processfork.plugin.launch_plan import kv_transfer_config
 
     store = WORK / "store"
     config = kv_transfer_config(store)

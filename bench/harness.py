@@ -30,13 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from processfork.plugin.launcher import (
-    LaunchPlan,
-    ServerProcess,
-    build_plan,
-    find_free_port,
-    kv_transfer_config,
-)
+from processfork.plugin.launch_plan import LaunchPlan, build_plan, kv_transfer_config
+from processfork.plugin.server_process import ServerProcess, find_free_port
 from rich.console import Console
 from rich.table import Table
 

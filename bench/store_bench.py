@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import lmdb
 import numpy as np
 from lmdb_baseline import bare_put_seconds
-from processfork.store import Manifest, Sequence, Store, page_digest
+from processfork.store import Manifest, SnapshotSequence, Store, page_digest
 from processfork.store.env import DB_NAMES
 from rich.console import Console
 from rich.table import Table
@@ -199,7 +199,7 @@ def bench_fork(root: str, tokens: int, repeat: int) -> list[Row]:
         pages = store.put_pages([os.urandom(4096) for _ in range(2 * blocks)]).digests
         hexes = [p.hex() for p in pages]
         ref = store.put_tokens(list(range(tokens)))
-        seq = Sequence(ref, [(hexes[i], hexes[i + 1]) for i in range(0, len(hexes), 2)])
+        seq = SnapshotSequence(ref, [(hexes[i], hexes[i + 1]) for i in range(0, len(hexes), 2)])
         m = Manifest(name="base", fingerprint=FINGERPRINT, sequences=[seq])
         store.write_snapshot(m, ref="base")
         store.fork("base", 12, prefix="warmup")
@@ -264,7 +264,7 @@ def build_gc_store(path: str, num_pages: int, num_snapshots: int) -> None:
             b = s % branches
             digests = store.put_pages([os.urandom(512) for _ in range(per_snap)]).digests
             hexes = [x.hex() for x in digests]
-            seq = Sequence(tokens, [(hexes[i], hexes[i + 1]) for i in range(0, len(hexes), 2)])
+            seq = SnapshotSequence(tokens, [(hexes[i], hexes[i + 1]) for i in range(0, len(hexes), 2)])
             m = Manifest(
                 name=f"b{b}/{s}",
                 parents=[parents[b]] if b in parents else [],

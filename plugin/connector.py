@@ -25,7 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from .connector_config import ConnectorConfig, store_path_from_config
+from .connector_config import ConnectorConfig
 from .jobs import StepPlan
 from .vllm_compat import CacheHitSource, check_supported_vllm
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-__all__ = ["ProcessForkConnector", "ProcessForkMetadata", "store_path_from_config"]
+__all__ = ["ProcessForkConnector", "ProcessForkMetadata"]
 
 
 @dataclass

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from processfork.store import Manifest, Sequence, Store, StoreError, documents
+from processfork.store import Manifest, SnapshotSequence, Store, StoreError, documents
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import SamplingParams
@@ -180,7 +180,7 @@ class Control:
                 *(self._snapshot_sequence(job, t, parent_seqs) for job, t in zip(jobs, seqs))
             )
             refs = await token_refs
-            sequences = [Sequence(tokens=r, pages=o.pages) for r, o in zip(refs, outcomes)]
+            sequences = [SnapshotSequence(tokens=r, pages=o.pages) for r, o in zip(refs, outcomes)]
             manifest = Manifest(
                 name=body.name,
                 parents=[parent_cid] if parent_cid else [],
@@ -300,11 +300,9 @@ class Control:
                 await self.engine.abort(request_id)
                 return
 
-    # --- checkout -----------------------------------------------------------------
-    async def checkout(self, body: CheckoutBody) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        cid = await self._run(self.store.resolve, body.cid)
-        manifest = await self._run(self.store.get_snapshot, cid)
+    async def require_compatible(self, cid: str, manifest: Manifest) -> dict[str, Any]:
+        """This engine's record, if it can load `manifest`'s pages; else 409 naming the first
+        fingerprint field that differs."""
         record = await self.engine_record()
         mismatch = first_mismatch(manifest.fingerprint, record["fingerprint"])
         if mismatch is not None:
@@ -315,6 +313,14 @@ class Control:
                 f"snapshot {cid[:19]} was taken with {field}={stored!r} but this engine has "
                 f"{field}={engine!r}",
             )
+        return record
+
+    # --- checkout -----------------------------------------------------------------
+    async def checkout(self, body: CheckoutBody) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        cid = await self._run(self.store.resolve, body.cid)
+        manifest = await self._run(self.store.get_snapshot, cid)
+        await self.require_compatible(cid, manifest)
         token_lists = []
         for seq in manifest.sequences:
             tokens = list(await self._run(self.store.get_tokens, seq.tokens))

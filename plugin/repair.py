@@ -24,10 +24,9 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from processfork.store import Manifest, Sequence
+from processfork.store import Manifest, SnapshotSequence
 
 from .api_errors import ApiError
-from .fingerprint import first_mismatch
 from .jobs import job_meta_key
 
 if TYPE_CHECKING:
@@ -54,16 +53,7 @@ async def repair_snapshot(control: Control, rev: str) -> dict[str, Any]:
             "not the token ids and page tables that name them; restore the store from a copy",
         )
     manifest = await control._run(store.get_snapshot, cid)
-    record = await control.engine_record()
-    mismatch = first_mismatch(manifest.fingerprint, record["fingerprint"])
-    if mismatch is not None:
-        field, stored, engine = mismatch
-        raise ApiError(
-            409,
-            "incompatible_snapshot",
-            f"snapshot {cid[:19]} was taken with {field}={stored!r} but this engine has "
-            f"{field}={engine!r}: repair it on a server like the one that took it",
-        )
+    record = await control.require_compatible(cid, manifest)
     cleared = await control._run(store.clear_damaged_pages, damage.pages)
     jobs: list[str] = []
     sequences = list(manifest.sequences)
@@ -75,7 +65,7 @@ async def repair_snapshot(control: Control, rev: str) -> dict[str, Any]:
             job = uuid.uuid4().hex
             jobs.append(job)
             outcome = await control._snapshot_sequence(job, tokens, [])
-            sequences[index] = Sequence(tokens=seq.tokens, pages=outcome.pages)
+            sequences[index] = SnapshotSequence(tokens=seq.tokens, pages=outcome.pages)
         after = await control._run(store.find_damage, cid)
         if after.intact:
             await control._run(control._forget_jobs, jobs)

@@ -11,7 +11,7 @@ from typing import Any, final
 from urllib.parse import quote
 
 import httpx
-from processfork.store import documents as views
+from processfork.store import documents
 
 from processfork_cli.errors import ServerError, ServerUnreachable, UserError
 
@@ -106,7 +106,7 @@ class Client:
         body: dict[str, Any] = {"cid": rev, "n": n}
         if name is not None:
             body["name"] = name
-        return self._expect(self.request("POST", "/fork", json=body), views.FORK_KEYS, "POST /fork")
+        return self._expect(self.request("POST", "/fork", json=body), documents.FORK_KEYS, "POST /fork")
 
     def checkout(self, rev: str) -> dict[str, Any]:
         return self.request("POST", "/checkout", json={"cid": rev})
@@ -118,7 +118,7 @@ class Client:
     def show(self, rev: str) -> dict[str, Any]:
         """The `pf show` document (processfork.store.documents.snapshot_doc) of one snapshot."""
         doc = self.request("GET", f"/snapshots/{quote(rev, safe='')}")
-        return self._expect(doc, views.SNAPSHOT_KEYS, "GET /snapshots/{rev}")
+        return self._expect(doc, documents.SNAPSHOT_KEYS, "GET /snapshots/{rev}")
 
     def log(
         self, ref: str | None = None, *, limit: int | None = None, all_refs: bool = False
@@ -130,10 +130,10 @@ class Client:
             params["limit"] = limit
         if all_refs:
             params["all"] = "true"
-        return self._expect(self.request("GET", "/log", params=params), views.LOG_KEYS, "GET /log")
+        return self._expect(self.request("GET", "/log", params=params), documents.LOG_KEYS, "GET /log")
 
     def refs(self) -> dict[str, Any]:
-        doc = self._expect(self.request("GET", "/refs"), views.REFS_KEYS, "GET /refs")
+        doc = self._expect(self.request("GET", "/refs"), documents.REFS_KEYS, "GET /refs")
         if not isinstance(doc["refs"], list):
             raise self._unexpected("GET /refs", "refs is not a list")
         return doc

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
-from processfork.store import documents as views
+from processfork.store import documents
 from rich.text import Text
 
 from processfork_cli.options import (
@@ -63,11 +63,11 @@ def log(
         with s.open_store() as st:
             start = rev if rev is not None or all_refs else "HEAD"
             if start == "HEAD" and st.head().cid is None:
-                doc = {"head": views.head_doc(st), "entries": []}
+                doc = {"head": documents.head_doc(st), "entries": []}
                 s.out.info("HEAD does not point at a snapshot yet; `pf log --all` shows every ref")
             else:
                 entries = st.log(start, limit=limit, all_refs=all_refs)
-                doc = views.log_doc(entries, head=views.head_doc(st))
+                doc = documents.log_doc(entries, head=documents.head_doc(st))
     if graph:
         doc["graph"] = [
             {"graph": prefix, "cid": entry["cid"] if entry else None}
@@ -142,7 +142,7 @@ def reflog(
         entries = sorted(st.reflog(ref), key=lambda e: e.seq, reverse=True)
     if limit is not None:
         entries = entries[:limit]
-    doc = {"ref": ref, "entries": [views.reflog_entry_doc(e) for e in entries]}
+    doc = {"ref": ref, "entries": [documents.reflog_entry_doc(e) for e in entries]}
 
     def human(out: Output) -> None:
         for i, e in enumerate(doc["entries"]):

@@ -6,7 +6,7 @@ import json
 from typing import Annotated, Any
 
 import typer
-from processfork.store import documents as views
+from processfork.store import documents
 from rich.text import Text
 
 from processfork_cli.options import (
@@ -53,8 +53,8 @@ def show(
         with s.open_store() as st:
             cid = st.resolve(rev)
             manifest = st.get_snapshot(cid)
-            refs = views.refs_by_cid(st.list_refs()).get(cid, [])
-            doc = views.snapshot_doc(st, cid, manifest, refs=refs)
+            refs = documents.refs_by_cid(st.list_refs()).get(cid, [])
+            doc = documents.snapshot_doc(st, cid, manifest, refs=refs)
     s.out.emit(doc, human=lambda out: _render_show(out, doc), quiet=[doc["cid"]])
 
 
@@ -120,7 +120,7 @@ def diff(
     s = settings(ctx, store=store, json=json_, quiet=quiet)
     with s.open_store() as st:
         cid_a, cid_b = st.resolve(a), st.resolve(b)
-        doc = views.diff_doc(cid_a, cid_b, st.diff(cid_a, cid_b))
+        doc = documents.diff_doc(cid_a, cid_b, st.diff(cid_a, cid_b))
     s.out.emit(doc, human=lambda out: _render_diff(out, doc, a, b))
 
 
@@ -179,7 +179,7 @@ def fork(
             doc = client.fork(rev, n, name=name)
     else:
         with s.open_store(readonly=False) as st:
-            doc = views.fork_doc(st.fork_named(rev, n, prefix=name))
+            doc = documents.fork_doc(st.fork_named(rev, n, prefix=name))
     cids = doc["cids"]
 
     def human(out: Output) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from processfork.store import documents as views
+from processfork.store import documents
 from rich.text import Text
 
 from processfork_cli.errors import UserError
@@ -46,7 +46,7 @@ def _list_refs(s: Settings, via_server: bool) -> None:
             doc = client.refs()
     else:
         with s.open_store() as st:
-            doc = views.refs_doc(st)
+            doc = documents.refs_doc(st)
     s.out.emit(doc, human=lambda out: _render_refs(out, doc), quiet=[r["name"] for r in doc["refs"]])
 
 

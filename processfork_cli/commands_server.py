@@ -51,7 +51,8 @@ def serve(
     json_: JsonOpt = None,
 ) -> None:
     """Start vLLM with the plugin: VLLM_PLUGINS, the KV connector, prefix caching, pinned threads."""
-    from processfork.plugin.launcher import build_plan, exec_foreground, is_cpu_build
+    from processfork.plugin.launch_plan import build_plan, is_cpu_build
+    from processfork.plugin.server_process import exec_foreground
 
     s = settings(ctx, store=store, json=json_)
     out = s.out

@@ -314,7 +314,7 @@ def run_demo(workdir: Path, *, model: Path | None = None, preset: str = "demo",
              port: int | None = None, timeout: float = 600.0,
              console: Console | None = None) -> int:
     """Run the demo; returns the exit code. The server never outlives this call."""
-    from processfork.plugin.launcher import ServerStartError
+    from processfork.plugin.server_process import ServerStartError
 
     from processfork_cli.errors import CliError
     from processfork_dev.model_builder import ModelBuildError

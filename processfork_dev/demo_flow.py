@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from processfork.plugin.launcher import ServerProcess, find_free_port, launch_server
+from processfork.plugin.server_process import ServerProcess, find_free_port, launch_server
 from processfork.store import Store
 
 from processfork_cli.client import Client

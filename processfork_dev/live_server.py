@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from processfork.plugin.launcher import ServerProcess, find_free_port, launch_server
+from processfork.plugin.server_process import ServerProcess, find_free_port, launch_server
 
 __all__ = ["READY_TIMEOUT", "LiveServer"]
 

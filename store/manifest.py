@@ -29,7 +29,7 @@ __all__ = [
     "ForkInfo",
     "InvalidManifest",
     "Manifest",
-    "Sequence",
+    "SnapshotSequence",
     "TokenRef",
     "decode_page_table",
     "encode_page_table",
@@ -125,7 +125,7 @@ def decode_page_table(table: bytes) -> list[tuple[str, str]]:
 
 
 @dataclass
-class Sequence:
+class SnapshotSequence:
     """One sequence: its token ids (by reference) and one (K, V) page digest pair per block."""
 
     tokens: TokenRef
@@ -148,7 +148,7 @@ class Sequence:
         return {"pages": [[k, v] for k, v in self.pages], "tokens": self.tokens.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: Any) -> Sequence:
+    def from_dict(cls, d: Any) -> SnapshotSequence:
         if not isinstance(d, Mapping) or set(d) != {"tokens", "pages"}:
             raise InvalidManifest(f"a sequence is {{tokens, pages}}, got keys {sorted(d)!r}")
         if not isinstance(d["pages"], list):
@@ -168,7 +168,7 @@ class Manifest:
     fork: ForkInfo | None = None
     created: str = field(default_factory=utc_now)
     fingerprint: dict[str, Any] = field(default_factory=dict)
-    sequences: list[Sequence] = field(default_factory=list)
+    sequences: list[SnapshotSequence] = field(default_factory=list)
 
     # -- derived values -------------------------------------------------------------------
     @property
@@ -217,8 +217,8 @@ class Manifest:
         if not isinstance(self.sequences, list):
             raise InvalidManifest("sequences must be a list")
         for seq in self.sequences:
-            if not isinstance(seq, Sequence):
-                raise InvalidManifest("sequences must hold Sequence objects")
+            if not isinstance(seq, SnapshotSequence):
+                raise InvalidManifest("sequences must hold SnapshotSequence objects")
             seq.validate()
 
     def head_dict(self) -> dict[str, Any]:
@@ -264,7 +264,7 @@ class Manifest:
         head = parse_head(d)
         if not isinstance(d["sequences"], list):
             raise InvalidManifest("sequences must be a list")
-        m = cls(**head, sequences=[Sequence.from_dict(s) for s in d["sequences"]])
+        m = cls(**head, sequences=[SnapshotSequence.from_dict(s) for s in d["sequences"]])
         m.validate()
         return m
 
@@ -281,7 +281,7 @@ class Manifest:
                 raise InvalidManifest(
                     f"page table {table_digest} has {len(pages)} blocks, not {count}"
                 )
-            sequences.append(Sequence(TokenRef.from_dict(s["tokens"]), pages))
+            sequences.append(SnapshotSequence(TokenRef.from_dict(s["tokens"]), pages))
         return cls(**head, sequences=sequences)
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import httpx
 
+from processfork_dev.store_damage import damage_object as damage_page  # noqa: F401 (re-exported)
+
 PF = "/v1/processfork"
 
 
@@ -63,17 +65,3 @@ def metric(server: Any, name: str) -> float:
         if line.startswith((name + "{", name + " ")):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def damage_page(store_path: Any, digest: str) -> None:
-    """Overwrite one stored page behind the store's back, as a bad disk would."""
-    import lmdb
-
-    env = lmdb.open(str(store_path), max_dbs=16, map_size=1 << 36)
-    try:
-        pages = env.open_db(b"pages", create=False)
-        with env.begin(write=True, db=pages) as txn:
-            key = bytes.fromhex(digest)
-            txn.put(key, b"\x5a" * len(txn.get(key)))
-    finally:
-        env.close()

@@ -13,10 +13,11 @@ import os
 from typing import Any
 
 import pytest
-from pf_http import PF, complete, damage_page, pf, post, random_tokens
-from processfork.store import Manifest, Sequence, Store
+from pf_http import PF, complete, pf, post, random_tokens
+from processfork.store import Manifest, SnapshotSequence, Store
 
 from processfork_cli.main import run
+from processfork_dev.store_damage import damage_object
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,7 @@ def test_fsck_names_the_users_and_repair_restores_the_page_in_place(server, caps
     warm = complete(server, tokens, max_tokens=8, logprobs=1)
     with Store(server.store) as st:
         digest = st.get_snapshot(snap["cid"]).sequences[0].pages[4][0]
-    damage_page(server.store, digest)
+    damage_object(server.store, digest)
 
     code, out, _ = pf_cli(server, "fsck", "--json", capsys=capsys)
     assert code == 3
@@ -88,9 +89,9 @@ def test_pages_the_engine_computes_differently_get_a_repaired_copy(server, capsy
             k, v = st.put_pages([os.urandom(size), os.urandom(size)]).digests
             pairs.append((k.hex(), v.hex()))
         fake = Manifest(name="repair/fake", fingerprint=model.fingerprint,
-                        sequences=[Sequence(model.sequences[0].tokens, pairs)])
+                        sequences=[SnapshotSequence(model.sequences[0].tokens, pairs)])
         fake_cid = st.write_snapshot(fake, ref="repair/fake", move_head=False)
-    damage_page(server.store, pairs[2][1])
+    damage_object(server.store, pairs[2][1])
 
     code, out, _ = pf_cli(server, "repair", "repair/fake", "--json", capsys=capsys)
     assert code == 0, out
@@ -110,16 +111,7 @@ def test_damaged_token_ids_are_unrepairable(server, capsys) -> None:
     snap = pf(server, "snapshot", {"name": "repair/tokens", "token_ids": tokens})
     with Store(server.store) as st:
         digest = st.get_snapshot(snap["cid"]).sequences[0].tokens.digest
-    import lmdb
-
-    env = lmdb.open(str(server.store), max_dbs=16, map_size=1 << 36)
-    try:
-        blobs = env.open_db(b"blobs", create=False)
-        with env.begin(write=True, db=blobs) as txn:
-            key = bytes.fromhex(digest)
-            txn.put(key, b"\x00" * len(txn.get(key)))
-    finally:
-        env.close()
+    damage_object(server.store, digest, db="blobs", fill=b"\x00")
     response = post(server, f"{PF}/repair", {"cid": "repair/tokens"})
     assert response.status_code == 422
     assert response.json()["error"]["type"] == "unrepairable"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import psutil
 import pytest
-from processfork.plugin.launcher import DEFAULT_BLOCK_SIZE, pinned_cpus
+from processfork.plugin.launch_plan import DEFAULT_BLOCK_SIZE, pinned_cpus
 
 pytestmark = pytest.mark.integration
 

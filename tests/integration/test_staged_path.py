@@ -13,7 +13,7 @@ import json
 
 import pytest
 from pf_http import cached_tokens, complete, pf, random_tokens
-from processfork.plugin.launcher import kv_transfer_config
+from processfork.plugin.launch_plan import kv_transfer_config
 from processfork.store import Store
 
 pytestmark = pytest.mark.integration

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from processfork.store import Manifest, Store
-from processfork.store import Sequence as Seq
+from processfork.store import Manifest, SnapshotSequence, Store
 
 BLOCK = 16
 
@@ -21,7 +20,7 @@ def add_sequence(
     pages: Sequence[bytes] | None = None,
     *,
     pin: str | None = None,
-) -> Seq:
+) -> SnapshotSequence:
     """Store a sequence's pages (two per block: K, V) and tokens; return its manifest entry."""
     blocks = -(-len(tokens) // BLOCK)
     if pages is None:
@@ -30,7 +29,7 @@ def add_sequence(
     result = store.put_pages(pages, pin=pin)
     ref = store.put_tokens(list(tokens), pin=pin)
     hexes = [d.hex() for d in result.digests]
-    return Seq(ref, [(hexes[i], hexes[i + 1]) for i in range(0, len(hexes), 2)])
+    return SnapshotSequence(ref, [(hexes[i], hexes[i + 1]) for i in range(0, len(hexes), 2)])
 
 
 def make_snapshot(

@@ -16,7 +16,7 @@ import random
 import sys
 import time
 
-from processfork.store import Manifest, MissingObject, Sequence, Store
+from processfork.store import Manifest, MissingObject, SnapshotSequence, Store
 
 PAGE = 32 * 1024
 BLOCK = 16
@@ -45,7 +45,7 @@ def write(path: str, prefix: str, iterations: int, seed: int) -> int:
             [rng.randrange(50_000) for _ in range(rng.randint(17, 32))], pin=pin
         )
         hexes = [d.hex() for d in result.digests]
-        seq = Sequence(tokens, [(hexes[0], hexes[1]), (hexes[2], hexes[3])])
+        seq = SnapshotSequence(tokens, [(hexes[0], hexes[1]), (hexes[2], hexes[3])])
         manifest = Manifest(
             name=f"{prefix}/{i}",
             parents=[parent] if parent else [],

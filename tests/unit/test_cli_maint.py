@@ -10,6 +10,8 @@ import pytest
 from processfork.store import Store
 from test_cli_support import PAGE, History, build_history, pf, snapshot
 
+from processfork_dev.store_damage import damage_object, delete_object
+
 TRIAL_TOKENS = [90, 91, 92, 93, 94, 95]  # shares no block with the history: 2 blocks, 4 pages
 
 
@@ -49,23 +51,12 @@ def test_fsck_clean_store(history: History) -> None:
     assert pf(history.path, "fsck", "--json").json() == {"ok": True, "issues": []}
 
 
-def _corrupt_page(path: Path, digest: str) -> None:
-    env = _open_raw(path)
-    try:
-        pages = env.open_db(b"pages", create=False)
-        with env.begin(write=True, db=pages) as txn:
-            key = bytes.fromhex(digest)
-            txn.put(key, b"\xff" * len(txn.get(key)))
-    finally:
-        env.close()
-
-
 def test_fsck_corrupt_page_exit_3_naming_every_snapshot_and_ref_that_uses_it(
     history: History,
 ) -> None:
     with Store(history.path) as st:
         digest = st.get_snapshot(history.base).sequences[0].pages[0][0]
-    _corrupt_page(history.path, digest)
+    damage_object(history.path, digest)
     users = {history.base, history.child, *history.forks}  # the first block is shared by all
     refs = ["HEAD", "base", "base/0", "base/1", "base/2", "main"]
 
@@ -94,15 +85,8 @@ def test_fsck_names_the_users_of_a_missing_page_and_a_damaged_token_blob(history
         child = st.get_snapshot(history.child)
         last_page = child.sequences[0].pages[-1][1]  # the V page of the child's own last block
         tokens = child.sequences[0].tokens.digest
-    env = _open_raw(history.path)
-    try:
-        pages, blobs = env.open_db(b"pages", create=False), env.open_db(b"blobs", create=False)
-        with env.begin(write=True) as txn:
-            txn.delete(bytes.fromhex(last_page), db=pages)
-            key = bytes.fromhex(tokens)
-            txn.put(key, b"\x00" * len(txn.get(key, db=blobs)), db=blobs)
-    finally:
-        env.close()
+    delete_object(history.path, last_page)
+    damage_object(history.path, tokens, db="blobs", fill=b"\x00")
     issues = {i["kind"]: i for i in pf(history.path, "fsck", "--json").json()["issues"]}
     assert issues["missing-page"]["object"] == last_page
     assert issues["missing-page"]["snapshots"] == [history.child]

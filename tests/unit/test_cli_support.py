@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from processfork.store import Manifest, Sequence, Store
+from processfork.store import Manifest, SnapshotSequence, Store
 from typer.testing import CliRunner
 
 from processfork_cli.main import run
@@ -79,7 +79,7 @@ def snapshot(
         name=name,
         parents=list(parents),
         fingerprint=dict(FINGERPRINT),
-        sequences=[Sequence(st.put_tokens(tokens), pairs)],
+        sequences=[SnapshotSequence(st.put_tokens(tokens), pairs)],
     )
     return st.write_snapshot(manifest, ref=ref if ref is not None else name, move_head=move_head)
 

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lmdb
 import pytest
-from processfork.store import Manifest, Sequence, Store
+from processfork.store import Manifest, SnapshotSequence, Store
 from test_cli_support import History, build_history, page_bytes
+
+from processfork_dev.store_damage import damage_object, delete_object
 
 
 @pytest.fixture
 def history(tmp_path: Path) -> History:
     return build_history(tmp_path / "store")
-
-
-def _raw(path: Path, db: bytes, key: str, value: bytes | None) -> None:
-    env = lmdb.open(str(path), max_dbs=16)
-    try:
-        handle = env.open_db(db, create=False)
-        with env.begin(write=True, db=handle) as txn:
-            if value is None:
-                txn.delete(bytes.fromhex(key))
-            else:
-                txn.put(bytes.fromhex(key), value)
-    finally:
-        env.close()
 
 
 def test_an_intact_snapshot_has_no_damage(history: History) -> None:
@@ -38,8 +26,8 @@ def test_damaged_and_missing_pages_are_found_and_only_damaged_ones_cleared(histo
     with Store(history.path) as st:
         pages = st.get_snapshot(history.child).sequences[0].pages
     corrupt, missing, sound = pages[0][0], pages[1][1], pages[2][0]
-    _raw(history.path, b"pages", corrupt, b"\xff" * 64)
-    _raw(history.path, b"pages", missing, None)
+    damage_object(history.path, corrupt, fill=b"\xff")
+    delete_object(history.path, missing)
     with Store(history.path) as st:
         damage = st.find_damage(history.child)
         assert set(damage.pages) == {corrupt, missing}
@@ -60,7 +48,7 @@ def test_damaged_and_missing_pages_are_found_and_only_damaged_ones_cleared(histo
 def test_damaged_token_ids_are_not_recomputable(history: History) -> None:
     with Store(history.path) as st:
         digest = st.get_snapshot(history.child).sequences[0].tokens.digest
-    _raw(history.path, b"blobs", digest, b"\x00" * 60)
+    damage_object(history.path, digest, db="blobs", fill=b"\x00")
     with Store(history.path) as st:
         damage = st.find_damage(history.child)
     assert damage.tokens == (digest,) and not damage.recomputable and not damage.intact
@@ -73,7 +61,7 @@ def test_a_replacement_takes_over_every_ref_and_a_detached_head(history: History
         old = st.get_snapshot(history.base)
         tokens = st.get_tokens(old.sequences[0].tokens)
         pages = st.put_pages([page_bytes("X", tokens, 4), page_bytes("Y", tokens, 4)]).digests
-        seqs = [Sequence(old.sequences[0].tokens, [(pages[0].hex(), pages[1].hex()),
+        seqs = [SnapshotSequence(old.sequences[0].tokens, [(pages[0].hex(), pages[1].hex()),
                                                    *old.sequences[0].pages[1:]])]
         copy = Manifest(name=old.name, parents=old.parents, fingerprint=old.fingerprint,
                         sequences=seqs)

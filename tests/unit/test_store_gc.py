@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import lmdb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from processfork.store import Manifest, Sequence, Store
+from processfork.store import Manifest, SnapshotSequence, Store
 from store_helpers import all_snapshot_objects, assert_intact, make_snapshot
 
 HOUR = 3600.0
@@ -278,6 +278,6 @@ def test_fsck_checks_block_count_against_block_size(tmp_path):
     with Store(tmp_path / "s") as store:
         pages = store.put_pages([b"k" * 8, b"v" * 8]).digests
         tokens = store.put_tokens(list(range(40)))  # 40 tokens need 3 blocks of 16, not 1
-        seq = Sequence(tokens, [(pages[0].hex(), pages[1].hex())])
+        seq = SnapshotSequence(tokens, [(pages[0].hex(), pages[1].hex())])
         store.write_snapshot(Manifest(name="x", fingerprint={"block_size": 16}, sequences=[seq]))
         assert [i.kind for i in store.fsck()] == ["bad-block-count"]

@@ -16,7 +16,7 @@ from processfork.store import (
     InvalidManifest,
     Manifest,
     MissingObject,
-    Sequence,
+    SnapshotSequence,
     Store,
     TokenRef,
     UnsupportedFormat,
@@ -29,7 +29,7 @@ cids = st.binary(min_size=32, max_size=32).map(lambda b: "sha256:" + b.hex())
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53), st.text(max_size=12))
 fingerprints = st.dictionaries(st.text(max_size=10), json_leaf, max_size=6)
 sequences = st.builds(
-    Sequence,
+    SnapshotSequence,
     tokens=st.builds(TokenRef, digest=hex32, count=st.integers(0, 10_000)),
     pages=st.lists(st.tuples(hex32, hex32), max_size=20),
 )
@@ -76,7 +76,7 @@ def test_canonical_json_rules():
 
 
 def test_stored_form_names_page_tables_not_pages():
-    seq = Sequence(TokenRef("ab" * 16, 20), [("01" * 16, "02" * 16), ("03" * 16, "04" * 16)])
+    seq = SnapshotSequence(TokenRef("ab" * 16, 20), [("01" * 16, "02" * 16), ("03" * 16, "04" * 16)])
     m = Manifest(name="n", created="2026-01-01T00:00:00.000000Z", sequences=[seq])
     stored = json.loads(m.canonical_bytes())
     table = bytes.fromhex("01" * 16 + "02" * 16 + "03" * 16 + "04" * 16)
@@ -92,7 +92,7 @@ def test_stored_form_names_page_tables_not_pages():
 
 def test_a_fork_child_shares_page_tables_so_its_manifest_stays_small():
     pages = [(f"{i:032x}", f"{i + 1:032x}") for i in range(0, 4000, 2)]
-    parent = Manifest(name="p", sequences=[Sequence(TokenRef("ab" * 16, 32000), pages)])
+    parent = Manifest(name="p", sequences=[SnapshotSequence(TokenRef("ab" * 16, 32000), pages)])
     child = Manifest(
         name="p/0", parents=[parent.cid], fork=ForkInfo(0, 12), sequences=parent.sequences
     )
@@ -113,7 +113,7 @@ def test_a_fork_child_shares_page_tables_so_its_manifest_stays_small():
     ],
 )
 def test_invalid_manifests_are_refused(mutate, error):
-    seq = Sequence(TokenRef("ab" * 16, 1), [("01" * 16, "02" * 16)])
+    seq = SnapshotSequence(TokenRef("ab" * 16, 1), [("01" * 16, "02" * 16)])
     d = Manifest(name="n", sequences=[seq]).to_dict()
     mutate(d)
     with pytest.raises(error):
@@ -130,16 +130,16 @@ def test_unknown_format_is_refused_by_write_snapshot(store):
 def test_write_snapshot_refuses_missing_objects_and_writes_nothing(store):
     page = store.put_pages([b"k" * 64]).digests[0].hex()
     tokens = store.put_tokens([1, 2, 3])
-    missing_page = Sequence(tokens, [(page, "ff" * 16)])
+    missing_page = SnapshotSequence(tokens, [(page, "ff" * 16)])
     with pytest.raises(MissingObject, match="missing page"):
         store.write_snapshot(Manifest(name="a", sequences=[missing_page]), ref="a")
-    missing_tokens = Sequence(TokenRef("ee" * 16, 3), [(page, page)])
+    missing_tokens = SnapshotSequence(TokenRef("ee" * 16, 3), [(page, page)])
     with pytest.raises(MissingObject, match="missing blob"):
         store.write_snapshot(Manifest(name="b", sequences=[missing_tokens]), ref="b")
     orphan = Manifest(name="c", parents=["sha256:" + "0" * 64], sequences=[])
     with pytest.raises(MissingObject, match="missing snapshot"):
         store.write_snapshot(orphan, ref="c")
-    wrong_count = Sequence(TokenRef(tokens.digest, 4), [(page, page)])
+    wrong_count = SnapshotSequence(TokenRef(tokens.digest, 4), [(page, page)])
     with pytest.raises(InvalidManifest):
         store.write_snapshot(Manifest(name="d", sequences=[wrong_count]))
     st_ = store.status()
@@ -186,7 +186,7 @@ def test_snapshot_round_trip_through_the_store(store, tokens):
     r = store.put_pages(pages)
     ref = store.put_tokens(tokens)
     hexes = [d.hex() for d in r.digests]
-    seq = Sequence(ref, [(hexes[i], hexes[i + 1]) for i in range(0, len(hexes), 2)])
+    seq = SnapshotSequence(ref, [(hexes[i], hexes[i + 1]) for i in range(0, len(hexes), 2)])
     m = Manifest(name="rt", fingerprint={"block_size": 16, "format": FORMAT}, sequences=[seq, seq])
     cid = store.write_snapshot(m, move_head=False)
     assert cid == m.cid

