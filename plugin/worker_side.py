@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from processfork.store import MissingObject, PutResult, Store, page_digest
+from processfork.store.meta import meta_get, meta_put
 from vllm.logger import init_logger
 
 from .block_views import BlockViews
@@ -60,6 +61,7 @@ class _JobStats:
     bytes_written: int = 0
     final: bool = False
     error: JobError | None = None
+    error_recorded: bool = False  # the record with `error` is in the store
     digests: list[bytes] = field(default_factory=list)  # K, V of every saved block, in order
 
     def add(self, result: PutResult, blocks: int) -> None:
@@ -353,7 +355,10 @@ class WorkerSide:
                 return
         if job.final:
             stats.final = True
-            self.store.meta_put(job_meta_key(job.job), stats.record().to_json())
+            if stats.error_recorded:
+                self._update_record(job.job, stats.record())
+            else:
+                self.store.meta_put(job_meta_key(job.job), stats.record().to_json())
             self._stats.pop(job.job, None)
 
     def _page_source(self, job: SaveJob) -> Callable[[int], np.ndarray]:
@@ -376,16 +381,35 @@ class WorkerSide:
         """Record the failure at once; the job's later saves are skipped (see _save)."""
         stats = self._stats.setdefault(job.job, _JobStats(req_id=job.req_id))
         stats.error = JobError.of(exc)
-        self._record(job.job, stats.record())
+        stats.error_recorded = self._record(job.job, stats.record())
 
     def _fail_load(self, job: str, error: JobError) -> None:
         self._record(job, JobRecord(error=error))
 
-    def _record(self, job: str, record: JobRecord) -> None:
+    def _record(self, job: str, record: JobRecord) -> bool:
         try:
             self.store.meta_put(job_meta_key(job), record.to_json())
+            return True
         except Exception:  # the store itself is failing; the log line before this remains
             logger.exception("processfork: could not record failure of job %s", job)
+            return False
+
+    def _update_record(self, job: str, record: JobRecord) -> None:
+        """Rewrite a failed job's record only while it exists. The API server reads a failure
+        as soon as it is recorded, aborts the request and deletes the record; an engine step
+        already under way may still run the job's final save, which must not leave behind a
+        record that nothing reads any more. The error is on record already: a failure here
+        is only logged."""
+        key = job_meta_key(job)
+
+        def run(txn: Any) -> None:
+            if meta_get(txn, self.store.dbs, key) is not None:
+                meta_put(txn, self.store.dbs, key, record.to_json())
+
+        try:
+            self.store.env.write(run)
+        except Exception:  # noqa: BLE001 - the record written at the failure remains
+            logger.exception("processfork: could not update the record of failed job %s", job)
 
     def forget_requests(self, req_ids: set[str]) -> None:
         """Drop the progress of jobs whose requests finished: a save that failed, or was

@@ -131,6 +131,29 @@ def test_a_save_that_fails_keeps_its_error_through_the_final_step(make_engine, m
     assert final.pages == [] and len(calls) == 1  # the final step wrote no page
 
 
+def test_the_final_step_of_a_failed_save_does_not_bring_back_a_forgotten_record(
+    make_engine, monkeypatch
+):
+    """The API server reads a recorded failure at once, aborts the request and deletes the
+    record; the job's final save, in a step already under way, must not write it again (it
+    would stay in the store, read by nothing)."""
+    engine = make_engine(max_num_batched_tokens=64)
+    store = engine.worker_side.store
+
+    def full(*args, **kwargs):
+        raise StoreFull(str(engine.store_path), "no space left on device")
+
+    monkeypatch.setattr(store, "put_pages_from", full)
+    rid = engine.add(tokens(100), params={"op": "snapshot", "job": "s", "num_tokens": 100})
+    engine.step()
+    assert _record(engine, "s").error.kind is JobErrorKind.STORE_FULL
+    with Store(engine.store_path) as st:
+        assert st.meta_delete(job_meta_key("s"))  # what the API server does with a failed job
+    engine.run(rid)
+    assert _record(engine, "s") is None
+    assert engine.worker_side._stats == {}
+
+
 def test_the_worker_publishes_its_engine_fingerprint(engine):
     with Store(engine.store_path) as store:
         record = store.meta_get(engine_meta_key(engine.auth))
