@@ -408,7 +408,7 @@ class WorkerSide:
 
         try:
             self.store.env.write(run)
-        except Exception:  # noqa: BLE001 - the record written at the failure remains
+        except Exception:  # the record written at the failure remains
             logger.exception("processfork: could not update the record of failed job %s", job)
 
     def forget_requests(self, req_ids: set[str]) -> None:
