@@ -10,7 +10,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-__all__ = ["CheckoutBody", "ForkBody", "RepairBody", "SnapshotBody"]
+__all__ = ["MAX_REVISION_CHARS", "CheckoutBody", "ForkBody", "RepairBody", "SnapshotBody"]
+
+#: A revision (cid, prefix, ref name with ~N or @{N}) longer than this cannot name a snapshot: ref
+#: names stop at 255 bytes and a cid has 71 characters. (It also bounds the work of parsing one.)
+MAX_REVISION_CHARS = 1024
 
 
 class _Body(BaseModel):
@@ -36,7 +40,7 @@ class SnapshotBody(_Body):
     messages: list[dict[str, Any]] | None = None
     token_ids: list[StrictInt] | None = None
     request_id: str | None = None
-    parent: str | None = None
+    parent: str | None = Field(default=None, max_length=MAX_REVISION_CHARS)
     message: str | None = None
     # With `messages`, as in a chat completion request: they shape the rendered tokens.
     tools: list[dict[str, Any]] | None = None
@@ -75,16 +79,16 @@ class SnapshotBody(_Body):
 
 
 class ForkBody(_Body):
-    cid: str = Field(min_length=1)
+    cid: str = Field(min_length=1, max_length=MAX_REVISION_CHARS)
     n: StrictInt = Field(ge=1, le=4096)  # `true` and `2.0` are not counts
     name: str | None = None
 
 
 class CheckoutBody(_Body):
-    cid: str = Field(min_length=1)
+    cid: str = Field(min_length=1, max_length=MAX_REVISION_CHARS)
 
 
 class RepairBody(_Body):
     """The snapshot to repair: its damaged pages are recomputed from its token ids."""
 
-    cid: str = Field(min_length=1)
+    cid: str = Field(min_length=1, max_length=MAX_REVISION_CHARS)

@@ -7,6 +7,7 @@ error shaping here, the work in ``control.Control``.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import json
 from argparse import Namespace
@@ -15,30 +16,103 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-from processfork.store import Store, StoreError, documents, validate_ref_name
+from processfork.store import (
+    RefIsHead,
+    Store,
+    StoreError,
+    UnknownRevision,
+    documents,
+    validate_ref_name,
+)
 from pydantic import BaseModel, ValidationError
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import State
+from starlette.requests import ClientDisconnect
+from starlette.routing import Route
+from vllm.logger import init_logger
 
 from .api_errors import ApiError, from_store_error
-from .api_models import CheckoutBody, ForkBody, RepairBody, SnapshotBody
+from .api_models import MAX_REVISION_CHARS, CheckoutBody, ForkBody, RepairBody, SnapshotBody
 from .chat_render import render_chat
-from .connector import store_path_from_config
+from .connector_config import store_path_from_config
 from .control import Control
 from .repair import repair_snapshot
 
-__all__ = ["PREFIX", "ProcessForkEndpoints"]
+__all__ = ["PREFIX", "ProcessForkEndpoints", "body_limit"]
+
+logger = init_logger(__name__)
 
 PREFIX = "/v1/processfork"
 
 Handler = Callable[..., Awaitable[Any]]
 
 
+class _AnyPath(Convertor[str]):
+    """Like Starlette's ``path``, but also across newlines (a ``%0A`` in a ref name): the route
+    then answers for the name instead of falling through to a bare 404."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("pf_path", _AnyPath())
+
+
 def _error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
+#: A request body may hold this many bytes per token of the engine's --max-model-len (a token id
+#: takes at most 8 bytes of JSON, a token of text escaped for JSON rarely more than 30), and never
+#: less than MIN_BODY_BYTES. A larger body is refused before it is read (413 body_too_large).
+BODY_BYTES_PER_TOKEN = 64
+MIN_BODY_BYTES = 1 << 20
+
+
+def body_limit(request: Request) -> int:
+    """The largest body this server's routes read, in bytes."""
+    control = getattr(request.app.state, "processfork", None)
+    max_model_len = getattr(control, "max_model_len", 0) or 0
+    return max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_model_len)
+
+
+def _too_large(limit: int, size: str) -> ApiError:
+    # What the client still sends is discarded by the HTTP server as it arrives, never buffered.
+    return ApiError(
+        413,
+        "body_too_large",
+        f"request body of {size} is over this server's limit of {limit:,} bytes "
+        "(64 bytes per token of --max-model-len, at least 1 MiB)",
+    )
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused (413) as soon as it is known to be over the limit: by its Content-Length
+    before any of it is read, or, sent in chunks, once the bytes read pass the limit."""
+    limit = body_limit(request)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise _too_large(limit, f"{int(declared):,} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit, f"more than {limit:,} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise ApiError(400, "invalid_request", "the client closed the connection before the "
+                                               "whole body arrived") from exc
+    return b"".join(chunks)
+
+
+def _parse(raw: bytes, model: type[BaseModel]) -> Any:
     try:
         data = json.loads(raw or b"null", parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -52,6 +126,8 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
     except UnicodeEncodeError as exc:
         raise ApiError(400, "invalid_json", "request body holds a lone UTF-16 surrogate "
                                             f"({exc.object[exc.start:exc.end]!a})") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "invalid_json", "request body is nested too deeply") from exc
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -61,6 +137,38 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise ApiError(422, "invalid_request", f"{where}: {first.get('msg')}") from exc
+
+
+def _revision(value: str, what: str) -> str:
+    if len(value) > MAX_REVISION_CHARS:
+        raise ApiError(422, "invalid_request", f"{what}: a revision has at most "
+                                               f"{MAX_REVISION_CHARS} characters, got {len(value):,}")
+    return value
+
+
+def _query_flag(request: Request, name: str) -> bool:
+    """``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``); absent is false."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ApiError(422, "invalid_request", f"{name}: expected true or false, got {raw[:40]!r}")
+
+
+def _query_limit(request: Request) -> int | None:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return None
+    digits = raw.strip()
+    if not (digits.isascii() and digits.isdigit()) or not digits.strip("0"):
+        raise ApiError(422, "invalid_request",
+                       f"limit: expected a whole number of at least 1, got {raw[:40]!r}")
+    digits = digits.lstrip("0")
+    return int(digits) if len(digits) <= 18 else 10**18  # more entries than any store holds
 
 
 def _no_constant(name: str) -> Any:
@@ -90,14 +198,18 @@ def _control(request: Request) -> Control:
     return control
 
 
-async def _guard(fn: Handler, *args: Any) -> JSONResponse:
-    """Run a handler; every failure becomes the JSON error shape, never a bare 500."""
+async def _guard(request: Request, fn: Handler) -> JSONResponse:
+    """Read the body (within the limit), run a handler on it; every failure becomes the JSON
+    error shape, never a bare 500."""
     try:
-        return JSONResponse(await fn(*args))
+        return JSONResponse(await fn(await _read_body(request)))
     except ApiError as exc:
         return _error_response(exc)
     except StoreError as exc:
         return _error_response(from_store_error(exc))
+    except Exception as exc:  # a bug: still the error shape, with the traceback in the log
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return _error_response(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
 
 
 def build_router() -> APIRouter:
@@ -105,43 +217,46 @@ def build_router() -> APIRouter:
 
     @router.post("/snapshot")
     async def snapshot(request: Request) -> JSONResponse:
-        async def run() -> Any:
+        async def run(raw: bytes) -> Any:
             control = _control(request)
-            body = await _parse(request, SnapshotBody)
+            body = _parse(raw, SnapshotBody)
             if body.messages is not None:
                 ids = await render_chat(request, body)
                 if ids is not None:
                     body = body.model_copy(update={"token_ids": ids, "messages": None})
             return await control.snapshot(body)
 
-        return await _guard(run)
+        return await _guard(request, run)
 
     @router.post("/fork")
     async def fork(request: Request) -> JSONResponse:
-        async def run() -> Any:
-            return await _control(request).fork(await _parse(request, ForkBody))
+        async def run(raw: bytes) -> Any:
+            return await _control(request).fork(_parse(raw, ForkBody))
 
-        return await _guard(run)
+        return await _guard(request, run)
 
     @router.post("/checkout")
     async def checkout(request: Request) -> JSONResponse:
-        async def run() -> Any:
-            return await _control(request).checkout(await _parse(request, CheckoutBody))
+        async def run(raw: bytes) -> Any:
+            return await _control(request).checkout(_parse(raw, CheckoutBody))
 
-        return await _guard(run)
+        return await _guard(request, run)
 
     @router.post("/repair")
     async def repair(request: Request) -> JSONResponse:
-        async def run() -> Any:
+        async def run(raw: bytes) -> Any:
             control = _control(request)
-            return await repair_snapshot(control, (await _parse(request, RepairBody)).cid)
+            return await repair_snapshot(control, _parse(raw, RepairBody).cid)
 
-        return await _guard(run)
+        return await _guard(request, run)
 
-    @router.get("/snapshots/{rev:path}")
-    async def show(request: Request, rev: str) -> JSONResponse:
-        async def run() -> Any:
+    @router.get("/snapshots/{rev:pf_path}")
+    async def show(request: Request) -> JSONResponse:
+        rev = request.path_params["rev"]
+
+        async def run(_raw: bytes) -> Any:
             control = _control(request)
+            _revision(rev, "rev")
 
             def build(store: Store) -> dict[str, Any]:
                 cid = store.resolve(rev)
@@ -150,55 +265,58 @@ def build_router() -> APIRouter:
 
             return await control._run(build, control.store)
 
-        return await _guard(run)
+        return await _guard(request, run)
 
     @router.get("/log")
-    async def log(
-        request: Request, ref: str | None = None, limit: int | None = None, all: bool = False
-    ) -> JSONResponse:
-        async def run() -> Any:
+    async def log(request: Request) -> JSONResponse:
+        # Query parameters are read here, not by FastAPI: its errors are multi-line and not in
+        # this API's error shape.
+        async def run(_raw: bytes) -> Any:
             control = _control(request)
-            if limit is not None and limit < 1:
-                raise ApiError(422, "invalid_request", "limit must be at least 1")
+            ref = request.query_params.get("ref")
+            if ref is not None:
+                _revision(ref, "ref")
+            limit = _query_limit(request)
+            all_refs = _query_flag(request, "all")
 
             def build(store: Store) -> dict[str, Any]:
-                rev = ref if ref is not None else (None if all else "HEAD")
-                entries = store.log(rev, limit=limit, all_refs=all)
+                rev = ref if ref is not None else (None if all_refs else "HEAD")
+                entries = store.log(rev, limit=limit, all_refs=all_refs)
                 return documents.log_doc(entries, head=documents.head_doc(store))
 
             return await control._run(build, control.store)
 
-        return await _guard(run)
+        return await _guard(request, run)
 
     @router.get("/refs")
     async def refs(request: Request) -> JSONResponse:
-        async def run() -> Any:
+        async def run(_raw: bytes) -> Any:
             control = _control(request)
             return await control._run(documents.refs_doc, control.store)
 
-        return await _guard(run)
+        return await _guard(request, run)
 
-    @router.delete("/refs/{name:path}")
-    async def delete_ref(request: Request, name: str, force: bool = False) -> JSONResponse:
-        async def run() -> Any:
+    @router.delete("/refs/{name:pf_path}")
+    async def delete_ref(request: Request) -> JSONResponse:
+        name = request.path_params["name"]
+
+        async def run(_raw: bytes) -> Any:
             control = _control(request)
+            force = _query_flag(request, "force")
             await control._run(validate_ref_name, name)  # 400 before the name reaches LMDB
-            old = await control._run(control.store.get_ref, name)
-            if old is None:
-                raise ApiError(404, "not_found", f"no ref named {name!r}")
-            head = await control._run(control.store.head)
-            if head.ref == name and not force:
-                raise ApiError(
-                    409, "ref_is_head", f"HEAD points to {name!r}; pass force=true to delete it"
-                )
-            await control._run(control.store.delete_ref, name, expected_old=old)
+            try:  # not control._run: it would turn these into generic errors first
+                old = await asyncio.to_thread(control.store.delete_ref, name, allow_head=force)
+            except UnknownRevision:
+                raise ApiError(404, "not_found", f"no ref named {name!r}") from None
+            except RefIsHead as exc:
+                raise ApiError(409, "ref_is_head", f"{exc}; pass force=true to delete it") from None
             return {"deleted": name, "cid": old}
 
-        return await _guard(run)
+        return await _guard(request, run)
 
     @router.get("/status")
     async def status(request: Request) -> JSONResponse:
-        async def run() -> Any:
+        async def run(_raw: bytes) -> Any:
             control = _control(request)
             store_status = await control._run(control.store.status)
             record = await control.engine_record()
@@ -214,9 +332,38 @@ def build_router() -> APIRouter:
                 },
             }
 
-        return await _guard(run)
+        return await _guard(request, run)
 
+    # Last: any other method or path under the prefix gets this API's error shape, not FastAPI's.
+    known = [(route.path_regex, route.methods) for route in router.routes]
+
+    async def no_route(request: Request) -> JSONResponse:
+        async def run(_raw: bytes) -> Any:
+            path = request.url.path
+            allowed = sorted({m for regex, methods in known if regex.match(path) for m in methods})
+            if allowed:
+                raise ApiError(405, "method_not_allowed",
+                               f"{request.method} is not allowed here; use {', '.join(allowed)}")
+            raise ApiError(404, "not_found", f"no route {request.method} {path[:200]!r}; "
+                                             "see docs/http-api.md for the routes")
+
+        return await _guard(request, run)
+
+    for path in (PREFIX, PREFIX + "/{rest:pf_path}"):  # an ASGI endpoint: every method matches
+        router.routes.append(Route(path, _AsgiEndpoint(no_route), include_in_schema=False))
     return router
+
+
+class _AsgiEndpoint:
+    """A request handler as an ASGI app, so that its route matches every method (Starlette
+    limits a function endpoint to the methods listed, and answers others in its own shape)."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[JSONResponse]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        response = await self.handler(Request(scope, receive))
+        await response(scope, receive, send)
 
 
 class ProcessForkEndpoints:

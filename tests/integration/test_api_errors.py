@@ -15,6 +15,7 @@ def _error(response, status: int) -> dict:
     body = response.json()
     assert set(body["error"]) >= {"type", "message"}
     assert body["error"]["message"]
+    assert "\n" not in body["error"]["message"]  # one line
     return body["error"]
 
 
@@ -183,3 +184,141 @@ def test_deleting_a_ref_with_an_invalid_name_is_400(server, name):
 
     response = httpx.delete(f"{server.base_url}{PF}/refs/{name}", timeout=60, trust_env=False)
     _error(response, 400)
+
+
+# -- hostile input: sizes, query parameters, routes (tests/integration/test_api_fuzz.py generates
+# thousands more) ---------------------------------------------------------------------------------
+
+MB = 1 << 20
+#: Every route of the plugin, with a path that reaches its handler.
+ROUTES = [("POST", "snapshot"), ("POST", "fork"), ("POST", "checkout"), ("POST", "repair"),
+          ("GET", "snapshots/HEAD"), ("GET", "log"), ("GET", "refs"), ("GET", "status"),
+          ("DELETE", "refs/no-such-ref")]
+
+
+def _request(server, method: str, path: str, **kwargs):
+    import httpx
+    from pf_http import headers
+
+    return httpx.request(method, f"{server.base_url}{PF}/{path}", headers=headers(server),
+                         timeout=120, trust_env=False, **kwargs)
+
+
+def _huge_prompt() -> bytes:
+    return b'{"name": "huge", "prompt": "' + b"x" * (5 * MB) + b'"}'
+
+
+@pytest.mark.parametrize("method,path", ROUTES)
+def test_body_over_the_limit_is_413_by_its_length(server, pf_store, method, path):
+    """A 5 MB body is refused from its Content-Length, before it is read or parsed."""
+    from pf_http import get
+    from processfork.store import Store
+
+    with Store(pf_store, readonly=True) as store:
+        refs_before = store.list_refs()
+    error = _error(_request(server, method, path, content=_huge_prompt()), 413)
+    assert error["type"] == "body_too_large"
+    assert "5,242,9" in error["message"] and "limit of 1,048,576 bytes" in error["message"]
+    assert get(server, f"{PF}/refs").status_code == 200  # the server answers the next request
+    with Store(pf_store, readonly=True) as store:
+        assert store.list_refs() == refs_before
+
+
+@pytest.mark.parametrize("method,path", ROUTES)
+def test_chunked_body_over_the_limit_is_413(server, method, path):
+    """Without a Content-Length, reading stops once the bytes read pass the limit."""
+    from pf_http import get
+
+    def chunks():
+        yield b'{"name": "huge", "prompt": "'
+        for _ in range(80):
+            yield b"x" * 65536
+        yield b'"}'
+
+    error = _error(_request(server, method, path, content=chunks()), 413)
+    assert error["type"] == "body_too_large"
+    assert "more than 1,048,576 bytes" in error["message"]
+    assert get(server, f"{PF}/refs").status_code == 200
+
+
+def test_body_under_the_limit_is_read(server):
+    body = b'{"name": "x", "prompt": "' + b" " * (MB - 100) + b'", "promt": 1}'
+    error = _error(post(server, f"{PF}/snapshot", raw=body), 400)
+    assert "unknown field 'promt'" in error["message"]  # parsed, not refused for its size
+
+
+@pytest.mark.parametrize(
+    "method,path,body",
+    [
+        ("POST", "checkout", {"cid": "~" * 20000 + "x"}),
+        ("POST", "fork", {"cid": "HEAD" + "~" * 2000, "n": 1}),
+        ("POST", "repair", {"cid": "a" * 1025}),
+        ("POST", "snapshot", {"name": "x", "token_ids": [5], "parent": "~" * 5000}),
+        ("GET", "snapshots/" + "~" * 20000 + "x", None),
+        ("GET", "log?ref=" + "~" * 20000 + "x", None),
+    ],
+)
+def test_revision_longer_than_any_name_is_422(server, method, path, body):
+    """Ref names stop at 255 bytes: a longer revision is refused before it is parsed (parsing
+    `~` suffixes takes time in proportion to the square of their length)."""
+    kwargs = {} if body is None else {"json": body}
+    error = _error(_request(server, method, path, **kwargs), 422)
+    assert "at most 1024 characters" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "method,path,field",
+    [
+        ("GET", "log?limit=abc", "limit"),
+        ("GET", "log?limit=0", "limit"),
+        ("GET", "log?limit=-3", "limit"),
+        ("GET", "log?limit=", "limit"),
+        ("GET", "log?limit=1.5", "limit"),
+        ("GET", "log?all=maybe", "all"),
+        ("DELETE", "refs/no-such-ref?force=maybe", "force"),
+    ],
+)
+def test_bad_query_parameters_are_422_naming_them(server, method, path, field):
+    error = _error(_request(server, method, path), 422)
+    assert error["type"] == "invalid_request"
+    assert error["message"].startswith(f"{field}: ")
+
+
+def test_huge_limit_is_all_entries(server, known):
+    from pf_http import get
+
+    response = get(server, f"{PF}/log", ref=known["cid"], limit="9" * 5000)
+    assert response.status_code == 200, response.text
+    assert response.json()["entries"][0]["cid"] == known["cid"]
+
+
+@pytest.mark.parametrize(
+    "method,path,status,type_",
+    [
+        ("GET", "snapshot", 405, "method_not_allowed"),
+        ("PUT", "refs", 405, "method_not_allowed"),
+        ("POST", "refs/x", 405, "method_not_allowed"),
+        ("PATCH", "snapshots/HEAD", 405, "method_not_allowed"),
+        ("TRACE", "status", 405, "method_not_allowed"),
+        ("GET", "nope", 404, "not_found"),
+        ("GET", "", 404, "not_found"),
+    ],
+)
+def test_other_methods_and_paths_get_the_error_shape(server, method, path, status, type_):
+    assert _error(_request(server, method, path), status)["type"] == type_
+
+
+@pytest.mark.parametrize(
+    "method,path,status",
+    [("GET", "snapshots/a%0Ab", 404), ("DELETE", "refs/a%0Ab", 400), ("DELETE", "refs/a%0A", 400)],
+)
+def test_newlines_in_path_parameters_reach_the_route(server, method, path, status):
+    error = _error(_request(server, method, path), status)
+    assert "a\\nb" in error["message"] or "a\\n" in error["message"]
+
+
+def test_long_input_is_quoted_in_a_short_message(server, known):
+    error = _error(post(server, f"{PF}/fork", {"cid": known["cid"], "n": 1,
+                                               "name": "n" * 10240}), 400)
+    assert len(error["message"]) <= 1000
+    assert error["message"].endswith("characters)")
