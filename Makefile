@@ -32,7 +32,8 @@ test-integration: install
 	$(PY) -m pytest tests/integration -q
 
 # The tests marked slow (pyproject's addopts leaves them out of every other run): thousands of
-# generated hostile requests per HTTP route (docs/reliability.md).
+# generated hostile requests per HTTP route; 16 clients of mixed load for 120 s; repeated
+# full-store cycles and damaged pages (docs/reliability.md).
 test-slow: install
 	$(PY) -m pytest tests -q -m slow
 
