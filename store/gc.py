@@ -102,12 +102,25 @@ class _Mark:
                 self.pages.update(t[i : i + 16] for i in range(0, len(t), 16))
 
 
+@dataclass(frozen=True)
+class _Roots:
+    """What gc must keep, and the records it may drop, as of one transaction."""
+
+    snapshots: list[bytes]
+    """Keys of the snapshots refs, HEAD and unexpired reflog entries name."""
+    pinned: set[bytes]
+    """Digests that live pins protect."""
+    abandoned_pins: list[str]
+    """Pins that are malformed, a day old, or whose owner has exited (owners.py)."""
+    expired_reflog: list[bytes]
+    """Keys of reflog entries older than the expiry."""
+
+
 def _roots(
     txn: lmdb.Transaction, dbs: dict[str, Any], expire_cut: float, pin_cut: float
-) -> tuple[list[bytes], set[bytes], list[str], list[bytes]]:
-    """(snapshot keys, pinned digests, abandoned pin names, expired reflog keys) as of this
-    transaction. A pin is abandoned when it is malformed, a day old, or its owner process has
-    exited (owners.py): a writer killed mid-snapshot never drops its pin itself."""
+) -> _Roots:
+    """The roots as of this transaction. A writer killed mid-snapshot never drops its pin
+    itself: its pin is abandoned as soon as its owner is known to have exited."""
     cids = set(list_refs(txn, dbs).values())
     head = read_head(txn, dbs).cid
     if head:
@@ -121,13 +134,13 @@ def _roots(
             continue
         cids.update(c for c in (entry.old, entry.new) if c)
     pinned: set[bytes] = set()
-    stale = []
+    abandoned = []
     for name, info in read_pins(txn, dbs).items():
         if info is None or info.updated < pin_cut or info.owner_dead():
-            stale.append(name)
+            abandoned.append(name)
         else:
             pinned.update(info.digests)
-    return [cid_key(c) for c in cids], pinned, stale, expired
+    return _Roots([cid_key(c) for c in cids], pinned, abandoned, expired)
 
 
 def _keys(txn: lmdb.Transaction, db: Any, *, views: bool) -> list[bytes]:
@@ -157,7 +170,7 @@ def gc(
     report = progress or (lambda phase, done, total: None)
 
     def plan(txn: lmdb.Transaction) -> tuple[set[bytes], list[bytes], list[bytes], list[bytes]]:
-        roots, _, _, _ = _roots(txn, dbs, expire_cut, pin_cut)
+        roots = _roots(txn, dbs, expire_cut, pin_cut).snapshots
         all_snaps = _keys(txn, dbs["snapshots"], views=False)
         young = [k for k in all_snaps if journal_time(txn, dbs, JOURNAL_SNAPSHOT, k) > grace_cut]
         report("mark", 0, len(all_snaps))
@@ -176,17 +189,18 @@ def gc(
 
     def sweep(txn: lmdb.Transaction, chunk: list[tuple[str, bytes, bytes]], first: bool) -> GcStats:
         s = GcStats(dry_run)
-        roots, pinned, stale, expired = _roots(txn, dbs, expire_cut, pin_cut)
+        found = _roots(txn, dbs, expire_cut, pin_cut)
+        roots, pinned = found.snapshots, found.pinned
         # New since the mark, or re-stamped young since: both keep everything they name.
         fresh = [k for k in _keys(txn, dbs["snapshots"], views=True) if k not in seen_snaps]
         young = [k for k in dead_snaps if journal_time(txn, dbs, JOURNAL_SNAPSHOT, k) > grace_cut]
         mark.walk(txn, dbs, roots + fresh + young)
         if first:
-            s.removed_pins, s.expired_reflog = len(stale), len(expired)
+            s.removed_pins, s.expired_reflog = len(found.abandoned_pins), len(found.expired_reflog)
             if not dry_run:
-                for name in stale:
+                for name in found.abandoned_pins:
                     txn.delete(name.encode("utf-8"), db=dbs["pins"])
-                for key in expired:
+                for key in found.expired_reflog:
                     txn.delete(key, db=dbs["reflog"])
         marked = {"snapshots": mark.snapshots, "pages": mark.pages, "blobs": mark.blobs}
         cursors = {name: txn.cursor(db=dbs[name]) for name in marked}
