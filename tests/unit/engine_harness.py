@@ -542,3 +542,12 @@ def blocks_of(n_tokens: int) -> int:
 
 def ids(values: Iterable[Any]) -> list[int]:
     return [v.block_id for v in values]
+
+
+#: The worker's three page paths, as connector extra config: every path must store and load the
+#: same pages.
+PAGE_PATHS = {
+    "pipelined": {},
+    "direct": {"pipelined_loads": False},
+    "staged": {"page_path": "staged"},
+}

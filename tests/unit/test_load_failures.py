@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 from engine_harness import (
+    PAGE_PATHS,
     Engine,
     damage_page,
     delete_page,
@@ -23,12 +24,6 @@ from engine_harness import (
 )
 from processfork.plugin.jobs import JobErrorKind, JobRecord, job_meta_key
 from processfork.store import Store
-
-PAGE_PATHS = {
-    "pipelined": {},
-    "direct": {"pipelined_loads": False},
-    "staged": {"page_path": "staged"},
-}
 
 
 @pytest.fixture(params=list(PAGE_PATHS))

@@ -14,6 +14,7 @@ from engine_harness import (
     HEAD_DIM,
     KV_HEADS,
     LAYERS,
+    PAGE_PATHS,
     Engine,
     damage_page,
     page_digests,
@@ -22,12 +23,6 @@ from engine_harness import (
 )
 from processfork.plugin.jobs import JobErrorKind, JobRecord, engine_meta_key, job_meta_key
 from processfork.store import Store, StoreFull
-
-PAGE_PATHS = {
-    "pipelined": {},
-    "direct": {"pipelined_loads": False},
-    "staged": {"page_path": "staged"},
-}
 
 
 def _record(engine: Engine, job: str) -> JobRecord | None:
