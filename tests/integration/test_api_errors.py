@@ -208,26 +208,35 @@ def _huge_prompt() -> bytes:
     return b'{"name": "huge", "prompt": "' + b"x" * (5 * MB) + b'"}'
 
 
+@pytest.fixture
+def client(server):
+    """One client: the request after a refused body goes over the same kept-alive connection."""
+    import httpx
+    from pf_http import headers
+
+    with httpx.Client(base_url=f"{server.base_url}{PF}/", headers=headers(server), timeout=120,
+                      trust_env=False) as http:
+        yield http
+
+
 @pytest.mark.parametrize("method,path", ROUTES)
-def test_body_over_the_limit_is_413_by_its_length(server, pf_store, method, path):
+def test_body_over_the_limit_is_413_by_its_length(client, pf_store, method, path):
     """A 5 MB body is refused from its Content-Length, before it is read or parsed."""
-    from pf_http import get
     from processfork.store import Store
 
     with Store(pf_store, readonly=True) as store:
         refs_before = store.list_refs()
-    error = _error(_request(server, method, path, content=_huge_prompt()), 413)
+    error = _error(client.request(method, path, content=_huge_prompt()), 413)
     assert error["type"] == "body_too_large"
     assert "5,242,9" in error["message"] and "limit of 1,048,576 bytes" in error["message"]
-    assert get(server, f"{PF}/refs").status_code == 200  # the server answers the next request
+    assert client.get("refs").status_code == 200  # the server answers the next request
     with Store(pf_store, readonly=True) as store:
         assert store.list_refs() == refs_before
 
 
 @pytest.mark.parametrize("method,path", ROUTES)
-def test_chunked_body_over_the_limit_is_413(server, method, path):
+def test_chunked_body_over_the_limit_is_413(client, method, path):
     """Without a Content-Length, reading stops once the bytes read pass the limit."""
-    from pf_http import get
 
     def chunks():
         yield b'{"name": "huge", "prompt": "'
@@ -235,10 +244,10 @@ def test_chunked_body_over_the_limit_is_413(server, method, path):
             yield b"x" * 65536
         yield b'"}'
 
-    error = _error(_request(server, method, path, content=chunks()), 413)
+    error = _error(client.request(method, path, content=chunks()), 413)
     assert error["type"] == "body_too_large"
     assert "more than 1,048,576 bytes" in error["message"]
-    assert get(server, f"{PF}/refs").status_code == 200
+    assert client.get("refs").status_code == 200
 
 
 def test_body_under_the_limit_is_read(server):
