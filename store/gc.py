@@ -3,6 +3,7 @@
 Roots are every ref, HEAD, every reflog entry younger than `expire`, every live pin (extended within
 a day, and its owner process not known to have exited: owners.py), and every snapshot younger than
 `prune` (a young snapshot keeps what it names, so no kept manifest can point to a pruned page).
+An abandoned pin is deleted with the job record of the same name (`job:<pin>` in `meta`).
 
 The mark runs in one read transaction so writers are not blocked. The sweep then runs in short write
 transactions, each of which first re-reads the roots and walks whatever appeared since the mark
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["GcStats", "gc"]
 
 SWEEP_CHUNK = 50_000  # deletions per write transaction: bounded writer stalls, few commits
+JOB_RECORD_PREFIX = b"job:"  # meta key of a job's record; the job's pin is named by the job id
 Progress = Callable[[str, int, int], None]
 
 
@@ -200,6 +202,10 @@ def gc(
             if not dry_run:
                 for name in found.abandoned_pins:
                     txn.delete(name.encode("utf-8"), db=dbs["pins"])
+                    # A snapshot job's pin is named by its job id, and its final record
+                    # commits with its last pages: once the writer has exited, nothing will
+                    # read that record (format.md, "meta: job records").
+                    txn.delete(JOB_RECORD_PREFIX + name.encode("utf-8"), db=dbs["meta"])
                 for key in found.expired_reflog:
                     txn.delete(key, db=dbs["reflog"])
         marked = {"snapshots": mark.snapshots, "pages": mark.pages, "blobs": mark.blobs}
