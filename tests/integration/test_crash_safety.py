@@ -17,8 +17,9 @@ Each trial, on a server with a cold prefix cache:
    intact, and every pin left behind belongs to a process that has exited; then the server
    starts again on the same store.
 
-After the last kill, ``gc(prune="now")`` must drop every abandoned pin and leave no page that no
-snapshot names, and a last round of checkouts (step 1) runs on the collected store.
+After the last kill, ``gc(prune="now")`` must drop every abandoned pin (and the job record that a
+kill between a job's last save and its commit leaves), and leave no page or blob that no snapshot
+names; a last round of checkouts (step 1) then runs on the collected store.
 
 The default run kills the server 3 times; the ``slow`` variant ``PF_CRASH_KILLS`` times
 (default 20). The servers run with ``--enforce-eager``: a restart then costs no compilation.
@@ -153,45 +154,61 @@ def live_pins(store: Store) -> dict[str, int]:
     }
 
 
-def wait_for_stage(store: Store, request: SnapshotRequest, name: str, pages: int) -> bool:
+def wait_for_stage(
+    store: Store, request: SnapshotRequest, name: str, pages: int
+) -> tuple[bool, int]:
     """Wait until the store shows that the snapshot has pinned something (`pages` 0) or that the
-    worker's pin holds `pages` page digests: True. False if its ref commits or the request ends
-    first."""
+    worker's pin holds `pages` page digests. Returns whether it did (rather than the ref
+    committing or the request ending first), and the page digests pinned when last seen."""
+    saved = 0
     while request.is_alive() and store.get_ref(name) is None:
         pins = live_pins(store)
         saved = max((n for p, n in pins.items() if not p.endswith(".tokens")), default=0)
         if pins and saved >= pages:
-            return True
+            return True, saved
         time.sleep(POLL_S)
-    return False
+    return False, saved
 
 
-def kill_process_group(server: Any) -> None:
-    """SIGKILL the server's process group and every process it started; wait until all are gone.
+@dataclass
+class Victims:
+    """The server's processes and the /dev/shm files they have mapped, listed before the kill so
+    that the kill itself is one signal."""
 
-    A killed vLLM cannot unlink its shared memory (message queues, semaphores): the files in
-    /dev/shm that its processes had mapped are removed here, and no others."""
+    pids: list[int]
+    shared: set[str]
+
+
+def victims(server: Any) -> Victims:
     import psutil
 
     popen = server.process.popen
-    members = [popen.pid]
+    pids = [popen.pid]
     try:
-        members += [p.pid for p in psutil.Process(popen.pid).children(recursive=True)]
+        pids += [p.pid for p in psutil.Process(popen.pid).children(recursive=True)]
     except psutil.Error:
         pass
-    shared = shared_memory_files(members)
+    return Victims(pids, shared_memory_files(pids))
+
+
+def kill_process_group(server: Any, group: Victims) -> None:
+    """SIGKILL the server's process group and every process it started; wait until all are gone.
+
+    A killed vLLM cannot unlink its shared memory (message queues): the files in /dev/shm that
+    its processes had mapped are removed here, and no others."""
+    popen = server.process.popen
     os.killpg(popen.pid, signal.SIGKILL)
-    for pid in members:  # any that left the group
+    for pid in group.pids:  # any that left the group
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     popen.wait(60)
     deadline = time.monotonic() + 60
-    while alive := [pid for pid in members if _running(pid)]:
+    while alive := [pid for pid in group.pids if _running(pid)]:
         assert time.monotonic() < deadline, f"processes {alive} survived SIGKILL"
         time.sleep(0.05)
-    for path in shared:
+    for path in group.shared:
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -223,14 +240,17 @@ def _running(pid: int) -> bool:
         return False
 
 
-def unnamed_page_bytes(store: Store) -> int:
-    """Bytes of the pages that no snapshot names."""
+def unnamed_bytes(store: Store, db: str) -> int:
+    """Bytes of the pages (`db` "pages") or blobs ("blobs") that no snapshot names."""
     named: set[bytes] = set()
     for _, manifest in store.iter_snapshots():
-        named |= manifest.page_keys()
+        if db == "pages":
+            named |= manifest.page_keys()
+        else:
+            named |= {bytes.fromhex(d) for d in manifest.blob_digests()}
 
     def run(txn: Any) -> int:
-        cursor = txn.cursor(db=store.dbs["pages"])
+        cursor = txn.cursor(db=store.dbs[db])
         return sum(len(v) for k, v in cursor if bytes(k) not in named)
 
     return store.env.read(run, buffers=True)
@@ -293,15 +313,17 @@ def test_server_killed_mid_snapshot_loses_nothing_acknowledged(
                 name, tokens = f"long/{k}", long.tokens
                 # Kill once the snapshot has pinned anything (its token ids, written first), once
                 # the worker has saved a random number of its pages, or once it has saved all of
-                # them (the commit is next).
+                # them: the commit follows within milliseconds, so that kill comes at once.
                 stage, total = order[k], 2 * -(-len(tokens) // BLOCK)
                 pages = {"pinned": 0, "pages": rng.randint(1, total - 1), "saved": total}[stage]
+                delay = 0.0 if stage == "saved" else rng.uniform(0.0, 0.01)
                 pins_before = set(store.list_pins())
+                group = victims(server)
                 request = SnapshotRequest(server, {"name": name, "token_ids": tokens})
                 request.start()
-                reached = wait_for_stage(store, request, name, pages)
-                time.sleep(rng.uniform(0.0, 0.01))
-                kill_process_group(server)
+                reached, seen = wait_for_stage(store, request, name, pages)
+                time.sleep(delay)
+                kill_process_group(server, group)
                 request.join(120)
                 assert not request.is_alive()
                 figures.kills += 1
@@ -321,7 +343,7 @@ def test_server_killed_mid_snapshot_loses_nothing_acknowledged(
                 left = {n: len(i.digests) for n, i in store.list_pins().items()
                         if n not in pins_before and i is not None}
                 print(f"kill {k}: stage {stage} (at {pages} of {total} pages) "
-                      f"{'reached' if reached else 'not reached'}, pins left {left}, "
+                      f"{'reached' if reached else 'not reached'}, {seen} seen, pins left {left}, "
                       f"{'committed' if cid else 'not committed'}, HTTP {request.status}")
 
                 check_dead_store(store, committed)
@@ -330,7 +352,7 @@ def test_server_killed_mid_snapshot_loses_nothing_acknowledged(
                     status = store.status()
                     figures.abandoned_pins = status.abandoned_pins
                     figures.abandoned_pin_bytes = status.abandoned_pin_bytes
-                    figures.orphan_page_bytes = unnamed_page_bytes(store)
+                    figures.orphan_page_bytes = unnamed_bytes(store, "pages")
                     figures.job_records_left = len(store.meta_items("job:"))
                     stats = store.gc(prune="now")
                     figures.gc_removed_pins = stats.removed_pins
@@ -338,8 +360,10 @@ def test_server_killed_mid_snapshot_loses_nothing_acknowledged(
                     assert stats.removed_snapshots == 0
                     assert store.list_pins() == {}
                     assert store.status().abandoned_pins == 0
-                    figures.orphan_page_bytes_after = unnamed_page_bytes(store)
+                    figures.orphan_page_bytes_after = unnamed_bytes(store, "pages")
                     assert figures.orphan_page_bytes_after == 0
+                    assert unnamed_bytes(store, "blobs") == 0
+                    assert store.meta_items("job:") == {}  # records of the killed jobs, too
                     assert stats.removed_page_bytes == figures.orphan_page_bytes
                     check_dead_store(store, committed)
                 server.restart()
