@@ -4,17 +4,22 @@ Each command module exposes `register(app)`. To add a command, register it in it
 it in `COMMANDS`; `main()` (processfork_cli/main.py) does the error handling.
 
 `pf` starts for every command, and Typer reads the signature of every registered command on each
-start, so `build_app` registers only the module of the command being run (all of them for `--help`,
-a bare `pf` or an unknown name, where click must list them). tests/unit/test_cli_main.py checks
-that `COMMANDS` names exactly what the modules register.
+start, so `build_app` registers only the module of the command being run. For `--help`, a bare `pf`
+or an unknown name, where click must list every command but runs none, it registers them all for
+listing only: their names, help and panels, without the parameters Typer would read.
+tests/unit/test_cli_main.py checks that `COMMANDS` names exactly what the modules register, and
+that the listed help is the full app's.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
+import inspect
 from collections.abc import Sequence
 
 import typer
+from typer.models import CommandInfo
 
 from processfork_cli.options import (
     DEFAULT_SERVER,
@@ -27,7 +32,7 @@ from processfork_cli.options import (
 from processfork_cli.settings import Settings
 from processfork_cli.version import VersionOpt
 
-__all__ = ["COMMANDS", "COMMAND_MODULES", "build_app", "invoked_command"]
+__all__ = ["COMMANDS", "COMMAND_MODULES", "build_app", "invoked_command", "wants_help"]
 
 HELP = """Git for the KV cache of a running vLLM server.
 
@@ -95,8 +100,24 @@ def invoked_command(args: Sequence[str]) -> str | None:
     return None
 
 
-def build_app(args: Sequence[str] = ()) -> typer.Typer:
-    """The `pf` app with the commands `args` can reach: the named command's module, or all."""
+def wants_help(args: Sequence[str]) -> bool:
+    """Whether `args` show a help page: `-h`/`--help` before `--`, or no command (a bare `pf`).
+
+    Only a hint for what to load first: click alone decides what the words mean."""
+    words = iter(args)
+    for word in words:
+        if word == "--":
+            break
+        if word in _VALUE_OPTIONS:
+            next(words, None)
+        elif word in ("-h", "--help"):
+            return True
+    return invoked_command(args) is None
+
+
+def build_app(args: Sequence[str] | None = None) -> typer.Typer:
+    """The `pf` app. Every command without `args`; with them, only what they can run: the named
+    command's module, or every command listed but not runnable when they name none we know."""
     app = typer.Typer(
         name="pf",
         help=HELP,
@@ -106,11 +127,39 @@ def build_app(args: Sequence[str] = ()) -> typer.Typer:
         context_settings={"help_option_names": ["-h", "--help"]},
     )
     app.callback()(_global_options)
-    command = invoked_command(args)
+    command = invoked_command(args) if args is not None else None
     modules = (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES
     for name in modules:
         importlib.import_module(name).register(app)
+    if args is not None and command not in COMMANDS:
+        _list_only(app)
     return app
+
+
+def _list_only(app: typer.Typer) -> None:
+    """Replace `app`'s commands (and its groups' commands) by copies that click can list but not run."""
+    app.registered_commands = [_listed(info) for info in app.registered_commands]
+    groups = []
+    for info in app.registered_groups:
+        group = copy.copy(info)
+        group.typer_instance = copy.copy(info.typer_instance)
+        _list_only(group.typer_instance)
+        groups.append(group)
+    app.registered_groups = groups
+
+
+def _listed(info: CommandInfo) -> CommandInfo:
+    """`info` with the name and help Typer would derive from its callback, and a callback without
+    parameters in its place."""
+    listed = copy.copy(info)
+    listed.name = info.name or typer.main.get_command_name(info.callback.__name__)
+    listed.help = inspect.getdoc(info.callback) if info.help is None else info.help
+    listed.callback = _listed_only
+    return listed
+
+
+def _listed_only() -> None:
+    raise RuntimeError("a command built for listing was run; build_app should have loaded it")
 
 
 def __getattr__(name: str) -> typer.Typer:

@@ -33,8 +33,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     warnings = _StoreWarnings(out)
     logging.getLogger("processfork").addHandler(warnings)
     try:
-        from processfork_cli.app import build_app
+        from processfork_cli.app import build_app, wants_help
 
+        if wants_help(args):
+            from processfork_cli import help_format
+
+            help_format.load()
         result = build_app(args)(args=args, prog_name=PROG, standalone_mode=False)
     except TyperException as exc:
         # Parser errors (click's UsageError family, exit 2 by click's convention) and the few
