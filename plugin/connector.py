@@ -83,7 +83,10 @@ class ProcessForkConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             from .scheduler_side import SchedulerSide
 
-            self._scheduler = SchedulerSide(vllm_config, kv_cache_config)
+            self._scheduler = SchedulerSide(
+                vllm_config, kv_cache_config, store_path=self.store_path,
+                auto_restore=config.auto_restore,
+            )
         else:
             from .worker_side import WorkerSide
 
@@ -152,6 +155,8 @@ class ProcessForkConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.close()
 
     # ==============================
     # Scheduler-side hooks (EngineCore process)

@@ -47,6 +47,8 @@ class ConnectorConfig:
     page_path: str = "auto"
     staging_mib: int | None = None
     copy_threads: int | None = None
+    #: Load a client request's stored prefix from the store on a prefix-cache miss.
+    auto_restore: bool = True
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
@@ -58,4 +60,5 @@ class ConnectorConfig:
             page_path=str(extra.get("page_path") or "auto"),
             staging_mib=_positive_int(extra, "staging_mib"),
             copy_threads=_positive_int(extra, "copy_threads"),
+            auto_restore=_flag(extra, "auto_restore"),
         )

@@ -87,7 +87,12 @@ def is_cpu_build() -> bool:
         return False
 
 
-def kv_transfer_config(store: Path, connector_module: str = DEFAULT_CONNECTOR_MODULE) -> dict:
+def kv_transfer_config(
+    store: Path, connector_module: str = DEFAULT_CONNECTOR_MODULE, *, auto_restore: bool = True
+) -> dict:
+    extra: dict = {"store": str(store)}
+    if not auto_restore:
+        extra["auto_restore"] = False
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": connector_module,
@@ -95,7 +100,7 @@ def kv_transfer_config(store: Path, connector_module: str = DEFAULT_CONNECTOR_MO
         # A page that fails to load (missing or corrupt in the store) is recomputed by vLLM
         # instead of failing the request; the checkout still reports the integrity error.
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"store": str(store)},
+        "kv_connector_extra_config": extra,
     }
 
 
@@ -205,6 +210,7 @@ def build_plan(
     connector_module: str | None = None,
     env: Mapping[str, str] | None = None,
     cpu: bool | None = None,
+    auto_restore: bool = True,
 ) -> LaunchPlan:
     """Decide the vLLM arguments and environment for serving ``model``.
 
@@ -219,7 +225,9 @@ def build_plan(
 
     args: list[str] = []
     if "--kv-transfer-config" not in given:
-        config = kv_transfer_config(store_path, connector_module or DEFAULT_CONNECTOR_MODULE)
+        config = kv_transfer_config(
+            store_path, connector_module or DEFAULT_CONNECTOR_MODULE, auto_restore=auto_restore
+        )
         args += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
     if "--enable-prefix-caching" not in given:
         args.append("--enable-prefix-caching")

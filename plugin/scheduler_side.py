@@ -1,14 +1,16 @@
 """The connector's SCHEDULER role.  Runs in the EngineCore process, beside vLLM's scheduler.
 
 It never touches KV bytes.  It decides, step by step, which blocks the worker must
-save (snapshot jobs, also across chunked-prefill steps) or fill (checkout jobs), and
-keeps an index of the sequences the engine holds, so a snapshot with nothing but a
-name can capture the engine's whole resident state.
+save (snapshot jobs, also across chunked-prefill steps) or fill (checkout jobs, and
+transparent restores: a client request whose prompt starts with blocks the store holds,
+found in the store's prefix index), and keeps an index of the sequences the engine holds,
+so a snapshot with nothing but a name can capture the engine's whole resident state.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,7 @@ from .jobs import (
     parse_op,
     tokens_digest,
 )
+from .prefix_lookup import RESTORE_JOB_PREFIX, PrefixLookup
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -58,6 +61,8 @@ class _CheckoutState:
     seq: int
     local_tokens: int = 0  # the prefix cache's hit at the latest admission attempt
     reply: CheckoutReply | None = None  # how the first admission served the request
+    restore: bool = False  # a transparent restore: no checkout asked for it
+    blocks: int = 0  # a transparent restore's stored blocks, from block 0
 
 
 @dataclass
@@ -70,7 +75,14 @@ class _FinishedSeq:
 class SchedulerSide:
     """Plans snapshot saves and checkout loads; indexes resident sequences."""
 
-    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        kv_cache_config: KVCacheConfig,
+        *,
+        store_path: str | None = None,
+        auto_restore: bool = False,
+    ):
         self.block_size = vllm_config.cache_config.block_size
         if len(kv_cache_config.kv_cache_groups) != 1:
             # Hybrid models (attention + Mamba/sliding-window groups) keep state outside the
@@ -91,6 +103,10 @@ class SchedulerSide:
         self._checkouts: dict[str, _CheckoutState] = {}
         self._pending_loads: list[LoadJob] = []
         self._resident_saves: list[SaveJob] = []
+        self.auto_restore = auto_restore and store_path is not None
+        self.lookup: PrefixLookup | None = None
+        if self.auto_restore:
+            self.lookup = PrefixLookup(store_path, self.auth, self.block_size)
 
     def bind_block_pool(self, pool: BlockPool) -> None:
         self._block_pool = pool
@@ -114,6 +130,8 @@ class SchedulerSide:
                 # Not scheduled: the worker saves the cached blocks in the next step, and the
                 # control plane ends the request once the job's record is in the store.
                 return None, False
+        if op is None and self.auto_restore:
+            return self._restore(request, num_computed_tokens), False
         if not isinstance(op, CheckoutOp):
             return 0, False
         state = self._checkouts.setdefault(
@@ -125,6 +143,41 @@ class SchedulerSide:
         loadable = (request.num_prompt_tokens - 1) // self.block_size * self.block_size
         state.local_tokens = num_computed_tokens
         return max(0, loadable - num_computed_tokens), False
+
+    def _restore(self, request: Request, num_computed_tokens: int) -> int:
+        """Tokens a client request can load from the store beyond the prefix cache's hit.
+
+        The same split as a checkout (whole blocks, never the block of the last prompt token),
+        so the continuation is bit-identical to a warm prefix-cache hit; the same load job, so
+        the same verification, and a failed page is recomputed.
+        """
+        assert self.lookup is not None
+        loadable = (request.num_prompt_tokens - 1) // self.block_size
+        first = num_computed_tokens // self.block_size
+        state = self._checkouts.get(request.request_id)
+        if loadable <= first or not _restorable(request):
+            if state is not None:
+                state.local_tokens = num_computed_tokens
+            return 0
+        if state is None or state.blocks <= first:
+            # Looked up once per admission point: a request that waits for blocks is asked
+            # again every step, with the same answer.
+            hit = self.lookup.longest(
+                request.prompt_token_ids, getattr(request, "cache_salt", None),
+                first=first, limit=loadable,
+            )
+            if hit is None:
+                if state is not None:
+                    state.local_tokens = num_computed_tokens
+                return 0
+            job = state.job if state is not None else RESTORE_JOB_PREFIX + uuid.uuid4().hex
+            fresh = _CheckoutState(job=job, cid=hit.cid, seq=hit.seq, restore=True,
+                                   blocks=hit.blocks)
+            if state is not None:
+                fresh.reply = state.reply
+            state = self._checkouts[request.request_id] = fresh
+        state.local_tokens = num_computed_tokens
+        return (state.blocks - first) * self.block_size
 
     def _save_resident(self, request: Request) -> bool:
         """Plan a save that needs no forward pass, when the prefix cache holds every block.
@@ -210,6 +263,12 @@ class SchedulerSide:
         pool = self._block_pool
         if pool is not None and block_ids:
             pool.evict_blocks(block_ids)
+        if self.lookup is not None:
+            self.lookup.stats.failed_blocks += len(block_ids)
+
+    def close(self) -> None:
+        if self.lookup is not None:
+            self.lookup.close()
 
     # --- per step -------------------------------------------------------------
     def build_step_plan(self, scheduler_output: SchedulerOutput) -> StepPlan:
@@ -284,10 +343,21 @@ class SchedulerSide:
         if isinstance(op, CaptureOp):
             return CaptureReply(self.resident_sequences(op.request_id)).to_params()
         self._remember_finished(request, snap.num_prompt if snap is not None else None)
+        if op is None:
+            return self._client_reply(checkout)
         if checkout is not None:
             return (checkout.reply or CheckoutReply()).to_params()
         # A snapshot's outcome is its job record in the store, written by the worker.
         return None
+
+    def _client_reply(self, checkout: _CheckoutState | None) -> dict[str, Any] | None:
+        """A client request's reply: what a transparent restore loaded, if anything."""
+        if checkout is None or checkout.reply is None or not checkout.reply.loaded_tokens:
+            return None
+        if self.lookup is not None:
+            self.lookup.stats.restored_requests += 1
+            self.lookup.stats.restored_tokens += checkout.reply.loaded_tokens
+        return checkout.reply.to_params()
 
     def _remember_finished(self, request: Request, length: int | None = None) -> None:
         """Index a finished request's sequence (a snapshot request's: the sequence alone)."""
@@ -357,6 +427,16 @@ class SchedulerSide:
             if _id_matches(rid, request_id):
                 return [list(self._finished[rid].tokens)]
         return []
+
+
+def _restorable(request: Request) -> bool:
+    """Whether a request's KV is a function of its token ids alone: not so with multimodal
+    inputs (placeholder tokens), prompt embeddings or a LoRA adapter."""
+    return not (
+        getattr(request, "mm_features", None)
+        or getattr(request, "prompt_embeds", None) is not None
+        or getattr(request, "lora_request", None) is not None
+    )
 
 
 def _id_matches(internal_id: str, wanted: str) -> bool:

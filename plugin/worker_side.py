@@ -41,6 +41,7 @@ from .jobs import (
     tokens_digest,
 )
 from .loader import LoadItem, LoadTicket, PipelinedLoader
+from .prefix_lookup import is_restore_job
 from .staged_pages import MiB, StagedPagePath
 
 if TYPE_CHECKING:
@@ -387,6 +388,8 @@ class WorkerSide:
         self._record(job, JobRecord(error=error))
 
     def _record(self, job: str, record: JobRecord) -> bool:
+        if is_restore_job(job):
+            return False  # nobody waits for a transparent restore: its failure is only logged
         try:
             self.store.meta_put(job_meta_key(job), record.to_json())
             return True

@@ -38,6 +38,11 @@ def serve(
         typer.Option("--threads", metavar="N", show_default="all cores but one",
                      help="CPU backend: worker threads, pinned to the first N cores."),
     ] = None,
+    no_auto_restore: Annotated[
+        bool,
+        typer.Option("--no-auto-restore",
+                     help="Load stored prefixes only on `pf checkout`, never by themselves."),
+    ] = False,
     print_command: Annotated[
         bool,
         typer.Option("--print-command", help="Print the equivalent `vllm serve` line and exit."),
@@ -65,7 +70,7 @@ def serve(
     try:
         plan = build_plan(
             model, extra, store=s.resolved_store_path, threads=threads if cpu else None,
-            connector_module=connector_module, cpu=cpu,
+            connector_module=connector_module, cpu=cpu, auto_restore=not no_auto_restore,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -32,6 +32,7 @@ from processfork.store.errors import (
     UnsupportedFormat,
 )
 from processfork.store.manifest import FORMAT, utc_now
+from processfork.store.prefix_index import INDEX_DB, INDEX_META_KEY, build_index
 
 __all__ = [
     "DB_NAMES",
@@ -176,6 +177,31 @@ class Env:
             raise UnsupportedFormat(f"{FORMAT} without databases {missing}")
         for name in DB_NAMES:
             self.dbs[name] = self.env.open_db(name.encode(), create=False)
+        self._open_index(INDEX_DB.encode() in self.read(probe))
+
+    def _open_index(self, exists: bool) -> None:
+        """Open the prefix index; a writer builds it for a store made before it existed.
+
+        The build runs in one write transaction that also records it in `meta`, so two processes
+        opening the same older store build it once. A read-only open of such a store has no index
+        (lookups find nothing)."""
+        if exists:
+            self.dbs[INDEX_DB] = self.env.open_db(INDEX_DB.encode(), create=False)
+            return
+        if not self.writable:
+            return
+
+        def build(txn: lmdb.Transaction) -> None:
+            db = self.env.open_db(INDEX_DB.encode(), txn=txn, create=True)
+            if txn.get(INDEX_META_KEY, db=self.dbs["meta"]) is not None:
+                return
+            dbs = {**self.dbs, INDEX_DB: db}
+            entries = build_index(txn, dbs)
+            record = {"built": utc_now(), "entries": entries}
+            txn.put(INDEX_META_KEY, canonical_json(record), db=self.dbs["meta"])
+
+        self.write(build)
+        self.dbs[INDEX_DB] = self.env.open_db(INDEX_DB.encode(), create=False)
 
     def _initialize(self) -> None:
         def init(txn: lmdb.Transaction) -> None:
@@ -184,6 +210,7 @@ class Env:
                 if name == "meta":
                     record = {"created": utc_now(), "format": FORMAT, "version": FORMAT_VERSION}
                     txn.put(META_FORMAT_KEY, canonical_json(record), overwrite=False, db=db)
+            self.env.open_db(INDEX_DB.encode(), txn=txn, create=True)
 
         self.write(init)
 

@@ -15,6 +15,7 @@ from processfork.store import refs as _refs
 from processfork.store.digest import canonical_json, cid_key, cid_of
 from processfork.store.errors import InvalidCount, MissingObject
 from processfork.store.manifest import ForkInfo, Manifest, utc_now
+from processfork.store.prefix_index import inherit_partition
 from processfork.store.revparse import resolve_in
 from processfork.store.snapshots import load_manifest, write_manifest
 
@@ -111,6 +112,7 @@ def fork_named(
                 t_us,
                 check_pages=first,
             )
+            inherit_partition(txn, dbs, cid, parent_cid)
             _refs.set_ref(txn, dbs, names[i], cid, action="fork", message=text, now=now)
             cids.append((names[i], cid))
         return cids

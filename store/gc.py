@@ -3,7 +3,8 @@
 Roots are every ref, HEAD, every reflog entry younger than `expire`, every live pin (extended within
 a day, and its owner process not known to have exited: owners.py), and every snapshot younger than
 `prune` (a young snapshot keeps what it names, so no kept manifest can point to a pruned page).
-An abandoned pin is deleted with the job record of the same name (`job:<pin>` in `meta`).
+An abandoned pin is deleted with the job record of the same name (`job:<pin>` in `meta`), and a
+snapshot with its prefix-index entries.
 
 The mark runs in one read transaction so writers are not blocked. The sweep then runs in short write
 transactions, each of which first re-reads the roots and walks whatever appeared since the mark
@@ -31,6 +32,7 @@ from processfork.store.objects import (
     journal_time,
     read_pins,
 )
+from processfork.store.prefix_index import drop_snapshot
 from processfork.store.refs import iter_reflog, list_refs, read_head
 from processfork.store.timeparse import parse_age
 
@@ -233,6 +235,8 @@ def gc(
                 s.removed_snapshots += 1
             s.removed_bytes += size
             if not dry_run:
+                if db_name == "snapshots":
+                    drop_snapshot(txn, dbs, bytes(key))
                 cur.delete()
                 if journaled:
                     jcur.delete()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import lmdb
 from processfork.store import meta as _meta
 from processfork.store import objects as _objects
+from processfork.store import prefix_index as _prefix
 from processfork.store import refs as _refs
 from processfork.store.digest import (
     cid_from_key,
@@ -366,8 +367,10 @@ class Store:
         message: str = "",
         drop_pins: Sequence[str] = (),
         drop_meta: Sequence[str] = (),
+        cache_salt: str | None = None,
     ) -> str:
-        """Commit a snapshot in ONE transaction: check its objects exist, store it, move the refs.
+        """Commit a snapshot in ONE transaction: check its objects exist, store it, index its
+        blocks (under `cache_salt`'s partition: store/prefix_index.py), move the refs.
 
         `drop_pins` and `drop_meta` name the writers' pins and progress records that the commit
         makes obsolete; they go in the same transaction.
@@ -386,6 +389,7 @@ class Store:
         def run(txn: lmdb.Transaction) -> str:
             now = time.time()
             write_manifest(txn, self.dbs, manifest, data, cid, tables, page_keys, int(now * 1e6))
+            _prefix.index_snapshot(txn, self.dbs, cid, manifest, cache_salt=cache_salt)
             self._move_refs(txn, cid, ref, expected_old, move_head, "snapshot", message, now)
             for pin in drop_pins:
                 _objects.drop_pin(txn, self.dbs, pin)
@@ -419,6 +423,7 @@ class Store:
         def run(txn: lmdb.Transaction) -> tuple[str, list[str]]:
             now = time.time()
             write_manifest(txn, self.dbs, manifest, data, cid, tables, page_keys, int(now * 1e6))
+            _prefix.index_snapshot(txn, self.dbs, cid, manifest)
             moved = []
             for name, value in sorted(_refs.list_refs(txn, self.dbs).items()):
                 if value == old:
@@ -478,6 +483,18 @@ class Store:
                 _refs.set_head(txn, self.dbs, ref=ref, action=action, message=message, now=now)
             elif ref is None:
                 _refs.set_head(txn, self.dbs, cid=cid, action=action, message=message, now=now)
+
+    def longest_prefix(
+        self, root: bytes, tokens: Any, block_size: int, *, first: int, limit: int
+    ) -> _prefix.PrefixHit | None:
+        """The longest whole-block prefix of `tokens` that a stored snapshot holds, looked up
+        from block `first` to block `limit - 1` in partition `root` (store/prefix_index.py)."""
+        return self._read(
+            lambda txn: _prefix.longest_prefix(
+                txn, self.dbs, root, tokens, block_size, first=first, limit=limit
+            ),
+            buffers=True,
+        )
 
     def get_snapshot(self, cid: str) -> Manifest:
         full = normalize_cid(cid)

@@ -268,6 +268,7 @@ class Engine:
         params: dict[str, Any] | None = None,
         request_id: str | None = None,
         max_tokens: int = 1,
+        cache_salt: str | None = None,
     ) -> Any:
         """A vLLM ``Request`` as EngineCore builds it; ``params`` is our instruction, if any."""
         from vllm.sampling_params import SamplingParams
@@ -284,6 +285,7 @@ class Engine:
             sampling_params=sampling,
             pooling_params=None,
             block_hasher=self._hasher,
+            cache_salt=cache_salt,
         )
 
     def add(self, tokens: list[int], **kwargs: Any) -> str:

@@ -127,6 +127,16 @@ def test_pf_serve_print_command(tmp_path):
     assert _kv_config(words)["kv_connector_extra_config"]["store"] == str(tmp_path / "store")
 
 
+def test_pf_serve_no_auto_restore_turns_transparent_restores_off(tmp_path):
+    env = {"PF_STORE": str(tmp_path / "store")}
+    on = _pf("serve", "m", "--print-command", env=env)
+    off = _pf("serve", "m", "--no-auto-restore", "--print-command", env=env)
+    assert on.returncode == off.returncode == 0, on.stderr + off.stderr
+    assert "auto_restore" not in _kv_config(shlex.split(on.stdout))["kv_connector_extra_config"]
+    extra = _kv_config(shlex.split(off.stdout))["kv_connector_extra_config"]
+    assert extra["auto_restore"] is False
+
+
 def test_pf_serve_rejects_too_many_threads():
     result = _pf("serve", "m", "--threads", str(len(os.sched_getaffinity(0)) + 1),
                  "--print-command")
