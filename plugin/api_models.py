@@ -1,16 +1,49 @@
-"""Request bodies of the control plane (``/v1/processfork/...``).
+"""Request bodies and replies of the control plane (``/v1/processfork/...``).
 
 Unknown fields are refused (400, naming the field and the closest known one): a misspelt
 ``promt`` must not turn a snapshot of one prompt into a snapshot of the whole engine.
+
+Every route's reply is a ``Reply`` model, in the shape docs/http-api.md shows: the routes
+validate what they answer against it, and FastAPI documents it (``/openapi.json``).
+The read-only routes answer the documents of ``processfork.store.documents`` (what ``pf ... --json``
+prints), validated as they are: a reply model forbids fields it does not name, so the two cannot
+drift apart unnoticed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from processfork.store.status import StoreStatus
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-__all__ = ["MAX_REVISION_CHARS", "CheckoutBody", "ForkBody", "RepairBody", "SnapshotBody"]
+from .fingerprint import Fingerprint
+
+__all__ = [
+    "MAX_REVISION_CHARS",
+    "CheckoutBody",
+    "CheckoutResponse",
+    "DeleteRefResponse",
+    "EngineStatus",
+    "ErrorDetail",
+    "ErrorResponse",
+    "ForkBody",
+    "ForkPosition",
+    "ForkResponse",
+    "Head",
+    "LogEntry",
+    "LogResponse",
+    "RefEntry",
+    "RefsResponse",
+    "RepairBody",
+    "RepairResponse",
+    "Reply",
+    "SequenceSummary",
+    "SnapshotBody",
+    "SnapshotResponse",
+    "SnapshotSummary",
+    "StatusResponse",
+]
 
 #: A revision (cid, prefix, ref name with ~N or @{N}) longer than this cannot name a snapshot: ref
 #: names stop at 255 bytes and a cid has 71 characters. (It also bounds the work of parsing one.)
@@ -92,3 +125,168 @@ class RepairBody(_Body):
     """The snapshot to repair: its damaged pages are recomputed from its token ids."""
 
     cid: str = Field(min_length=1, max_length=MAX_REVISION_CHARS)
+
+
+# --- replies ------------------------------------------------------------------------------------
+class Reply(BaseModel):
+    """A reply: its JSON is ``model_dump(mode="json", exclude_unset=True)``, in field order.
+
+    A field that has a default is one that only some replies carry (``RepairResponse``); a reply
+    that does not set it leaves it out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class SnapshotResponse(Reply):
+    cid: str
+    name: str
+    parents: list[str]
+    num_sequences: int
+    num_tokens: int
+    #: Blocks, over all sequences (each a K and a V page).
+    num_pages: int
+    #: Blocks of which a page was not in the store before.
+    new_pages: int
+    bytes_written: int
+    ms: float
+
+
+class ForkResponse(Reply):
+    """``cids[i]`` is the ref ``names[i]``, in fork order."""
+
+    cids: list[str]
+    names: list[str]
+
+
+class CheckoutResponse(Reply):
+    ok: Literal[True]
+    cid: str
+    name: str
+    num_sequences: int
+    num_tokens: int
+    pages_loaded: int
+    tokens_loaded: int
+    tokens_already_resident: int
+    ms: float
+
+
+class RepairResponse(Reply):
+    cid: str
+    damaged_pages: int
+    result: Literal["intact", "restored", "replaced"]
+    #: With ``restored`` and ``replaced``.
+    cleared_pages: int = 0
+    recomputed_sequences: int = 0
+    #: With ``replaced``: the repaired copy, and the refs (and ``HEAD``) moved to it.
+    new_cid: str = ""
+    moved_refs: list[str] = Field(default_factory=list)
+    ms: float
+
+
+class ForkPosition(Reply):
+    index: int
+    of: int
+
+
+class SequenceSummary(Reply):
+    tokens: int
+    token_digest: str
+    blocks: int
+    #: Distinct K and V pages.
+    pages: int
+
+
+class SnapshotSummary(Reply):
+    """``GET /snapshots/{rev}`` and ``pf show --json``."""
+
+    cid: str
+    name: str
+    format: str
+    parents: list[str]
+    fork: ForkPosition | None
+    created: str
+    refs: list[str]
+    num_sequences: int
+    num_tokens: int
+    num_blocks: int
+    num_pages: int
+    bytes: int
+    #: As the snapshot stored it: the engine's ``Fingerprint`` when it was taken.
+    fingerprint: dict[str, Any]
+    sequences: list[SequenceSummary]
+
+
+class Head(Reply):
+    """``ref`` when HEAD points to a ref, else None and HEAD is detached at ``cid``."""
+
+    ref: str | None
+    cid: str | None
+
+
+class LogEntry(Reply):
+    cid: str
+    name: str
+    parents: list[str]
+    fork: ForkPosition | None
+    created: str
+    num_sequences: int
+    num_tokens: int
+    refs: list[str]
+    head: bool
+
+
+class LogResponse(Reply):
+    head: Head
+    entries: list[LogEntry]
+
+
+class RefEntry(Reply):
+    name: str
+    cid: str
+    #: HEAD points to this ref.
+    head: bool
+    #: The snapshot's name and size; None when the store does not have it (``missing``).
+    snapshot: str | None
+    num_tokens: int | None
+    missing: bool
+
+
+class RefsResponse(Reply):
+    head: Head
+    refs: list[RefEntry]
+
+
+class DeleteRefResponse(Reply):
+    deleted: str
+    #: What the ref named.
+    cid: str
+
+
+class EngineStatus(Reply):
+    fingerprint: Fingerprint
+    num_blocks: int
+    page_bytes: int
+    block_size: int
+    max_model_len: int
+    max_num_batched_tokens: int
+
+
+class StatusResponse(Reply):
+    store: StoreStatus
+    engine: EngineStatus
+
+
+class ErrorDetail(Reply):
+    #: Stable, for programs (docs/http-api.md#errors lists them).
+    type: str
+    #: One line for people.
+    message: str
+
+
+class ErrorResponse(Reply):
+    """The shape of every error of every route (``ApiError.body()``)."""
+
+    error: ErrorDetail

@@ -21,13 +21,20 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import SamplingParams
 
 from .api_errors import ApiError, from_store_error
-from .api_models import CheckoutBody, ForkBody, SnapshotBody
-from .fingerprint import first_mismatch
+from .api_models import (
+    CheckoutBody,
+    CheckoutResponse,
+    ForkBody,
+    ForkResponse,
+    SnapshotBody,
+    SnapshotResponse,
+)
 from .jobs import (
     CaptureOp,
     CaptureReply,
     CheckoutOp,
     CheckoutReply,
+    EngineRecord,
     JobErrorKind,
     JobRecord,
     Op,
@@ -37,7 +44,7 @@ from .jobs import (
     params_for,
 )
 
-__all__ = ["Control"]
+__all__ = ["Control", "elapsed_ms"]
 
 
 @dataclass
@@ -59,7 +66,7 @@ class Control:
         self.max_model_len: int = vllm_config.model_config.max_model_len
         self.max_num_batched_tokens: int = vllm_config.scheduler_config.max_num_batched_tokens
         self._store: Store | None = None
-        self._engine_record: dict[str, Any] | None = None
+        self._engine_record: EngineRecord | None = None
 
     # --- plumbing ---------------------------------------------------------------
     @property
@@ -75,15 +82,15 @@ class Control:
         except StoreError as exc:
             raise from_store_error(exc) from exc
 
-    async def engine_record(self) -> dict[str, Any]:
-        """The fingerprint the worker published when it registered its KV tensors."""
+    async def engine_record(self) -> EngineRecord:
+        """What the worker published when it registered its KV tensors."""
         if self._engine_record is None:
             record = await self._run(self.store.meta_get, engine_meta_key(self.engine_id))
             if not record:
                 raise ApiError(
                     503, "engine_not_ready", "the engine has not published its KV layout yet"
                 )
-            self._engine_record = record
+            self._engine_record = EngineRecord.from_json(record)
         return self._engine_record
 
     async def _generate_one(
@@ -151,7 +158,7 @@ class Control:
         return seqs
 
     # --- snapshot -----------------------------------------------------------------
-    async def snapshot(self, body: SnapshotBody) -> dict[str, Any]:
+    async def snapshot(self, body: SnapshotBody) -> SnapshotResponse:
         t0 = time.perf_counter()
         record = await self.engine_record()
         seqs = await self._sequences_for(body)
@@ -164,7 +171,7 @@ class Control:
         parent_seqs: list[tuple[list[int], list[tuple[str, str]]]] = []
         if parent_cid:
             parent = await self._run(self.store.get_snapshot, parent_cid)
-            if first_mismatch(parent.fingerprint, record["fingerprint"]) is None:
+            if record.fingerprint.first_mismatch(parent.fingerprint) is None:
                 for seq in parent.sequences:
                     toks = await self._run(self.store.get_tokens, seq.tokens)
                     parent_seqs.append((list(toks), list(seq.pages)))
@@ -184,7 +191,7 @@ class Control:
             manifest = Manifest(
                 name=body.name,
                 parents=[parent_cid] if parent_cid else [],
-                fingerprint=record["fingerprint"],
+                fingerprint=record.fingerprint.to_json(),
                 sequences=sequences,
             )
             cid = await self._run(
@@ -205,17 +212,17 @@ class Control:
             await asyncio.gather(token_refs, return_exceptions=True)
             await self._run(self._forget_jobs, jobs)
             raise
-        return {
-            "cid": cid,
-            "name": body.name,
-            "parents": manifest.parents,
-            "num_sequences": len(sequences),
-            "num_tokens": manifest.num_tokens,
-            "num_pages": sum(len(s.pages) for s in sequences),
-            "new_pages": sum(o.new_blocks for o in outcomes),
-            "bytes_written": sum(o.bytes_written for o in outcomes),
-            "ms": round((time.perf_counter() - t0) * 1000, 3),
-        }
+        return SnapshotResponse(
+            cid=cid,
+            name=body.name,
+            parents=manifest.parents,
+            num_sequences=len(sequences),
+            num_tokens=manifest.num_tokens,
+            num_pages=sum(len(s.pages) for s in sequences),
+            new_pages=sum(o.new_blocks for o in outcomes),
+            bytes_written=sum(o.bytes_written for o in outcomes),
+            ms=elapsed_ms(t0),
+        )
 
     def _forget_jobs(self, jobs: list[str]) -> None:
         """After a failed snapshot: drop the workers' job records and the pins, so gc may
@@ -300,23 +307,23 @@ class Control:
                 await self.engine.abort(request_id)
                 return
 
-    async def require_compatible(self, cid: str, manifest: Manifest) -> dict[str, Any]:
+    async def require_compatible(self, cid: str, manifest: Manifest) -> EngineRecord:
         """This engine's record, if it can load `manifest`'s pages; else 409 naming the first
         fingerprint field that differs."""
         record = await self.engine_record()
-        mismatch = first_mismatch(manifest.fingerprint, record["fingerprint"])
+        mismatch = record.fingerprint.first_mismatch(manifest.fingerprint)
         if mismatch is not None:
-            field, stored, engine = mismatch
+            field = mismatch.field
             raise ApiError(
                 409,
                 "incompatible_snapshot",
-                f"snapshot {cid[:19]} was taken with {field}={stored!r} but this engine has "
-                f"{field}={engine!r}",
+                f"snapshot {cid[:19]} was taken with {field}={mismatch.stored!r} but this engine "
+                f"has {field}={mismatch.engine!r}",
             )
         return record
 
     # --- checkout -----------------------------------------------------------------
-    async def checkout(self, body: CheckoutBody) -> dict[str, Any]:
+    async def checkout(self, body: CheckoutBody) -> CheckoutResponse:
         t0 = time.perf_counter()
         cid = await self._run(self.store.resolve, body.cid)
         manifest = await self._run(self.store.get_snapshot, cid)
@@ -344,17 +351,17 @@ class Control:
             raise
         await moving
         loaded = sum(r.loaded_tokens for r in replies)
-        return {
-            "ok": True,
-            "cid": cid,
-            "name": manifest.name,
-            "num_sequences": len(token_lists),
-            "num_tokens": manifest.num_tokens,
-            "pages_loaded": loaded // self.block_size,
-            "tokens_loaded": loaded,
-            "tokens_already_resident": sum(r.local_tokens for r in replies),
-            "ms": round((time.perf_counter() - t0) * 1000, 3),
-        }
+        return CheckoutResponse(
+            ok=True,
+            cid=cid,
+            name=manifest.name,
+            num_sequences=len(token_lists),
+            num_tokens=manifest.num_tokens,
+            pages_loaded=loaded // self.block_size,
+            tokens_loaded=loaded,
+            tokens_already_resident=sum(r.local_tokens for r in replies),
+            ms=elapsed_ms(t0),
+        )
 
     async def _checkout_sequence(self, cid: str, index: int, tokens: list[int]) -> CheckoutReply:
         job = uuid.uuid4().hex
@@ -376,14 +383,19 @@ class Control:
         return reply
 
     # --- store operations -----------------------------------------------------------
-    async def fork(self, body: ForkBody) -> dict[str, Any]:
+    async def fork(self, body: ForkBody) -> ForkResponse:
         children = await self._run(self.store.fork_named, body.cid, body.n, prefix=body.name)
-        return documents.fork_doc(children)
+        return ForkResponse.model_validate(documents.fork_doc(children))
 
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def elapsed_ms(t0: float) -> float:
+    """Milliseconds since `t0` (a `time.perf_counter()`), as the replies' `ms` shows them."""
+    return round((time.perf_counter() - t0) * 1000, 3)
 
 
 def _tokens_pin(job: str) -> str:

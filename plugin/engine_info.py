@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from .fingerprint import config_hash
+from .fingerprint import Fingerprint, config_hash
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -44,7 +44,7 @@ def layer_order(kv_caches: dict[str, torch.Tensor]) -> list[str]:
 
 def engine_fingerprint(
     vllm_config: VllmConfig, codec: PageCodec, *, backend: str, isa: str | None
-) -> dict[str, Any]:
+) -> Fingerprint:
     """Everything that must match for this engine to load another engine's pages."""
     import vllm
     from vllm import envs
@@ -57,20 +57,20 @@ def engine_fingerprint(
     except (AttributeError, TypeError):  # configs without to_dict: use their attributes
         hf_dict = dict(vars(model_config.hf_config))
     on_cpu = codec.device.type == "cpu"
-    return {
-        "model": model_config.served_model_name or model_config.model,
-        "model_config_hash": config_hash(hf_dict),
-        "vllm_version": vllm.__version__,
-        "backend": backend,
-        "isa": isa if on_cpu else None,
-        "device": codec.device.type,
-        "block_size": geo.block_size,
-        "kv_dtype": str(geo.dtype).removeprefix("torch."),
-        "num_layers": geo.num_layers,
-        "num_kv_heads": geo.num_kv_heads,
-        "head_dim": geo.head_dim,
-        "layout": codec.layout,
-        "tp_size": parallel.tensor_parallel_size,
-        "batch_invariant": bool(envs.VLLM_BATCH_INVARIANT),
-        "threads": torch.get_num_threads() if on_cpu else None,
-    }
+    return Fingerprint(
+        model=model_config.served_model_name or model_config.model,
+        model_config_hash=config_hash(hf_dict),
+        vllm_version=vllm.__version__,
+        backend=backend,
+        isa=isa if on_cpu else None,
+        device=codec.device.type,
+        block_size=geo.block_size,
+        kv_dtype=str(geo.dtype).removeprefix("torch."),
+        num_layers=geo.num_layers,
+        num_kv_heads=geo.num_kv_heads,
+        head_dim=geo.head_dim,
+        layout=codec.layout,
+        tp_size=parallel.tensor_parallel_size,
+        batch_invariant=bool(envs.VLLM_BATCH_INVARIANT),
+        threads=torch.get_num_threads() if on_cpu else None,
+    )

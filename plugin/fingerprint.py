@@ -8,13 +8,17 @@ difference, naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FINGERPRINT_FIELDS", "config_hash", "first_mismatch"]
+__all__ = ["FINGERPRINT_FIELDS", "Fingerprint", "Mismatch", "config_hash"]
 
-#: Compared in this order; the first differing field is the one reported.
+#: Compared in this order; the first differing field is the one reported. ``device`` is
+#: recorded but not compared: ``backend`` and ``layout`` already say what it decides.
 FINGERPRINT_FIELDS: tuple[str, ...] = (
     "model",
     "model_config_hash",
@@ -33,6 +37,58 @@ FINGERPRINT_FIELDS: tuple[str, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Mismatch:
+    """The first fingerprint field in which a snapshot and an engine differ."""
+
+    field: str
+    stored: Any
+    engine: Any
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """One engine's fingerprint, as its worker computes it (engine_info.py).
+
+    Snapshots store it as a JSON object (``to_json``), with sorted keys like every stored
+    record, and ``GET /status`` shows it so: the fields are in that order here too.
+    """
+
+    backend: str
+    batch_invariant: bool
+    block_size: int
+    device: str
+    head_dim: int
+    #: The CPU attention backend's instruction set; None on a GPU.
+    isa: str | None
+    kv_dtype: str
+    layout: str
+    #: vLLM's served model name.
+    model: str
+    model_config_hash: str
+    num_kv_heads: int
+    num_layers: int
+    #: The worker's compute threads on a CPU; None on a GPU.
+    threads: int | None
+    tp_size: int
+    vllm_version: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Fingerprint:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+    def first_mismatch(self, stored: Mapping[str, Any]) -> Mismatch | None:
+        """The first field in which a snapshot's stored fingerprint differs from this one; a field
+        the snapshot lacks differs."""
+        for name in FINGERPRINT_FIELDS:
+            if stored.get(name) != getattr(self, name):
+                return Mismatch(name, stored.get(name), getattr(self, name))
+        return None
+
+
 def config_hash(hf_config_dict: dict[str, Any]) -> str:
     """Hash of a model config, ignoring fields that name where it was loaded from."""
     cleaned = {
@@ -42,13 +98,3 @@ def config_hash(hf_config_dict: dict[str, Any]) -> str:
     }
     blob = json.dumps(cleaned, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def first_mismatch(
-    stored: dict[str, Any], engine: dict[str, Any]
-) -> tuple[str, Any, Any] | None:
-    """The first field where a snapshot's fingerprint differs from the engine's."""
-    for name in FINGERPRINT_FIELDS:
-        if stored.get(name) != engine.get(name):
-            return name, stored.get(name), engine.get(name)
-    return None

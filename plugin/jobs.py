@@ -6,7 +6,8 @@ from there, one ``StepPlan`` per engine step (vLLM's connector metadata) to the 
 
 Back: the worker records each job's outcome in the store's ``meta`` database as a
 ``JobRecord`` under ``job:<id>`` (docs/format.md), because the worker has no channel of its
-own to the API server; the scheduler side answers in the finished request's
+own to the API server, and publishes its ``EngineRecord`` there under ``engine:<id>`` when it
+registers its KV cache; the scheduler side answers in the finished request's
 ``kv_transfer_params`` (``CheckoutReply``, ``CaptureReply``).
 
 Everything here is a plain dataclass, so it pickles cheaply across vLLM's process
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
+from .fingerprint import Fingerprint
+
 __all__ = [
     "OP_CAPTURE",
     "OP_CHECKOUT",
@@ -29,6 +32,7 @@ __all__ = [
     "CaptureReply",
     "CheckoutOp",
     "CheckoutReply",
+    "EngineRecord",
     "JobError",
     "JobErrorKind",
     "JobRecord",
@@ -272,6 +276,33 @@ class JobRecord:
         )
 
 
+@dataclass(frozen=True)
+class EngineRecord:
+    """What rank 0's worker publishes under ``engine:<id>`` when it registers its KV cache
+    (docs/format.md): the API server compares snapshots with it and reports it."""
+
+    fingerprint: Fingerprint
+    #: Blocks in the engine's KV cache.
+    num_blocks: int
+    #: Bytes of one page: one block's K, or V, for every layer.
+    page_bytes: int
+    #: The worker's process id.
+    pid: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint.to_json(), "num_blocks": self.num_blocks,
+                "page_bytes": self.page_bytes, "pid": self.pid}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EngineRecord:
+        return cls(
+            fingerprint=Fingerprint.from_json(data["fingerprint"]),
+            num_blocks=int(data["num_blocks"]),
+            page_bytes=int(data["page_bytes"]),
+            pid=int(data["pid"]),
+        )
+
+
 # --- step plans: EngineCore -> worker -----------------------------------------------------------
 def tokens_digest(tokens: Any) -> str:
     """xxh3-128 of token ids as int32 little-endian (the store's token blob encoding)."""
@@ -287,7 +318,7 @@ def job_meta_key(job: str) -> str:
 
 
 def engine_meta_key(engine_id: str) -> str:
-    """Store meta key under which rank 0 publishes its engine fingerprint."""
+    """Store meta key under which rank 0 publishes its ``EngineRecord``."""
     return f"engine:{engine_id}"
 
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from processfork.store import Manifest, SnapshotSequence
 
 from .api_errors import ApiError
+from .api_models import RepairResponse
+from .control import elapsed_ms
 from .jobs import job_meta_key
 
 if TYPE_CHECKING:
@@ -35,14 +37,13 @@ if TYPE_CHECKING:
 __all__ = ["repair_snapshot"]
 
 
-async def repair_snapshot(control: Control, rev: str) -> dict[str, Any]:
+async def repair_snapshot(control: Control, rev: str) -> RepairResponse:
     t0 = time.perf_counter()
     store = control.store
     cid = await control._run(store.resolve, rev)
     damage = await control._run(store.find_damage, cid)
-    reply: dict[str, Any] = {"cid": cid, "damaged_pages": len(damage.pages), "result": "intact"}
     if damage.intact:
-        return {**reply, "ms": _ms(t0)}
+        return RepairResponse(cid=cid, damaged_pages=0, result="intact", ms=elapsed_ms(t0))
     if not damage.recomputable:
         what = [f"token ids {d[:12]}" for d in damage.tokens]
         what += [f"page table {d[:12]}" for d in damage.tables]
@@ -55,6 +56,13 @@ async def repair_snapshot(control: Control, rev: str) -> dict[str, Any]:
     manifest = await control._run(store.get_snapshot, cid)
     record = await control.require_compatible(cid, manifest)
     cleared = await control._run(store.clear_damaged_pages, damage.pages)
+
+    def recomputed(result: Literal["restored", "replaced"], **replacement: Any) -> RepairResponse:
+        return RepairResponse(cid=cid, damaged_pages=len(damage.pages), result=result,
+                              cleared_pages=len(cleared),
+                              recomputed_sequences=len(damage.sequences), ms=elapsed_ms(t0),
+                              **replacement)
+
     jobs: list[str] = []
     sequences = list(manifest.sequences)
     try:
@@ -69,20 +77,14 @@ async def repair_snapshot(control: Control, rev: str) -> dict[str, Any]:
         after = await control._run(store.find_damage, cid)
         if after.intact:
             await control._run(control._forget_jobs, jobs)
-            return {
-                **reply,
-                "result": "restored",
-                "cleared_pages": len(cleared),
-                "recomputed_sequences": len(damage.sequences),
-                "ms": _ms(t0),
-            }
+            return recomputed("restored")
         # The copy takes the damaged snapshot's place in history (same parents, fork and name);
         # the damaged one stays in the reflogs until they expire, then gc removes it.
         copy = Manifest(
             name=manifest.name,
             parents=list(manifest.parents),
             fork=manifest.fork,
-            fingerprint=record["fingerprint"],
+            fingerprint=record.fingerprint.to_json(),
             sequences=sequences,
         )
         new_cid, moved = await control._run(
@@ -97,16 +99,4 @@ async def repair_snapshot(control: Control, rev: str) -> dict[str, Any]:
     except BaseException:
         await control._run(control._forget_jobs, jobs)
         raise
-    return {
-        **reply,
-        "result": "replaced",
-        "cleared_pages": len(cleared),
-        "recomputed_sequences": len(damage.sequences),
-        "new_cid": new_cid,
-        "moved_refs": moved,
-        "ms": _ms(t0),
-    }
-
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 3)
+    return recomputed("replaced", new_cid=new_cid, moved_refs=moved)

@@ -32,7 +32,25 @@ from starlette.routing import Route
 from vllm.logger import init_logger
 
 from .api_errors import ApiError, from_store_error
-from .api_models import MAX_REVISION_CHARS, CheckoutBody, ForkBody, RepairBody, SnapshotBody
+from .api_models import (
+    MAX_REVISION_CHARS,
+    CheckoutBody,
+    CheckoutResponse,
+    DeleteRefResponse,
+    EngineStatus,
+    ErrorResponse,
+    ForkBody,
+    ForkResponse,
+    LogResponse,
+    RefsResponse,
+    RepairBody,
+    RepairResponse,
+    Reply,
+    SnapshotBody,
+    SnapshotResponse,
+    SnapshotSummary,
+    StatusResponse,
+)
 from .chat_render import render_chat
 from .connector_config import store_path_from_config
 from .control import Control
@@ -44,7 +62,12 @@ logger = init_logger(__name__)
 
 PREFIX = "/v1/processfork"
 
-Handler = Callable[..., Awaitable[Any]]
+Handler = Callable[[bytes], Awaitable[Reply]]
+
+#: The error shape, for the OpenAPI document: every route answers its errors so.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse}, "5XX": {"model": ErrorResponse},
+}
 
 
 class _AnyPath(Convertor[str]):
@@ -199,10 +222,11 @@ def _control(request: Request) -> Control:
 
 
 async def _guard(request: Request, fn: Handler) -> JSONResponse:
-    """Read the body (within the limit), run a handler on it; every failure becomes the JSON
-    error shape, never a bare 500."""
+    """Read the body (within the limit), run a handler on it and answer its reply; every failure
+    becomes the JSON error shape, never a bare 500. A reply is validated when it is built (a
+    reply that does not fit its model is a bug: 500 internal_error)."""
     try:
-        return JSONResponse(await fn(await _read_body(request)))
+        return JSONResponse((await fn(await _read_body(request))).to_json())
     except ApiError as exc:
         return _error_response(exc)
     except StoreError as exc:
@@ -215,9 +239,9 @@ async def _guard(request: Request, fn: Handler) -> JSONResponse:
 def build_router() -> APIRouter:
     router = APIRouter(prefix=PREFIX)
 
-    @router.post("/snapshot")
+    @router.post("/snapshot", response_model=SnapshotResponse, responses=_ERRORS)
     async def snapshot(request: Request) -> JSONResponse:
-        async def run(raw: bytes) -> Any:
+        async def run(raw: bytes) -> SnapshotResponse:
             control = _control(request)
             body = _parse(raw, SnapshotBody)
             if body.messages is not None:
@@ -228,33 +252,33 @@ def build_router() -> APIRouter:
 
         return await _guard(request, run)
 
-    @router.post("/fork")
+    @router.post("/fork", response_model=ForkResponse, responses=_ERRORS)
     async def fork(request: Request) -> JSONResponse:
-        async def run(raw: bytes) -> Any:
+        async def run(raw: bytes) -> ForkResponse:
             return await _control(request).fork(_parse(raw, ForkBody))
 
         return await _guard(request, run)
 
-    @router.post("/checkout")
+    @router.post("/checkout", response_model=CheckoutResponse, responses=_ERRORS)
     async def checkout(request: Request) -> JSONResponse:
-        async def run(raw: bytes) -> Any:
+        async def run(raw: bytes) -> CheckoutResponse:
             return await _control(request).checkout(_parse(raw, CheckoutBody))
 
         return await _guard(request, run)
 
-    @router.post("/repair")
+    @router.post("/repair", response_model=RepairResponse, responses=_ERRORS)
     async def repair(request: Request) -> JSONResponse:
-        async def run(raw: bytes) -> Any:
+        async def run(raw: bytes) -> RepairResponse:
             control = _control(request)
             return await repair_snapshot(control, _parse(raw, RepairBody).cid)
 
         return await _guard(request, run)
 
-    @router.get("/snapshots/{rev:pf_path}")
+    @router.get("/snapshots/{rev:pf_path}", response_model=SnapshotSummary, responses=_ERRORS)
     async def show(request: Request) -> JSONResponse:
         rev = request.path_params["rev"]
 
-        async def run(_raw: bytes) -> Any:
+        async def run(_raw: bytes) -> SnapshotSummary:
             control = _control(request)
             _revision(rev, "rev")
 
@@ -263,15 +287,15 @@ def build_router() -> APIRouter:
                 names = documents.refs_by_cid(store.list_refs()).get(cid, [])
                 return documents.snapshot_doc(store, cid, store.get_snapshot(cid), refs=names)
 
-            return await control._run(build, control.store)
+            return SnapshotSummary.model_validate(await control._run(build, control.store))
 
         return await _guard(request, run)
 
-    @router.get("/log")
+    @router.get("/log", response_model=LogResponse, responses=_ERRORS)
     async def log(request: Request) -> JSONResponse:
         # Query parameters are read here, not by FastAPI: its errors are multi-line and not in
         # this API's error shape.
-        async def run(_raw: bytes) -> Any:
+        async def run(_raw: bytes) -> LogResponse:
             control = _control(request)
             ref = request.query_params.get("ref")
             if ref is not None:
@@ -284,23 +308,23 @@ def build_router() -> APIRouter:
                 entries = store.log(rev, limit=limit, all_refs=all_refs)
                 return documents.log_doc(entries, head=documents.head_doc(store))
 
-            return await control._run(build, control.store)
+            return LogResponse.model_validate(await control._run(build, control.store))
 
         return await _guard(request, run)
 
-    @router.get("/refs")
+    @router.get("/refs", response_model=RefsResponse, responses=_ERRORS)
     async def refs(request: Request) -> JSONResponse:
-        async def run(_raw: bytes) -> Any:
+        async def run(_raw: bytes) -> RefsResponse:
             control = _control(request)
-            return await control._run(documents.refs_doc, control.store)
+            return RefsResponse.model_validate(await control._run(documents.refs_doc, control.store))
 
         return await _guard(request, run)
 
-    @router.delete("/refs/{name:pf_path}")
+    @router.delete("/refs/{name:pf_path}", response_model=DeleteRefResponse, responses=_ERRORS)
     async def delete_ref(request: Request) -> JSONResponse:
         name = request.path_params["name"]
 
-        async def run(_raw: bytes) -> Any:
+        async def run(_raw: bytes) -> DeleteRefResponse:
             control = _control(request)
             force = _query_flag(request, "force")
             await control._run(validate_ref_name, name)  # 400 before the name reaches LMDB
@@ -310,27 +334,27 @@ def build_router() -> APIRouter:
                 raise ApiError(404, "not_found", f"no ref named {name!r}") from None
             except RefIsHead as exc:
                 raise ApiError(409, "ref_is_head", f"{exc}; pass force=true to delete it") from None
-            return {"deleted": name, "cid": old}
+            return DeleteRefResponse(deleted=name, cid=old)
 
         return await _guard(request, run)
 
-    @router.get("/status")
+    @router.get("/status", response_model=StatusResponse, responses=_ERRORS)
     async def status(request: Request) -> JSONResponse:
-        async def run(_raw: bytes) -> Any:
+        async def run(_raw: bytes) -> StatusResponse:
             control = _control(request)
             store_status = await control._run(control.store.status)
             record = await control.engine_record()
-            return {
-                "store": documents.to_jsonable(store_status),
-                "engine": {
-                    "fingerprint": record["fingerprint"],
-                    "num_blocks": record.get("num_blocks"),
-                    "page_bytes": record.get("page_bytes"),
-                    "block_size": control.block_size,
-                    "max_model_len": control.max_model_len,
-                    "max_num_batched_tokens": control.max_num_batched_tokens,
-                },
-            }
+            return StatusResponse(
+                store=store_status,
+                engine=EngineStatus(
+                    fingerprint=record.fingerprint,
+                    num_blocks=record.num_blocks,
+                    page_bytes=record.page_bytes,
+                    block_size=control.block_size,
+                    max_model_len=control.max_model_len,
+                    max_num_batched_tokens=control.max_num_batched_tokens,
+                ),
+            )
 
         return await _guard(request, run)
 
@@ -338,7 +362,7 @@ def build_router() -> APIRouter:
     known = [(route.path_regex, route.methods) for route in router.routes]
 
     async def no_route(request: Request) -> JSONResponse:
-        async def run(_raw: bytes) -> Any:
+        async def run(_raw: bytes) -> Reply:
             path = request.url.path
             allowed = sorted({m for regex, methods in known if regex.match(path) for m in methods})
             if allowed:

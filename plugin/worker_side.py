@@ -29,7 +29,9 @@ from vllm.logger import init_logger
 from .block_views import BlockViews
 from .codec import PageCodec, codec_for
 from .engine_info import engine_fingerprint, layer_order
+from .fingerprint import Fingerprint
 from .jobs import (
+    EngineRecord,
     JobError,
     JobErrorKind,
     JobRecord,
@@ -109,7 +111,7 @@ class WorkerSide:
         self._staged: StagedPagePath | None = None
         self.engine_id = vllm_config.kv_transfer_config.engine_id
         self.codec: PageCodec | None = None
-        self.fingerprint: dict[str, Any] = {}
+        self.fingerprint: Fingerprint | None = None
         self._store: Store | None = None
         self._manifests: dict[str, Any] = {}
         self._stats: dict[str, _JobStats] = {}
@@ -146,13 +148,9 @@ class WorkerSide:
                 "attention backend uses as is"
             )
         self.fingerprint = engine_fingerprint(self.vllm_config, self.codec, backend=backend, isa=isa)
-        record = {
-            "fingerprint": self.fingerprint,
-            "num_blocks": self.codec.geometry.num_blocks,
-            "page_bytes": self.codec.page_bytes,
-            "pid": os.getpid(),
-        }
-        self.store.meta_put(engine_meta_key(self.engine_id), record)
+        record = EngineRecord(self.fingerprint, num_blocks=self.codec.geometry.num_blocks,
+                              page_bytes=self.codec.page_bytes, pid=os.getpid())
+        self.store.meta_put(engine_meta_key(self.engine_id), record.to_json())
         ptrs = {t.data_ptr(): i for i, t in enumerate(layers)}
         self.layer_index = {n: ptrs.get(t.data_ptr(), -1) for n, t in kv_caches.items()}
         direct = self.codec.device.type == "cpu" and self.page_path != "staged"

@@ -509,7 +509,7 @@ def take_snapshot(engine: Engine, name: str, token_ids: list[int], **body: Any) 
         reply = asyncio.run(control.snapshot(SnapshotBody(name=name, token_ids=token_ids, **body)))
     finally:
         control.close()
-    return reply["cid"]
+    return reply.cid
 
 
 def page_digests(store: Any, cid: str, seq: int = 0) -> list[tuple[str, str]]:

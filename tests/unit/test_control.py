@@ -21,7 +21,12 @@ from engine_harness import (
     tokens,
 )
 from processfork.plugin.api_errors import ApiError
-from processfork.plugin.api_models import CheckoutBody, SnapshotBody
+from processfork.plugin.api_models import (
+    CheckoutBody,
+    CheckoutResponse,
+    SnapshotBody,
+    SnapshotResponse,
+)
 from processfork.store import Store, StoreFull
 
 
@@ -38,11 +43,11 @@ def store(engine: Engine) -> Iterator[Store]:
         yield store
 
 
-def _snapshot(control: Any, name: str, **body: Any) -> dict:
+def _snapshot(control: Any, name: str, **body: Any) -> SnapshotResponse:
     return asyncio.run(control.snapshot(SnapshotBody(name=name, **body)))
 
 
-def _checkout(control: Any, rev: str) -> dict:
+def _checkout(control: Any, rev: str) -> CheckoutResponse:
     return asyncio.run(control.checkout(CheckoutBody(cid=rev)))
 
 
@@ -62,15 +67,15 @@ def test_a_snapshot_of_the_resident_state_checks_out_every_sequence(engine, cont
     full = [[*a, *engine.finished[ra].output_token_ids], [*b, *engine.finished[rb].output_token_ids]]
 
     snap = _snapshot(control, "state")
-    manifest = store.get_snapshot(snap["cid"])
+    manifest = store.get_snapshot(snap.cid)
     assert [store.get_tokens(s.tokens) for s in manifest.sequences] == full
-    assert snap["num_pages"] == blocks_of(101) + blocks_of(71) == snap["new_pages"]
+    assert snap.num_pages == blocks_of(101) + blocks_of(71) == snap.new_pages
     assert _leftovers(store) == ({}, {})
 
     engine.forget_cache()
     out = _checkout(control, "state")
-    assert (out["tokens_loaded"], out["tokens_already_resident"]) == (96 + 64, 0)
-    assert out["pages_loaded"] == 6 + 4
+    assert (out.tokens_loaded, out.tokens_already_resident) == (96 + 64, 0)
+    assert out.pages_loaded == 6 + 4
     for rid, seq in zip(_requests(engine, "checkout"), full):
         assert engine.holds(rid, seq)
     assert store.head().ref == "state"
@@ -83,13 +88,13 @@ def test_a_branch_saves_only_the_blocks_its_parent_lacks(engine, control, store)
     first = _snapshot(control, "b", token_ids=base)
     branch = [*base[:80], *tokens(40, seed=3)]  # shares 5 whole blocks with its parent
     second = _snapshot(control, "b", token_ids=branch)
-    assert second["parents"] == [first["cid"]]
+    assert second.parents == [first.cid]
     [save] = [j for s in engine.steps for j in s.plan.saves if j.req_id in _requests(engine,
               "snapshot")[1:]]
     assert save.first_block == 5
-    pages = page_digests(store, second["cid"])
-    assert pages[:5] == page_digests(store, first["cid"])[:5]
-    assert second["num_pages"] == len(pages) == blocks_of(120)
+    pages = page_digests(store, second.cid)
+    assert pages[:5] == page_digests(store, first.cid)[:5]
+    assert second.num_pages == len(pages) == blocks_of(120)
 
 
 def test_a_snapshot_of_cached_blocks_runs_no_forward_pass(engine, control, store, monkeypatch):
@@ -103,7 +108,7 @@ def test_a_snapshot_of_cached_blocks_runs_no_forward_pass(engine, control, store
     [rid] = _requests(engine, "snapshot")
     assert all(rid not in s.scheduled for s in engine.steps)
     assert engine.finished[rid].finish_reason == "abort"  # the control plane ended it
-    assert snap["num_pages"] == 6
+    assert snap.num_pages == 6
     assert _leftovers(store) == ({}, {})
 
     engine.forget_cache()
@@ -118,15 +123,15 @@ def test_a_checkout_counts_loaded_and_resident_tokens(engine, control):
     engine.forget_cache()
     engine.run(engine.add(seq[:40]))  # 2 blocks back in the prefix cache
     out = _checkout(control, "s")
-    assert (out["tokens_loaded"], out["tokens_already_resident"]) == (64, 32)
+    assert (out.tokens_loaded, out.tokens_already_resident) == (64, 32)
     again = _checkout(control, "s")
-    assert (again["tokens_loaded"], again["tokens_already_resident"]) == (0, 96)
+    assert (again.tokens_loaded, again.tokens_already_resident) == (0, 96)
 
 
 def test_a_damaged_snapshot_checks_out_as_an_integrity_error(engine, control, store):
     seq = tokens(100)
     _snapshot(control, "good", token_ids=tokens(50, seed=8))
-    bad = _snapshot(control, "bad", token_ids=seq)["cid"]
+    bad = _snapshot(control, "bad", token_ids=seq).cid
     asyncio.run(control.checkout(CheckoutBody(cid="good")))
     damage_page(store, page_digests(store, bad)[3][1])
     engine.forget_cache()
@@ -197,7 +202,7 @@ def test_a_snapshot_by_request_id_holds_the_prompt_and_the_output(engine, contro
     rid = engine.add(seq, request_id="cmpl-42-0-9a8b", max_tokens=4)
     engine.run(rid)
     snap = _snapshot(control, "r", request_id="cmpl-42")
-    [sequence] = store.get_snapshot(snap["cid"]).sequences
+    [sequence] = store.get_snapshot(snap.cid).sequences
     assert store.get_tokens(sequence.tokens) == [*seq, *engine.finished[rid].output_token_ids]
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from processfork.plugin.fingerprint import FINGERPRINT_FIELDS, Fingerprint, Mismatch
 from processfork.plugin.jobs import (
     PARAMS_KEY,
     CaptureReply,
     CheckoutReply,
+    EngineRecord,
     JobError,
     JobErrorKind,
     JobRecord,
+    engine_meta_key,
     job_meta_key,
 )
 from processfork.store import CorruptPage, Store, StoreFull
@@ -63,3 +68,37 @@ def test_replies_travel_in_kv_transfer_params():
     capture = CaptureReply([[1, 2, 3], [4]])
     assert CaptureReply.from_params(capture.to_params()) == capture
     assert CaptureReply.from_params({PARAMS_KEY: "garbage"}) == CaptureReply([])
+
+
+FINGERPRINT = Fingerprint(
+    backend="CPU_ATTN", batch_invariant=False, block_size=16, device="cpu", head_dim=64,
+    isa="vec", kv_dtype="float32", layout="cpu_attn/BHN2D", model="tiny", model_config_hash="ab" * 8,
+    num_kv_heads=2, num_layers=2, threads=4, tp_size=1, vllm_version="0.32.0",
+)
+
+
+def test_the_engine_record_survives_the_store_with_the_fingerprint_as_snapshots_store_it(tmp_path):
+    record = EngineRecord(FINGERPRINT, num_blocks=512, page_bytes=8192, pid=41)
+    with Store(tmp_path / "store") as store:
+        store.meta_put(engine_meta_key("e"), record.to_json())
+        stored = store.meta_get(engine_meta_key("e"))
+    assert EngineRecord.from_json(stored) == record
+    # Stored records have sorted keys; the fingerprint's JSON form is in that order already, so
+    # GET /status shows the fingerprint as a manifest does.
+    assert list(stored["fingerprint"]) == list(FINGERPRINT.to_json()) == sorted(FINGERPRINT.to_json())
+
+
+def test_every_fingerprint_field_but_the_device_is_compared():
+    names = [f.name for f in dataclasses.fields(Fingerprint)]
+    assert sorted(FINGERPRINT_FIELDS) == sorted(set(names) - {"device"})
+    assert len(FINGERPRINT_FIELDS) == len(set(FINGERPRINT_FIELDS))
+
+
+def test_the_first_differing_field_in_comparison_order_is_reported():
+    stored = FINGERPRINT.to_json()
+    assert FINGERPRINT.first_mismatch(stored) is None
+    assert FINGERPRINT.first_mismatch({**stored, "device": "cuda"}) is None
+    other = {**stored, "vllm_version": "0.31.0", "num_layers": 3}
+    assert FINGERPRINT.first_mismatch(other) == Mismatch("num_layers", 3, 2)
+    older = {k: v for k, v in stored.items() if k != "threads"}
+    assert FINGERPRINT.first_mismatch(older) == Mismatch("threads", None, 4)
