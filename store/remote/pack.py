@@ -1,0 +1,108 @@
+"""Packs: many content-addressed objects in one immutable remote object, with an index.
+
+A pack is the objects' bytes back to back. Its index (canonical JSON) lists, for each object,
+its kind, its address, its offset and its length, so a reader fetches any object with one range
+read. Every object is verified against its address when it is read (`verify`), so neither a
+damaged pack nor a lying index can put a wrong byte into a store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from processfork.store.digest import canonical_json, cid_of, page_digest
+
+__all__ = ["KIND_BLOB", "KIND_PAGE", "KIND_SNAPSHOT", "PackEntry", "PackIndex", "build_pack", "verify"]
+
+KIND_PAGE = "p"
+KIND_BLOB = "b"
+KIND_SNAPSHOT = "s"
+_KIND_NAMES = {KIND_PAGE: "page", KIND_BLOB: "blob", KIND_SNAPSHOT: "snapshot"}
+_KEY_LENGTHS = {KIND_PAGE: 32, KIND_BLOB: 32, KIND_SNAPSHOT: 64}
+PACK_INDEX_FORMAT = "processfork-pack"
+
+
+@dataclass(frozen=True)
+class PackEntry:
+    kind: str  # p, b or s
+    key: str  # hex: xxh3-128 for pages and blobs, sha256 for snapshots
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class PackIndex:
+    name: str  # sha256 hex of the pack's bytes
+    size: int
+    entries: tuple[PackEntry, ...]
+
+    def encode(self) -> bytes:
+        return canonical_json(
+            {
+                "format": PACK_INDEX_FORMAT,
+                "version": 1,
+                "pack": self.name,
+                "size": self.size,
+                "objects": [[e.kind, e.key, e.offset, e.length] for e in self.entries],
+            }
+        )
+
+    @classmethod
+    def decode(cls, name: str, raw: bytes) -> PackIndex:
+        """Parse an index; ValueError when it is not the index of pack `name`."""
+        d = json.loads(raw)
+        if not isinstance(d, dict) or d.get("format") != PACK_INDEX_FORMAT or d.get("version") != 1:
+            raise ValueError("not a pack index of version 1")
+        if d.get("pack") != name:
+            raise ValueError(f"the index names pack {d.get('pack')!r}")
+        size = d.get("size")
+        if not isinstance(size, int) or size < 0:
+            raise ValueError("no pack size")
+        entries = []
+        for item in d.get("objects", []):
+            kind, key, offset, length = item
+            if kind not in _KEY_LENGTHS or not isinstance(key, str) or len(key) != _KEY_LENGTHS[kind]:
+                raise ValueError(f"bad entry {item!r}")
+            if not (isinstance(offset, int) and isinstance(length, int)) or offset < 0 or length < 0:
+                raise ValueError(f"bad entry {item!r}")
+            if offset + length > size:
+                raise ValueError(f"entry {key} runs past the pack's end")
+            entries.append(PackEntry(kind, key, offset, length))
+        return cls(name, size, tuple(entries))
+
+
+def build_pack(objects: list[tuple[str, str, bytes | memoryview]]) -> tuple[bytes, PackIndex]:
+    """Lay out `(kind, key hex, bytes)` objects in one pack; returns its bytes and index."""
+    parts = []
+    entries = []
+    offset = 0
+    for kind, key, data in objects:
+        entries.append(PackEntry(kind, key, offset, len(data)))
+        parts.append(data)
+        offset += len(data)
+    body = b"".join(parts)
+    name = hashlib.sha256(body).hexdigest()
+    return body, PackIndex(name, len(body), tuple(entries))
+
+
+def address_of(kind: str, data: bytes | memoryview) -> str:
+    """The address `data` has as an object of `kind`."""
+    if kind == KIND_SNAPSHOT:
+        return cid_of(bytes(data))[len("sha256:") :]
+    return page_digest(data).hex()
+
+
+def kind_name(kind: str) -> str:
+    return _KIND_NAMES[kind]
+
+
+def verify(kind: str, key: str, data: bytes | memoryview) -> str | None:
+    """None when `data` is the object `key`, else the address its bytes have."""
+    actual = address_of(kind, data)
+    return None if actual == key else actual

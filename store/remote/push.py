@@ -1,0 +1,236 @@
+"""Push: send a remote the snapshots its refs should name, and only the objects it lacks.
+
+The order keeps the remote consistent if the push dies at any point: packs and their indexes
+first (immutable, content-named: an interrupted upload leaves an unreferenced pack that
+`gc_remote` reclaims), refs last, each moved by a conditional write that fails if another
+writer moved it since it was read. A ref move that is not a fast-forward is refused unless forced.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from processfork.store.digest import cid_key, normalize_cid
+from processfork.store.errors import CorruptPage
+from processfork.store.remote import layout, local
+from processfork.store.remote.errors import NonFastForward, RemoteError
+from processfork.store.remote.layout import RefValue
+from processfork.store.remote.objstore import ConditionFailed
+from processfork.store.remote.pack import (
+    KIND_BLOB,
+    KIND_PAGE,
+    KIND_SNAPSHOT,
+    build_pack,
+    kind_name,
+    verify,
+)
+from processfork.store.remote.remote import Remote
+
+if TYPE_CHECKING:
+    from processfork.store.env import Env
+
+__all__ = ["PACK_SIZE", "PushResult", "RefUpdate", "push"]
+
+PACK_SIZE = 64 << 20  # bytes of objects per pack: one PUT each, several in flight
+READ_BATCH = 8 << 20  # bytes read from the local store per read transaction
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class RefUpdate:
+    ref: str
+    old: str | None
+    new: str
+    status: str  # created, fast-forward, forced, up-to-date
+
+
+@dataclass
+class PushResult:
+    url: str
+    refs: list[RefUpdate] = field(default_factory=list)
+    objects: int = 0  # objects uploaded
+    pages: int = 0
+    blobs: int = 0
+    snapshots: int = 0
+    bytes: int = 0  # object bytes uploaded (pack bodies)
+    packs: int = 0
+    requests: int = 0  # every request the push made
+    seconds: float = 0.0
+
+
+def push(
+    env: Env,
+    remote: Remote,
+    refs: Mapping[str, str],
+    *,
+    force: bool = False,
+    pack_size: int = PACK_SIZE,
+    progress: Progress | None = None,
+) -> PushResult:
+    """Make the remote's ref NAME name cid `refs[NAME]`, uploading what it lacks."""
+    t0 = time.perf_counter()
+    requests0 = remote.store.requests
+    result = PushResult(str(remote.url))
+    remote.check_format(create=True)
+    wanted = {name: normalize_cid(cid) for name, cid in refs.items()}
+    names = sorted(wanted)
+    olds = dict(zip(names, remote._map(remote.read_ref, names)))
+    moves: list[tuple[RefUpdate, RefValue | None]] = []
+    for name in names:
+        update = _plan_ref(env, name, olds[name], wanted[name], force, str(remote.url))
+        result.refs.append(update)
+        if update.status != "up-to-date":
+            moves.append((update, olds[name]))
+    if moves:
+        remote.load_indexes()
+        objects, reused = _missing_objects(env, remote, [u.new for u, _ in moves])
+        _upload(env, remote, objects, pack_size, result, progress)
+        _check_still_there(remote, reused)
+        for update, old in moves:
+            try:
+                remote.write_ref(update.ref, update.new, old)
+            except ConditionFailed:
+                raise NonFastForward(
+                    update.ref, f"it changed on remote {remote.url} during the push; "
+                    "pull and push again"
+                ) from None
+    result.requests = remote.store.requests - requests0
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _plan_ref(
+    env: Env, name: str, old: RefValue | None, new: str, force: bool, url: str
+) -> RefUpdate:
+    if old is None:
+        return RefUpdate(name, None, new, "created")
+    if old.cid == new:
+        return RefUpdate(name, old.cid, new, "up-to-date")
+    if local.missing_snapshots(env, [old.cid]):
+        if force:
+            return RefUpdate(name, old.cid, new, "forced")
+        raise NonFastForward(
+            name, f"remote {url} has snapshots this store lacks (pull first, or push --force)"
+        )
+    if local.is_ancestor(env, old.cid, new):
+        return RefUpdate(name, old.cid, new, "fast-forward")
+    if force:
+        return RefUpdate(name, old.cid, new, "forced")
+    raise NonFastForward(
+        name, f"not a fast-forward of {old.cid[7:19]} on remote {url} (pull first, or push --force)"
+    )
+
+
+def _missing_objects(
+    env: Env, remote: Remote, cids: list[str]
+) -> tuple[list[tuple[str, str]], set[str]]:
+    """(kind, key hex) of every object the snapshots reach that the remote lacks: pages first,
+    then blobs, then manifests parents first (a reader finds manifests at the end of a pack);
+    and the remote packs that hold the objects it has."""
+    reach = local.closure(env, cids)
+    wanted = [(KIND_PAGE, k) for k in sorted(reach.pages)]
+    wanted += [(KIND_BLOB, k) for k in sorted(reach.blobs)]
+    wanted += [(KIND_SNAPSHOT, c[7:]) for c in reach.snapshots]
+    missing, reused = [], set()
+    for kind, key in wanted:
+        where = remote.locate(kind, key)
+        if where is None:
+            missing.append((kind, key))
+        else:
+            reused.add(where.pack)
+    return missing, reused
+
+
+def _check_still_there(remote: Remote, packs: set[str]) -> None:
+    """Right before the refs move: every pack this push re-uses is still on the remote (a
+    remote gc may have removed an unreferenced one since the push listed them)."""
+    if not packs:
+        return
+    listed = {o.key for o in remote.store.list("packs")}
+    gone = sorted(p for p in packs if layout.idx_path(p) not in listed)
+    if gone:
+        raise RemoteError(
+            f"remote {remote.url}: pack {gone[0]} this push re-uses was removed meanwhile; "
+            "push again (it uploads those objects)"
+        )
+
+
+_DB = {KIND_PAGE: "pages", KIND_BLOB: "blobs", KIND_SNAPSHOT: "snapshots"}
+
+
+def _read_objects(
+    env: Env, objects: list[tuple[str, str]]
+) -> Iterator[tuple[str, str, bytes]]:
+    """The objects' bytes from the local store, verified, a read transaction per batch."""
+    batch: list[tuple[str, str]] = []
+
+    def flush() -> Iterator[tuple[str, str, bytes]]:
+        for kind in (KIND_PAGE, KIND_BLOB, KIND_SNAPSHOT):
+            items = [(k, key) for k, key in batch if k == kind]
+            if not items:
+                continue
+            keys = [cid_key(key) if kind == KIND_SNAPSHOT else bytes.fromhex(key) for _, key in items]
+            for (_, key), data in zip(items, local.read_raw(env, _DB[kind], keys)):
+                actual = verify(kind, key, data)
+                if actual is not None:  # never spread a damaged object
+                    raise CorruptPage(key, actual, kind_name(kind))
+                yield kind, key, data
+
+    # Page sizes are not known before reading; batches are bounded by count and read size.
+    size_guess = 0
+    for item in objects:
+        batch.append(item)
+        size_guess += 1
+        if size_guess >= 256:
+            yield from flush()
+            batch, size_guess = [], 0
+    yield from flush()
+
+
+def _upload(
+    env: Env,
+    remote: Remote,
+    objects: list[tuple[str, str]],
+    pack_size: int,
+    result: PushResult,
+    progress: Progress | None,
+) -> None:
+    if not objects:
+        return
+    pending: list[Future[None]] = []
+    total_objects = len(objects)
+    done_objects = 0
+    with ThreadPoolExecutor(max_workers=remote.store.parallelism) as pool:
+
+        def send(parts: list[tuple[str, str, bytes]]) -> None:
+            nonlocal pending
+            body, index = build_pack(parts)
+            # Bound what waits in memory: at most `parallelism` packs in flight.
+            while len(pending) >= remote.store.parallelism:
+                pending[0].result()
+                pending = pending[1:]
+            pending.append(pool.submit(remote.put_pack, body, index))
+            result.packs += 1
+            result.bytes += len(body)
+
+        parts: list[tuple[str, str, bytes]] = []
+        size = 0
+        for kind, key, data in _read_objects(env, objects):
+            parts.append((kind, key, data))
+            size += len(data)
+            result.objects += 1
+            setattr(result, kind_name(kind) + "s", getattr(result, kind_name(kind) + "s") + 1)
+            done_objects += 1
+            if progress is not None:
+                progress("objects", done_objects, total_objects)
+            if size >= pack_size:
+                send(parts)
+                parts, size = [], 0
+        if parts:
+            send(parts)
+        for future in pending:
+            future.result()

@@ -1,0 +1,229 @@
+"""`Remote`: one remote's format record, pack indexes, refs and objects, over an ObjectStore.
+
+Reads verify every object against its address before handing it out. Pack indexes are immutable,
+so they are cached on local disk (`index_cache`) and fetched once per machine and pack.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from processfork.store.remote import layout
+from processfork.store.remote.errors import (
+    CorruptRemoteObject,
+    RemoteError,
+    RemoteFormatUnsupported,
+)
+from processfork.store.remote.objstore import ConditionFailed, ObjectStore
+from processfork.store.remote.pack import PackEntry, PackIndex, kind_name, verify
+from processfork.store.remote.url import RemoteUrl
+
+__all__ = ["Located", "Remote"]
+
+#: Range reads of one pack merge objects closer than this, and stop growing past RANGE_MAX.
+RANGE_GAP = 1 << 20
+RANGE_MAX = 64 << 20
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Located:
+    pack: str
+    entry: PackEntry
+
+
+class Remote:
+    def __init__(
+        self, store: ObjectStore, *, index_cache: str | None = None
+    ) -> None:
+        self.store = store
+        self.url: RemoteUrl = store.url
+        self.index_cache = index_cache
+        self._indexes: dict[str, PackIndex] = {}
+        self._where: dict[tuple[str, str], Located] = {}
+
+    # -- format --------------------------------------------------------------------------------
+    def check_format(self, *, create: bool) -> bool:
+        """Refuse a remote whose format record this implementation does not understand; with
+        `create`, write the record into an empty remote (once: If-None-Match). False when the
+        remote has no record and none was created."""
+        got = self.store.get(layout.FORMAT_PATH)
+        if got is None:
+            if not create:
+                return False
+            try:
+                self.store.put(layout.FORMAT_PATH, layout.format_record(), if_absent=True)
+            except ConditionFailed:
+                got = self.store.get(layout.FORMAT_PATH)  # a concurrent first push made it
+            if got is None:
+                return True
+        problem = layout.understood(got.data)
+        if problem is not None:
+            raise RemoteFormatUnsupported(str(self.url), problem)
+        return True
+
+    # -- refs ----------------------------------------------------------------------------------
+    def list_refs(self) -> dict[str, layout.RefValue]:
+        out: dict[str, layout.RefValue] = {}
+        names = [o.key[len("refs/") :] for o in self.store.list("refs")]
+        for name, value in zip(names, self._map(self.read_ref, names)):
+            if value is not None:
+                out[name] = value
+        return out
+
+    def read_ref(self, name: str) -> layout.RefValue | None:
+        got = self.store.get(layout.ref_path(name))
+        if got is None:
+            return None
+        cid = layout.decode_ref(got.data)
+        if cid is None:
+            raise RemoteError(f"remote {self.url}: ref {name!r} holds no cid")
+        return layout.RefValue(cid, got.etag)
+
+    def write_ref(self, name: str, cid: str, old: layout.RefValue | None) -> None:
+        """Compare-and-swap `name` to `cid` from `old` (None: only if it does not exist)."""
+        if old is None:
+            self.store.put(layout.ref_path(name), layout.encode_ref(cid), if_absent=True)
+        else:
+            self.store.put(layout.ref_path(name), layout.encode_ref(cid), if_match=old.etag)
+
+    # -- indexes -------------------------------------------------------------------------------
+    def load_indexes(self) -> dict[str, PackIndex]:
+        """Every pack index on the remote (a pack without an index is not there yet)."""
+        names = [n for n in (layout.pack_name_of(o.key) for o in self.store.list("packs")) if n]
+        missing = [n for n in names if n not in self._indexes]
+        for name, index in zip(missing, self._map(self._load_index, missing)):
+            if index is not None:
+                self._add_index(index)
+        return {n: self._indexes[n] for n in names if n in self._indexes}
+
+    def _add_index(self, index: PackIndex) -> None:
+        self._indexes[index.name] = index
+        for entry in index.entries:
+            self._where.setdefault((entry.kind, entry.key), Located(index.name, entry))
+
+    def has(self, kind: str, key: str) -> bool:
+        return (kind, key) in self._where
+
+    def locate(self, kind: str, key: str) -> Located | None:
+        return self._where.get((kind, key))
+
+    def _load_index(self, name: str) -> PackIndex | None:
+        cached = self._cached_index(name)
+        if cached is not None:
+            return cached
+        got = self.store.get(layout.idx_path(name))
+        if got is None:
+            return None  # deleted since the listing (remote gc)
+        try:
+            index = PackIndex.decode(name, got.data)
+        except (ValueError, TypeError) as exc:
+            raise RemoteError(f"remote {self.url}: pack index {name} is unreadable: {exc}") from None
+        self._cache_index(name, got.data)
+        return index
+
+    def _cached_index(self, name: str) -> PackIndex | None:
+        if self.index_cache is None:
+            return None
+        try:
+            with open(os.path.join(self.index_cache, name + ".idx"), "rb") as f:
+                return PackIndex.decode(name, f.read())
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _cache_index(self, name: str, raw: bytes) -> None:
+        if self.index_cache is None:
+            return
+        try:
+            os.makedirs(self.index_cache, mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.index_cache, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+            os.replace(tmp, os.path.join(self.index_cache, name + ".idx"))
+        except OSError:
+            pass  # a cache that cannot be written costs one more GET next time, nothing else
+
+    # -- objects -------------------------------------------------------------------------------
+    def read_objects(
+        self,
+        wanted: Iterable[tuple[str, str]],
+        *,
+        progress: Progress | None = None,
+    ) -> Iterator[tuple[str, str, bytes]]:
+        """Yield `(kind, key, bytes)` for each wanted object, verified, in no particular order.
+
+        Objects of one pack that lie close together come in one range read; range reads run in
+        parallel. A wanted object the remote lacks is a RemoteError; one whose bytes do not hash
+        to its key is CorruptRemoteObject.
+        """
+        by_pack: dict[str, list[PackEntry]] = {}
+        total = 0
+        for kind, key in dict.fromkeys(wanted):
+            where = self._where.get((kind, key))
+            if where is None:
+                raise RemoteError(f"remote {self.url} has no {kind_name(kind)} {key}")
+            by_pack.setdefault(where.pack, []).append(where.entry)
+            total += where.entry.length
+        ranges = [(pack, group) for pack, entries in by_pack.items() for group in _groups(entries)]
+        done = 0
+        pool = ThreadPoolExecutor(max_workers=self.store.parallelism)
+        try:
+            futures = [pool.submit(self._read_range, pack, group) for pack, group in ranges]
+            for future in futures:
+                for kind, key, data in future.result():
+                    done += len(data)
+                    if progress is not None:
+                        progress("bytes", done, total)
+                    yield kind, key, data
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read_range(self, pack: str, group: list[PackEntry]) -> list[tuple[str, str, bytes]]:
+        start, end = group[0].offset, max(e.end for e in group)
+        got = self.store.get(layout.pack_path(pack), (start, end))
+        if got is None or len(got.data) != end - start:
+            raise RemoteError(f"remote {self.url}: pack {pack} is missing or short")
+        view = memoryview(got.data)
+        out = []
+        for entry in group:
+            data = view[entry.offset - start : entry.end - start]
+            actual = verify(entry.kind, entry.key, data)
+            if actual is not None:
+                raise CorruptRemoteObject(str(self.url), entry.key, actual, kind_name(entry.kind))
+            out.append((entry.kind, entry.key, bytes(data)))
+        return out
+
+    def put_pack(self, body: bytes, index: PackIndex) -> None:
+        """Upload a pack, then its index: a reader sees the pack only once both are there.
+        Both are immutable and content-named, so one that exists already is the same bytes."""
+        for path, data in ((layout.pack_path(index.name), body), (layout.idx_path(index.name), index.encode())):
+            try:
+                self.store.put(path, data, if_absent=True)
+            except ConditionFailed:
+                pass  # the same content is there already
+        self._add_index(index)
+
+    def _map(self, fn: Callable, items: list) -> list:  # type: ignore[type-arg]
+        if len(items) <= 1:
+            return [fn(i) for i in items]
+        with ThreadPoolExecutor(max_workers=self.store.parallelism) as pool:
+            return list(pool.map(fn, items))
+
+
+def _groups(entries: list[PackEntry]) -> Iterator[list[PackEntry]]:
+    """Entries sorted by offset, cut into runs that one range read covers."""
+    entries = sorted(entries, key=lambda e: e.offset)
+    group: list[PackEntry] = []
+    for entry in entries:
+        if group and (
+            entry.offset - group[-1].end > RANGE_GAP or entry.end - group[0].offset > RANGE_MAX
+        ):
+            yield group
+            group = []
+        group.append(entry)
+    if group:
+        yield group

@@ -1,0 +1,104 @@
+"""Push, clone, fetch and pull against a real S3 endpoint (SeaweedFS): only missing objects
+move, everything read is verified, refs move only forward unless forced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from processfork.store import Store
+from processfork.store.remote import NonFastForward, open_remote
+from processfork.store.remote.fetch import fetch, tracking_ref, update_refs
+from processfork.store.remote.push import push
+from remote_helpers import content, make_snapshot
+
+
+def _push(store: Store, url: str, refs: dict[str, str], **kw: object):
+    return push(store.env, open_remote(url, env=store.env), refs, **kw)
+
+
+def _clone(url: str, path: Path) -> Store:
+    store = Store(path)
+    result = fetch(store.env, open_remote(url, env=store.env), remote_name="origin")
+    update_refs(store.env, result.refs, message="clone")
+    return store
+
+
+def test_push_then_clone_gives_the_same_snapshots(tmp_path: Path, remote_url: str) -> None:
+    with Store(tmp_path / "a") as a:
+        base = make_snapshot(a, "base", tokens=range(100))
+        child = make_snapshot(a, "main", parents=[base], tokens=range(130))
+        result = _push(a, remote_url, {"base": base, "main": child})
+        assert [r.status for r in result.refs] == ["created", "created"]
+        assert result.snapshots == 2 and result.pages == 2 * (7 + 9)
+        with _clone(remote_url, tmp_path / "b") as b:
+            assert b.list_refs()["base"] == base and b.list_refs()["main"] == child
+            assert b.list_refs()[tracking_ref("origin", "main")] == child
+            assert content(b, child) == content(a, child)
+            assert content(b, base) == content(a, base)
+            assert list(b.fsck()) == []
+
+
+def test_second_push_sends_nothing_and_fork_sends_metadata_only(
+    tmp_path: Path, remote_url: str
+) -> None:
+    with Store(tmp_path / "a") as a:
+        base = make_snapshot(a, "base", tokens=range(200))
+        first = _push(a, remote_url, {"base": base})
+        again = _push(a, remote_url, {"base": base})
+        assert again.refs[0].status == "up-to-date" and again.objects == 0
+        children = a.fork("base", 12)
+        forked = _push(a, remote_url, {f"base/{i}": c for i, c in enumerate(children)})
+        assert forked.pages == 0 and forked.blobs == 0 and forked.snapshots == 12
+        assert forked.packs == 1
+        assert forked.bytes <= 12 * 1024 < first.bytes
+        with _clone(remote_url, tmp_path / "b") as b:
+            assert [b.list_refs()[f"base/{i}"] for i in range(12)] == children
+
+
+def test_fetch_brings_only_what_is_missing(tmp_path: Path, remote_url: str) -> None:
+    with Store(tmp_path / "a") as a:
+        base = make_snapshot(a, "main", tokens=range(64))
+        _push(a, remote_url, {"main": base})
+        with _clone(remote_url, tmp_path / "b") as b:
+            child = make_snapshot(a, "main", parents=[base], tokens=range(80))
+            _push(a, remote_url, {"main": child})
+            got = fetch(b.env, open_remote(remote_url, env=b.env), remote_name="origin")
+            # The child has fresh pages for its 5 blocks; its parent is already there.
+            assert got.snapshots == 1 and got.pages == 10
+            moves = update_refs(b.env, got.refs, message="pull")
+            assert [m.status for m in moves] == ["fast-forward"]
+            assert b.list_refs()["main"] == child
+            assert content(b, child) == content(a, child)
+
+
+def test_push_that_is_not_a_fast_forward_is_refused_unless_forced(
+    tmp_path: Path, remote_url: str
+) -> None:
+    with Store(tmp_path / "a") as a, Store(tmp_path / "c") as c:
+        root_a = make_snapshot(a, "main")
+        _push(a, remote_url, {"main": root_a})
+        root_c = make_snapshot(c, "main")
+        with pytest.raises(NonFastForward, match="lacks"):
+            _push(c, remote_url, {"main": root_c})
+        other = make_snapshot(a, "side")
+        with pytest.raises(NonFastForward, match="not a fast-forward"):
+            _push(a, remote_url, {"main": other})
+        forced = _push(a, remote_url, {"main": other}, force=True)
+        assert forced.refs[0].status == "forced"
+        assert open_remote(remote_url).read_ref("main").cid == other
+
+
+def test_pull_leaves_a_diverged_ref_alone(tmp_path: Path, remote_url: str) -> None:
+    with Store(tmp_path / "a") as a:
+        base = make_snapshot(a, "main")
+        _push(a, remote_url, {"main": base})
+        with _clone(remote_url, tmp_path / "b") as b:
+            mine = make_snapshot(b, "main", parents=[base], tokens=range(50))
+            theirs = make_snapshot(a, "main", parents=[base], tokens=range(60))
+            _push(a, remote_url, {"main": theirs})
+            got = fetch(b.env, open_remote(remote_url, env=b.env), remote_name="origin")
+            moves = update_refs(b.env, got.refs, message="pull")
+            assert [m.status for m in moves] == ["diverged"]
+            assert b.list_refs()["main"] == mine
+            assert b.list_refs()[tracking_ref("origin", "main")] == theirs
