@@ -21,6 +21,8 @@ budget that prefills every prompt in one pass, ``VLLM_SERVER_DEV_MODE=1`` for
 (c) our checkout (``POST /v1/processfork/checkout``: load the pages, compute the last block,
     sample the first token) in a freshly started engine, further repetitions after
     ``/reset_prefix_cache``; the store's pages sit in the page cache;
+(c*) the same checkout with the host tier (``--host-tier-gib``): the snapshots left their pages
+    in it, and the fresh engine copies them to the GPU from there instead of the store;
 (d) a warm prefix-cache hit of the same prompt in the same engine;
 (e) one pinned host-to-device copy of the prompt's KV bytes (CUDA events, best of 5).
 
@@ -61,10 +63,11 @@ def log(*parts: Any) -> None:
 class Setup:
     """What every server of the run shares, decided once."""
 
-    def __init__(self, quick: bool):
+    def __init__(self, quick: bool, tier_gib: int = 0, tier_dir: str = "/dev/shm"):
         from processfork_dev.model_builder import CONFIG_ONLY, PRESETS, build_model
 
         self.quick = quick
+        self.tier_gib, self.tier_dir = tier_gib, tier_dir
         self.cuda = _cuda()
         preset = "tiny" if quick else "llama3-8b"
         spec = PRESETS[preset]
@@ -244,7 +247,19 @@ def part_ours(setup: Setup) -> None:
             f"D2H {c['d2h'] * 1e3:.1f} ms")
     store = WORK / "store"
     shutil.rmtree(store, ignore_errors=True)
-    srv = Server(setup, "ours", store=store).start()
+    extra: list[str] = []
+    if setup.tier_gib:
+        for old in Path(setup.tier_dir).glob("processfork-tier-*"):
+            old.unlink()  # an earlier run's pages: this run fills its own
+        from processfork.plugin.launch_plan import kv_transfer_config
+
+        config = kv_transfer_config(store)
+        config["kv_connector_extra_config"].update({
+            "host_tier_mib": setup.tier_gib * 1024, "host_tier_dir": setup.tier_dir,
+            "page_path": "staged"})
+        extra = ["--kv-transfer-config", json.dumps(config)]
+    checkout_key = "checkout_tier" if setup.tier_gib else "checkout"
+    srv = Server(setup, "ours", store=store, extra=extra).start()
     log("ours:", _page_path_line(srv))
     res: dict[int, dict[str, Any]] = {}
     try:
@@ -273,12 +288,14 @@ def part_ours(setup: Setup) -> None:
                 f" snapshot {t * 1e3:.0f} ms (warm store) / {r['snapshot'] * 1e3:.0f} ms")
             res[n] = r
         srv.restart()  # a fresh engine: the GPU cache is empty; the store is in the page cache
+        if setup.tier_gib:
+            log("ours:", _page_path_line(srv, "host tier"))
         for n in setup.lengths:
             prompt, r = setup.prompt(n), res[n]
-            r["checkout"] = timed_checkouts(srv, setup, n)
+            r[checkout_key] = timed_checkouts(srv, setup, n)
             _, out = srv.complete(prompt)
             check(first_token(out) == r["token"], f"{n}: token after checkout differs from cold")
-            log(f"{n}: checkout {[round(x * 1e3) for x in r['checkout']]} ms")
+            log(f"{n}: {checkout_key} {[round(x * 1e3) for x in r[checkout_key]]} ms")
     finally:
         srv.stop()
     save("ours", {"copies": copies, "results": res, "args": setup.args})
@@ -321,9 +338,9 @@ def part_checkouts(setup: Setup, *, verify: bool) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _page_path_line(srv: Server) -> str:
+def _page_path_line(srv: Server, containing: str = "processfork:") -> str:
     text = Path(srv.process.log_path).read_text(errors="replace")
-    lines = [ln for ln in text.splitlines() if "processfork:" in ln]
+    lines = [ln for ln in text.splitlines() if "processfork:" in ln and containing in ln]
     return lines[-1][-160:] if lines else "(no processfork line in the log)"
 
 
@@ -402,18 +419,20 @@ def part_report(setup: Setup) -> None:
     ttft = Table(title=f"TTFT, {ours['machine'].get('gpu', 'CPU')}, vLLM "
                        f"{ours['machine'].get('vllm')} (median; ms)")
     for col in ("tokens", "GiB", "(a) cold", "(b) Example", "(b2) Offload", "(c) checkout",
-                "(c') unverified", "(d) warm", "(e) H2D", "a/c", "c/b", "c/b2", "(c-d)/e",
-                "(c'-d)/e"):
+                "(c*) tier", "(c') unverified", "(d) warm", "(e) H2D", "a/c", "c/b", "c/b2",
+                "(c-d)/e", "a/c*", "c*/b2", "(c*-d)/e", "(c'-d)/e"):
         ttft.add_column(col, justify="right")
     snaps = Table(title="Snapshot and checkout throughput (GB/s)")
     for col in ("tokens", "snapshot", "warm store", "D2H", "snap/D2H", "warm/D2H",
-                "restore (c-d)", "H2D", "restore/H2D"):
+                "restore (c-d)", "restore (c*-d)", "H2D", "restore/H2D", "tier restore/H2D"):
         snaps.add_column(col, justify="right")
     rows = []
     for key, r in ours["results"].items():
         n = int(key)
         copies = ours["copies"][key]
-        a, c, d = median(r["cold"]), median(r["checkout"]), median(r["warm"])
+        a, d = median(r["cold"]), median(r["warm"])
+        c = median(r["checkout"]) if r.get("checkout") else None
+        ct = median(r["checkout_tier"]) if r.get("checkout_tier") else None
         e, d2h = copies["h2d"], copies["d2h"]
         b = _peer(peers, "example", key)
         b2 = _peer(peers, "offloading", key)
@@ -423,16 +442,29 @@ def part_report(setup: Setup) -> None:
             return "-" if x is None else f"{x * 1e3:,.0f}" if x >= 0.01 else f"{x * 1e3:.1f}"
 
         cu = median(r["checkout_unverified"]) if r.get("checkout_unverified") else None
-        ttft.add_row(str(n), f"{r['kv_bytes'] / GiB:.1f}", f(a), f(b), f(b2), f(c), f(cu), f(d),
-                     f(e), f"{a / c:.1f}x", "-" if b is None else f"{c / b:.2f}",
-                     "-" if b2 is None else f"{c / b2:.2f}", f"{(c - d) / e:.1f}",
-                     "-" if cu is None else f"{(cu - d) / e:.1f}")
+        def ratio(x: float | None, y: float | None, fmt: str = "{:.2f}") -> str:
+            return "-" if x is None or y is None else fmt.format(x / y)
+
+        def over(x: float | None, d: float = d) -> float | None:  # restore overhead over the warm hit
+            return None if x is None else x - d
+
+        ttft.add_row(str(n), f"{r['kv_bytes'] / GiB:.1f}", f(a), f(b), f(b2), f(c), f(ct), f(cu),
+                     f(d), f(e), ratio(a, c, "{:.1f}x"), ratio(c, b), ratio(c, b2),
+                     ratio(over(c), e, "{:.1f}"), ratio(a, ct, "{:.1f}x"), ratio(ct, b2),
+                     ratio(over(ct), e, "{:.1f}"), ratio(over(cu), e, "{:.1f}"))
+
+        def rate(x: float | None, gb: float = gb, d: float = d) -> str:
+            return "-" if x is None else f"{gb / max(x - d, 1e-9):.1f}"
+
+        def share(x: float | None, e: float = e, d: float = d) -> str:
+            return "-" if x is None else f"{e / max(x - d, 1e-9):.0%}"
+
         snaps.add_row(str(n), f"{gb / r['snapshot']:.1f}", f"{gb / r['snapshot_warm_store']:.1f}",
                       f"{gb / d2h:.1f}", f"{(gb / r['snapshot']) / (gb / d2h):.0%}",
                       f"{(gb / r['snapshot_warm_store']) / (gb / d2h):.0%}",
-                      f"{gb / max(c - d, 1e-9):.1f}", f"{gb / e:.1f}",
-                      f"{(c - d) and e / (c - d):.0%}")
-        rows.append({"tokens": n, "a": a, "b": b, "b2": b2, "c": c, "c_unverified": cu, "d": d,
+                      rate(c), rate(ct), f"{gb / e:.1f}", share(c), share(ct))
+        rows.append({"tokens": n, "a": a, "b": b, "b2": b2, "c": c, "c_tier": ct,
+                     "c_unverified": cu, "d": d,
                      "e": e, "d2h": d2h,
                      "snapshot": r["snapshot"], "snapshot_warm": r["snapshot_warm_store"],
                      "kv_bytes": r["kv_bytes"]})
@@ -451,8 +483,11 @@ def main() -> None:
     parser.add_argument("--part", default="all", choices=[
         "ours", "unverified", "checkouts", "peers", "offloading", "report", "all"])
     parser.add_argument("--quick", action="store_true", help="tiny model, short prompts")
+    parser.add_argument("--host-tier-gib", type=int, default=0,
+                        help="--part ours: keep pages in a host tier of this size")
+    parser.add_argument("--host-tier-dir", default="/dev/shm")
     opts = parser.parse_args()
-    setup = Setup(opts.quick)
+    setup = Setup(opts.quick, opts.host_tier_gib, opts.host_tier_dir)
     log(f"model {setup.model} ({setup.kv_per_token // 1024} KiB of KV per token), "
         f"lengths {setup.lengths}, cuda={setup.cuda}")
     if opts.part in ("ours", "all"):

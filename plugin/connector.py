@@ -98,6 +98,8 @@ class ProcessForkConnector(KVConnectorBase_V1):
                 page_path=config.page_path,
                 staging_mib=config.staging_mib,
                 copy_threads=config.copy_threads,
+                host_tier_mib=config.host_tier_mib,
+                host_tier_dir=config.host_tier_dir,
             )
 
     # ==============================

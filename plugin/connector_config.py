@@ -37,6 +37,14 @@ def _positive_int(extra: dict[str, Any], name: str) -> int | None:
     return int(value)
 
 
+def _count(extra: dict[str, Any], name: str) -> int:
+    """A size where 0 (the default) means off."""
+    value = extra.get(name)
+    if value is None or str(value) == "0":
+        return 0
+    return _positive_int(extra, name) or 0
+
+
 @dataclass(frozen=True)
 class ConnectorConfig:
     """What `--kv-transfer-config '{"kv_connector_extra_config": {...}}'` can set (docs/gpu.md)."""
@@ -47,6 +55,8 @@ class ConnectorConfig:
     page_path: str = "auto"
     staging_mib: int | None = None
     copy_threads: int | None = None
+    host_tier_mib: int = 0
+    host_tier_dir: str = "/dev/shm"
     #: Load a client request's stored prefix from the store on a prefix-cache miss.
     auto_restore: bool = True
 
@@ -60,5 +70,7 @@ class ConnectorConfig:
             page_path=str(extra.get("page_path") or "auto"),
             staging_mib=_positive_int(extra, "staging_mib"),
             copy_threads=_positive_int(extra, "copy_threads"),
+            host_tier_mib=_count(extra, "host_tier_mib"),
+            host_tier_dir=os.path.expanduser(str(extra.get("host_tier_dir") or "/dev/shm")),
             auto_restore=_flag(extra, "auto_restore"),
         )

@@ -40,6 +40,7 @@ import torch
 from processfork.store import Store, page_digest
 
 from .codec import PageCodec
+from .host_tier import HostTier
 
 __all__ = ["LoadOutcome", "StagedPagePath", "default_copy_threads"]
 
@@ -124,6 +125,7 @@ class StagedPagePath:
         staging_bytes: int = DEFAULT_STAGING_MIB * MiB,
         slots: int = DEFAULT_SLOTS,
         threads: int | None = None,
+        tier: HostTier | None = None,
     ):
         self.codec = codec
         self.verify = verify
@@ -139,6 +141,10 @@ class StagedPagePath:
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self._ready: list[tuple[PageItems, int, bool, Future[None]]] = []
+        self.tier = tier
+        # Recorded after each load's copies out of the tier: a tier slot is rewritten only once
+        # the copies that read it are done.
+        self._fence: torch.cuda.Event | None = None
 
     @property
     def staging_bytes(self) -> int:
@@ -156,6 +162,10 @@ class StagedPagePath:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self.tier is not None:
+            self._wait_fence()
+            self.tier.close()
+            self.tier = None
 
     # -- loads -----------------------------------------------------------------------------
     def load(
@@ -168,6 +178,10 @@ class StagedPagePath:
         queued ahead of whatever the engine's stream runs next. A missing page fails the whole
         transfer (raised); a corrupt one fails its block only.
         """
+        if self.tier is not None:
+            outcome = self._load_through_tier(store, block_ids, digests, jobs)
+            if outcome is not None:
+                return outcome
         return store.with_page_locations(
             list(digests),
             lambda views, base, path: self._load_views(
@@ -263,6 +277,158 @@ class StagedPagePath:
             self.codec.scatter_on_device(self._index(ids), src)
             slot.done = self._record(slot.done)
 
+    # -- loads through the host tier ---------------------------------------------------------
+    def _load_through_tier(
+        self, store: Store, block_ids: Sequence[int], digests: Sequence[bytes],
+        jobs: Sequence[str],
+    ) -> LoadOutcome | None:
+        """Copy every page to the GPU straight from the host tier; None when it cannot hold them.
+
+        Pages the tier lacks are first read from the store into free tier slots (the same
+        ``pread`` the staging slots get, so a miss costs what a load without the tier costs and
+        leaves the page in the tier). A chunk's device copy waits only for its own reads; pages
+        already in the tier are copied at once and checked in the threads meanwhile.
+        """
+        tier = self.tier
+        assert tier is not None
+        slots = tier.lookup(digests)
+        missing = [i for i, s in enumerate(slots) if s is None]
+        fresh: list[int] = []
+        if missing:
+            hits = [s for s in slots if s is not None]
+            fresh = tier.reserve(len(missing), keep=hits, before_reuse=self._wait_fence)
+            if len(fresh) < len(missing):
+                tier.release(fresh)
+                return None
+            for i, slot in zip(missing, fresh):
+                slots[i] = slot
+        placed: list[int] = [s for s in slots if s is not None]
+        try:
+            if missing:
+                result = store.with_page_locations(
+                    [digests[i] for i in missing],
+                    lambda views, base, path: self._copy_from_tier(
+                        block_ids, placed, digests, jobs, missing, views,
+                        _PageFile(self._file(path), base)),
+                )
+            else:
+                result = self._copy_from_tier(block_ids, placed, digests, jobs, [], [], None)
+        except BaseException:
+            tier.release(fresh)
+            raise
+        outcome, bad = result
+        read = set(missing)
+        tier.discard(digests[i] for i in bad if i not in read)
+        for i in missing:
+            if i not in bad:
+                tier.publish(placed[i], digests[i])
+        tier.release(placed[i] for i in missing if i in bad)
+        return outcome
+
+    def _copy_from_tier(
+        self, block_ids: Sequence[int], slots: list[int], digests: Sequence[bytes],
+        jobs: Sequence[str], missing: list[int], views: list[memoryview],
+        source: _PageFile | None,
+    ) -> tuple[LoadOutcome, set[int]]:
+        """The load's outcome, and the indexes of the pages that did not match their digests."""
+        tier = self.tier
+        assert tier is not None
+        for view in views:
+            if len(view) != self.page_bytes:
+                raise ValueError(f"stored page of {len(view)} bytes, expected {self.page_bytes}")
+        read_from = dict(zip(missing, views))
+        outcome = LoadOutcome()
+        bad: set[int] = set()
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.codec.device))
+        starts = list(range(0, len(block_ids), self.chunk_blocks))
+        chunk_pages = [range(2 * s, min(2 * (s + self.chunk_blocks), len(digests))) for s in starts]
+
+        def fill(pages: list[int]) -> list[int]:
+            """Read the pages the tier lacked into their slots, check the rest: bad pages."""
+            bad: list[int] = []
+            for i in pages:
+                row = tier.rows[slots[i]]
+                view = read_from.get(i)
+                if view is not None and not (source and source.read_into(row, view)):
+                    np.copyto(row, np.frombuffer(view, dtype=np.uint8))
+                if self.verify and page_digest(row) != digests[i]:
+                    bad.append(i)
+            return bad
+
+        # Per chunk: the reads it waits for first, then the checks of pages already in the tier,
+        # which nothing waits for until the end.
+        reads: list[list[Future[list[int]]]] = []
+        checks: list[Future[list[int]]] = []
+        for pages in chunk_pages:
+            absent = [i for i in pages if i in read_from]
+            present = [i for i in pages if i not in read_from] if self.verify else []
+            reads.append(self._submit_pages(absent, fill))
+            checks += self._submit_pages(present, fill)
+        try:
+            for c, start in enumerate(starts):
+                for future in reads[c]:
+                    bad.update(future.result())
+                ids = list(block_ids[start : start + self.chunk_blocks])
+                self._tier_to_blocks(self._slots[c % len(self._slots)], ids,
+                                     [slots[i] for i in chunk_pages[c]])
+            for future in checks:
+                bad.update(future.result())
+        finally:
+            for future in [f for fs in reads for f in fs] + checks:
+                future.exception()
+        if self._stream is not None:
+            self._fence = self._record(None)
+            torch.cuda.current_stream(self.codec.device).wait_stream(self._stream)
+        for i in sorted(bad):
+            block = i // 2
+            outcome.fail(block_ids[block], jobs[block],
+                         f"CorruptPage: page {digests[i].hex()} of block {block_ids[block]} does "
+                         "not match its digest")
+        return outcome, bad
+
+    def _submit_pages(self, pages: list[int], work: Callable[[list[int]], T]) -> list[Future[T]]:
+        """``work`` over ``pages`` in the pool, one slice per thread, K and V of a block together."""
+        if not pages:
+            return []
+        return self._submit_slices(len(pages), lambda lo, hi: work(pages[lo:hi]))
+
+    def _tier_to_blocks(self, slot: _Slot, ids: list[int], tier_slots: list[int]) -> None:
+        """Copy a chunk's pages from their tier slots, one copy per run of adjacent slots."""
+        tier = self.tier
+        assert tier is not None
+        n = len(ids)
+        runs: list[tuple[int, int, int]] = []  # (first row, first tier slot, count)
+        for row, ts in enumerate(tier_slots):
+            if runs and runs[-1][1] + runs[-1][2] == ts:
+                first, start, count = runs[-1]
+                runs[-1] = (first, start, count + 1)
+            else:
+                runs.append((row, ts, 1))
+        if self._stream is None:
+            for row, ts, count in runs:
+                slot.rows[row : row + count] = tier.rows[ts : ts + count]
+            self.codec.scatter(ids, slot.host[:n])
+            return
+        assert slot.device is not None
+        source = self._tier_tensor()
+        with torch.cuda.stream(self._stream):
+            dst = slot.device.view(-1).view(torch.uint8).view(-1, self.page_bytes)
+            for row, ts, count in runs:
+                dst[row : row + count].copy_(source[ts : ts + count], non_blocking=True)
+            self.codec.scatter_on_device(self._index(ids), slot.device[:n])
+
+    def _tier_tensor(self) -> torch.Tensor:
+        assert self.tier is not None
+        tensor = getattr(self, "_tier_rows", None)
+        if tensor is None:
+            tensor = self._tier_rows = torch.from_numpy(self.tier.rows)
+        return tensor
+
+    def _wait_fence(self) -> None:
+        if self._fence is not None:
+            self._fence.synchronize()
+
     # -- saves -----------------------------------------------------------------------------
     def save(self, block_ids: Sequence[int], valid_in_last: int | None, commit: Commit) -> None:
         """Gather blocks chunk by chunk and hand each chunk's hashed pages to ``commit``.
@@ -331,6 +497,8 @@ class StagedPagePath:
         def part(lo: int, hi: int) -> None:
             for i in range(lo, hi):
                 digests[i] = page_digest(rows[i])
+            if self.tier is not None:
+                self._keep_in_tier(rows, digests, lo, hi)
 
         list(self._spread(2 * n, part))
         items = [(digests[i], memoryview(rows[i])) for i in range(2 * n)]
@@ -340,6 +508,15 @@ class StagedPagePath:
         self._writer.submit(self._commit_ready, commit)
         slot.commit = done
         return done
+
+    def _keep_in_tier(self, rows: np.ndarray, digests: list[bytes], lo: int, hi: int) -> None:
+        """Copy saved pages the tier lacks into it: a checkout after a restart finds them there."""
+        tier = self.tier
+        assert tier is not None
+        new = [i for i, slot in zip(range(lo, hi), tier.lookup(digests[lo:hi])) if slot is None]
+        for i, slot in zip(new, tier.reserve(len(new), before_reuse=self._wait_fence)):
+            np.copyto(tier.rows[slot], rows[i])
+            tier.publish(slot, digests[i])
 
     def _commit_ready(self, commit: Commit) -> None:
         """Commit every chunk hashed so far in one call (one durable LMDB commit).

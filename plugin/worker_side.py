@@ -16,6 +16,7 @@ where the API server finds it and answers the client.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from .block_views import BlockViews
 from .codec import PageCodec, codec_for
 from .engine_info import engine_fingerprint, layer_order
 from .fingerprint import Fingerprint
+from .host_tier import HostTier, TierBusy, cuda_register, tier_file_path
 from .jobs import (
     EngineRecord,
     JobError,
@@ -97,7 +99,7 @@ class WorkerSide:
     def __init__(
         self, vllm_config: VllmConfig, store_path: str, *, verify_loads: bool,
         pipelined_loads: bool = True, page_path: str = "auto", staging_mib: int | None = None,
-        copy_threads: int | None = None,
+        copy_threads: int | None = None, host_tier_mib: int = 0, host_tier_dir: str = "/dev/shm",
     ):
         self.vllm_config = vllm_config
         self.store_path = store_path
@@ -108,6 +110,8 @@ class WorkerSide:
         self.page_path = page_path
         self.staging_mib = staging_mib
         self.copy_threads = copy_threads
+        self.host_tier_mib = host_tier_mib
+        self.host_tier_dir = host_tier_dir
         self._staged: StagedPagePath | None = None
         self.engine_id = vllm_config.kv_transfer_config.engine_id
         self.codec: PageCodec | None = None
@@ -155,6 +159,9 @@ class WorkerSide:
         self.layer_index = {n: ptrs.get(t.data_ptr(), -1) for n, t in kv_caches.items()}
         direct = self.codec.device.type == "cpu" and self.page_path != "staged"
         if direct:
+            if self.host_tier_mib:
+                logger.warning("processfork: host_tier_mib is ignored: the host tier serves the "
+                               "staged page path, and this CPU engine copies pages directly")
             self._views = BlockViews(self.codec.k_views, self.codec.v_views)
             g = self.codec.geometry
             buf = np.empty((2, self.codec.page_bytes), dtype=np.uint8)
@@ -168,7 +175,8 @@ class WorkerSide:
         else:
             kwargs = {} if self.staging_mib is None else {"staging_bytes": self.staging_mib * MiB}
             self._staged = StagedPagePath(
-                self.codec, verify=self.verify_loads, threads=self.copy_threads, **kwargs
+                self.codec, verify=self.verify_loads, threads=self.copy_threads,
+                tier=self._open_tier(), **kwargs
             )
             logger.info(
                 "processfork: staged page path, %d MiB of %s staging in chunks of %d blocks, "
@@ -180,6 +188,32 @@ class WorkerSide:
             "processfork: %d layers, %s codec, %d-byte pages, store %s",
             len(layers), self.codec.layout, self.codec.page_bytes, self.store_path,
         )
+
+    def _open_tier(self) -> HostTier | None:
+        """The host tier the config asks for, or None (with a warning) when it cannot be had."""
+        if not self.host_tier_mib:
+            return None
+        assert self.codec is not None
+        path = tier_file_path(self.host_tier_dir, self.store_path, self.codec.page_bytes)
+        started = time.monotonic()
+        try:
+            tier = HostTier(path, self.codec.page_bytes, self.host_tier_mib * MiB)
+        except (TierBusy, OSError, ValueError) as exc:
+            logger.warning("processfork: running without a host tier: %s", exc)
+            return None
+        if self.codec.device.type == "cuda":
+            try:
+                tier.pin(cuda_register)
+            except RuntimeError as exc:
+                tier.close()
+                logger.warning("processfork: running without a host tier: %s", exc)
+                return None
+        logger.info(
+            "processfork: host tier %s, %d slots of %d bytes, %d pages kept from before, ready "
+            "in %.1f s", path, tier.num_slots, tier.page_bytes, len(tier),
+            time.monotonic() - started,
+        )
+        return tier
 
     # --- loads ------------------------------------------------------------------
     def start_load(self, plan: StepPlan) -> None:

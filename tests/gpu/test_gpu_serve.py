@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 from pf_http import PF, cached_tokens, complete, damage_page, get, pf, post, random_tokens
+from processfork.plugin.launch_plan import kv_transfer_config
 from processfork.store import Store
 
 # vLLM's default block size on CUDA (tests/gpu/conftest.py leaves it as it is)
@@ -180,10 +182,17 @@ def test_a_damaged_page_is_caught_and_recomputed(gpu_server, before, gpu_store):
 # -- batch-invariant kernels: restored == cold full prefill, also under concurrent load -------
 @pytest.fixture(scope="module")
 def invariant(start_gpu_server, gpu_model, tmp_path_factory):
-    """A server with VLLM_BATCH_INVARIANT=1 and a step budget that prefills prompts in one pass."""
+    """A server with VLLM_BATCH_INVARIANT=1 and a step budget that prefills prompts in one pass.
+
+    It keeps pages in a host tier, so its checkouts after the restart are copied to the GPU from
+    the tier's registered memory rather than read from the store."""
+    store = tmp_path_factory.mktemp("pf-store-invariant")
+    config = kv_transfer_config(store)
+    config["kv_connector_extra_config"].update({
+        "host_tier_mib": 256, "host_tier_dir": str(tmp_path_factory.mktemp("pf-tier"))})
     return start_gpu_server(
-        gpu_model, store=tmp_path_factory.mktemp("pf-store-invariant"),
-        extra_args=("--max-num-batched-tokens", "4096"),
+        gpu_model, store=store,
+        extra_args=("--max-num-batched-tokens", "4096", "--kv-transfer-config", json.dumps(config)),
         env={"VLLM_BATCH_INVARIANT": "1"},
     )
 
@@ -204,6 +213,9 @@ def test_batch_invariant_restore_under_load_equals_a_warm_hit_alone(invariant):
         assert cached_tokens(warm[n]) == split_point(n)
         pf(invariant, "snapshot", {"name": f"inv/{n}", "token_ids": p})
     invariant.restart()
+    log = invariant.process.log_path.read_text(errors="replace")
+    kept = re.search(r"host tier .* (\d+) pages kept from before", log)
+    assert kept and int(kept.group(1)) > 0, "the snapshots' pages outlive the engine in the tier"
     stop = threading.Event()
 
     def load() -> int:

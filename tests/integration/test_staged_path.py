@@ -2,14 +2,17 @@
 
 A server started with ``"page_path": "staged"`` moves every page through the fixed pool of
 staging slots (here 1 MiB: four blocks of the tiny model per chunk, so every transfer spans
-several chunks), with several copy threads. Its snapshots must hold the very pages the direct CPU
-path of the session server stores for the same tokens, and a checkout after a restart must
-continue bit for bit like the same engine's warm prefix-cache hit.
+several chunks), with several copy threads, and keeps pages in a host tier (a file in a temporary
+directory here, ``/dev/shm`` by default) that outlives the engine. Its snapshots must hold the
+very pages the direct CPU path of the session server stores for the same tokens, and a checkout
+after a restart (served from the tier the previous engine filled) must continue bit for bit like
+the same engine's warm prefix-cache hit.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from pf_http import cached_tokens, complete, pf, random_tokens
@@ -27,9 +30,10 @@ RESIDENT = 12 * BLOCK  # block-aligned and cached: saved without a forward pass
 def staged(start_server, tmp_path_factory):
     store = tmp_path_factory.mktemp("pf-store-staged")
     config = kv_transfer_config(store)
-    config["kv_connector_extra_config"].update(
-        {"page_path": "staged", "staging_mib": 1, "copy_threads": 3}
-    )
+    config["kv_connector_extra_config"].update({
+        "page_path": "staged", "staging_mib": 1, "copy_threads": 3, "host_tier_mib": 64,
+        "host_tier_dir": str(tmp_path_factory.mktemp("pf-tier")),
+    })
     return start_server(store=store, extra_args=(
         "--max-model-len", "4096", "--max-num-batched-tokens", "256",
         "--kv-transfer-config", json.dumps(config),
@@ -44,6 +48,7 @@ def _pages(store_path, cid):
 def test_staged_server_reports_its_page_path(staged):
     log = staged.process.log_path.read_text(errors="replace")
     assert "staged page path" in log and "chunks of 4 blocks" in log
+    assert "host tier" in log and "0 pages kept from before" in log
 
 
 def test_staged_pages_equal_the_direct_paths_pages(server, pf_store, staged):
@@ -67,6 +72,9 @@ def test_staged_checkout_after_restart_matches_a_warm_hit(staged):
         assert cached_tokens(warm) == (len(tokens) - 1) // BLOCK * BLOCK
         references[name] = (tokens, snap, warm)
     staged.restart()
+    log = staged.process.log_path.read_text(errors="replace")
+    kept = re.search(r"host tier .* (\d+) pages kept from before", log)
+    assert kept and int(kept.group(1)) > 0, "the saved pages outlive the engine in the tier"
     for name, (tokens, snap, warm) in references.items():
         out = pf(staged, "checkout", {"cid": snap["cid"]})
         assert out["tokens_loaded"] == (len(tokens) - 1) // BLOCK * BLOCK, name
