@@ -85,7 +85,8 @@ class ProcessForkConnector(KVConnectorBase_V1):
 
             self._scheduler = SchedulerSide(
                 vllm_config, kv_cache_config, store_path=self.store_path,
-                auto_restore=config.auto_restore,
+                auto_restore=config.auto_restore, sessions=config.sessions,
+                session_prefix=config.session_prefix,
             )
         else:
             from .worker_side import WorkerSide

@@ -59,6 +59,9 @@ class ConnectorConfig:
     host_tier_dir: str = "/dev/shm"
     #: Load a client request's stored prefix from the store on a prefix-cache miss.
     auto_restore: bool = True
+    #: Commit each turn of a request that names a session to the ref ``<session_prefix>NAME``.
+    sessions: bool = True
+    session_prefix: str = "sessions/"
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
@@ -73,4 +76,6 @@ class ConnectorConfig:
             host_tier_mib=_count(extra, "host_tier_mib"),
             host_tier_dir=os.path.expanduser(str(extra.get("host_tier_dir") or "/dev/shm")),
             auto_restore=_flag(extra, "auto_restore"),
+            sessions=_flag(extra, "sessions"),
+            session_prefix=str(extra.get("session_prefix") or "sessions/"),
         )

@@ -1,6 +1,7 @@
 """Which stored blocks continue a request's tokens.  Runs in EngineCore, for the scheduler side.
 
-The scheduler side asks this on a prefix-cache miss (transparent restore). The answer comes from the
+The scheduler side asks this on a prefix-cache miss (transparent restore) and when a session
+request is admitted (which blocks its commit can take from the store). The answer comes from the
 store's prefix index (``processfork.store.prefix_index``), in the partition of this engine's
 fingerprint and the request's ``cache_salt``: a request never sees pages stored by another engine
 layout or under another salt.

@@ -15,7 +15,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vllm.logger import init_logger
+from vllm.v1.request import RequestStatus
+
 from .jobs import (
+    PARAMS_KEY,
     CaptureOp,
     CaptureReply,
     CheckoutOp,
@@ -28,6 +32,7 @@ from .jobs import (
     tokens_digest,
 )
 from .prefix_lookup import RESTORE_JOB_PREFIX, PrefixLookup
+from .sessions import DEFAULT_PREFIX, SessionCommitter, SessionState, TurnSpec, session_ref
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -38,6 +43,8 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 __all__ = ["SchedulerSide"]
+
+logger = init_logger(__name__)
 
 #: How long a snapshot request saved without a forward pass waits to be ended by the API server.
 RESIDENT_SAVE_WAIT_S = 5.0
@@ -82,6 +89,8 @@ class SchedulerSide:
         *,
         store_path: str | None = None,
         auto_restore: bool = False,
+        sessions: bool = False,
+        session_prefix: str = DEFAULT_PREFIX,
     ):
         self.block_size = vllm_config.cache_config.block_size
         if len(kv_cache_config.kv_cache_groups) != 1:
@@ -104,9 +113,14 @@ class SchedulerSide:
         self._pending_loads: list[LoadJob] = []
         self._resident_saves: list[SaveJob] = []
         self.auto_restore = auto_restore and store_path is not None
+        self.session_prefix = session_prefix
+        self._sessions: dict[str, SessionState] = {}
         self.lookup: PrefixLookup | None = None
-        if self.auto_restore:
+        self.committer: SessionCommitter | None = None
+        if store_path is not None and (auto_restore or sessions):
             self.lookup = PrefixLookup(store_path, self.auth, self.block_size)
+        if sessions and self.lookup is not None:
+            self.committer = SessionCommitter(self.lookup.store)
 
     def bind_block_pool(self, pool: BlockPool) -> None:
         self._block_pool = pool
@@ -130,6 +144,8 @@ class SchedulerSide:
                 # Not scheduled: the worker saves the cached blocks in the next step, and the
                 # control plane ends the request once the job's record is in the store.
                 return None, False
+        if op is None and self.committer is not None and request.request_id not in self._sessions:
+            self._start_session(request)
         if op is None and self.auto_restore:
             return self._restore(request, num_computed_tokens), False
         if not isinstance(op, CheckoutOp):
@@ -143,6 +159,26 @@ class SchedulerSide:
         loadable = (request.num_prompt_tokens - 1) // self.block_size * self.block_size
         state.local_tokens = num_computed_tokens
         return max(0, loadable - num_computed_tokens), False
+
+    def _start_session(self, request: Request) -> None:
+        """A client request that names a session: note which of its blocks the store holds
+        already (the turn's commit takes those pages as they are) and save the others."""
+        assert self.lookup is not None
+        ref, why = session_ref(request.kv_transfer_params, self.session_prefix)
+        if ref is None:
+            if why:
+                logger.warning("processfork: request %s: no session commit: %s",
+                               request.request_id, why)
+            return
+        if not _restorable(request):
+            return
+        salt = getattr(request, "cache_salt", None)
+        hit = self.lookup.longest(request.prompt_token_ids, salt, first=0,
+                                  limit=request.num_prompt_tokens // self.block_size)
+        self._sessions[request.request_id] = SessionState(
+            job=uuid.uuid4().hex, ref=ref, cache_salt=salt, base=hit,
+            next_block=hit.blocks if hit is not None else 0,
+        )
 
     def _restore(self, request: Request, num_computed_tokens: int) -> int:
         """Tokens a client request can load from the store beyond the prefix cache's hit.
@@ -267,6 +303,8 @@ class SchedulerSide:
             self.lookup.stats.failed_blocks += len(block_ids)
 
     def close(self) -> None:
+        if self.committer is not None:
+            self.committer.close()
         if self.lookup is not None:
             self.lookup.close()
 
@@ -275,6 +313,8 @@ class SchedulerSide:
         plan = StepPlan(loads=self._pending_loads, saves=self._resident_saves)
         self._pending_loads = []
         self._resident_saves = []
+        if self._sessions:
+            self._plan_sessions(plan, scheduler_output)
         if not self._snapshots:
             return plan
         scheduled = scheduler_output.num_scheduled_tokens
@@ -295,6 +335,43 @@ class SchedulerSide:
                 state.block_ids.extend(new_ids[0])
             self._plan_save(plan, req_id, state, cached.num_computed_tokens[i], scheduled)
         return plan
+
+    def _plan_sessions(self, plan: StepPlan, scheduler_output: SchedulerOutput) -> None:
+        """Hand the worker every block of a session request (prompt or output) that becomes
+        complete in this step, under a job of the step's own."""
+        scheduled = scheduler_output.num_scheduled_tokens
+        steps: list[tuple[str, SessionState, int]] = []
+        for new_req in scheduler_output.scheduled_new_reqs:
+            state = self._sessions.get(new_req.req_id)
+            if state is not None:
+                state.block_ids = list(new_req.block_ids[0])
+                steps.append((new_req.req_id, state, new_req.num_computed_tokens))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._sessions.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                state.block_ids.extend(new_ids[0])
+            steps.append((req_id, state, cached.num_computed_tokens[i]))
+        for req_id, state, computed_before in steps:
+            request = self._live.get(req_id)
+            if request is None:
+                continue
+            # Never past the tokens the request has: speculative tokens may be rejected.
+            computed = min(computed_before + scheduled.get(req_id, 0), request.num_tokens)
+            end = min(computed // self.block_size, len(state.block_ids))
+            if end <= state.next_block:
+                continue
+            job = state.step_job()
+            plan.saves.append(SaveJob(job=job, req_id=req_id, first_block=state.next_block,
+                                      block_ids=state.block_ids[state.next_block : end],
+                                      final=True))
+            state.steps.append(job)
+            state.next_block = end
 
     def _plan_save(
         self,
@@ -343,21 +420,50 @@ class SchedulerSide:
         if isinstance(op, CaptureOp):
             return CaptureReply(self.resident_sequences(op.request_id)).to_params()
         self._remember_finished(request, snap.num_prompt if snap is not None else None)
+        session = self._sessions.pop(req_id, None)
         if op is None:
-            return self._client_reply(checkout)
+            return self._client_reply(request, checkout, session)
         if checkout is not None:
             return (checkout.reply or CheckoutReply()).to_params()
         # A snapshot's outcome is its job record in the store, written by the worker.
         return None
 
-    def _client_reply(self, checkout: _CheckoutState | None) -> dict[str, Any] | None:
-        """A client request's reply: what a transparent restore loaded, if anything."""
-        if checkout is None or checkout.reply is None or not checkout.reply.loaded_tokens:
-            return None
-        if self.lookup is not None:
-            self.lookup.stats.restored_requests += 1
-            self.lookup.stats.restored_tokens += checkout.reply.loaded_tokens
-        return checkout.reply.to_params()
+    def _client_reply(
+        self, request: Request, checkout: _CheckoutState | None, session: SessionState | None
+    ) -> dict[str, Any] | None:
+        """A client request's reply: what a transparent restore loaded, which session turn
+        will be committed (after the response: the commit runs on its own thread)."""
+        reply: dict[str, Any] = {}
+        if checkout is not None and checkout.reply is not None and checkout.reply.loaded_tokens:
+            reply.update(checkout.reply.to_params()[PARAMS_KEY])
+            if self.lookup is not None:
+                self.lookup.stats.restored_requests += 1
+                self.lookup.stats.restored_tokens += checkout.reply.loaded_tokens
+        if session is not None:
+            reply.update(self._finish_session(request, session))
+        return {PARAMS_KEY: reply} if reply else None
+
+    def _finish_session(self, request: Request, session: SessionState) -> dict[str, Any]:
+        assert self.committer is not None and self.lookup is not None
+        fingerprint = self.lookup.fingerprint()
+        stopped = request.status in (RequestStatus.FINISHED_STOPPED,
+                                     RequestStatus.FINISHED_LENGTH_CAPPED)
+        blocks = session.next_block
+        if not stopped or fingerprint is None or blocks == 0:
+            self.committer.discard(session.steps)
+            return {"session": session.ref, "session_blocks": 0}
+        self.committer.submit(TurnSpec(
+            ref=session.ref,
+            tokens=list(request.all_token_ids[: blocks * self.block_size]),
+            base=session.base,
+            steps=list(session.steps),
+            fingerprint=fingerprint,
+            cache_salt=session.cache_salt,
+            block_size=self.block_size,
+        ))
+        base = session.base.blocks if session.base is not None else 0
+        return {"session": session.ref, "session_blocks": blocks,
+                "session_new_blocks": blocks - base}
 
     def _remember_finished(self, request: Request, length: int | None = None) -> None:
         """Index a finished request's sequence (a snapshot request's: the sequence alone)."""

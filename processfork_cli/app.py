@@ -71,6 +71,7 @@ COMMANDS: dict[str, str] = {
     "refs": "processfork_cli.commands_refs",
     "branch": "processfork_cli.commands_refs",
     "ref": "processfork_cli.commands_refs",
+    "reset": "processfork_cli.commands_refs",
     "status": "processfork_cli.commands_maint",
     "fsck": "processfork_cli.commands_maint",
     "gc": "processfork_cli.commands_maint",

@@ -143,6 +143,14 @@ def gc(
             help="Drop reflog entries older than AGE (`never` keeps all); what only they kept goes too.",
         ),
     ] = "30d",
+    session_ttl: Annotated[
+        str | None,
+        typer.Option(
+            "--session-ttl",
+            metavar="AGE",
+            help="First delete session refs (sessions/...) that have not moved for AGE.",
+        ),
+    ] = None,
     store: StoreOpt = None,
     json_: JsonOpt = None,
     quiet: QuietOpt = None,
@@ -152,8 +160,10 @@ def gc(
 
     s = settings(ctx, store=store, json=json_, quiet=quiet)
     grace, expiry = parse_age(prune), parse_age(expire)
+    ttl = None if session_ttl is None else parse_age(session_ttl)
     with s.open_store(readonly=dry_run) as st, s.out.progress("gc") as progress:
-        stats = st.gc(dry_run=dry_run, prune=grace, expire=expiry, progress=progress)
+        stats = st.gc(dry_run=dry_run, prune=grace, expire=expiry, progress=progress,
+                      session_ttl=ttl)
     doc: dict[str, Any] = {"dry_run": dry_run, "prune": prune, "expire": expire}
     doc.update(to_jsonable(stats))
     doc.update(dry_run=dry_run, prune=prune, expire=expire)

@@ -231,7 +231,40 @@ def ref_delete(
     _delete(s, name, force=force, old=old)
 
 
+RESET_EXAMPLES = """
+Examples:
+
+  pf reset sessions/agent-42 'sessions/agent-42~3'   # roll a session back three turns
+  pf reset main base/2 --old main~1                  # only if main has not moved since
+"""
+
+
+def reset(
+    ctx: typer.Context,
+    name: NameArg,
+    rev: Annotated[str, typer.Argument(metavar="REV", help="Snapshot the ref moves to.")],
+    old: Annotated[
+        str | None,
+        typer.Option("--old", metavar="REV", help="Only if the ref now names this snapshot."),
+    ] = None,
+    store: StoreOpt = None,
+    json_: JsonOpt = None,
+    quiet: QuietOpt = None,
+) -> None:
+    """Move the existing ref NAME to REV (a session continues from there on its next turn)."""
+    s = settings(ctx, store=store, json=json_, quiet=quiet)
+    with s.open_store() as st:
+        current = st.get_ref(name)
+        if current is None:
+            raise UserError(f"no ref named {name!r}", hint="`pf refs` lists refs")
+        # Resolved before the move: `NAME~3` names where the ref is now, not where it will be.
+        expected = st.resolve(old) if old is not None else current
+        target = st.resolve(rev)
+    _set(s, name, target, expected_old=expected, action="reset")
+
+
 def register(app: typer.Typer) -> None:
     app.command("refs")(refs)
     app.command("branch", epilog=BRANCH_EXAMPLES)(branch)
     app.add_typer(ref_app)
+    app.command("reset", epilog=RESET_EXAMPLES)(reset)

@@ -33,7 +33,13 @@ from processfork.store.objects import (
     read_pins,
 )
 from processfork.store.prefix_index import drop_snapshot
-from processfork.store.refs import iter_reflog, list_refs, read_head
+from processfork.store.refs import (
+    iter_reflog,
+    list_refs,
+    read_head,
+    read_reflog,
+    set_ref,
+)
 from processfork.store.timeparse import parse_age
 
 if TYPE_CHECKING:
@@ -41,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GcStats", "gc"]
 
+SESSION_PREFIX = "sessions/"  # where the plugin commits session turns (its `session_prefix`)
 SWEEP_CHUNK = 50_000  # deletions per write transaction: bounded writer stalls, few commits
 JOB_RECORD_PREFIX = b"job:"  # meta key of a job's record; the job's pin is named by the job id
 Progress = Callable[[str, int, int], None]
@@ -61,6 +68,7 @@ class GcStats:
     removed_bytes: int = 0
     expired_reflog: int = 0
     removed_pins: int = 0
+    expired_sessions: int = 0
     kept_young: int = 0
     seconds: float = 0.0
 
@@ -153,6 +161,29 @@ def _keys(txn: lmdb.Transaction, db: Any, *, views: bool) -> list[bytes]:
     return [bytes(k) for k in keys] if views else list(keys)
 
 
+def _expire_sessions(env: Env, cut: float, prefix: str, *, dry_run: bool) -> int:
+    """Delete (or, dry, count) the session refs whose last move is older than `cut`; one write
+    transaction, each deletion a compare-and-swap with its reflog entry. The ref HEAD follows
+    stays."""
+
+    def run(txn: lmdb.Transaction) -> int:
+        head = read_head(txn, env.dbs)
+        count = 0
+        for name, cid in sorted(list_refs(txn, env.dbs).items()):
+            if not name.startswith(prefix) or name == head.ref:
+                continue
+            log = read_reflog(txn, env.dbs, name)
+            if log and log[-1].time >= cut:
+                continue
+            count += 1
+            if not dry_run:
+                set_ref(txn, env.dbs, name, None, expected_old=cid, action="delete",
+                        message="session expired")
+        return count
+
+    return env.read(run) if dry_run else env.write(run)
+
+
 def gc(
     env: Env,
     *,
@@ -160,12 +191,22 @@ def gc(
     prune: float | str = 600.0,
     expire: float | str = 30 * 86400.0,
     progress: Progress | None = None,
+    session_ttl: float | str | None = None,
+    session_prefix: str = SESSION_PREFIX,
 ) -> GcStats:
     """Mark and sweep; `prune` is the grace period and `expire` the reflog age, both in seconds
-    (or ages such as "now", "10m", "2.weeks")."""
+    (or ages such as "now", "10m", "2.weeks").
+
+    With `session_ttl`, refs under `session_prefix` that have not moved for longer than that are
+    deleted first, each with a reflog entry; what they reached then goes the way of any deleted
+    ref's snapshots: once the reflog entries that name it expire (`expire`)."""
     start = time.perf_counter()
     prune_s, expire_s = parse_age(prune), parse_age(expire)
     now = time.time()
+    expired_sessions = 0
+    if session_ttl is not None:
+        expired_sessions = _expire_sessions(env, now - parse_age(session_ttl), session_prefix,
+                                            dry_run=dry_run)
     grace_cut = now - prune_s
     expire_cut = -math.inf if math.isinf(expire_s) else now - expire_s
     pin_cut = now - PIN_STALE_SECONDS
@@ -242,7 +283,7 @@ def gc(
                     jcur.delete()
         return s
 
-    total = GcStats(dry_run)
+    total = GcStats(dry_run, expired_sessions=expired_sessions)
     done = 0
     for n, chunk in enumerate(chunks):
 

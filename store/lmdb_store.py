@@ -496,6 +496,13 @@ class Store:
             buffers=True,
         )
 
+    def commit_turn(self, turn: Any) -> Any:
+        """Commit one session turn (a `sessions.SessionTurn`) in one transaction: its snapshot,
+        index entries and ref move; returns a `sessions.TurnResult`."""
+        from processfork.store.sessions import commit_turn
+
+        return commit_turn(self._writable_env(), turn)
+
     def get_snapshot(self, cid: str) -> Manifest:
         full = normalize_cid(cid)
         return self._read(lambda txn: load_manifest(txn, self.dbs, full), buffers=True)
@@ -652,11 +659,13 @@ class Store:
         prune: float | str = 600.0,
         expire: float | str = 30 * 86400.0,
         progress: Callable[[str, int, int], None] | None = None,
+        session_ttl: float | str | None = None,
     ) -> GcStats:
         from processfork.store.gc import gc
 
         env = self.env if dry_run else self._writable_env()
-        return gc(env, dry_run=dry_run, prune=prune, expire=expire, progress=progress)
+        return gc(env, dry_run=dry_run, prune=prune, expire=expire, progress=progress,
+                  session_ttl=session_ttl)
 
     def fsck(
         self, *, progress: Callable[[str, int, int], None] | None = None

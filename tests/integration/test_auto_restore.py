@@ -1,19 +1,27 @@
-"""Transparent restores on a real server: after a restart, a plain completion whose prompt starts
-with a stored snapshot's tokens loads those blocks from the store by itself (no checkout) and
-continues exactly as the warm prefix-cache hit did before the restart. One restart serves every
-test of the module."""
+"""Transparent restores and sessions on a real server.
+
+After a restart, a plain completion whose prompt starts with a stored snapshot's tokens loads those
+blocks from the store by itself (no checkout) and continues exactly as the warm prefix-cache hit
+did before the restart. A chat whose requests name a session commits every turn to
+``sessions/NAME``, chained by parent, writing only the new blocks; after the restart its next turn
+loads the session from the store. One restart serves every test of the module.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from pf_http import cached_tokens, complete, metric, pf, random_tokens
+from processfork.store import Store
 
 pytestmark = pytest.mark.integration
 
 BLOCK = 32
+SESSION = "it-agent"
+REF = f"sessions/{SESSION}"
 
 
 def split_point(length: int) -> int:
@@ -27,10 +35,45 @@ class Before:
     tokens: list[int] = field(default_factory=list)
     warm: dict[str, Any] = field(default_factory=dict)
     salted: list[int] = field(default_factory=list)
+    history: list[dict[str, str]] = field(default_factory=list)
+    #: per session turn: the reply's processfork fields, the prompt's token ids, the turn's cid
+    turns: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _wait_for_ref(store_path, ref: str, old: str | None) -> str:
+    """The ref's new value: a turn commits after its response, on the engine's side."""
+    deadline = time.monotonic() + 120
+    while True:
+        with Store(store_path, readonly=True) as store:
+            now = store.get_ref(ref)
+        if now is not None and now != old:
+            return now
+        assert time.monotonic() < deadline, f"{ref} did not move from {old}"
+        time.sleep(0.2)
+
+
+def _turn(client, server, store_path, history: list[dict[str, str]], message: str) -> dict:
+    history.append({"role": "user", "content": message})
+    with Store(store_path, readonly=True) as store:
+        old = store.get_ref(REF)
+    response = client.chat.completions.create(
+        model=server.model_name, messages=history, max_tokens=12, temperature=0,
+        extra_body={"kv_transfer_params": {"processfork": {"session": SESSION}},
+                    "return_token_ids": True},
+    )
+    history.append({"role": "assistant", "content": response.choices[0].message.content})
+    extra = response.model_extra
+    return {"reply": extra["kv_transfer_params"]["processfork"],
+            "prompt": list(extra["prompt_token_ids"]),
+            "cid": _wait_for_ref(store_path, REF, old)}
+
+
+def _message(i: int) -> str:
+    return f"Step {i}: read the ticket, search the logs and plan the next tool call. " * 4
 
 
 @pytest.fixture(scope="module")
-def before(server, restart_server) -> Before:
+def before(server, restart_server, openai_client, pf_store) -> Before:
     out = Before()
     out.tokens = random_tokens(8100, 12 * BLOCK + 7)
     complete(server, out.tokens, max_tokens=8, logprobs=5)  # cold: computes and caches
@@ -39,6 +82,9 @@ def before(server, restart_server) -> Before:
     pf(server, "snapshot", {"name": "auto/plain", "token_ids": out.tokens})
     out.salted = random_tokens(8101, 6 * BLOCK + 3)
     pf(server, "snapshot", {"name": "auto/salted", "token_ids": out.salted})
+    out.history = [{"role": "system", "content": "You are a careful agent. " * 24}]
+    for i in range(3):
+        out.turns.append(_turn(openai_client, server, pf_store, out.history, _message(i)))
     restart_server()
     return out
 
@@ -66,3 +112,50 @@ def test_a_request_under_another_cache_salt_loads_nothing(server, before):
     # The same tokens without a salt are the snapshot's partition: they load.
     plain = complete(server, before.salted, max_tokens=2)
     assert cached_tokens(plain) == split_point(len(before.salted))
+
+
+def test_each_session_turn_is_a_snapshot_chained_to_the_last(before, pf_store):
+    with Store(pf_store, readonly=True) as store:
+        manifests = [store.get_snapshot(t["cid"]) for t in before.turns]
+        stored = [store.get_tokens(m.sequences[0].tokens) for m in manifests]
+    assert [m.parents for m in manifests] == [[], [before.turns[0]["cid"]],
+                                              [before.turns[1]["cid"]]]
+    for turn, manifest, tokens in zip(before.turns, manifests, stored):
+        reply = turn["reply"]
+        assert reply["session"] == REF
+        assert reply["session_blocks"] == len(manifest.sequences[0].pages) == len(tokens) // BLOCK
+        assert tokens[: len(turn["prompt"]) // BLOCK * BLOCK] == (
+            turn["prompt"][: len(turn["prompt"]) // BLOCK * BLOCK])
+    # Later turns write only the blocks the earlier ones did not hold.
+    for earlier, later in zip(before.turns, before.turns[1:]):
+        new = later["reply"]["session_new_blocks"]
+        assert 0 < new < later["reply"]["session_blocks"]
+        assert new <= later["reply"]["session_blocks"] - len(earlier["prompt"]) // BLOCK
+
+
+def test_the_next_turn_after_a_restart_loads_the_session_from_the_store(
+    server, openai_client, before, pf_store
+):
+    with Store(pf_store, readonly=True) as store:
+        last = store.get_tokens(store.get_snapshot(before.turns[-1]["cid"]).sequences[0].tokens)
+    turn = _turn(openai_client, server, pf_store, before.history, _message(3))
+    prompt = turn["prompt"]
+    common = 0
+    while common < min(len(prompt), len(last)) and prompt[common] == last[common]:
+        common += 1
+    expected = min(common // BLOCK * BLOCK, split_point(len(prompt)))
+    assert expected >= len(before.turns[-1]["prompt"]) // BLOCK * BLOCK  # turns 1-3 at least
+    assert turn["reply"]["loaded_tokens"] == expected
+    with Store(pf_store, readonly=True) as store:
+        assert store.get_snapshot(turn["cid"]).parents == [before.turns[-1]["cid"]]
+
+
+def test_a_session_rolled_back_continues_from_the_turn_it_was_reset_to(
+    server, openai_client, before, pf_store
+):
+    with Store(pf_store) as store:
+        store.set_ref(REF, before.turns[0]["cid"], action="reset", message="reset: turn 1")
+    history = before.history[:3]  # system, the first message and its answer
+    turn = _turn(openai_client, server, pf_store, history, "Another plan, from step 1. " * 4)
+    with Store(pf_store, readonly=True) as store:
+        assert store.get_snapshot(turn["cid"]).parents == [before.turns[0]["cid"]]

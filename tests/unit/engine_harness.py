@@ -269,6 +269,7 @@ class Engine:
         request_id: str | None = None,
         max_tokens: int = 1,
         cache_salt: str | None = None,
+        client_params: dict[str, Any] | None = None,
     ) -> Any:
         """A vLLM ``Request`` as EngineCore builds it; ``params`` is our instruction, if any."""
         from vllm.sampling_params import SamplingParams
@@ -277,6 +278,8 @@ class Engine:
         extra = None
         if params is not None:
             extra = {"kv_transfer_params": {"processfork": {**params, "auth": self.auth}}}
+        elif client_params is not None:  # what an OpenAI client sends, as it sends it
+            extra = {"kv_transfer_params": client_params}
         sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=extra)
         sampling.update_from_generation_config({}, EOS)
         return Request(

@@ -140,3 +140,16 @@ def test_refs_sort_numbers_by_value(history: History) -> None:
             store.set_ref(f"base/{i}", history.forks[0])
     quiet = pf(history.path, "refs", "-q").stdout.splitlines()
     assert quiet == ["base", "base/0", "base/1", "base/2", "base/3", "base/10", "base/11", "main"]
+
+
+def test_reset_moves_an_existing_ref_back_with_a_reflog_entry(history: History) -> None:
+    moved = pf(history.path, "reset", "main", "main~1", "--json")
+    assert moved.exit_code == 0, moved.stderr
+    assert moved.json() == {"ref": "main", "cid": history.base, "old": history.child}
+    with Store(history.path, readonly=True) as st:
+        assert st.get_ref("main") == history.base
+        assert st.reflog("main")[-1].action == "reset"
+    stale = pf(history.path, "reset", "main", history.child, "--old", "base/1")
+    assert stale.exit_code == 1 and "changed concurrently" in stale.stderr
+    missing = pf(history.path, "reset", "nosuch", "main")
+    assert missing.exit_code == 1 and "no ref named 'nosuch'" in missing.stderr

@@ -281,3 +281,23 @@ def test_fsck_checks_block_count_against_block_size(tmp_path):
         seq = SnapshotSequence(tokens, [(pages[0].hex(), pages[1].hex())])
         store.write_snapshot(Manifest(name="x", fingerprint={"block_size": 16}, sequences=[seq]))
         assert [i.kind for i in store.fsck()] == ["bad-block-count"]
+
+
+def test_session_refs_idle_longer_than_the_ttl_are_deleted_then_collected(tmp_path):
+    from store_helpers import make_snapshot
+
+    with Store(tmp_path / "ttl") as store:
+        idle = make_snapshot(store, "sessions/a", ref="sessions/a")
+        make_snapshot(store, "sessions/b", ref="sessions/b", move_head=True)  # HEAD follows it
+        make_snapshot(store, "main", ref="main")
+        assert store.gc(session_ttl="1h").expired_sessions == 0
+        assert store.gc(session_ttl="now", dry_run=True).expired_sessions == 1
+        assert store.get_ref("sessions/a") == idle
+        assert store.gc(session_ttl="now", prune="now").expired_sessions == 1
+        assert store.get_ref("sessions/a") is None
+        assert store.get_ref("sessions/b") is not None and store.get_ref("main") is not None
+        last = store.reflog("sessions/a")[-1]
+        assert (last.action, last.new, last.message) == ("delete", None, "session expired")
+        assert store.has_snapshot(idle)  # its reflog entries still protect it
+        store.gc(prune="now", expire="now")
+        assert not store.has_snapshot(idle)

@@ -1,0 +1,166 @@
+"""Sessions: a client request that names a session is committed to the store when it finishes.
+Runs in EngineCore, for the scheduler side.
+
+A completion or chat request with ``kv_transfer_params: {"processfork": {"session": NAME}}``
+becomes one turn of the session: its prompt and output, as far as the engine computed whole
+blocks of them, become a snapshot on the ref ``sessions/NAME``. The blocks the store already holds
+(found through the prefix index when the request is admitted) are not saved again; the others are
+saved by the worker in the engine steps that compute them, each step's pages under a job of their
+own (``<job>.<first block>``). When the request finishes, a background thread reads those jobs'
+records and commits the turn in one transaction (``processfork.store.sessions``), so the response
+never waits for the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .jobs import PARAMS_KEY, JobRecord, job_meta_key
+
+if TYPE_CHECKING:
+    from processfork.store import Store
+    from processfork.store.prefix_index import PrefixHit
+    from processfork.store.sessions import TurnResult
+
+__all__ = ["DEFAULT_PREFIX", "SessionCommitter", "SessionState", "session_ref"]
+
+logger = logging.getLogger("processfork.plugin.sessions")
+
+#: Where session refs live: ``sessions/NAME``.
+DEFAULT_PREFIX = "sessions/"
+
+
+def session_ref(kv_transfer_params: Any, prefix: str = DEFAULT_PREFIX) -> tuple[str | None, str]:
+    """The ref a client request's session commits to, or (None, why not).
+
+    Only a request that names a session and carries no control-plane op is a session turn.
+    """
+    if not isinstance(kv_transfer_params, dict):
+        return None, ""
+    params = kv_transfer_params.get(PARAMS_KEY)
+    if not isinstance(params, dict) or "session" not in params or "op" in params:
+        return None, ""
+    name = params["session"]
+    if not isinstance(name, str) or not name:
+        return None, "session must be a non-empty string"
+    from processfork.store.errors import InvalidName
+    from processfork.store.refs import validate_ref_name
+
+    ref = prefix + name
+    try:
+        validate_ref_name(ref)
+    except InvalidName as exc:
+        return None, str(exc)
+    return ref, ""
+
+
+@dataclass
+class SessionState:
+    """A session request while it runs."""
+
+    job: str
+    ref: str
+    cache_salt: str | None
+    base: PrefixHit | None  # the blocks the store held when the request was admitted
+    next_block: int  # first block not yet handed to the worker
+    block_ids: list[int] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)  # the job id of each step's save
+
+    def step_job(self) -> str:
+        return f"{self.job}.{self.next_block}"
+
+
+@dataclass(frozen=True)
+class TurnSpec:
+    """What a finished session request leaves to commit."""
+
+    ref: str
+    tokens: list[int]
+    base: PrefixHit | None
+    steps: list[str]
+    fingerprint: dict[str, Any]
+    cache_salt: str | None
+    block_size: int
+
+
+class SessionCommitter:
+    """Commits finished turns one after another, on a thread of its own."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pf-session")
+        self._pending: list[Future[Any]] = []
+        self._lock = threading.Lock()
+        self.committed = 0
+        self.failed = 0
+
+    def submit(self, spec: TurnSpec) -> None:
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._pool.submit(self._commit, spec))
+
+    def discard(self, steps: list[str]) -> None:
+        """Drop the pins and records of a turn that will not be committed (aborted)."""
+        if steps:
+            with self._lock:
+                self._pending.append(self._pool.submit(self._drop, steps))
+
+    def flush(self) -> None:
+        """Wait for every commit submitted so far."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- on the committer's thread ---------------------------------------------------------
+    def _commit(self, spec: TurnSpec) -> TurnResult | None:
+        from processfork.store.sessions import SessionTurn
+
+        try:
+            pages: list[tuple[str, str]] = []
+            for step in spec.steps:
+                raw = self.store.meta_get(job_meta_key(step))
+                record = None if raw is None else JobRecord.from_json(raw)
+                if record is None or not record.succeeded:
+                    why = "no record" if record is None else (record.error or "not final")
+                    raise RuntimeError(f"the save of step {step} did not succeed: {why}")
+                pages += record.pages
+            base = spec.base
+            base_blocks = base.blocks if base is not None else 0
+            blocks = base_blocks + len(pages)
+            turn = SessionTurn(
+                ref=spec.ref,
+                tokens=spec.tokens[: blocks * spec.block_size],
+                base=base.cid if base is not None else None,
+                base_seq=base.seq if base is not None else 0,
+                base_blocks=base_blocks,
+                pages=pages,
+                fingerprint=spec.fingerprint,
+                cache_salt=spec.cache_salt,
+                drop_pins=spec.steps,
+                drop_meta=[job_meta_key(s) for s in spec.steps],
+            )
+            result = self.store.commit_turn(turn)
+        except Exception:
+            self.failed += 1
+            logger.exception("processfork: could not commit a turn of %s", spec.ref)
+            self._drop(spec.steps)
+            return None
+        self.committed += 1
+        logger.debug("processfork: %s -> %s", spec.ref, result.cid)
+        return result
+
+    def _drop(self, steps: list[str]) -> None:
+        for step in steps:
+            try:
+                self.store.drop_pin(step)
+                self.store.meta_delete(job_meta_key(step))
+            except Exception:
+                logger.exception("processfork: could not drop the pin of %s", step)

@@ -1,0 +1,128 @@
+"""Committing one turn of a session: an ordinary snapshot on the session's ref.
+
+A session turn is a one-sequence snapshot whose first blocks may be pages an earlier snapshot
+already holds (found through the prefix index) and whose other blocks were saved by the engine
+while it computed them, each engine step's pages pinned under a pin of their own. The turn's
+parent is the snapshot the ref points to when that snapshot's tokens are a prefix of the turn's;
+otherwise the turn starts a new line of history, and the reflog says so.
+
+Everything happens in ONE write transaction, like `write_snapshot`: the token blob, the page
+table, the manifest, its index entries, the ref (compare-and-swap against what the transaction
+read) with its reflog entry, and the removal of the steps' pins and job records.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+from processfork.store import meta as _meta
+from processfork.store import objects as _objects
+from processfork.store import refs as _refs
+from processfork.store.digest import cid_of, page_digest
+from processfork.store.errors import MissingObject
+from processfork.store.manifest import Manifest, SnapshotSequence, TokenRef, utc_now
+from processfork.store.prefix_index import index_snapshot
+from processfork.store.snapshots import load_manifest, write_manifest
+
+if TYPE_CHECKING:
+    from processfork.store.env import Env
+
+__all__ = ["SessionTurn", "TurnResult", "commit_turn"]
+
+
+@dataclass(frozen=True)
+class SessionTurn:
+    """What the engine computed for one turn, ready to commit."""
+
+    ref: str
+    tokens: list[int]
+    #: Blocks ``0 .. base_blocks - 1`` are those of sequence ``base_seq`` of ``base``.
+    base: str | None
+    base_seq: int
+    base_blocks: int
+    #: (K, V) page digests (hex) of blocks ``base_blocks ..``, in order.
+    pages: list[tuple[str, str]]
+    fingerprint: dict[str, Any]
+    cache_salt: str | None = None
+    drop_pins: Sequence[str] = ()
+    drop_meta: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    cid: str | None  # None: nothing new (the ref already holds exactly these tokens)
+    parent: str | None
+    new_line: bool
+
+
+def _tokens_of(txn: lmdb.Transaction, dbs: dict[str, Any], manifest: Manifest) -> list[list[int]]:
+    import numpy as np
+
+    out = []
+    for seq in manifest.sequences:
+        raw = txn.get(bytes.fromhex(seq.tokens.digest), db=dbs["blobs"])
+        out.append(np.frombuffer(bytes(raw or b""), dtype="<i4").tolist())
+    return out
+
+
+def commit_turn(env: Env, turn: SessionTurn, *, now: float | None = None) -> TurnResult:
+    """Commit a session turn in one transaction (see the module's docstring)."""
+    import numpy as np
+
+    _refs.validate_ref_name(turn.ref)
+    dbs = env.dbs
+    token_bytes = np.asarray(turn.tokens, dtype="<i4").tobytes()
+    token_digest = page_digest(token_bytes)
+
+    def run(txn: lmdb.Transaction) -> TurnResult:
+        t = time.time() if now is None else now
+        t_us = int(t * 1e6)
+        pages = list(turn.pages)
+        if turn.base_blocks:
+            if turn.base is None:
+                raise MissingObject("snapshot", "base of the session's stored prefix")
+            base = load_manifest(txn, dbs, turn.base)
+            pages = list(base.sequences[turn.base_seq].pages[: turn.base_blocks]) + pages
+        old = _refs.read_ref(txn, dbs, turn.ref)
+        parent: str | None = None
+        new_line = False
+        if old is not None:
+            previous = _tokens_of(txn, dbs, load_manifest(txn, dbs, old))
+            if any(seq == turn.tokens for seq in previous):
+                return TurnResult(None, old, False)
+            if any(len(seq) <= len(turn.tokens) and turn.tokens[: len(seq)] == seq
+                   for seq in previous):
+                parent = old
+            else:
+                new_line = True
+        _objects.put_blob(txn, dbs, token_digest, token_bytes, t_us)
+        manifest = Manifest(
+            name=turn.ref,
+            parents=[parent] if parent else [],
+            fingerprint=dict(turn.fingerprint),
+            sequences=[SnapshotSequence(TokenRef(token_digest.hex(), len(turn.tokens)), pages)],
+            created=utc_now(),
+        )
+        manifest.validate()
+        data = manifest.canonical_bytes()
+        cid = cid_of(data)
+        write_manifest(txn, dbs, manifest, data, cid, manifest.page_tables(),
+                       manifest.page_keys(), t_us)
+        index_snapshot(txn, dbs, cid, manifest, cache_salt=turn.cache_salt)
+        message = "session turn"
+        if new_line:
+            message = f"session turn: new line of history ({old[:19]} is not a prefix of it)"
+        _refs.set_ref(txn, dbs, turn.ref, cid, expected_old=old, action="snapshot",
+                      message=message, now=t)
+        for pin in turn.drop_pins:
+            _objects.drop_pin(txn, dbs, pin)
+        for key in turn.drop_meta:
+            _meta.meta_delete(txn, dbs, key)
+        return TurnResult(cid, parent, new_line)
+
+    return env.write(run)
+
