@@ -7,10 +7,9 @@ traceback is visible.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from processfork_cli.errors import ExitCode, describe
 from processfork_cli.output import Output
@@ -30,15 +29,17 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     out = Output()
     args = list(sys.argv[1:] if argv is None else argv)
-    warnings = _StoreWarnings(out)
-    logging.getLogger("processfork").addHandler(warnings)
+    stop_forwarding: Callable[[], None] = lambda: None
     try:
         from processfork_cli.app import build_app, wants_help
 
         if wants_help(args):
+            # A help page opens no store: nothing to forward, and `logging` is never loaded.
             from processfork_cli import help_format
 
             help_format.load()
+        else:
+            stop_forwarding = _forward_store_warnings(out)
         result = build_app(args)(args=args, prog_name=PROG, standalone_mode=False)
     except TyperException as exc:
         # Parser errors (click's UsageError family, exit 2 by click's convention) and the few
@@ -59,7 +60,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         out.error(_one_line(problem.message), hint=hint)
         return int(problem.exit_code)
     finally:
-        logging.getLogger("processfork").removeHandler(warnings)
+        stop_forwarding()
     if isinstance(result, int) and not isinstance(result, bool):
         return result
     return ExitCode.OK
@@ -70,16 +71,19 @@ def main() -> None:
     sys.exit(run())
 
 
-class _StoreWarnings(logging.Handler):
-    """The store's warnings (e.g. a store made owner-only on open) as `warning:` lines on stderr,
-    instead of logging's bare last-resort output."""
+def _forward_store_warnings(out: Output) -> Callable[[], None]:
+    """Show the store's warnings (e.g. a store made owner-only on open) as `warning:` lines on
+    stderr, instead of logging's bare last-resort output, until the returned function is called."""
+    import logging
 
-    def __init__(self, out: Output) -> None:
-        super().__init__(logging.WARNING)
-        self.out = out
+    class StoreWarnings(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            out.warn(_one_line(record.getMessage()))
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.out.warn(_one_line(record.getMessage()))
+    handler = StoreWarnings(logging.WARNING)
+    logger = logging.getLogger("processfork")
+    logger.addHandler(handler)
+    return lambda: logger.removeHandler(handler)
 
 
 def _one_line(text: str) -> str:

@@ -68,7 +68,8 @@ _PROBE = """
 import json, sys
 from processfork_cli.main import run
 code = run(sys.argv[1:])
-loaded = sorted(m for m in ("rich.markdown", "markdown_it", "pygments", "rich.traceback") if m in sys.modules)
+loaded = sorted(m for m in ("rich.markdown", "markdown_it", "pygments", "rich.traceback", "logging")
+                if m in sys.modules)
 import rich.markdown, rich.traceback, typer.rich_utils as ru
 md = ru._make_rich_text(text="**bold**", style="", markup_mode="markdown")
 tb = ru.Traceback.from_exception(ValueError, ValueError("x"), None)
@@ -80,8 +81,9 @@ print(json.dumps({"code": code, "loaded": loaded,
 
 @pytest.mark.parametrize("args", [["--help"], ["log", "--help"]])
 def test_help_defers_markdown_and_tracebacks_until_used(tmp_path: Path, args: list[str]) -> None:
-    """A fresh process: typer's help formatter loads without rich.markdown and rich.traceback, and
-    its Markdown and Traceback still work, as the real classes, when something uses them."""
+    """A fresh process: typer's help formatter loads without rich.markdown and rich.traceback (and a
+    help page, which opens no store, without logging), and its Markdown and Traceback still work,
+    as the real classes, when something uses them."""
     env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "NO_COLOR": "1",
            "PF_STORE": str(tmp_path / "none")}
     done = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
