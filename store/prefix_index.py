@@ -69,6 +69,16 @@ def partition_root(fingerprint: dict[str, Any], cache_salt: str | None = None) -
     )
 
 
+def _block_bytes(tokens: Any, i: int, block_size: int) -> bytes:
+    """Block ``i``'s token ids as int32 little-endian; only that block is converted (a
+    request's tokens are a Python list: converting all of them would cost more than the
+    lookup)."""
+    part = tokens[i * block_size : (i + 1) * block_size]
+    if hasattr(part, "tobytes"):  # a stored token array
+        return part.astype("<i4", copy=False).tobytes()
+    return struct.pack(f"<{block_size}i", *part)
+
+
 def block_chain(root: bytes, tokens: Any, block_size: int, start: bytes | None = None,
                 first: int = 0, count: int | None = None) -> list[bytes]:
     """Chain hashes of whole blocks ``first .. first + count - 1`` of ``tokens``.
@@ -76,37 +86,35 @@ def block_chain(root: bytes, tokens: Any, block_size: int, start: bytes | None =
     ``start`` is the hash of block ``first - 1`` (``root`` when ``first`` is 0). Block ``i``'s
     hash is xxh3-128 of the previous hash followed by its tokens as int32 little-endian.
     """
-    import numpy as np
-
-    arr = np.asarray(tokens, dtype="<i4")
-    whole = len(arr) // block_size
+    whole = len(tokens) // block_size
     end = whole if count is None else min(whole, first + count)
     prev = root if start is None else start
     out = []
     for i in range(first, end):
-        prev = xxhash.xxh3_128_digest(prev + arr[i * block_size : (i + 1) * block_size].tobytes())
+        prev = xxhash.xxh3_128_digest(prev + _block_bytes(tokens, i, block_size))
         out.append(prev)
     return out
 
 
-def _holder(txn: lmdb.Transaction, dbs: dict[str, Any], chain: bytes) -> tuple[str, int, int] | None:
+def _holder(
+    cur: lmdb.Cursor, snapshots: lmdb.Cursor, chain: bytes
+) -> tuple[str, int, int] | None:
     """A live snapshot indexed under ``chain``: (cid, seq, block)."""
-    cur = txn.cursor(db=dbs[INDEX_DB])
     prefix = _BLOCK + chain
     if not cur.set_range(prefix):
         return None
-    snapshots = dbs["snapshots"]
-    for key, value in cur:
-        key = bytes(key)
+    while True:
+        key = bytes(cur.key())
         if not key.startswith(prefix):
             return None
         cid_raw = key[len(prefix):]
         # An entry whose snapshot is gone (a writer that does not keep the index deleted it)
         # is skipped, never served.
-        if txn.get(cid_raw, db=snapshots) is not None:
-            seq, block = _ENTRY.unpack(bytes(value))
+        if snapshots.set_key(cid_raw):
+            seq, block = _ENTRY.unpack(bytes(cur.value()))
             return cid_from_key(cid_raw), seq, block
-    return None
+        if not cur.next():
+            return None
 
 
 def longest_prefix(
@@ -129,13 +137,12 @@ def longest_prefix(
         return None
     chain = block_chain(root, tokens, block_size, count=first)
     prev = chain[-1] if chain else root
-    import numpy as np
-
+    cur = txn.cursor(db=dbs[INDEX_DB])
+    snapshots = txn.cursor(db=dbs["snapshots"])
     best: PrefixHit | None = None
-    arr = np.asarray(tokens, dtype="<i4")
     for i in range(first, limit):
-        prev = xxhash.xxh3_128_digest(prev + arr[i * block_size : (i + 1) * block_size].tobytes())
-        found = _holder(txn, dbs, prev)
+        prev = xxhash.xxh3_128_digest(prev + _block_bytes(tokens, i, block_size))
+        found = _holder(cur, snapshots, prev)
         if found is None or found[2] != i:
             break
         best = PrefixHit(found[0], found[1], i + 1)
