@@ -79,6 +79,11 @@ COMMANDS: dict[str, str] = {
     "snapshot": "processfork_cli.commands_live",
     "checkout": "processfork_cli.commands_live",
     "repair": "processfork_cli.commands_live",
+    "remote": "processfork_cli.commands_remote",
+    "push": "processfork_cli.commands_remote",
+    "fetch": "processfork_cli.commands_remote",
+    "pull": "processfork_cli.commands_remote",
+    "clone": "processfork_cli.commands_remote",
     "version": "processfork_cli.version",
 }
 

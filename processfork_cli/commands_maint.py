@@ -21,6 +21,7 @@ Examples:
   pf gc --dry-run             # what would go, nothing deleted
   pf gc                       # unreachable objects older than 10 minutes
   pf branch -d trial/3 && pf gc --prune now --expire now   # drop an abandoned branch right away
+  pf gc --remote origin --dry-run   # packs of the remote no remote ref reaches, a day old
 """
 
 
@@ -128,13 +129,15 @@ def gc(
         bool, typer.Option("--dry-run", help="Report what would be removed; remove nothing.")
     ] = False,
     prune: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--prune",
             metavar="AGE",
-            help="Grace period: keep unreachable objects younger than AGE (`now` keeps none).",
+            help="Grace period: keep unreachable objects younger than AGE (`now` keeps none). "
+            "Default 10m; with --remote, 1d.",
+            show_default=False,
         ),
-    ] = "10m",
+    ] = None,
     expire: Annotated[
         str,
         typer.Option(
@@ -151,6 +154,14 @@ def gc(
             help="First delete session refs (sessions/...) that have not moved for AGE.",
         ),
     ] = None,
+    remote: Annotated[
+        str | None,
+        typer.Option(
+            "--remote",
+            metavar="REMOTE",
+            help="Collect a remote instead: delete its packs that no remote ref reaches.",
+        ),
+    ] = None,
     store: StoreOpt = None,
     json_: JsonOpt = None,
     quiet: QuietOpt = None,
@@ -159,6 +170,10 @@ def gc(
     from processfork.store import parse_age
 
     s = settings(ctx, store=store, json=json_, quiet=quiet)
+    if remote is not None:
+        _gc_remote(s, remote, dry_run=dry_run, prune=prune or "1d")
+        return
+    prune = prune or "10m"
     grace, expiry = parse_age(prune), parse_age(expire)
     ttl = None if session_ttl is None else parse_age(session_ttl)
     with s.open_store(readonly=dry_run) as st, s.out.progress("gc") as progress:
@@ -176,6 +191,24 @@ def gc(
             if k not in ("dry run", "prune", "expire")
         ]
         out.fields(rows, title=title)
+
+    s.out.emit(doc, human=human)
+
+
+def _gc_remote(s: Any, remote: str, *, dry_run: bool, prune: str) -> None:
+    from processfork.store import parse_age
+    from processfork.store.remote.porcelain import gc_remote_named
+
+    grace = parse_age(prune)
+    with s.open_store() as st:
+        stats = gc_remote_named(st, remote, grace=grace, dry_run=dry_run)
+    doc: dict[str, Any] = {"remote": remote, "prune": prune}
+    doc.update(to_jsonable(stats))
+
+    def human(out: Output) -> None:
+        title = f"gc --remote {remote} --dry-run: would remove" if dry_run else f"gc --remote {remote}: removed"
+        out.fields([(k, v) for k, v in _key_value_rows(doc) if k not in ("dry run", "prune", "remote")],
+                   title=title)
 
     s.out.emit(doc, human=human)
 

@@ -167,6 +167,8 @@ def describe(exc: BaseException) -> Problem:
     """
     if isinstance(exc, CliError):
         return Problem(exc.exit_code, exc.message, exc.hint)
+    if type(exc).__module__ == "processfork.store.remote.errors":
+        return _describe_remote_error(exc)
     if isinstance(exc, AmbiguousRevision):
         return Problem(ExitCode.USER, str(exc), "give more hex digits or a ref name")
     if isinstance(exc, UnknownRevision):
@@ -195,6 +197,34 @@ def describe(exc: BaseException) -> Problem:
     return Problem(
         ExitCode.SERVER, f"internal error: {type(exc).__name__}: {exc}", show_debug_hint=True
     )
+
+
+def _describe_remote_error(exc: BaseException) -> Problem:
+    """Errors of remotes (loaded only when one is raised: `pf log` never imports them)."""
+    from processfork.store.remote.errors import (
+        CorruptRemoteObject,
+        NonFastForward,
+        RemoteFormatUnsupported,
+        RemoteUnreachable,
+    )
+
+    if isinstance(exc, NonFastForward):
+        return Problem(ExitCode.USER, str(exc))
+    if isinstance(exc, RemoteUnreachable):
+        return Problem(
+            ExitCode.SERVER, str(exc),
+            "check AWS_ENDPOINT_URL, the AWS credentials and the bucket; `pf remote list` shows URLs",
+        )
+    if isinstance(exc, CorruptRemoteObject):
+        return Problem(
+            ExitCode.INTEGRITY, str(exc),
+            "push the snapshot again from a store that holds it intact (`pf fsck` checks one)",
+        )
+    if isinstance(exc, RemoteFormatUnsupported):
+        return Problem(ExitCode.INTEGRITY, str(exc), "use a pf version that knows this format")
+    if isinstance(exc, InvalidArgument):
+        return Problem(ExitCode.USER, str(exc))
+    return Problem(ExitCode.SERVER, str(exc), show_debug_hint=True)
 
 
 def _describe_os_error(exc: OSError) -> Problem:

@@ -13,6 +13,7 @@ __all__ = [
     "RemoteFormatUnsupported",
     "RemoteUnreachable",
     "UnknownRemote",
+    "UnknownRemoteRef",
 ]
 
 
@@ -87,6 +88,16 @@ class UnknownRemote(InvalidArgument):
 
     def __str__(self) -> str:
         return f"no remote named {self.name!r}"
+
+
+class UnknownRemoteRef(InvalidArgument):
+    def __init__(self, url: str, ref: str) -> None:
+        super().__init__(url, ref)
+        self.url = url
+        self.ref = ref
+
+    def __str__(self) -> str:
+        return f"remote {self.url} has no ref {self.ref!r}"
 
 
 class RemoteExists(InvalidArgument):

@@ -28,7 +28,7 @@ from processfork.store.manifest import (
     stored_sequences,
 )
 from processfork.store.remote import local
-from processfork.store.remote.errors import NonFastForward, RemoteError
+from processfork.store.remote.errors import NonFastForward, RemoteError, UnknownRemoteRef
 from processfork.store.remote.pack import KIND_BLOB, KIND_PAGE, KIND_SNAPSHOT
 from processfork.store.remote.remote import Remote
 from processfork.store.snapshots import write_manifest
@@ -80,7 +80,7 @@ def fetch(
         chosen = list(dict.fromkeys(names))
         for name in chosen:
             if name not in remote_refs:
-                raise RemoteError(f"remote {remote.url} has no ref {name!r}")
+                raise UnknownRemoteRef(str(remote.url), name)
         remote_refs = {n: remote_refs[n] for n in chosen}
     result.refs = {n: v.cid for n, v in sorted(remote_refs.items())}
     want = local.missing_snapshots(env, result.refs.values())

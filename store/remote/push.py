@@ -78,7 +78,7 @@ def push(
     remote.check_format(create=True)
     wanted = {name: normalize_cid(cid) for name, cid in refs.items()}
     names = sorted(wanted)
-    olds = dict(zip(names, remote._map(remote.read_ref, names)))
+    olds = _read_old_refs(remote, names)
     moves: list[tuple[RefUpdate, RefValue | None]] = []
     for name in names:
         update = _plan_ref(env, name, olds[name], wanted[name], force, str(remote.url))
@@ -101,6 +101,15 @@ def push(
     result.requests = remote.store.requests - requests0
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _read_old_refs(remote: Remote, names: list[str]) -> dict[str, RefValue | None]:
+    """Where the remote's refs `names` are: one listing tells which exist (a new ref, such as
+    each child of a fork, costs no read), then one read per existing ref for its cid and ETag."""
+    existing = set(remote.list_ref_names()) if len(names) > 1 else set(names)
+    present = [n for n in names if n in existing]
+    found = dict(zip(present, remote._map(remote.read_ref, present)))
+    return {n: found.get(n) for n in names}
 
 
 def _plan_ref(

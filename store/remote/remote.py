@@ -67,9 +67,12 @@ class Remote:
         return True
 
     # -- refs ----------------------------------------------------------------------------------
+    def list_ref_names(self) -> list[str]:
+        return [o.key[len("refs/") :] for o in self.store.list("refs")]
+
     def list_refs(self) -> dict[str, layout.RefValue]:
         out: dict[str, layout.RefValue] = {}
-        names = [o.key[len("refs/") :] for o in self.store.list("refs")]
+        names = self.list_ref_names()
         for name, value in zip(names, self._map(self.read_ref, names)):
             if value is not None:
                 out[name] = value
@@ -200,11 +203,13 @@ class Remote:
     def put_pack(self, body: bytes, index: PackIndex) -> None:
         """Upload a pack, then its index: a reader sees the pack only once both are there.
         Both are immutable and content-named, so one that exists already is the same bytes."""
-        for path, data in ((layout.pack_path(index.name), body), (layout.idx_path(index.name), index.encode())):
+        encoded = index.encode()
+        for path, data in ((layout.pack_path(index.name), body), (layout.idx_path(index.name), encoded)):
             try:
                 self.store.put(path, data, if_absent=True)
             except ConditionFailed:
                 pass  # the same content is there already
+        self._cache_index(index.name, encoded)
         self._add_index(index)
 
     def _map(self, fn: Callable, items: list) -> list:  # type: ignore[type-arg]

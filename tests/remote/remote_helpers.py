@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from processfork.store import Manifest, SnapshotSequence, Store
 
@@ -38,3 +42,32 @@ def content(store: Store, cid: str) -> tuple[bytes, dict[str, bytes], list[list[
     m = store.get_snapshot(cid)
     pages = {d: store.get_page(bytes.fromhex(d)) for d in sorted(m.page_digests())}
     return m.canonical_bytes(), pages, [store.get_tokens(s.tokens) for s in m.sequences]
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def pf(store: Path | None, *args: str, env: dict[str, str | None] | None = None) -> CliResult:
+    """Run `pf ARGS` in-process against `store` (PF_STORE); the AWS environment is the test's."""
+    from typer.testing import CliRunner
+
+    from processfork_cli.main import run
+
+    base: dict[str, str | None] = {
+        "PF_STORE": str(store) if store is not None else None,
+        "PF_DEBUG": None,
+        "COLUMNS": "200",
+        "NO_COLOR": "1",
+    }
+    base.update(env or {})
+    with CliRunner().isolation(env=base) as (stdout, stderr, _mixed):
+        code = run(list(args))
+        out, err = stdout.getvalue(), stderr.getvalue()
+    return CliResult(code, out.decode(), err.decode())
