@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FetchResult", "fetch", "tracking_ref", "update_refs"]
 
-PUT_BATCH = 64 << 20  # bytes of pages per local write transaction
+PUT_BATCH = 32 << 20  # bytes of pages per local write transaction
 Progress = Callable[[str, int, int], None]
 
 
@@ -194,10 +195,8 @@ def _fetch_pages(
             pages.add(k)
             pages.add(v)
     want = sorted(pages - local.present(env, "pages", pages))
-    batch: list[tuple[bytes, bytes]] = []
-    size = 0
 
-    def flush() -> None:
+    def write(batch: list[tuple[bytes, bytes]]) -> None:
         items = [(digest, memoryview(data)) for digest, data in batch]
 
         def run(txn: lmdb.Transaction) -> None:
@@ -207,16 +206,26 @@ def _fetch_pages(
 
         env.write(run)
 
-    for _, key, data in remote.read_objects(((KIND_PAGE, k) for k in want), progress=progress):
-        batch.append((bytes.fromhex(key), data))
-        size += len(data)
-        result.pages += 1
-        result.bytes += len(data)
-        if size >= PUT_BATCH:
-            flush()
-            batch, size = [], 0
-    if batch:
-        flush()
+    # One writer thread commits a batch while the range reads bring the next: the store's
+    # durable writes overlap the downloads. At most one batch waits for it.
+    batch: list[tuple[bytes, bytes]] = []
+    size = 0
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future[None] | None = None
+        for _, key, data in remote.read_objects(((KIND_PAGE, k) for k in want), progress=progress):
+            batch.append((bytes.fromhex(key), data))
+            size += len(data)
+            result.pages += 1
+            result.bytes += len(data)
+            if size >= PUT_BATCH:
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(write, batch)
+                batch, size = [], 0
+        if pending is not None:
+            pending.result()
+        if batch:
+            write(batch)
 
 
 def _parents_first(manifests: Mapping[str, bytes]) -> list[str]:

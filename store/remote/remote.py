@@ -26,7 +26,7 @@ __all__ = ["Located", "Remote"]
 
 #: Range reads of one pack merge objects closer than this, and stop growing past RANGE_MAX.
 RANGE_GAP = 1 << 20
-RANGE_MAX = 64 << 20
+RANGE_MAX = 8 << 20
 Progress = Callable[[str, int, int], None]
 
 

