@@ -230,9 +230,42 @@ def cuda_register(address: int, nbytes: int) -> Callable[[], None]:
     cudart = torch.cuda.cudart()
     err = cudart.cudaHostRegister(address, nbytes, 0)
     if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {err}")
+        _consume_cuda_error(torch)
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed (CUDA error {int(err)})")
 
     def unregister() -> None:
         cudart.cudaHostUnregister(address)
 
     return unregister
+
+
+def _consume_cuda_error(torch) -> None:  # torch: imported by the caller
+    """Clear the error a failed runtime call left: it sticks to the thread until read, and the
+    engine's next kernel launch would report it as its own (and fail the engine's start). A
+    launch check reads it; the binding torch offers has no ``cudaGetLastError``."""
+    try:
+        torch.ones(1, device="cuda").add_(1)
+    except RuntimeError:
+        pass
+
+
+TMPFS = ("tmpfs", "hugetlbfs", "ramfs")
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the file system that holds ``path`` (from /proc/self/mounts), if known."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best, kind = "", None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind

@@ -31,7 +31,14 @@ from .block_views import BlockViews
 from .codec import PageCodec, codec_for
 from .engine_info import engine_fingerprint, layer_order
 from .fingerprint import Fingerprint
-from .host_tier import HostTier, TierBusy, cuda_register, tier_file_path
+from .host_tier import (
+    TMPFS,
+    HostTier,
+    TierBusy,
+    cuda_register,
+    filesystem_type,
+    tier_file_path,
+)
 from .jobs import (
     EngineRecord,
     JobError,
@@ -194,6 +201,12 @@ class WorkerSide:
         if not self.host_tier_mib:
             return None
         assert self.codec is not None
+        kind = filesystem_type(self.host_tier_dir)
+        if self.codec.device.type == "cuda" and kind is not None and kind not in TMPFS:
+            logger.warning("processfork: running without a host tier: %s is on %s, and CUDA pins "
+                           "only memory pages (use a tmpfs such as /dev/shm)",
+                           self.host_tier_dir, kind)
+            return None
         path = tier_file_path(self.host_tier_dir, self.store_path, self.codec.page_bytes)
         started = time.monotonic()
         try:

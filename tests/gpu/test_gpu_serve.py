@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -181,15 +183,16 @@ def test_a_damaged_page_is_caught_and_recomputed(gpu_server, before, gpu_store):
 
 # -- batch-invariant kernels: restored == cold full prefill, also under concurrent load -------
 @pytest.fixture(scope="module")
-def invariant(start_gpu_server, gpu_model, tmp_path_factory):
+def invariant(request, start_gpu_server, gpu_model, tmp_path_factory):
     """A server with VLLM_BATCH_INVARIANT=1 and a step budget that prefills prompts in one pass.
 
     It keeps pages in a host tier, so its checkouts after the restart are copied to the GPU from
     the tier's registered memory rather than read from the store."""
     store = tmp_path_factory.mktemp("pf-store-invariant")
+    tier_dir = tempfile.mkdtemp(prefix="pf-tier-gpu-suite-", dir="/dev/shm")  # a tmpfs: pinnable
+    request.addfinalizer(lambda: shutil.rmtree(tier_dir, ignore_errors=True))
     config = kv_transfer_config(store)
-    config["kv_connector_extra_config"].update({
-        "host_tier_mib": 256, "host_tier_dir": str(tmp_path_factory.mktemp("pf-tier"))})
+    config["kv_connector_extra_config"].update({"host_tier_mib": 256, "host_tier_dir": tier_dir})
     return start_gpu_server(
         gpu_model, store=store,
         extra_args=("--max-num-batched-tokens", "4096", "--kv-transfer-config", json.dumps(config)),

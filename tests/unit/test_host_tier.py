@@ -9,11 +9,15 @@ tier page fails its block only and leaves the tier, and a tier too small falls b
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from processfork.plugin.codec import codec_for
-from processfork.plugin.host_tier import HostTier, TierBusy, tier_file_path
+from processfork.plugin.host_tier import HostTier, TierBusy, filesystem_type, tier_file_path
 from processfork.plugin.staged_pages import StagedPagePath
 from processfork.store import PutResult, Store, page_digest
 
@@ -104,7 +108,25 @@ def test_the_file_is_named_after_the_store_and_the_page_size(tmp_path):
     assert a != tier_file_path(str(tmp_path), str(tmp_path / "s1"), 2 * PAGE)
 
 
+def test_the_file_system_under_a_path_is_the_deepest_mount_holding_it():
+    """A CUDA engine keeps its tier only on a tmpfs: pages of a file on disk cannot be pinned."""
+    assert filesystem_type("/proc/self") == "proc"
+    assert filesystem_type("/") not in (None, "proc")
+    if Path("/dev/shm").is_dir():
+        assert filesystem_type("/dev/shm") == "tmpfs"
+
+
 # -- the staged page path through the tier ------------------------------------------------------
+@pytest.fixture
+def tier_dir(request, tmp_path):
+    """Where the tier's file goes: on CUDA a tmpfs, since CUDA pins only memory pages."""
+    if request.node.callspec.params.get("device") != "cuda":
+        return tmp_path
+    path = Path(tempfile.mkdtemp(prefix="pf-tier-test-", dir="/dev/shm"))
+    request.addfinalizer(lambda: shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
 def _layers(device: str, *, zero: bool = False) -> list[torch.Tensor]:
     make = torch.zeros if zero else torch.randn
     phys = make(L, B, N, H, 2 * D, device=device, dtype=torch.float32).to(torch.bfloat16)
@@ -157,10 +179,10 @@ def _sync(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_load_after_a_restart_comes_from_the_tier(tmp_path, device):
+def test_a_load_after_a_restart_comes_from_the_tier(tmp_path, tier_dir, device):
     src = _layers(device)
     blocks = [37, 2, 5, 11, 0, 23, 30, 8, 19, 1, 3]
-    tier_path = tmp_path / "tier"
+    tier_path = tier_dir / "tier"
     with Store(tmp_path / "store") as store:
         saver = _path(src, HostTier(tier_path, _page_bytes(src), 64 * _page_bytes(src)))
         digests = _save(saver, store, blocks)
@@ -181,12 +203,12 @@ def test_a_load_after_a_restart_comes_from_the_tier(tmp_path, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_pages_the_tier_lacks_are_read_from_the_store_and_kept(tmp_path, device):
+def test_pages_the_tier_lacks_are_read_from_the_store_and_kept(tmp_path, tier_dir, device):
     src = _layers(device)
     blocks = [1, 2, 3, 4, 5, 6, 7]
     with Store(tmp_path / "store") as store:
         digests = _save(_path(src, None), store, blocks)
-        tier = HostTier(tmp_path / "tier", _page_bytes(src), 64 * _page_bytes(src))
+        tier = HostTier(tier_dir / "tier", _page_bytes(src), 64 * _page_bytes(src))
         dst = _layers(device, zero=True)
         loader = _path(dst, tier, chunk_blocks=2)
         outcome = loader.load(store, [10, 11, 12, 13, 14, 15, 16], digests, ["j"] * 7)
@@ -199,11 +221,11 @@ def test_pages_the_tier_lacks_are_read_from_the_store_and_kept(tmp_path, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_corrupt_tier_page_fails_its_block_and_leaves_the_tier(tmp_path, device):
+def test_a_corrupt_tier_page_fails_its_block_and_leaves_the_tier(tmp_path, tier_dir, device):
     src = _layers(device)
     blocks = [1, 2, 3, 4]
     with Store(tmp_path / "store") as store:
-        tier = HostTier(tmp_path / "tier", _page_bytes(src), 64 * _page_bytes(src))
+        tier = HostTier(tier_dir / "tier", _page_bytes(src), 64 * _page_bytes(src))
         saver = _path(src, tier)
         digests = _save(saver, store, blocks)
         (slot,) = tier.lookup([digests[5]])  # block 2's V page
@@ -216,12 +238,12 @@ def test_a_corrupt_tier_page_fails_its_block_and_leaves_the_tier(tmp_path, devic
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_tier_too_small_for_a_load_leaves_it_to_the_store(tmp_path, device):
+def test_a_tier_too_small_for_a_load_leaves_it_to_the_store(tmp_path, tier_dir, device):
     src = _layers(device)
     blocks = list(range(12))
     with Store(tmp_path / "store") as store:
         digests = _save(_path(src, None), store, blocks)
-        tier = HostTier(tmp_path / "tier", _page_bytes(src), 5 * _page_bytes(src))
+        tier = HostTier(tier_dir / "tier", _page_bytes(src), 5 * _page_bytes(src))
         dst = _layers(device, zero=True)
         loader = _path(dst, tier)
         outcome = loader.load(store, list(range(20, 32)), digests, ["j"] * 12)
