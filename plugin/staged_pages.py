@@ -134,7 +134,14 @@ class StagedPagePath:
         per_slot = max(2 * self.page_bytes, staging_bytes // max(1, slots))
         self.chunk_blocks = max(1, per_slot // (2 * self.page_bytes))
         self.threads = threads or default_copy_threads()
-        self._slots = [self._new_slot() for _ in range(max(2, slots))]
+        nslots = max(2, slots)
+        # The slots' device twins are views of one buffer: a load from the host tier, which
+        # needs no host slots, uses it whole, a quarter of the kernel launches per block.
+        g = codec.geometry
+        self._device = (torch.empty((nslots * self.chunk_blocks, 2, g.num_layers,
+                                     g.elems_per_layer), dtype=g.dtype, device=codec.device)
+                        if self.cuda else None)
+        self._slots = [self._new_slot(i) for i in range(nslots)]
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="processfork-copy")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="processfork-writer")
         self._stream = torch.cuda.Stream(codec.device) if self.cuda else None
@@ -150,10 +157,12 @@ class StagedPagePath:
     def staging_bytes(self) -> int:
         return len(self._slots) * self.chunk_blocks * 2 * self.page_bytes
 
-    def _new_slot(self) -> _Slot:
+    def _new_slot(self, index: int) -> _Slot:
         host = self.codec.new_staging(self.chunk_blocks)
         rows = host.view(torch.uint8).numpy().reshape(2 * self.chunk_blocks, self.page_bytes)
-        device = torch.empty_like(host, device=self.codec.device) if self.cuda else None
+        device = None
+        if self._device is not None:
+            device = self._device[index * self.chunk_blocks : (index + 1) * self.chunk_blocks]
         return _Slot(host=host, device=device, rows=rows)
 
     def close(self) -> None:
@@ -341,8 +350,10 @@ class StagedPagePath:
         bad: set[int] = set()
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.codec.device))
-        starts = list(range(0, len(block_ids), self.chunk_blocks))
-        chunk_pages = [range(2 * s, min(2 * (s + self.chunk_blocks), len(digests))) for s in starts]
+        # On a GPU no host slot is involved: a chunk fills the whole device buffer.
+        step = self.chunk_blocks * (len(self._slots) if self._device is not None else 1)
+        starts = list(range(0, len(block_ids), step))
+        chunk_pages = [range(2 * s, min(2 * (s + step), len(digests))) for s in starts]
 
         def fill(pages: list[int]) -> list[int]:
             """Read the pages the tier lacked into their slots, check the rest: bad pages."""
@@ -369,7 +380,7 @@ class StagedPagePath:
             for c, start in enumerate(starts):
                 for future in reads[c]:
                     bad.update(future.result())
-                ids = list(block_ids[start : start + self.chunk_blocks])
+                ids = list(block_ids[start : start + step])
                 self._tier_to_blocks(self._slots[c % len(self._slots)], ids,
                                      [slots[i] for i in chunk_pages[c]])
             for future in checks:
@@ -394,7 +405,8 @@ class StagedPagePath:
         return self._submit_slices(len(pages), lambda lo, hi: work(pages[lo:hi]))
 
     def _tier_to_blocks(self, slot: _Slot, ids: list[int], tier_slots: list[int]) -> None:
-        """Copy a chunk's pages from their tier slots, one copy per run of adjacent slots."""
+        """Copy a chunk's pages from their tier slots, one copy per run of adjacent slots: into
+        the host ``slot`` on CPU, into the whole device buffer on a GPU."""
         tier = self.tier
         assert tier is not None
         n = len(ids)
@@ -410,13 +422,13 @@ class StagedPagePath:
                 slot.rows[row : row + count] = tier.rows[ts : ts + count]
             self.codec.scatter(ids, slot.host[:n])
             return
-        assert slot.device is not None
+        assert self._device is not None
         source = self._tier_tensor()
         with torch.cuda.stream(self._stream):
-            dst = slot.device.view(-1).view(torch.uint8).view(-1, self.page_bytes)
+            dst = self._device.view(-1).view(torch.uint8).view(-1, self.page_bytes)
             for row, ts, count in runs:
                 dst[row : row + count].copy_(source[ts : ts + count], non_blocking=True)
-            self.codec.scatter_on_device(self._index(ids), slot.device[:n])
+            self.codec.scatter_on_device(self._index(ids), self._device[:n])
 
     def _tier_tensor(self) -> torch.Tensor:
         assert self.tier is not None
