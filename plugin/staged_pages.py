@@ -50,7 +50,7 @@ DEFAULT_STAGING_MIB = 512
 DEFAULT_SLOTS = 4
 
 T = TypeVar("T")
-PageItems = list[tuple[bytes, memoryview]]
+PageItems = list[tuple[bytes, memoryview | None]]  # None: the page is in the store already
 #: ``commit(items, num_blocks, last)`` stores the pages of one or more consecutive chunks (one
 #: durable commit); runs on the writer thread. ``last``: the save's final chunk is among them.
 Commit = Callable[[PageItems, int, bool], None]
@@ -442,13 +442,18 @@ class StagedPagePath:
             self._fence.synchronize()
 
     # -- saves -----------------------------------------------------------------------------
-    def save(self, block_ids: Sequence[int], valid_in_last: int | None, commit: Commit) -> None:
+    def save(self, block_ids: Sequence[int], valid_in_last: int | None, commit: Commit,
+             present: Callable[[list[bytes]], list[bool]] | None = None) -> None:
         """Gather blocks chunk by chunk and hand each chunk's hashed pages to ``commit``.
 
         ``commit`` runs on one writer thread, in chunk order (consecutive chunks that are ready
         together in one call), while the next chunks are being copied and hashed; the page
         buffers stay valid until it returns. The first
         exception (copy, hash or commit) is raised here, after the writer has stopped.
+
+        ``present(digests)`` (the store's page lookup) lets a chunk whose pages are all stored
+        already hand ``commit`` digests only and free its slot at once: the writer then takes
+        many such chunks per commit instead of holding four slots behind the disk.
         """
         chunks = [list(block_ids[i : i + self.chunk_blocks])
                   for i in range(0, len(block_ids), self.chunk_blocks)]
@@ -467,10 +472,10 @@ class StagedPagePath:
                     slot.commit = None
                 self._from_blocks(slot, ids)
                 if previous is not None:
-                    pending.append(self._hash_and_commit(*previous, None, commit))
+                    pending.append(self._hash_and_commit(*previous, None, commit, present))
                 previous = (slot, ids, c == len(chunks) - 1)
             assert previous is not None
-            pending.append(self._hash_and_commit(*previous, valid_in_last, commit))
+            pending.append(self._hash_and_commit(*previous, valid_in_last, commit, present))
         finally:
             errors = []
             for fut in pending:
@@ -497,6 +502,7 @@ class StagedPagePath:
 
     def _hash_and_commit(
         self, slot: _Slot, ids: list[int], last: bool, valid_in_last: int | None, commit: Commit,
+        present: Callable[[list[bytes]], list[bool]] | None = None,
     ) -> Future[None]:
         n = len(ids)
         if slot.done is not None:
@@ -513,12 +519,14 @@ class StagedPagePath:
                 self._keep_in_tier(rows, digests, lo, hi)
 
         list(self._spread(2 * n, part))
-        items = [(digests[i], memoryview(rows[i])) for i in range(2 * n)]
+        stored = present(digests) if present is not None else [False] * (2 * n)
+        items: PageItems = [(d, None if there else memoryview(row))
+                            for d, there, row in zip(digests, stored, rows)]
         done: Future[None] = Future()
         with self._lock:
             self._ready.append((items, n, last, done))
         self._writer.submit(self._commit_ready, commit)
-        slot.commit = done
+        slot.commit = None if all(stored) else done  # no bytes of this slot left to write
         return done
 
     def _keep_in_tier(self, rows: np.ndarray, digests: list[bytes], lo: int, hi: int) -> None:

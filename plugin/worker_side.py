@@ -382,7 +382,8 @@ class WorkerSide:
                     done.add(result, len(result.digests) // 2)
                     return {job_meta_key(job.job): done.record().to_json()}
             if self._staged is not None:
-                def commit(items: list[tuple[bytes, memoryview]], blocks: int, last: bool) -> None:
+                def commit(items: list[tuple[bytes, memoryview | None]], blocks: int,
+                           last: bool) -> None:
                     stats.add(
                         self.store.put_pages_hashed(
                             items, pin=job.job, meta=meta if last else None
@@ -390,7 +391,8 @@ class WorkerSide:
                         blocks,
                     )
 
-                self._staged.save(job.block_ids, job.valid_in_last, commit)
+                self._staged.save(job.block_ids, job.valid_in_last, commit,
+                                  present=self.store.has_pages)
             else:
                 stats.add(
                     self.store.put_pages_from(2 * n, self._page_source(job), pin=job.job, meta=meta),

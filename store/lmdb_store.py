@@ -143,13 +143,17 @@ class Store:
         self, items: Sequence[tuple[bytes, Any]], *, pin: str | None = None,
         meta: MetaAfter | None = None,
     ) -> PutResult:
-        """Like put_pages for callers that already know each page's xxh3-128 digest."""
+        """Like put_pages for callers that already know each page's xxh3-128 digest.
+
+        A page given as None must be in the store already (the caller checked, and let go of
+        its bytes): it is pinned and journaled like the others, or MissingObject if it went.
+        """
         checked = []
         for digest, page in items:
             digest = bytes(digest)
             if len(digest) != 16:
                 raise InvalidDigest(digest.hex())
-            checked.append((digest, as_buffer(page)))
+            checked.append((digest, None if page is None else as_buffer(page)))
         return self._put_hashed(checked, pin, meta)
 
     def put_pages_from(

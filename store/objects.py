@@ -117,17 +117,25 @@ def journal_time(txn: lmdb.Transaction, dbs: dict[str, Any], kind: bytes, key: b
 def put_pages(
     txn: lmdb.Transaction,
     dbs: dict[str, Any],
-    items: Sequence[tuple[bytes, memoryview]],
+    items: Sequence[tuple[bytes, memoryview | None]],
     t_us: int,
 ) -> tuple[list[bool], int]:
-    """Insert pages not yet present (one B-tree descent each, no copy of existing pages)."""
+    """Insert pages not yet present (one B-tree descent each, no copy of existing pages).
+
+    An item whose page is None names a page the caller saw in the store already (it released
+    the bytes): it must still be there, checked in this transaction, or MissingObject.
+    """
     pages, journal = dbs["pages"], dbs["journal"]
     put = txn.put
     stamp_value = _U64.pack(t_us)
     new: list[bool] = []
     written = 0
     for digest, buf in items:
-        if put(digest, buf, overwrite=False, db=pages):
+        if buf is None:
+            if txn.get(digest, db=pages) is None:
+                raise MissingObject("page", digest.hex())
+            new.append(False)
+        elif put(digest, buf, overwrite=False, db=pages):
             new.append(True)
             written += buf.nbytes
         else:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from processfork.plugin.codec import codec_for
 from processfork.plugin.staged_pages import StagedPagePath
-from processfork.store import PutResult, Store, page_digest
+from processfork.store import MissingObject, PutResult, Store, page_digest
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 L, B, H, N, D = 3, 40, 2, 16, 32
@@ -152,3 +152,31 @@ def test_a_failing_commit_is_raised_after_the_writer_stops(tmp_path):
     path.save([1, 2], None, lambda items, n, last: seen.append(n))
     path.close()
     assert seen == [2]
+
+
+def test_chunks_already_stored_are_committed_as_digests_and_free_their_slots(tmp_path):
+    """A save into a store that holds every page hands the writer digests only, so it can take
+    many chunks per commit; the pages are pinned all the same, and one that vanished fails."""
+    src = _layers("cpu")
+    blocks = list(range(12))
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=2)
+        digests, _ = _save(path, store, blocks)
+        seen: list[tuple[bytes, object]] = []
+
+        def commit(items, n, last):
+            seen.extend(items)
+            store.put_pages_hashed(items, pin="again")
+
+        path.save(blocks, None, commit, present=store.has_pages)
+        assert [d for d, _ in seen] == digests and all(page is None for _, page in seen)
+        assert store.get_pin("again") == digests
+
+        def vanished(wanted):  # says every page is stored, but the last never was
+            return [True] * len(wanted)
+
+        src[0][11] += 1  # block 11's pages now differ from anything stored
+        with pytest.raises(MissingObject):
+            path.save([11], None, lambda items, n, last: store.put_pages_hashed(items),
+                      present=vanished)
+        path.close()

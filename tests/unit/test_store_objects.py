@@ -84,6 +84,20 @@ def test_put_pages_hashed_trusts_given_digests_and_skips_existing(store):
         store.put_pages_hashed([(b"short", pages[0])])
 
 
+def test_a_page_given_without_bytes_must_be_stored_and_is_pinned(store):
+    """A writer that saw its pages in the store hands digests only; the put checks again."""
+    pages = [os.urandom(512) for _ in range(2)]
+    store.put_pages_hashed([(page_digest(p), p) for p in pages])
+    again = store.put_pages_hashed([(page_digest(p), None) for p in pages], pin="job")
+    assert again.new == [False, False] and again.bytes_written == 0
+    assert store.get_pin("job") == [page_digest(p) for p in pages]
+    gone = os.urandom(512)
+    with pytest.raises(MissingObject):  # e.g. gc deleted it after the writer looked
+        store.put_pages_hashed([(page_digest(gone), None), (page_digest(pages[0]), pages[0])],
+                               pin="job2")
+    assert store.get_pin("job2") == []  # nothing of the failed put committed
+
+
 @SETTINGS
 @given(
     page_size=st.sampled_from([16, 256, 4096]),
