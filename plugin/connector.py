@@ -31,6 +31,10 @@ from .vllm_compat import CacheHitSource, check_supported_vllm
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.block_pool import BlockPool
@@ -164,6 +168,37 @@ class ProcessForkConnector(KVConnectorBase_V1):
     # ==============================
     # Scheduler-side hooks (EngineCore process)
     # ==============================
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        # Scheduler side only: vLLM asks after every step and adds the answer to its stats.
+        if self._scheduler is None:
+            return None
+        data = self._scheduler.take_stats()
+        if not data:
+            return None
+        from .metrics import ProcessForkStats
+
+        return ProcessForkStats(data=data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        from .metrics import ProcessForkStats
+
+        return ProcessForkStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        # In the API server: the processfork_* counters on /metrics (plugin/metrics.py).
+        from .metrics import ProcessForkPromMetrics
+
+        return ProcessForkPromMetrics(vllm_config, metric_types, labelnames,
+                                      per_engine_labelvalues)
+
     def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
         # vLLM 0.26-0.29 call this directly; later versions from bind_kv_cache_manager.
         if self._scheduler is not None:

@@ -55,6 +55,7 @@ from .chat_render import render_chat
 from .connector_config import store_path_from_config
 from .control import Control
 from .repair import repair_snapshot
+from .session_header import SessionHeader
 
 __all__ = ["PREFIX", "ProcessForkEndpoints", "body_limit"]
 
@@ -398,6 +399,8 @@ class ProcessForkEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(build_router())
+        # X-Processfork-Session on /v1/completions and /v1/chat/completions (session_header.py).
+        app.add_middleware(SessionHeader)
 
     async def init_state(
         self, engine_client: Any, state: State, args: Namespace

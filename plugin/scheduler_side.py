@@ -117,6 +117,7 @@ class SchedulerSide:
         self._sessions: dict[str, SessionState] = {}
         self.lookup: PrefixLookup | None = None
         self.committer: SessionCommitter | None = None
+        self._reported: dict[str, int] = {}
         if store_path is not None and (auto_restore or sessions):
             self.lookup = PrefixLookup(store_path, self.auth, self.block_size)
         if sessions and self.lookup is not None:
@@ -301,6 +302,21 @@ class SchedulerSide:
             pool.evict_blocks(block_ids)
         if self.lookup is not None:
             self.lookup.stats.failed_blocks += len(block_ids)
+
+    def take_stats(self) -> dict[str, int]:
+        """Counter increments since the last call (for ``/metrics``); empty when none."""
+        now: dict[str, int] = {}
+        if self.lookup is not None:
+            s = self.lookup.stats
+            now.update(lookups=s.lookups, hits=s.hits, restored_requests=s.restored_requests,
+                       restored_tokens=s.restored_tokens, failed_blocks=s.failed_blocks)
+        if self.committer is not None:
+            c = self.committer
+            now.update(session_turns=c.committed, session_turn_failures=c.failed,
+                       session_blocks_saved=c.blocks_saved)
+        delta = {k: v - self._reported.get(k, 0) for k, v in now.items()}
+        self._reported = now
+        return {k: v for k, v in delta.items() if v}
 
     def close(self) -> None:
         if self.committer is not None:

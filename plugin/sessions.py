@@ -97,6 +97,7 @@ class SessionCommitter:
         self._lock = threading.Lock()
         self.committed = 0
         self.failed = 0
+        self.blocks_saved = 0
 
     def submit(self, spec: TurnSpec) -> None:
         with self._lock:
@@ -154,6 +155,7 @@ class SessionCommitter:
             self._drop(spec.steps)
             return None
         self.committed += 1
+        self.blocks_saved += len(pages)
         logger.debug("processfork: %s -> %s", spec.ref, result.cid)
         return result
 

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
-from pf_http import cached_tokens, complete, metric, pf, random_tokens
+from pf_http import cached_tokens, complete, headers, metric, pf, random_tokens
 from processfork.store import Store
 
 pytestmark = pytest.mark.integration
@@ -92,6 +93,7 @@ def before(server, restart_server, openai_client, pf_store) -> Before:
 def test_a_plain_completion_loads_its_stored_prefix_and_continues_exactly(server, before):
     split = split_point(len(before.tokens))
     external = metric(server, "vllm:external_prefix_cache_hits_total")
+    assert metric(server, "processfork_restored_tokens_total") == 0  # a fresh engine
     restored = complete(server, before.tokens, max_tokens=8, logprobs=5)
     assert cached_tokens(restored) == split
     assert metric(server, "vllm:external_prefix_cache_hits_total") - external == split
@@ -101,6 +103,12 @@ def test_a_plain_completion_loads_its_stored_prefix_and_continues_exactly(server
     got, want = restored["choices"][0]["logprobs"], before.warm["choices"][0]["logprobs"]
     for key in ("tokens", "token_logprobs", "top_logprobs"):
         assert got[key] == want[key], key
+    # The connector's own counters on /metrics (vLLM forwards them with its scheduler stats).
+    deadline = time.monotonic() + 60
+    while metric(server, "processfork_restored_tokens_total") < split:
+        assert time.monotonic() < deadline, "processfork_restored_tokens_total never counted"
+        time.sleep(0.5)
+    assert metric(server, "processfork_restored_requests_total") >= 1
 
 
 def test_a_request_under_another_cache_salt_loads_nothing(server, before):
@@ -159,3 +167,21 @@ def test_a_session_rolled_back_continues_from_the_turn_it_was_reset_to(
     turn = _turn(openai_client, server, pf_store, history, "Another plan, from step 1. " * 4)
     with Store(pf_store, readonly=True) as store:
         assert store.get_snapshot(turn["cid"]).parents == [before.turns[0]["cid"]]
+
+
+def _post_with_session(server, body: dict, session: str) -> httpx.Response:
+    return httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=300,
+                      headers={**headers(server), "X-Processfork-Session": session},
+                      trust_env=False)
+
+
+def test_the_session_header_commits_like_kv_transfer_params(server, before, pf_store):
+    body = {"model": server.model_name, "messages": before.history[:2], "max_tokens": 4,
+            "temperature": 0}
+    response = _post_with_session(server, body, "it-header")
+    assert response.status_code == 200, response.text
+    assert response.json()["kv_transfer_params"]["processfork"]["session"] == "sessions/it-header"
+    _wait_for_ref(pf_store, "sessions/it-header", None)
+    bad = _post_with_session(server, body, "a..b")
+    assert bad.status_code == 400
+    assert bad.json()["error"]["type"] == "invalid_request"

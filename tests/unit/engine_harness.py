@@ -257,6 +257,8 @@ class Engine:
         #: each request's block table as its last step ran (its blocks keep their bytes after
         #: it finishes, until another request takes them)
         self.tables: dict[str, list[int]] = {}
+        #: the connector's stats of each step that had any (what vLLM sends to /metrics)
+        self.kv_stats: list[dict[str, Any]] = []
         #: called between the loads and the forward pass of each step (to damage a page, say)
         self.before_forward: Callable[[Any], None] | None = None
 
@@ -359,6 +361,9 @@ class Engine:
         self.tables.update(record.tables)
         self.steps.append(record)
         for outputs in self.scheduler.update_from_output(out, runner_out).values():
+            stats = outputs.scheduler_stats
+            if stats is not None and stats.kv_connector_stats:
+                self.kv_stats.append(dict(stats.kv_connector_stats))
             for o in outputs.outputs:
                 self._sampled.setdefault(o.request_id, []).extend(o.new_token_ids)
                 if o.finish_reason is not None:

@@ -3,6 +3,8 @@ vLLM's real scheduler (no model, no server)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from engine_harness import (
     BLOCK,
@@ -135,3 +137,40 @@ def test_a_damaged_page_is_recomputed_and_leaves_no_record(make_engine, path):
         assert store.meta_items("job:") == jobs_before  # nobody would read a record
     assert engine.side.lookup.stats.failed_blocks == 1
     engine.assert_no_leaks()
+
+
+def _counted(engine) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for stats in engine.kv_stats:
+        for key, value in stats.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def test_restores_reach_vllms_stats_as_counter_increments(engine):
+    seq = tokens(100)
+    take_snapshot(engine, "s", seq)
+    engine.forget_cache()
+    engine.kv_stats.clear()
+    engine.run(engine.add(seq))
+    engine.run(engine.add(tokens(100, seed=3)))  # a miss
+    assert _counted(engine) == {"lookups": 2, "hits": 1, "restored_requests": 1,
+                                "restored_tokens": 96}
+
+
+def test_the_counters_on_metrics_add_up_what_the_engine_reports():
+    from processfork.plugin.metrics import COUNTERS, ProcessForkPromMetrics, ProcessForkStats
+    from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+    config = SimpleNamespace(kv_transfer_config=None)
+    metrics = ProcessForkPromMetrics(config, {Counter: Counter, Gauge: Gauge, Histogram: Histogram},
+                                     ["model_name", "engine"], {0: ["m", "0"]})
+    labels = {"model_name": "m", "engine": "0"}
+    name = COUNTERS["restored_tokens"][0] + "_total"
+    before = REGISTRY.get_sample_value(name, labels) or 0.0
+    stats = ProcessForkStats(data={"restored_tokens": 96, "lookups": 1})
+    stats.aggregate(ProcessForkStats(data={"restored_tokens": 32, "unknown": 5}))
+    assert stats.reduce()["restored_tokens"] == 128 and not stats.is_empty()
+    metrics.observe(stats.to_dict(), 0)
+    assert REGISTRY.get_sample_value(name, labels) == before + 128
+    assert REGISTRY.get_sample_value(COUNTERS["lookups"][0] + "_total", labels) == 1

@@ -42,6 +42,13 @@ def test_a_turn_commits_the_whole_blocks_of_its_prompt_and_output(engine):
         assert store.head().cid != cid  # a session turn leaves HEAD alone
         assert store.list_pins() == {} and store.meta_items("job:") == {}
         turn_pages = seq.pages
+    # A commit runs after its request; vLLM collects the count with its next step.
+    engine.run(engine.add(tokens(20, seed=11)))
+    counted: dict[str, int] = {}
+    for stats in engine.kv_stats:
+        for key, value in stats.items():
+            counted[key] = counted.get(key, 0) + value
+    assert counted["session_turns"] == 1 and counted["session_blocks_saved"] == 8
     # The same pages a snapshot of those tokens stores: the engine's own KV, byte for byte.
     with Store(engine.store_path) as store:
         check = take_snapshot(engine, "check", everything[: 8 * BLOCK])
