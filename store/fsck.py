@@ -27,6 +27,7 @@ from processfork.store.env import META_FORMAT_KEY, check_format_record
 from processfork.store.errors import InvalidName, StoreError
 from processfork.store.manifest import FORMAT, InvalidManifest, parse_head, stored_sequences
 from processfork.store.objects import decode_pin
+from processfork.store.prefix_index import check_index
 from processfork.store.refs import HEAD, iter_reflog, list_refs, read_head, validate_ref_name
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ def fsck(env: Env, *, progress: Progress | None = None) -> Iterator[FsckIssue]:
     yield from env.read(snapshots, buffers=True)
     yield from env.read(lambda txn: list(_check_refs(txn, env.dbs)), buffers=True)
     yield from env.read(lambda txn: list(_check_small(txn, env.dbs)), buffers=True)
+    yield from env.read(lambda txn: [FsckIssue(*i) for i in check_index(txn, env.dbs)])
 
 
 class _Users:

@@ -281,6 +281,43 @@ def build_index(txn: lmdb.Transaction, dbs: dict[str, Any]) -> int:
     return total
 
 
+def check_index(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """fsck's view of the index: (kind, object, message) for every record that is malformed
+    (`bad-index`), that names a snapshot the store does not have (`dangling-index`), or that its
+    snapshot's `c` record does not account for (`bad-index`)."""
+    if INDEX_DB not in dbs:
+        return []
+    issues: list[tuple[str, str, str]] = []
+    listed: set[bytes] = set()
+    snapshots = txn.cursor(db=dbs["snapshots"])
+    entries = txn.cursor(db=dbs[INDEX_DB])
+    for key, value in txn.cursor(db=dbs[INDEX_DB]):
+        key, value = bytes(key), bytes(value)
+        if key[:1] != _OWNER:
+            continue
+        if len(key) != 33 or len(value) < 16 or len(value) % 16:
+            issues.append(("bad-index", key.hex(), "malformed snapshot record"))
+            continue
+        cid = cid_from_key(key[1:])
+        if not snapshots.set_key(key[1:]):
+            issues.append(("dangling-index", cid, "index record of a missing snapshot"))
+        for off in range(16, len(value), 16):
+            entry = _BLOCK + value[off : off + 16] + key[1:]
+            listed.add(entry)
+            if not entries.set_key(entry):
+                issues.append(("bad-index", cid, f"block {value[off:off + 16].hex()} not indexed"))
+    for key, value in txn.cursor(db=dbs[INDEX_DB]):
+        key = bytes(key)
+        if key[:1] == _OWNER:
+            continue
+        if key[:1] != _BLOCK or len(key) != 49 or len(value) != _ENTRY.size:
+            issues.append(("bad-index", key.hex(), "malformed index entry"))
+        elif key not in listed:
+            issues.append(("bad-index", key.hex(),
+                           f"entry of {cid_from_key(key[17:])} its snapshot record does not list"))
+    return issues
+
+
 def entries_of(txn: lmdb.Transaction, dbs: dict[str, Any], cid: str) -> Sequence[bytes]:
     """The chain hashes a snapshot indexed (tests and fsck)."""
     raw = txn.get(_OWNER + cid_key(cid), db=dbs[INDEX_DB]) if INDEX_DB in dbs else None

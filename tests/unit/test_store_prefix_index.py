@@ -145,3 +145,20 @@ def test_a_continued_fork_child_indexes_only_its_own_blocks(tmp_path):
         child = store.fork("a", 2)[0]
         grandchild = make_snapshot(store, "c", tokens=base + seq(32, seed=8), parents=[child])
         assert entries(store, grandchild) == 2
+
+
+def test_fsck_checks_the_index(tmp_path):
+    with Store(tmp_path / "s") as store:
+        base = seq(64)
+        cid = make_snapshot(store, "a", tokens=base, ref="a")
+        store.fork("a", 2)
+        make_snapshot(store, "b", tokens=base + seq(32, seed=1), parents=[cid])
+        assert list(store.fsck()) == []
+        chain = store._read(lambda txn: entries_of(txn, store.dbs, cid))[0]
+        key = bytes.fromhex(cid.removeprefix("sha256:"))
+        # An entry its snapshot does not list, and a lost one.
+        store.env.write(lambda txn: txn.put(b"h" + b"\1" * 16 + key, b"\0" * 8,
+                                            db=store.dbs[INDEX_DB]))
+        store.env.write(lambda txn: txn.delete(b"h" + chain + key, db=store.dbs[INDEX_DB]))
+        kinds = sorted((i.kind, i.message.split(" ")[0]) for i in store.fsck())
+        assert kinds == [("bad-index", "block"), ("bad-index", "entry")]
