@@ -62,6 +62,9 @@ class ConnectorConfig:
     #: Commit each turn of a request that names a session to the ref ``<session_prefix>NAME``.
     sessions: bool = True
     session_prefix: str = "sessions/"
+    #: A remote (s3://BUCKET/PREFIX) a checkout fetches snapshots the store lacks from
+    #: (`pf serve --remote`); read by the API server.
+    remote: str | None = None
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
@@ -78,4 +81,5 @@ class ConnectorConfig:
             auto_restore=_flag(extra, "auto_restore"),
             sessions=_flag(extra, "sessions"),
             session_prefix=str(extra.get("session_prefix") or "sessions/"),
+            remote=str(extra["remote"]) if extra.get("remote") else None,
         )

@@ -29,6 +29,7 @@ from .api_models import (
     SnapshotBody,
     SnapshotResponse,
 )
+from .connector_config import ConnectorConfig
 from .jobs import (
     CaptureOp,
     CaptureReply,
@@ -67,6 +68,10 @@ class Control:
         self.max_num_batched_tokens: int = vllm_config.scheduler_config.max_num_batched_tokens
         self._store: Store | None = None
         self._engine_record: EngineRecord | None = None
+        kv_config = getattr(vllm_config, "kv_transfer_config", None)
+        extra = getattr(kv_config, "kv_connector_extra_config", None) or {}
+        #: `pf serve --remote`: where a checkout finds snapshots this store lacks.
+        self.remote_url: str | None = ConnectorConfig.from_extra(extra).remote
 
     # --- plumbing ---------------------------------------------------------------
     @property
@@ -325,7 +330,7 @@ class Control:
     # --- checkout -----------------------------------------------------------------
     async def checkout(self, body: CheckoutBody) -> CheckoutResponse:
         t0 = time.perf_counter()
-        cid = await self._run(self.store.resolve, body.cid)
+        cid = await self._resolve_or_fetch(body.cid)
         manifest = await self._run(self.store.get_snapshot, cid)
         await self.require_compatible(cid, manifest)
         token_lists = []
@@ -362,6 +367,38 @@ class Control:
             tokens_already_resident=sum(r.local_tokens for r in replies),
             ms=elapsed_ms(t0),
         )
+
+    async def _resolve_or_fetch(self, rev: str) -> str:
+        """The cid `rev` names. With a remote (`pf serve --remote`), a full cid or a ref the
+        store lacks is fetched from it first: the snapshot's fingerprint is checked against this
+        engine's before any page moves, and every object is verified as it arrives."""
+        try:
+            return await self._run(self.store.resolve, rev)
+        except ApiError as exc:
+            if self.remote_url is None or exc.status != 404:
+                raise
+            missing = exc
+        from processfork.store.remote.porcelain import fetch_revision
+
+        record = await self.engine_record()
+
+        def accept(manifests: dict[str, dict[str, Any]]) -> None:
+            parents = {p for d in manifests.values() for p in d.get("parents") or []}
+            for cid, d in manifests.items():
+                mismatch = record.fingerprint.first_mismatch(d.get("fingerprint") or {})
+                if cid not in parents and mismatch is not None:
+                    raise ApiError(
+                        409,
+                        "incompatible_snapshot",
+                        f"snapshot {cid[:19]} on {self.remote_url} was taken with "
+                        f"{mismatch.field}={mismatch.stored!r} but this engine has "
+                        f"{mismatch.field}={mismatch.engine!r}; nothing was fetched",
+                    )
+
+        cid = await self._run(fetch_revision, self.store, self.remote_url, rev, accept=accept)
+        if cid is None:
+            raise missing
+        return cid
 
     async def _checkout_sequence(self, cid: str, index: int, tokens: list[int]) -> CheckoutReply:
         job = uuid.uuid4().hex

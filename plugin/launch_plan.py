@@ -88,11 +88,17 @@ def is_cpu_build() -> bool:
 
 
 def kv_transfer_config(
-    store: Path, connector_module: str = DEFAULT_CONNECTOR_MODULE, *, auto_restore: bool = True
+    store: Path,
+    connector_module: str = DEFAULT_CONNECTOR_MODULE,
+    *,
+    auto_restore: bool = True,
+    remote: str | None = None,
 ) -> dict:
     extra: dict = {"store": str(store)}
     if not auto_restore:
         extra["auto_restore"] = False
+    if remote is not None:
+        extra["remote"] = remote
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": connector_module,
@@ -211,6 +217,7 @@ def build_plan(
     env: Mapping[str, str] | None = None,
     cpu: bool | None = None,
     auto_restore: bool = True,
+    remote: str | None = None,
 ) -> LaunchPlan:
     """Decide the vLLM arguments and environment for serving ``model``.
 
@@ -226,7 +233,8 @@ def build_plan(
     args: list[str] = []
     if "--kv-transfer-config" not in given:
         config = kv_transfer_config(
-            store_path, connector_module or DEFAULT_CONNECTOR_MODULE, auto_restore=auto_restore
+            store_path, connector_module or DEFAULT_CONNECTOR_MODULE, auto_restore=auto_restore,
+            remote=remote,
         )
         args += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
     if "--enable-prefix-caching" not in given:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.text import Text
@@ -22,6 +22,7 @@ Examples:
   pf serve ./models/llama --port 8000
   pf serve ./models/llama --threads 4 --max-model-len 16384
   pf serve ./models/llama --block-size 64 --print-command   # print, do not run
+  pf serve ./models/llama --remote origin   # a checkout fetches what the store lacks from origin
 """
 
 
@@ -43,6 +44,12 @@ def serve(
         typer.Option("--no-auto-restore",
                      help="Load stored prefixes only on `pf checkout`, never by themselves."),
     ] = False,
+    remote: Annotated[
+        str | None,
+        typer.Option("--remote", metavar="REMOTE",
+                     help="A remote (name or s3:// URL) that a checkout fetches snapshots the "
+                     "store lacks from."),
+    ] = None,
     print_command: Annotated[
         bool,
         typer.Option("--print-command", help="Print the equivalent `vllm serve` line and exit."),
@@ -64,6 +71,7 @@ def serve(
     extra = list(vllm_args or [])
     if s.api_key and not any(a == "--api-key" or a.startswith("--api-key=") for a in extra):
         extra += ["--api-key", s.api_key]
+    remote_url = _remote_url(s, remote) if remote is not None else None
     cpu = is_cpu_build()
     if threads is not None and not cpu:
         out.warn("--threads applies to the CPU backend only; ignored")
@@ -71,6 +79,7 @@ def serve(
         plan = build_plan(
             model, extra, store=s.resolved_store_path, threads=threads if cpu else None,
             connector_module=connector_module, cpu=cpu, auto_restore=not no_auto_restore,
+            remote=remote_url,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -91,6 +100,16 @@ def serve(
         out.err_console.print(Text.assemble(("equivalent: ", "dim"), plan.stock_command()),
                               soft_wrap=True, markup=False, highlight=False)
     exec_foreground(plan)
+
+
+def _remote_url(s: Any, remote: str) -> str:
+    """The URL of a remote given by name (from the store) or by URL."""
+    from processfork.store.remote import get_remote_url, parse_url
+
+    if remote.startswith("s3://"):
+        return str(parse_url(remote))
+    with s.open_store() as st:
+        return get_remote_url(st.env, remote)
 
 
 def register(app: typer.Typer) -> None:

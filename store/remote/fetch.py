@@ -66,29 +66,43 @@ def fetch(
     *,
     remote_name: str | None = None,
     names: Iterable[str] | None = None,
+    cids: Iterable[str] = (),
+    accept: Callable[[Mapping[str, dict[str, Any]]], None] | None = None,
     progress: Progress | None = None,
 ) -> FetchResult:
     """Bring in what the remote's refs (all, or `names`) reach; record them as tracking refs
-    `remotes/<remote_name>/<ref>` when a name is given."""
+    `remotes/<remote_name>/<ref>` when a name is given. With `cids`, bring in those snapshots
+    (and their history) instead of any ref's.
+
+    `accept`, if given, sees every manifest to be fetched (cid -> stored form) before any page
+    or blob moves, and may refuse them by raising."""
     t0 = time.perf_counter()
     requests0 = remote.store.requests
     result = FetchResult(str(remote.url))
+    cids = list(cids)
     if not remote.check_format(create=False):
+        if cids:
+            raise RemoteError(f"remote {remote.url} is empty: it has no snapshot {cids[0]}")
         result.seconds = time.perf_counter() - t0
         return result  # an empty remote: nothing was ever pushed
-    remote_refs = remote.list_refs()
-    if names is not None:
-        chosen = list(dict.fromkeys(names))
-        for name in chosen:
-            if name not in remote_refs:
-                raise UnknownRemoteRef(str(remote.url), name)
-        remote_refs = {n: remote_refs[n] for n in chosen}
-    result.refs = {n: v.cid for n, v in sorted(remote_refs.items())}
-    want = local.missing_snapshots(env, result.refs.values())
+    if cids:
+        want = local.missing_snapshots(env, cids)
+    else:
+        remote_refs = remote.list_refs()
+        if names is not None:
+            chosen = list(dict.fromkeys(names))
+            for name in chosen:
+                if name not in remote_refs:
+                    raise UnknownRemoteRef(str(remote.url), name)
+            remote_refs = {n: remote_refs[n] for n in chosen}
+        result.refs = {n: v.cid for n, v in sorted(remote_refs.items())}
+        want = local.missing_snapshots(env, result.refs.values())
     manifests: dict[str, bytes] = {}
     if want:
         remote.load_indexes()
         manifests = _fetch_manifests(env, remote, want)
+        if accept is not None:
+            accept({cid: _json(cid, data) for cid, data in manifests.items()})
         pin = f"fetch:{uuid.uuid4().hex}"
         try:
             tables = _fetch_blobs(env, remote, manifests, pin, result)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 from processfork.store import refs as _refs
@@ -18,12 +18,23 @@ from processfork.store.remote import open_remote
 from processfork.store.remote.config import add_remote, get_remote_url
 from processfork.store.remote.fetch import FetchResult, RefMove, fetch, tracking_ref, update_refs
 from processfork.store.remote.gc import DEFAULT_GRACE, RemoteGcStats, gc_remote
+from processfork.store.remote.pack import KIND_SNAPSHOT
 from processfork.store.remote.push import PushResult, push
 
 if TYPE_CHECKING:
     from processfork.store.lmdb_store import Store
 
-__all__ = ["CloneResult", "PullResult", "clone", "fetch_remote", "gc_remote_named", "pull", "push_refs", "resolve_remote"]
+__all__ = [
+    "CloneResult",
+    "PullResult",
+    "clone",
+    "fetch_remote",
+    "fetch_revision",
+    "gc_remote_named",
+    "pull",
+    "push_refs",
+    "resolve_remote",
+]
 
 Progress = Callable[[str, int, int], None]
 
@@ -154,3 +165,44 @@ def gc_remote_named(
 ) -> RemoteGcStats:
     _, url = resolve_remote(store, remote)
     return gc_remote(open_remote(url, env=store.env), grace=grace, dry_run=dry_run)
+
+
+def fetch_revision(
+    store: Store,
+    url: str,
+    rev: str,
+    *,
+    accept: Callable[[Mapping[str, dict[str, Any]]], None] | None = None,
+) -> str | None:
+    """Bring the snapshot `rev` names on the remote at `url` into the store, for a checkout of a
+    snapshot the store lacks: `rev` is a full cid, or a ref of the remote (which then becomes a
+    local ref, unless one of that name exists). Returns its cid, or None when the remote has no
+    such snapshot or ref (a cid prefix cannot be looked up there). `accept` may refuse the
+    manifests before any page moves (fetch)."""
+    from processfork.store.digest import normalize_cid
+    from processfork.store.errors import InvalidName
+
+    client = open_remote(url, env=store.env)
+    if not client.check_format(create=False):
+        return None
+    try:
+        cid: str | None = normalize_cid(rev)
+    except InvalidName:
+        cid = None
+    if cid is not None:
+        client.load_indexes()
+        if not client.has(KIND_SNAPSHOT, cid[len("sha256:") :]):
+            return None
+        fetch(store.env, client, cids=[cid], accept=accept)
+        return cid
+    try:
+        _refs.validate_ref_name(rev)
+    except InvalidName:
+        return None
+    value = client.read_ref(rev)
+    if value is None:
+        return None
+    fetch(store.env, client, cids=[value.cid], accept=accept)
+    if store.get_ref(rev) is None:
+        update_refs(store.env, {rev: value.cid}, message=f"checkout from {url}")
+    return value.cid

@@ -9,6 +9,7 @@ import pytest
 from processfork.store import Store
 from processfork.store.remote import NonFastForward, open_remote
 from processfork.store.remote.fetch import fetch, tracking_ref, update_refs
+from processfork.store.remote.porcelain import fetch_revision
 from processfork.store.remote.push import push
 from remote_helpers import content, make_snapshot
 
@@ -102,3 +103,35 @@ def test_pull_leaves_a_diverged_ref_alone(tmp_path: Path, remote_url: str) -> No
             assert [m.status for m in moves] == ["diverged"]
             assert b.list_refs()["main"] == mine
             assert b.list_refs()[tracking_ref("origin", "main")] == theirs
+
+
+def test_fetch_revision_brings_one_snapshot_after_the_accept_check(
+    tmp_path: Path, remote_url: str
+) -> None:
+    """What a server's checkout does with a snapshot its store lacks (`pf serve --remote`)."""
+    with Store(tmp_path / "a") as a:
+        base = make_snapshot(a, "main", tokens=range(64))
+        child = make_snapshot(a, "main", parents=[base], tokens=range(96))
+        side = make_snapshot(a, "side", tokens=range(32))
+        _push(a, remote_url, {"main": child, "side": side})
+        with Store(tmp_path / "b") as b:
+            seen: list[set[str]] = []
+
+            def refuse(manifests: dict) -> None:
+                seen.append(set(manifests))
+                raise ValueError("incompatible")
+
+            with pytest.raises(ValueError, match="incompatible"):
+                fetch_revision(b, remote_url, "main", accept=refuse)
+            assert seen == [{base, child}]
+            assert b.status().num_pages == 0 and b.list_pins() == {} and b.list_refs() == {}
+
+            assert fetch_revision(b, remote_url, "main") == child
+            assert b.list_refs() == {"main": child}
+            assert content(b, child) == content(a, child)
+            assert fetch_revision(b, remote_url, side) == side  # by cid: no ref made
+            assert b.list_refs() == {"main": child} and content(b, side) == content(a, side)
+            assert fetch_revision(b, remote_url, "nope") is None
+            assert fetch_revision(b, remote_url, "sha256:" + "0" * 64) is None
+            assert fetch_revision(b, remote_url, "0123456") is None  # a prefix: not looked up
+            assert list(b.fsck()) == []
