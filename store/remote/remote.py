@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from processfork.store.errors import InvalidName
+from processfork.store.refs import validate_ref_name
 from processfork.store.remote import layout
 from processfork.store.remote.errors import (
     CorruptRemoteObject,
@@ -68,7 +70,16 @@ class Remote:
 
     # -- refs ----------------------------------------------------------------------------------
     def list_ref_names(self) -> list[str]:
-        return [o.key[len("refs/") :] for o in self.store.list("refs")]
+        """The remote's ref names; a key under refs/ that is no valid ref name is not a ref."""
+        names = []
+        for listed in self.store.list("refs"):
+            name = listed.key[len("refs/") :]
+            try:
+                validate_ref_name(name)
+            except InvalidName:
+                continue
+            names.append(name)
+        return names
 
     def list_refs(self) -> dict[str, layout.RefValue]:
         out: dict[str, layout.RefValue] = {}

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from processfork_dev.s3_server import BUCKET, S3Server, start_s3_server
 
 

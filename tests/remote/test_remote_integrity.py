@@ -111,6 +111,17 @@ def test_a_corrupt_object_on_the_remote_is_caught_and_nothing_is_stored(
         assert list(b.fsck()) == []
 
 
+def test_keys_under_refs_that_are_no_ref_names_are_ignored(tmp_path: Path, remote_url: str) -> None:
+    with Store(tmp_path / "a") as a:
+        cid = make_snapshot(a, "main")
+        push(a.env, open_remote(remote_url, env=a.env), {"main": cid})
+    loc = parse_url(remote_url)
+    for bad in ("refs/a..b", "refs/x/", "refs/HEAD.lock", "refs/-opt"):
+        _s3().put_object(Bucket=loc.bucket, Key=loc.key(bad), Body=cid.encode() + b"\n")
+    with _clone(remote_url, tmp_path / "b") as b:
+        assert b.list_refs() == {"main": cid, tracking_ref("origin", "main"): cid}
+
+
 def test_a_remote_of_an_unknown_format_is_never_written(tmp_path: Path, remote_url: str) -> None:
     loc = parse_url(remote_url)
     record = json.dumps({"format": "processfork-remote", "version": 2}).encode()
