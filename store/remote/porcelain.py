@@ -182,7 +182,7 @@ def fetch_revision(
     from processfork.store.digest import normalize_cid
     from processfork.store.errors import InvalidName
 
-    client = open_remote(url, env=store.env)
+    client = open_remote(url, env=store.env, reuse=True)
     if not client.check_format(create=False):
         return None
     try:
