@@ -127,6 +127,14 @@ class RepairBody(_Body):
     cid: str = Field(min_length=1, max_length=MAX_REVISION_CHARS)
 
 
+class ResetBody(_Body):
+    """Move the existing ref ``ref`` to ``rev``; with ``old``, only if it names that now."""
+
+    ref: str = Field(min_length=1, max_length=MAX_REVISION_CHARS)
+    rev: str = Field(min_length=1, max_length=MAX_REVISION_CHARS)
+    old: str | None = Field(default=None, min_length=1, max_length=MAX_REVISION_CHARS)
+
+
 # --- replies ------------------------------------------------------------------------------------
 class Reply(BaseModel):
     """A reply: its JSON is ``model_dump(mode="json", exclude_unset=True)``, in field order.
@@ -257,6 +265,13 @@ class RefEntry(Reply):
 class RefsResponse(Reply):
     head: Head
     refs: list[RefEntry]
+
+
+class ResetResponse(Reply):
+    ref: str
+    #: What the ref names now, and what it named before.
+    cid: str
+    old: str
 
 
 class DeleteRefResponse(Reply):

@@ -46,6 +46,8 @@ from .api_models import (
     RepairBody,
     RepairResponse,
     Reply,
+    ResetBody,
+    ResetResponse,
     SnapshotBody,
     SnapshotResponse,
     SnapshotSummary,
@@ -336,6 +338,30 @@ def build_router() -> APIRouter:
             except RefIsHead as exc:
                 raise ApiError(409, "ref_is_head", f"{exc}; pass force=true to delete it") from None
             return DeleteRefResponse(deleted=name, cid=old)
+
+        return await _guard(request, run)
+
+    @router.post("/reset", response_model=ResetResponse, responses=_ERRORS)
+    async def reset(request: Request) -> JSONResponse:
+        async def run(raw: bytes) -> ResetResponse:
+            control = _control(request)
+            body = _parse(raw, ResetBody)
+            await control._run(validate_ref_name, body.ref)  # 400 before the name reaches LMDB
+            store = control.store
+
+            def move() -> tuple[str, str]:
+                current = store.get_ref(body.ref)
+                if current is None:
+                    raise UnknownRevision(body.ref)
+                # Resolved before the move: `NAME~3` names where the ref is now.
+                expected = store.resolve(body.old) if body.old is not None else current
+                target = store.resolve(body.rev)
+                store.set_ref(body.ref, target, expected_old=expected, action="reset",
+                              message=f"reset: {body.rev}")
+                return target, current
+
+            cid, old = await control._run(move)
+            return ResetResponse(ref=body.ref, cid=cid, old=old)
 
         return await _guard(request, run)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from pf_http import cached_tokens, complete, headers, metric, pf, random_tokens
+from pf_http import cached_tokens, complete, headers, metric, pf, post, random_tokens
 from processfork.store import Store
 
 pytestmark = pytest.mark.integration
@@ -161,8 +161,18 @@ def test_the_next_turn_after_a_restart_loads_the_session_from_the_store(
 def test_a_session_rolled_back_continues_from_the_turn_it_was_reset_to(
     server, openai_client, before, pf_store
 ):
-    with Store(pf_store) as store:
-        store.set_ref(REF, before.turns[0]["cid"], action="reset", message="reset: turn 1")
+    # POST /reset: what `pf reset REF 'REF~N'` does, over HTTP; errors first, in the error shape.
+    for body, status in [({"ref": "sessions/nobody", "rev": REF}, 404),
+                         ({"ref": REF, "rev": f"{REF}~1", "old": before.turns[0]["cid"]}, 409),
+                         ({"ref": "a..b", "rev": REF}, 400), ({"ref": REF}, 422)]:
+        response = post(server, "/v1/processfork/reset", body)
+        assert response.status_code == status, (body, response.text)
+        assert set(response.json()["error"]) == {"type", "message"}
+    with Store(pf_store, readonly=True) as store:
+        current = store.get_ref(REF)
+        back = len(store.log(REF)) - 1  # turns since the first, on the ref's first-parent line
+    moved = pf(server, "reset", {"ref": REF, "rev": f"{REF}~{back}"})
+    assert moved == {"ref": REF, "cid": before.turns[0]["cid"], "old": current}
     history = before.history[:3]  # system, the first message and its answer
     turn = _turn(openai_client, server, pf_store, history, "Another plan, from step 1. " * 4)
     with Store(pf_store, readonly=True) as store:

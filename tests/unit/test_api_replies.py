@@ -108,6 +108,7 @@ def test_the_openapi_document_names_every_routes_reply() -> None:
         ("get", "/log"): "LogResponse",
         ("get", "/refs"): "RefsResponse",
         ("delete", "/refs/{name}"): "DeleteRefResponse",
+        ("post", "/reset"): "ResetResponse",
         ("get", "/status"): "StatusResponse",
     }
     documented = {
