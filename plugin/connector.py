@@ -155,9 +155,11 @@ class ProcessForkConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         # Nothing is handed off after a request ends; the ids only let the worker forget jobs.
-        if self._worker is not None:
-            self._worker.forget_requests(finished_req_ids)
-        return None, None
+        # Asynchronous loads (under async scheduling) finish in the step that runs them.
+        if self._worker is None:
+            return None, None
+        self._worker.forget_requests(finished_req_ids)
+        return None, self._worker.take_finished_loads() or None
 
     def shutdown(self) -> None:
         if self._worker is not None:

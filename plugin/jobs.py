@@ -357,6 +357,9 @@ class LoadJob:
     #: digest of the request's first ``(first_block + len(block_ids)) * block_size`` prompt
     #: tokens; the worker loads only if the snapshot's tokens hash the same.
     tokens_digest: str = ""
+    #: loaded while the request waits (vLLM's asynchronous load): the worker reports the request
+    #: in ``finished_recving`` in the step that runs the job, whether the load failed or not.
+    async_load: bool = False
 
 
 @dataclass

@@ -70,6 +70,8 @@ class _CheckoutState:
     reply: CheckoutReply | None = None  # how the first admission served the request
     restore: bool = False  # a transparent restore: no checkout asked for it
     blocks: int = 0  # a transparent restore's stored blocks, from block 0
+    loading: set[int] = field(default_factory=set)  # block ids of the load last planned
+    failed: bool = False  # a load failed: the request computes what it still lacks
 
 
 @dataclass
@@ -111,6 +113,12 @@ class SchedulerSide:
         self._snapshots: dict[str, _SnapshotState] = {}
         self._checkouts: dict[str, _CheckoutState] = {}
         self._pending_loads: list[LoadJob] = []
+        # Under async scheduling (vLLM's default on CUDA) the engine schedules a request's next
+        # step before it learns that this step's load failed: a load that fails in the step that
+        # samples would leave a token sampled from the bad blocks in the output and the discarded
+        # token in the model's context. vLLM's asynchronous loads run no forward pass over the
+        # request until the load is done, so a failure only moves back where it resumes.
+        self.async_loads = bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
         self._resident_saves: list[SaveJob] = []
         self.auto_restore = auto_restore and store_path is not None
         self.session_prefix = session_prefix
@@ -148,7 +156,7 @@ class SchedulerSide:
         if op is None and self.committer is not None and request.request_id not in self._sessions:
             self._start_session(request)
         if op is None and self.auto_restore:
-            return self._restore(request, num_computed_tokens), False
+            return self._loading(self._restore(request, num_computed_tokens))
         if not isinstance(op, CheckoutOp):
             return 0, False
         state = self._checkouts.setdefault(
@@ -159,7 +167,12 @@ class SchedulerSide:
         # continuation is bit-identical to a warm prefix-cache hit.
         loadable = (request.num_prompt_tokens - 1) // self.block_size * self.block_size
         state.local_tokens = num_computed_tokens
-        return max(0, loadable - num_computed_tokens), False
+        if state.failed:
+            return 0, False  # admitted again (preempted) after its load failed: compute
+        return self._loading(max(0, loadable - num_computed_tokens))
+
+    def _loading(self, tokens: int) -> tuple[int, bool]:
+        return tokens, self.async_loads and tokens > 0
 
     def _start_session(self, request: Request) -> None:
         """A client request that names a session: note which of its blocks the store holds
@@ -192,7 +205,7 @@ class SchedulerSide:
         loadable = (request.num_prompt_tokens - 1) // self.block_size
         first = num_computed_tokens // self.block_size
         state = self._checkouts.get(request.request_id)
-        if loadable <= first or not _restorable(request):
+        if loadable <= first or not _restorable(request) or (state is not None and state.failed):
             if state is not None:
                 state.local_tokens = num_computed_tokens
             return 0
@@ -275,6 +288,7 @@ class SchedulerSide:
         first = state.local_tokens // self.block_size
         count = num_external_tokens // self.block_size
         covered = request.prompt_token_ids[: (first + count) * self.block_size]
+        state.loading = set(block_ids[first : first + count])
         self._pending_loads.append(
             LoadJob(
                 job=state.job,
@@ -284,6 +298,7 @@ class SchedulerSide:
                 first_block=first,
                 block_ids=list(block_ids[first : first + count]),
                 tokens_digest=tokens_digest(covered),
+                async_load=self.async_loads,
             )
         )
 
@@ -300,6 +315,9 @@ class SchedulerSide:
         pool = self._block_pool
         if pool is not None and block_ids:
             pool.evict_blocks(block_ids)
+        for state in self._checkouts.values():
+            if state.loading & block_ids:
+                state.failed = True  # a later admission (after a preemption) computes instead
         if self.lookup is not None:
             self.lookup.stats.failed_blocks += len(block_ids)
 

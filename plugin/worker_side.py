@@ -127,6 +127,7 @@ class WorkerSide:
         self._manifests: dict[str, Any] = {}
         self._stats: dict[str, _JobStats] = {}
         self._load_errors: set[int] = set()
+        self._finished_loads: set[str] = set()  # requests of this step's asynchronous loads
         self._loader: PipelinedLoader | None = None
         self._views: BlockViews | None = None
         self._page_buf: np.ndarray | None = None
@@ -233,6 +234,7 @@ class WorkerSide:
         """Start this step's loads; on CPU they complete layer by layer during the forward pass."""
         self._finish_loads()  # a previous step's ticket whose errors were never collected
         items: list[LoadItem] = []
+        self._finished_loads.update(job.req_id for job in plan.loads if job.async_load)
         for job in plan.loads:
             try:
                 items += self._load_items(job)
@@ -353,6 +355,15 @@ class WorkerSide:
         self._load_errors.update(ticket.bad_blocks)
         for job, message in ticket.failures.items():
             self._fail_load(job, JobError(JobErrorKind.FAILED, message))
+
+    def take_finished_loads(self) -> set[str]:
+        """Requests whose asynchronous loads ran in this step, failed or not (the failures are
+        the step's load errors)."""
+        if not self._finished_loads:
+            return set()
+        self._finish_loads()
+        done, self._finished_loads = self._finished_loads, set()
+        return done
 
     def take_load_errors(self) -> set[int]:
         self._finish_loads()
