@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from vllm.logger import init_logger
 from vllm.v1.request import RequestStatus
@@ -352,46 +352,15 @@ class SchedulerSide:
         if not self._snapshots:
             return plan
         scheduled = scheduler_output.num_scheduled_tokens
-        for new_req in scheduler_output.scheduled_new_reqs:
-            state = self._snapshots.get(new_req.req_id)
-            if state is not None:
-                state.block_ids = list(new_req.block_ids[0])
-                self._plan_save(plan, new_req.req_id, state, new_req.num_computed_tokens, scheduled)
-        cached = scheduler_output.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            state = self._snapshots.get(req_id)
-            if state is None:
-                continue
-            new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
-                state.block_ids = list(new_ids[0]) if new_ids else []
-            elif new_ids:
-                state.block_ids.extend(new_ids[0])
-            self._plan_save(plan, req_id, state, cached.num_computed_tokens[i], scheduled)
+        for req_id, state, computed_before in _track_blocks(scheduler_output, self._snapshots):
+            self._plan_save(plan, req_id, state, computed_before, scheduled)
         return plan
 
     def _plan_sessions(self, plan: StepPlan, scheduler_output: SchedulerOutput) -> None:
         """Hand the worker every block of a session request (prompt or output) that becomes
         complete in this step, under a job of the step's own."""
         scheduled = scheduler_output.num_scheduled_tokens
-        steps: list[tuple[str, SessionState, int]] = []
-        for new_req in scheduler_output.scheduled_new_reqs:
-            state = self._sessions.get(new_req.req_id)
-            if state is not None:
-                state.block_ids = list(new_req.block_ids[0])
-                steps.append((new_req.req_id, state, new_req.num_computed_tokens))
-        cached = scheduler_output.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            state = self._sessions.get(req_id)
-            if state is None:
-                continue
-            new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
-                state.block_ids = list(new_ids[0]) if new_ids else []
-            elif new_ids:
-                state.block_ids.extend(new_ids[0])
-            steps.append((req_id, state, cached.num_computed_tokens[i]))
-        for req_id, state, computed_before in steps:
+        for req_id, state, computed_before in _track_blocks(scheduler_output, self._sessions):
             request = self._live.get(req_id)
             if request is None:
                 continue
@@ -595,3 +564,35 @@ def _drop_prefixes(seqs: list[list[int]]) -> list[list[int]]:
         if not covered:
             kept.append(seq)
     return kept
+
+
+class _HasBlocks(Protocol):
+    block_ids: list[int]
+
+
+S = TypeVar("S", bound=_HasBlocks)
+
+
+def _track_blocks(scheduler_output: SchedulerOutput, states: dict[str, S]
+                  ) -> list[tuple[str, S, int]]:
+    """Bring the block tables of the tracked requests this step schedules up to date (a new
+    request's whole table, a running one's new blocks, a resumed one's fresh table); each
+    scheduled tracked request with its state and its computed tokens before the step."""
+    steps: list[tuple[str, S, int]] = []
+    for new_req in scheduler_output.scheduled_new_reqs:
+        state = states.get(new_req.req_id)
+        if state is not None:
+            state.block_ids = list(new_req.block_ids[0])
+            steps.append((new_req.req_id, state, new_req.num_computed_tokens))
+    cached = scheduler_output.scheduled_cached_reqs
+    for i, req_id in enumerate(cached.req_ids):
+        state = states.get(req_id)
+        if state is None:
+            continue
+        new_ids = cached.new_block_ids[i]
+        if req_id in cached.resumed_req_ids:
+            state.block_ids = list(new_ids[0]) if new_ids else []
+        elif new_ids:
+            state.block_ids.extend(new_ids[0])
+        steps.append((req_id, state, cached.num_computed_tokens[i]))
+    return steps
