@@ -4,7 +4,9 @@ Roots are every ref, HEAD, every reflog entry younger than `expire`, every live 
 a day, and its owner process not known to have exited: owners.py), and every snapshot younger than
 `prune` (a young snapshot keeps what it names, so no kept manifest can point to a pruned page).
 An abandoned pin is deleted with the job record of the same name (`job:<pin>` in `meta`), and a
-snapshot with its prefix-index entries.
+snapshot with its prefix-index entries; on a disk too full for both in one transaction, the
+snapshot goes first (which frees its space) and its entries in one more transaction after the
+sweep, which also deletes entries any earlier gc or older writer left of missing snapshots.
 
 The mark runs in one read transaction so writers are not blocked. The sweep then runs in short write
 transactions, each of which first re-reads the roots and walks whatever appeared since the mark
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import lmdb
 from processfork.store.digest import cid_key, is_cid
+from processfork.store.errors import StoreFull
 from processfork.store.objects import (
     JOURNAL_BLOB,
     JOURNAL_PAGE,
@@ -32,7 +35,7 @@ from processfork.store.objects import (
     journal_time,
     read_pins,
 )
-from processfork.store.prefix_index import drop_snapshot
+from processfork.store.prefix_index import count_dangling, drop_dangling, drop_snapshot
 from processfork.store.refs import (
     iter_reflog,
     list_refs,
@@ -184,6 +187,30 @@ def _expire_sessions(env: Env, cut: float, prefix: str, *, dry_run: bool) -> int
     return env.read(run) if dry_run else env.write(run)
 
 
+#: Deletions per transaction when the disk is full: each dirties a handful of pages, which the
+#: space the previous ones freed can hold.
+FULL_DISK_STEP = 8
+
+
+def _sweep_on_a_full_disk(
+    env: Env, chunk: list[tuple[str, bytes, bytes]], first: bool,
+    sweep: Callable[[lmdb.Transaction, list, bool, bool], GcStats],
+) -> list[GcStats]:
+    """A sweep that a full disk refused as one transaction, in many small ones.
+
+    A write transaction copies every B-tree page it changes into free space; on a full disk the
+    only free space is what earlier transactions freed. A few deletions at a time fit there, and
+    each frees the space its objects held (a page's value is many disk pages) for the next. The
+    order stays the sweep's (snapshots before the pages they name); prefix-index entries, which
+    would add many changed pages, wait for the end of the sweep (`drop_dangling`)."""
+    parts = []
+    for i in range(0, max(1, len(chunk)), FULL_DISK_STEP):
+        piece = chunk[i : i + FULL_DISK_STEP]
+        parts.append(env.write(
+            lambda txn, piece=piece, head=first and i == 0: sweep(txn, piece, head, False)))
+    return parts
+
+
 def gc(
     env: Env,
     *,
@@ -232,7 +259,8 @@ def gc(
     work += [("pages", JOURNAL_PAGE, k) for k in dead_pages]
     chunks = [work[i : i + SWEEP_CHUNK] for i in range(0, len(work), SWEEP_CHUNK)] or [[]]
 
-    def sweep(txn: lmdb.Transaction, chunk: list[tuple[str, bytes, bytes]], first: bool) -> GcStats:
+    def sweep(txn: lmdb.Transaction, chunk: list[tuple[str, bytes, bytes]], first: bool,
+              index: bool = True) -> GcStats:
         s = GcStats(dry_run)
         found = _roots(txn, dbs, expire_cut, pin_cut)
         roots, pinned = found.snapshots, found.pinned
@@ -276,7 +304,7 @@ def gc(
                 s.removed_snapshots += 1
             s.removed_bytes += size
             if not dry_run:
-                if db_name == "snapshots":
+                if index and db_name == "snapshots":
                     drop_snapshot(txn, dbs, bytes(key))
                 cur.delete()
                 if journaled:
@@ -287,17 +315,27 @@ def gc(
     done = 0
     for n, chunk in enumerate(chunks):
 
-        def run(txn: lmdb.Transaction, chunk: list = chunk, first: bool = n == 0) -> GcStats:
-            return sweep(txn, chunk, first)
+        def run(txn: lmdb.Transaction, chunk: list = chunk, first: bool = n == 0,
+                index: bool = True) -> GcStats:
+            return sweep(txn, chunk, first, index)
 
-        part = env.read(run, buffers=True) if dry_run else env.write(run)
-        for name in (
-            "removed_snapshots", "removed_pages", "removed_blobs", "removed_page_bytes",
-            "removed_bytes", "expired_reflog", "removed_pins", "kept_young",
-        ):  # fmt: skip
-            setattr(total, name, getattr(total, name) + getattr(part, name))
+        if dry_run:
+            parts = [env.read(run, buffers=True)]
+        else:
+            try:
+                parts = [env.write(run)]
+            except StoreFull:
+                parts = _sweep_on_a_full_disk(env, chunk, n == 0, sweep)
+        for part in parts:
+            for name in (
+                "removed_snapshots", "removed_pages", "removed_blobs", "removed_page_bytes",
+                "removed_bytes", "expired_reflog", "removed_pins", "kept_young",
+            ):  # fmt: skip
+                setattr(total, name, getattr(total, name) + getattr(part, name))
         done += len(chunk)
         report("sweep", done, len(work))
+    if not dry_run and env.read(lambda txn: count_dangling(txn, dbs)):
+        env.write(lambda txn: drop_dangling(txn, dbs))
     total.reachable_snapshots = len(mark.snapshots)
     total.reachable_pages = len(mark.pages)
     total.reachable_blobs = len(mark.blobs)

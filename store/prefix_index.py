@@ -37,6 +37,8 @@ __all__ = [
     "PrefixHit",
     "block_chain",
     "build_index",
+    "count_dangling",
+    "drop_dangling",
     "drop_snapshot",
     "index_snapshot",
     "inherit_partition",
@@ -242,6 +244,39 @@ def drop_snapshot(txn: lmdb.Transaction, dbs: dict[str, Any], cid_raw: bytes) ->
         n += bool(txn.delete(_BLOCK + raw[off : off + 16] + cid_raw, db=db))
     txn.delete(_OWNER + cid_raw, db=db)
     return n
+
+
+def drop_dangling(txn: lmdb.Transaction, dbs: dict[str, Any]) -> int:
+    """Delete the entries of every snapshot the store no longer has; how many snapshots.
+
+    gc runs it after its sweep when there are any: a sweep on a full disk deletes snapshots
+    without their entries (the deletions that disk still has room for), and a writer that does
+    not know the index deletes snapshots without theirs."""
+    gone = _dangling(txn, dbs)
+    for cid_raw in gone:
+        drop_snapshot(txn, dbs, cid_raw)
+    return len(gone)
+
+
+def count_dangling(txn: lmdb.Transaction, dbs: dict[str, Any]) -> int:
+    """How many snapshots the index still has entries of but the store does not."""
+    return len(_dangling(txn, dbs))
+
+
+def _dangling(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[bytes]:
+    if INDEX_DB not in dbs:
+        return []
+    snapshots = txn.cursor(db=dbs["snapshots"])
+    owners = txn.cursor(db=dbs[INDEX_DB])
+    gone: list[bytes] = []
+    if owners.set_range(_OWNER):
+        for key in owners.iternext(values=False):
+            key = bytes(key)
+            if key[:1] != _OWNER:
+                break
+            if not snapshots.set_key(key[1:]):
+                gone.append(key[1:])
+    return gone
 
 
 def build_index(txn: lmdb.Transaction, dbs: dict[str, Any]) -> int:

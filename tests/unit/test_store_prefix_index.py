@@ -119,6 +119,20 @@ def test_an_entry_whose_snapshot_is_gone_is_never_served(tmp_path):
         assert lookup(store, base) is None
 
 
+def test_gc_deletes_the_entries_a_deleted_snapshot_left(tmp_path):
+    """Entries of a snapshot that went without them (a gc on a full disk, or a writer that does
+    not know the index) go with the next gc."""
+    with Store(tmp_path / "s") as store:
+        cid = make_snapshot(store, "a", tokens=seq(64))
+        key = bytes.fromhex(cid.removeprefix("sha256:"))
+        store.env.write(lambda txn: txn.delete(key, db=store.dbs["snapshots"]))
+        assert entries(store, cid) == 4
+        assert [i for i in store.fsck() if i.kind == "dangling-index"]
+        store.gc(prune="now", expire="now")
+        assert entries(store, cid) == 0
+        assert not [i for i in store.fsck() if "index" in i.kind]
+
+
 def test_an_older_store_gets_its_index_built_on_first_open(tmp_path):
     path = tmp_path / "s"
     with Store(path) as store:
