@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CpuAttnCodec", "PageCodec", "SplitLastDimCodec", "StackedKVCodec", "codec_for"]
+__all__ = [
+    "BlockMajorKVCodec",
+    "CpuAttnCodec",
+    "PageCodec",
+    "SplitLastDimCodec",
+    "StackedKVCodec",
+    "blocks_axis_of",
+    "codec_for",
+]
 
 BlockView = Callable[[torch.Tensor], torch.Tensor]
 
@@ -232,15 +240,65 @@ class StackedKVCodec(PageCodec):
     v_block_shape = k_block_shape
 
 
+class BlockMajorKVCodec(StackedKVCodec):
+    """Triton and FlashInfer: ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``.
+
+    The same pages as ``StackedKVCodec`` (``[N, H, D]`` per layer), with K and V interleaved per
+    block instead of stacked per layer. FlashInfer's ``HND`` stride order permutes the physical
+    layout, not this logical shape, which is what vLLM hands to connectors.
+    """
+
+    layout = "block_kv/B2NHD"
+
+    def k_view(self, layer: torch.Tensor) -> torch.Tensor:
+        return layer[:, 0]
+
+    def v_view(self, layer: torch.Tensor) -> torch.Tensor:
+        return layer[:, 1]
+
+
+#: A block count no real cache dimension equals, to find where a backend puts the blocks.
+_PROBE_BLOCKS = 1009
+
+
+def blocks_axis_of(backend_cls: object, block_size: int, num_kv_heads: int,
+                   head_dim: int) -> int | None:
+    """Where the attention backend's own ``get_kv_cache_shape`` puts the block axis.
+
+    Asking the backend the worker registered, rather than reading the tensor's shape alone,
+    tells ``[2, B, ...]`` from ``[B, 2, ...]`` even when a dimension happens to be 2. None when
+    the backend does not say.
+    """
+    get_shape = getattr(backend_cls, "get_kv_cache_shape", None)
+    if get_shape is None:
+        return None
+    try:
+        shape = tuple(get_shape(_PROBE_BLOCKS, block_size, num_kv_heads, head_dim))
+    except (TypeError, ValueError, NotImplementedError):  # it validates differently: use shapes
+        return None
+    return shape.index(_PROBE_BLOCKS) if shape.count(_PROBE_BLOCKS) == 1 else None
+
+
 def codec_for(
-    backend: str, layers: list[torch.Tensor], *, head_dim: int, isa: str | None = None
+    backend: str, layers: list[torch.Tensor], *, head_dim: int, isa: str | None = None,
+    blocks_axis: int | None = None,
 ) -> PageCodec:
-    """Pick the codec for an attention backend and the layer tensors it allocated."""
+    """Pick the codec for an attention backend and the layer tensors it allocated.
+
+    ``blocks_axis``: where the backend's declared KV-cache shape has the block axis (see
+    ``blocks_axis_of``); without it, a 5-D tensor's layout is read from where its 2 is.
+    """
     first = layers[0]
-    if first.dim() == 5 and first.shape[0] == 2:
-        _, b, n, h, d = first.shape
-        geo = PageGeometry(b, len(layers), h, n, d, first.dtype)
-        return StackedKVCodec(layers, geo)
+    if first.dim() == 5:
+        if blocks_axis is None:
+            blocks_axis = 1 if first.shape[0] == 2 else 0 if first.shape[1] == 2 else None
+        if blocks_axis == 1 and first.shape[0] == 2:
+            _, b, n, h, d = first.shape
+            return StackedKVCodec(layers, PageGeometry(b, len(layers), h, n, d, first.dtype))
+        if blocks_axis == 0 and first.shape[1] == 2:
+            b, _, n, h, d = first.shape
+            return BlockMajorKVCodec(layers, PageGeometry(b, len(layers), h, n, d, first.dtype))
+        raise ValueError(f"unsupported KV cache tensor shape {tuple(first.shape)} for {backend}")
     if first.dim() != 4:
         raise ValueError(f"unsupported KV cache tensor shape {tuple(first.shape)} for {backend}")
     b, h, n, c = first.shape

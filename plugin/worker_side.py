@@ -28,7 +28,7 @@ from processfork.store.meta import meta_get, meta_put
 from vllm.logger import init_logger
 
 from .block_views import BlockViews
-from .codec import PageCodec, codec_for
+from .codec import PageCodec, blocks_axis_of, codec_for
 from .engine_info import engine_fingerprint, layer_order
 from .fingerprint import Fingerprint
 from .host_tier import (
@@ -52,6 +52,7 @@ from .jobs import (
     tokens_digest,
 )
 from .loader import LoadItem, LoadTicket, PipelinedLoader
+from .page_writer import PageWriter, QueuedPages
 from .prefix_lookup import is_restore_job
 from .staged_pages import MiB, StagedPagePath
 
@@ -134,6 +135,8 @@ class WorkerSide:
         self._page_row: torch.Tensor | None = None
         self._ticket: LoadTicket | None = None
         self.layer_index: dict[str, int] = {}
+        self._writer: PageWriter | None = None
+        self._released: set[str] = set()  # finished requests whose held blocks are copied
 
     @property
     def store(self) -> Store:
@@ -149,7 +152,12 @@ class WorkerSide:
         model_config = self.vllm_config.model_config
         head_dim = model_config.get_head_size()
         backend, isa = _backend_and_isa(self.vllm_config, names[0], layers[0], head_dim)
-        self.codec = codec_for(backend, layers, head_dim=head_dim, isa=isa)
+        blocks_axis = blocks_axis_of(
+            _backend_class(self.vllm_config, names[0]), self.vllm_config.cache_config.block_size,
+            model_config.get_num_kv_heads(self.vllm_config.parallel_config), head_dim,
+        )
+        self.codec = codec_for(backend, layers, head_dim=head_dim, isa=isa,
+                               blocks_axis=blocks_axis)
         block_size = self.vllm_config.cache_config.block_size
         if self.codec.geometry.block_size != block_size:
             # Some backends split each block into smaller kernel blocks; a page would then hold
@@ -374,10 +382,64 @@ class WorkerSide:
     def save(self, plan: StepPlan) -> None:
         for job in plan.saves:
             try:
-                self._save(job)
+                if job.background:
+                    self._save_background(job)
+                else:
+                    self._save(job)
             except Exception as exc:  # noqa: BLE001 - reported to the API server via the store
                 logger.warning("processfork: save for %s failed: %s", job.req_id, exc)
                 self._fail_save(job, exc)
+            finally:
+                if job.release:
+                    self._released.add(job.req_id)
+
+    def take_released(self) -> set[str]:
+        """Finished requests whose blocks vLLM kept for a save that has now copied them."""
+        released, self._released = self._released, set()
+        return released
+
+    @property
+    def writer(self) -> PageWriter:
+        if self._writer is None:
+            self._writer = PageWriter(lambda: self.store)
+        return self._writer
+
+    def _save_background(self, job: SaveJob) -> None:
+        """Copy the job's pages out of the blocks now; hash, write and commit them durably on
+        the page writer's thread, with the job's record (see ``page_writer``)."""
+        assert self.codec is not None
+        if not job.block_ids:
+            return
+        n = len(job.block_ids)
+        pages: list[tuple[bytes | None, Any]] = []
+        if self._staged is not None:
+            def keep(items: list[tuple[bytes, memoryview | None]], blocks: int,
+                     last: bool) -> None:
+                pages.extend((d, None if v is None else bytes(v)) for d, v in items)
+
+            # Every page copied, none left to the store's copy: the write comes later, when a
+            # page seen in the store now may have been collected.
+            self._staged.save(job.block_ids, job.valid_in_last, keep)
+        else:
+            assert self._views is not None
+            g = self.codec.geometry
+            out = np.empty((2 * n, self.codec.page_bytes), dtype=np.uint8)
+            for i, block in enumerate(job.block_ids):
+                self._views.gather(block, out[2 * i], out[2 * i + 1])
+            if job.valid_in_last is not None:
+                rows = torch.from_numpy(out[2 * n - 2 :]).view(g.dtype).view(2, g.num_layers, -1)
+                self.codec.mask_tail(rows, job.valid_in_last)
+            pages = [(None, out[i]) for i in range(2 * n)]
+
+        def meta(result: PutResult) -> dict[str, Any]:
+            done = _JobStats(req_id=job.req_id, final=True)
+            done.add(result, n)
+            return {job_meta_key(job.job): done.record().to_json()}
+
+        def failed(exc: BaseException) -> None:
+            self._record(job.job, JobRecord(final=True, error=JobError.of(exc)))
+
+        self.writer.submit(QueuedPages(job.job, pages, meta, failed))
 
     def _save(self, job: SaveJob) -> None:
         assert self.codec is not None
@@ -479,6 +541,9 @@ class WorkerSide:
             self._stats = {j: s for j, s in self._stats.items() if s.req_id not in req_ids}
 
     def shutdown(self) -> None:
+        if self._writer is not None:
+            self._writer.close()  # what the steps queued is written before the store closes
+            self._writer = None
         if self._staged is not None:
             self._staged.close()
             self._staged = None
@@ -491,13 +556,19 @@ class WorkerSide:
             self._store = None
 
 
+def _backend_class(vllm_config: VllmConfig, layer_name: str) -> object | None:
+    """The attention backend class the worker registered for ``layer_name``."""
+    layer = vllm_config.compilation_config.static_forward_context.get(layer_name)
+    return getattr(layer, "attn_backend", None) if layer is not None else None
+
+
 def _backend_and_isa(
     vllm_config: VllmConfig, layer_name: str, tensor: torch.Tensor, head_dim: int
 ) -> tuple[str, str | None]:
     """Name the attention backend that owns the tensors, and the CPU kernel ISA."""
     ctx = vllm_config.compilation_config.static_forward_context
     layer = ctx.get(layer_name)
-    backend_cls = getattr(layer, "attn_backend", None) if layer is not None else None
+    backend_cls = _backend_class(vllm_config, layer_name)
     backend = backend_cls.get_name() if backend_cls is not None else "unknown"
     isa = getattr(layer, "isa", None)
     if isa is None and tensor.device.type == "cpu" and backend.upper().startswith("CPU"):

@@ -9,6 +9,7 @@ compiling kernels for minutes. Prompts are longer than the step budget, so prefi
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,6 +41,8 @@ SERVER_ARGS: tuple[str, ...] = (*(("--block-size", DRY_RUN_BLOCK) if DRY_RUN_BLO
     "--gpu-memory-utilization", "0.2",
     "--kv-cache-memory-bytes", "2G",
     "--enable-prompt-tokens-details",
+    # e.g. "--attention-backend TRITON_ATTN": the same suite on another of vLLM's backends
+    *shlex.split(os.environ.get("PF_GPU_SUITE_ARGS", "")),
 )
 _STARTED: list[LiveServer] = []
 

@@ -103,7 +103,7 @@ def test_engine_runs_on_cuda_with_a_gpu_layout(gpu_server, before):
     assert fingerprint["device"] == "cuda"
     assert fingerprint["block_size"] == BLOCK
     assert fingerprint["kv_dtype"] == "bfloat16"
-    assert fingerprint["layout"] in ("split_last/BHN2D", "stacked_kv/2BNHD")
+    assert fingerprint["layout"] in ("split_last/BHN2D", "stacked_kv/2BNHD", "block_kv/B2NHD")
     print("GPU fingerprint:", json.dumps(fingerprint, sort_keys=True))
 
 

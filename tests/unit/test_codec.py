@@ -9,9 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 from processfork.plugin.codec import (
+    BlockMajorKVCodec,
     CpuAttnCodec,
     SplitLastDimCodec,
     StackedKVCodec,
+    blocks_axis_of,
     codec_for,
 )
 
@@ -34,6 +36,26 @@ def _stacked_layers(device: str) -> list[torch.Tensor]:
     return [torch.randn(2, B, N, H, D, device=device, dtype=torch.float16) for _ in range(L)]
 
 
+def _block_major_layers(device: str) -> list[torch.Tensor]:
+    """Triton / FlashInfer: logical [B, 2, N, H, D]; FlashInfer's HND order is [B, 2, H, N, D]."""
+    phys = torch.randn(L, B, 2, H, N, D, device=device, dtype=torch.bfloat16)
+    return [phys[i].transpose(2, 3) for i in range(L)]
+
+
+class _Backend:
+    """Stands for a vLLM attention backend class: only its declared KV-cache shape matters."""
+
+    def __init__(self, order: str):
+        self.order = order
+
+    def get_kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_size, *_):
+        if self.order == "B2NHD":
+            return (num_blocks, 2, block_size, num_kv_heads, head_size)
+        if self.order == "2BNHD":
+            return (2, num_blocks, block_size, num_kv_heads, head_size)
+        return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_cpu_attn_pages_are_the_k_and_v_halves(device):
     buf, layers = _cpu_layers(device)
@@ -47,7 +69,7 @@ def test_cpu_attn_pages_are_the_k_and_v_halves(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make", ["cpu", "split", "stacked"])
+@pytest.mark.parametrize("make", ["cpu", "split", "stacked", "block_major"])
 def test_gather_then_scatter_restores_exactly_those_blocks(device, make):
     if make == "cpu":
         _, src = _cpu_layers(device)
@@ -56,9 +78,12 @@ def test_gather_then_scatter_restores_exactly_those_blocks(device, make):
         phys, src = _split_layers(device)
         dst_phys = torch.zeros_like(phys)
         backend, dst = "FLASH_ATTN", [dst_phys[i].transpose(1, 2) for i in range(L)]
-    else:
+    elif make == "stacked":
         src = _stacked_layers(device)
         backend, dst = "FLASH_ATTN", [torch.zeros_like(t) for t in src]
+    else:
+        src = _block_major_layers(device)
+        backend, dst = "TRITON_ATTN", [torch.zeros_like(t) for t in src]
     blocks = [7, 1, 10]
     codec = codec_for(backend, src, head_dim=D, isa="vec")
     staging = codec.gather(blocks, codec.new_staging(len(blocks)))
@@ -78,6 +103,8 @@ def test_codec_for_picks_the_layout_from_backend_and_shape():
     assert isinstance(codec_for("CPU_ATTN", cpu, head_dim=D, isa="vec"), CpuAttnCodec)
     assert isinstance(codec_for("FLASH_ATTN", split, head_dim=D), SplitLastDimCodec)
     assert isinstance(codec_for("FLASH_ATTN", _stacked_layers("cpu"), head_dim=D), StackedKVCodec)
+    assert isinstance(codec_for("FLASHINFER", _block_major_layers("cpu"), head_dim=D),
+                      BlockMajorKVCodec)
     with pytest.raises(ValueError, match="head_dim"):
         codec_for("FLASH_ATTN", split, head_dim=32)
 
@@ -103,3 +130,32 @@ def test_mask_tail_leaves_unknown_isa_pages_alone():
     before = staging.clone()
     codec.mask_tail(staging[0], 5)
     assert torch.equal(staging, before)
+
+
+def test_block_major_pages_hold_tokens_heads_dims_of_one_block():
+    layers = _block_major_layers("cpu")
+    codec = codec_for("TRITON_ATTN", layers, head_dim=D)
+    staging = codec.gather([9], codec.new_staging(1))
+    assert torch.equal(staging[0, 0, 2].view(N, H, D), layers[2][9, 0])
+    assert torch.equal(staging[0, 1, 2].view(N, H, D), layers[2][9, 1])
+    # the same page bytes as the stacked layout, so the two read each other's snapshots' pages
+    stacked = [t.transpose(0, 1) for t in layers]  # [2, B, N, H, D] views of the same data
+    other = codec_for("FLASH_ATTN", stacked, head_dim=D, blocks_axis=1)
+    assert isinstance(other, StackedKVCodec)
+    assert torch.equal(other.gather([9], other.new_staging(1)), staging)
+
+
+@pytest.mark.parametrize("order,axis", [("B2NHD", 0), ("2BNHD", 1), ("BHN2D", 0)])
+def test_the_block_axis_comes_from_the_backends_declared_shape(order, axis):
+    assert blocks_axis_of(_Backend(order), N, H, D) == axis
+    assert blocks_axis_of(object(), N, H, D) is None
+
+
+def test_a_cache_of_two_blocks_is_read_by_the_declared_axis_not_guessed():
+    # [2, 2, N, H, D]: the shape alone cannot say which axis holds the blocks
+    layers = [torch.randn(2, 2, N, H, D) for _ in range(L)]
+    assert isinstance(codec_for("TRITON_ATTN", layers, head_dim=D, blocks_axis=0),
+                      BlockMajorKVCodec)
+    assert isinstance(codec_for("FLASH_ATTN", layers, head_dim=D, blocks_axis=1), StackedKVCodec)
+    with pytest.raises(ValueError, match="unsupported"):
+        codec_for("X", [torch.randn(3, 3, N, H, D)], head_dim=D)
