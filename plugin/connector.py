@@ -62,8 +62,9 @@ class ProcessForkConnector(KVConnectorBase_V1):
 
     @property
     def requires_kv_delivery(self) -> bool:
-        # Saves finish inside the step that computed the blocks; nothing is handed
-        # off after a request ends, so a preempted request owes nobody its blocks.
+        # Saves copy their blocks inside the step that computed them; only a finished session
+        # turn's partial last block is copied after its request ends, and a preempted request
+        # owes nobody its blocks.
         return False
 
     def __init__(
@@ -154,12 +155,13 @@ class ProcessForkConnector(KVConnectorBase_V1):
         return self._worker.take_load_errors()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        # Nothing is handed off after a request ends; the ids only let the worker forget jobs.
-        # Asynchronous loads (under async scheduling) finish in the step that runs them.
+        # Sending: a finished session turn whose partial last block vLLM kept for us (its blocks
+        # are freed once the save has copied it). Asynchronous loads (under async scheduling)
+        # finish in the step that runs them. The finished ids let the worker forget jobs.
         if self._worker is None:
             return None, None
         self._worker.forget_requests(finished_req_ids)
-        return None, self._worker.take_finished_loads() or None
+        return self._worker.take_released() or None, self._worker.take_finished_loads() or None
 
     def shutdown(self) -> None:
         if self._worker is not None:
@@ -231,4 +233,4 @@ class ProcessForkConnector(KVConnectorBase_V1):
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        return False, self._scheduler.request_finished(request)
+        return self._scheduler.request_finished(request)

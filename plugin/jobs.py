@@ -330,6 +330,12 @@ class SaveJob:
     block is the sequence's partial tail; ``None`` means every block is full.  Saves
     of one job arrive in block order across steps (chunked prefill), so the worker
     can append digests to the job's pin as they come.
+
+    ``background``: the pages are copied out of the blocks in the step, and written and made
+    durable after it by the worker's page writer (a session turn's saves: nobody waits for
+    them, and the turn is committed once their records are in the store). ``release``: the
+    request has finished and vLLM keeps its blocks for this save; the worker reports it as
+    finished sending once the blocks are copied, so vLLM frees them.
     """
 
     job: str
@@ -338,6 +344,8 @@ class SaveJob:
     block_ids: list[int]
     valid_in_last: int | None = None
     final: bool = False
+    background: bool = False
+    release: bool = False
 
 
 @dataclass
@@ -360,6 +368,9 @@ class LoadJob:
     #: loaded while the request waits (vLLM's asynchronous load): the worker reports the request
     #: in ``finished_recving`` in the step that runs the job, whether the load failed or not.
     async_load: bool = False
+    #: the KV-cache group whose blocks these are (plugin/kv_groups.py); its pages are that
+    #: group's pages of the sequence.
+    group: int = 0
 
 
 @dataclass

@@ -2,19 +2,22 @@
 Runs in EngineCore, for the scheduler side.
 
 A completion or chat request with ``kv_transfer_params: {"processfork": {"session": NAME}}``
-becomes one turn of the session: its prompt and output, as far as the engine computed whole
-blocks of them, become a snapshot on the ref ``sessions/NAME``. The blocks the store already holds
-(found through the prefix index when the request is admitted) are not saved again; the others are
-saved by the worker in the engine steps that compute them, each step's pages under a job of their
-own (``<job>.<first block>``). When the request finishes, a background thread reads those jobs'
-records and commits the turn in one transaction (``processfork.store.sessions``), so the response
-never waits for the commit.
+becomes one turn of the session: its prompt and output, every token the engine computed (all
+but the last sampled one), become a snapshot on the ref ``sessions/NAME``. The blocks the store
+already holds (found through the prefix index when the request is admitted) are not saved again;
+the others are copied by the worker in the engine steps that compute them, each step's pages
+under a job of their own (``<job>.<first block>``), and a partial last block in the step after
+the request finished. The worker's page writer makes them durable after the step returns, each
+job's record with its pages. When the request finishes, a background thread waits for those
+records and commits the turn in one transaction (``processfork.store.sessions``), so neither the
+engine step nor the response waits for a disk flush.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +35,10 @@ logger = logging.getLogger("processfork.plugin.sessions")
 
 #: Where session refs live: ``sessions/NAME``.
 DEFAULT_PREFIX = "sessions/"
+#: How long a turn's commit waits for the job record of one of its steps' saves.
+RECORD_WAIT_S = 120.0
+#: ... and at most this long once the engine shuts down.
+CLOSE_WAIT_S = 10.0
 
 
 def session_ref(kv_transfer_params: Any, prefix: str = DEFAULT_PREFIX) -> tuple[str | None, str]:
@@ -90,11 +97,18 @@ class TurnSpec:
 class SessionCommitter:
     """Commits finished turns one after another, on a thread of its own."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, prefix: str = DEFAULT_PREFIX):
         self.store = store
+        try:
+            # `pf gc --session-ttl` expires the refs under the prefixes servers recorded.
+            store.record_session_prefix(prefix)
+        except Exception:  # sessions still commit; gc falls back on the default prefix
+            logger.exception("processfork: could not record the session prefix %r", prefix)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pf-session")
         self._pending: list[Future[Any]] = []
         self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._closing_deadline = 0.0
         self.committed = 0
         self.failed = 0
         self.blocks_saved = 0
@@ -118,6 +132,10 @@ class SessionCommitter:
             future.result()
 
     def close(self) -> None:
+        # The worker writes what its steps queued before it stops; a turn whose records never
+        # come (the worker died) fails after a short wait instead of holding up the shutdown.
+        self._closing_deadline = time.monotonic() + CLOSE_WAIT_S
+        self._closing.set()
         self._pool.shutdown(wait=True)
 
     # -- on the committer's thread ---------------------------------------------------------
@@ -127,18 +145,20 @@ class SessionCommitter:
         try:
             pages: list[tuple[str, str]] = []
             for step in spec.steps:
-                raw = self.store.meta_get(job_meta_key(step))
-                record = None if raw is None else JobRecord.from_json(raw)
-                if record is None or not record.succeeded:
-                    why = "no record" if record is None else (record.error or "not final")
-                    raise RuntimeError(f"the save of step {step} did not succeed: {why}")
+                record = self._wait_for_record(step)
+                if not record.succeeded:
+                    raise RuntimeError(f"the save of step {step} did not succeed: "
+                                       f"{record.error or 'not final'}")
                 pages += record.pages
             base = spec.base
             base_blocks = base.blocks if base is not None else 0
-            blocks = base_blocks + len(pages)
+            needed = -(-len(spec.tokens) // spec.block_size)
+            if base_blocks + len(pages) != needed:
+                raise RuntimeError(f"{base_blocks + len(pages)} blocks saved for "
+                                   f"{len(spec.tokens)} tokens")
             turn = SessionTurn(
                 ref=spec.ref,
-                tokens=spec.tokens[: blocks * spec.block_size],
+                tokens=spec.tokens,
                 base=base.cid if base is not None else None,
                 base_seq=base.seq if base is not None else 0,
                 base_blocks=base_blocks,
@@ -158,6 +178,25 @@ class SessionCommitter:
         self.blocks_saved += len(pages)
         logger.debug("processfork: %s -> %s", spec.ref, result.cid)
         return result
+
+    def _wait_for_record(self, step: str) -> JobRecord:
+        """A step's job record. The worker's page writer commits it with the step's pages after
+        the engine step has returned, so it may not be there yet: a turn is committed only once
+        every page it names is durable."""
+        deadline = time.monotonic() + RECORD_WAIT_S
+        pause = 0.002
+        while True:
+            raw = self.store.meta_get(job_meta_key(step))
+            if raw is not None:
+                record = JobRecord.from_json(raw)
+                if record.settled:
+                    return record
+            now = time.monotonic()
+            if now >= deadline or (self._closing.is_set() and now >= self._closing_deadline):
+                raise RuntimeError(f"the save of step {step} left no record in "
+                                   f"{RECORD_WAIT_S:.0f} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _drop(self, steps: list[str]) -> None:
         for step in steps:

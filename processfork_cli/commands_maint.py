@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from processfork_cli.errors import IntegrityProblems
+from processfork_cli.errors import IntegrityProblems, UserError
 from processfork_cli.options import JsonOpt, QuietOpt, StoreOpt
 from processfork_cli.output import Output, to_jsonable
 from processfork_cli.render import human_bytes, human_count, short_cid
@@ -154,6 +154,15 @@ def gc(
             help="First delete session refs (sessions/...) that have not moved for AGE.",
         ),
     ] = None,
+    session_prefix: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--session-prefix",
+            metavar="PREFIX",
+            help="Session refs are those under PREFIX (repeatable); default: the prefixes the "
+            "servers recorded in the store.",
+        ),
+    ] = None,
     remote: Annotated[
         str | None,
         typer.Option(
@@ -176,9 +185,11 @@ def gc(
     prune = prune or "10m"
     grace, expiry = parse_age(prune), parse_age(expire)
     ttl = None if session_ttl is None else parse_age(session_ttl)
+    if session_prefix is not None and not all(session_prefix):
+        raise UserError("--session-prefix must not be empty: every ref would be a session ref")
     with s.open_store(readonly=dry_run) as st, s.out.progress("gc") as progress:
         stats = st.gc(dry_run=dry_run, prune=grace, expire=expiry, progress=progress,
-                      session_ttl=ttl)
+                      session_ttl=ttl, session_prefixes=session_prefix or None)
     doc: dict[str, Any] = {"dry_run": dry_run, "prune": prune, "expire": expire}
     doc.update(to_jsonable(stats))
     doc.update(dry_run=dry_run, prune=prune, expire=expire)

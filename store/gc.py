@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ from processfork.store.refs import (
     read_reflog,
     set_ref,
 )
+from processfork.store.sessions import session_prefixes as recorded_prefixes
 from processfork.store.timeparse import parse_age
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 
 __all__ = ["GcStats", "gc"]
 
-SESSION_PREFIX = "sessions/"  # where the plugin commits session turns (its `session_prefix`)
 SWEEP_CHUNK = 50_000  # deletions per write transaction: bounded writer stalls, few commits
 JOB_RECORD_PREFIX = b"job:"  # meta key of a job's record; the job's pin is named by the job id
 Progress = Callable[[str, int, int], None]
@@ -164,16 +164,19 @@ def _keys(txn: lmdb.Transaction, db: Any, *, views: bool) -> list[bytes]:
     return [bytes(k) for k in keys] if views else list(keys)
 
 
-def _expire_sessions(env: Env, cut: float, prefix: str, *, dry_run: bool) -> int:
+def _expire_sessions(env: Env, cut: float, prefixes: Sequence[str] | None, *,
+                     dry_run: bool) -> int:
     """Delete (or, dry, count) the session refs whose last move is older than `cut`; one write
     transaction, each deletion a compare-and-swap with its reflog entry. The ref HEAD follows
-    stays."""
+    stays. Session refs are those under `prefixes`, or by default under every prefix a server
+    recorded in the store (`session-prefixes` in `meta`: a server's `session_prefix`)."""
 
     def run(txn: lmdb.Transaction) -> int:
         head = read_head(txn, env.dbs)
+        under = tuple(prefixes) if prefixes else tuple(recorded_prefixes(txn, env.dbs))
         count = 0
         for name, cid in sorted(list_refs(txn, env.dbs).items()):
-            if not name.startswith(prefix) or name == head.ref:
+            if not name.startswith(under) or name == head.ref:
                 continue
             log = read_reflog(txn, env.dbs, name)
             if log and log[-1].time >= cut:
@@ -219,12 +222,13 @@ def gc(
     expire: float | str = 30 * 86400.0,
     progress: Progress | None = None,
     session_ttl: float | str | None = None,
-    session_prefix: str = SESSION_PREFIX,
+    session_prefixes: Sequence[str] | None = None,
 ) -> GcStats:
     """Mark and sweep; `prune` is the grace period and `expire` the reflog age, both in seconds
     (or ages such as "now", "10m", "2.weeks").
 
-    With `session_ttl`, refs under `session_prefix` that have not moved for longer than that are
+    With `session_ttl`, session refs (under `session_prefixes`, by default those the servers
+    recorded) that have not moved for longer than that are
     deleted first, each with a reflog entry; what they reached then goes the way of any deleted
     ref's snapshots: once the reflog entries that name it expire (`expire`)."""
     start = time.perf_counter()
@@ -232,7 +236,7 @@ def gc(
     now = time.time()
     expired_sessions = 0
     if session_ttl is not None:
-        expired_sessions = _expire_sessions(env, now - parse_age(session_ttl), session_prefix,
+        expired_sessions = _expire_sessions(env, now - parse_age(session_ttl), session_prefixes,
                                             dry_run=dry_run)
     grace_cut = now - prune_s
     expire_cut = -math.inf if math.isinf(expire_s) else now - expire_s

@@ -156,6 +156,39 @@ class Store:
             checked.append((digest, None if page is None else as_buffer(page)))
         return self._put_hashed(checked, pin, meta)
 
+    def put_page_groups(
+        self, groups: Sequence[tuple[str | None, Sequence[tuple[bytes, Any]], MetaAfter | None]]
+    ) -> list[PutResult]:
+        """Several writers' hashed pages, each group with its own pin and meta records, in ONE
+        write transaction: one durable commit for all of them, all or nothing.
+
+        A group is ``(pin, items, meta)`` as `put_pages_hashed` takes them. A background writer
+        that queued the pages of several jobs pays one disk flush for the lot.
+        """
+        checked = []
+        for pin, items, meta in groups:
+            if pin is not None:
+                validate_key_name(pin, "pin name")
+            pages = []
+            for digest, page in items:
+                digest = bytes(digest)
+                if len(digest) != 16:
+                    raise InvalidDigest(digest.hex())
+                pages.append((digest, None if page is None else as_buffer(page)))
+            checked.append((pin, pages, meta))
+
+        def run(txn: lmdb.Transaction) -> list[PutResult]:
+            t = now_us()
+            results = []
+            for pin, pages, meta in checked:
+                new, written = _objects.put_pages(txn, self.dbs, pages, t)
+                result = PutResult([d for d, _ in pages], new, written)
+                self._after_put(txn, result, pin, meta, t)
+                results.append(result)
+            return results
+
+        return self._write(run)
+
     def put_pages_from(
         self,
         count: int,
@@ -507,6 +540,18 @@ class Store:
 
         return commit_turn(self._writable_env(), turn)
 
+    def record_session_prefix(self, prefix: str) -> None:
+        """Record that a server commits session turns under `prefix` (for `pf gc --session-ttl`)."""
+        from processfork.store.sessions import record_session_prefix
+
+        record_session_prefix(self._writable_env(), prefix)
+
+    def session_prefixes(self) -> list[str]:
+        """The session ref prefixes servers recorded; the default `sessions/` when none did."""
+        from processfork.store.sessions import session_prefixes
+
+        return self._read(lambda txn: session_prefixes(txn, self.dbs))
+
     def get_snapshot(self, cid: str) -> Manifest:
         full = normalize_cid(cid)
         return self._read(lambda txn: load_manifest(txn, self.dbs, full), buffers=True)
@@ -664,12 +709,13 @@ class Store:
         expire: float | str = 30 * 86400.0,
         progress: Callable[[str, int, int], None] | None = None,
         session_ttl: float | str | None = None,
+        session_prefixes: Sequence[str] | None = None,
     ) -> GcStats:
         from processfork.store.gc import gc
 
         env = self.env if dry_run else self._writable_env()
         return gc(env, dry_run=dry_run, prune=prune, expire=expire, progress=progress,
-                  session_ttl=session_ttl)
+                  session_ttl=session_ttl, session_prefixes=session_prefixes)
 
     def fsck(
         self, *, progress: Callable[[str, int, int], None] | None = None

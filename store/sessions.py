@@ -31,7 +31,47 @@ from processfork.store.snapshots import load_manifest, write_manifest
 if TYPE_CHECKING:
     from processfork.store.env import Env
 
-__all__ = ["SessionTurn", "TurnResult", "commit_turn"]
+__all__ = [
+    "DEFAULT_SESSION_PREFIX",
+    "SESSION_PREFIXES_KEY",
+    "SessionTurn",
+    "TurnResult",
+    "commit_turn",
+    "record_session_prefix",
+    "session_prefixes",
+]
+
+#: Where a server commits session turns unless its connector config says otherwise.
+DEFAULT_SESSION_PREFIX = "sessions/"
+#: The `meta` record of every ref prefix a server committed session turns under, so that
+#: `pf gc --session-ttl` expires the refs the servers actually use.
+SESSION_PREFIXES_KEY = "session-prefixes"
+
+
+def _recorded(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[str]:
+    record = _meta.meta_get(txn, dbs, SESSION_PREFIXES_KEY) or {}
+    return [p for p in record.get("prefixes", []) if isinstance(p, str) and p]
+
+
+def session_prefixes(txn: lmdb.Transaction, dbs: dict[str, Any]) -> list[str]:
+    """The session ref prefixes servers recorded in this store; the default when none did."""
+    return _recorded(txn, dbs) or [DEFAULT_SESSION_PREFIX]
+
+
+def record_session_prefix(env: Env, prefix: str) -> None:
+    """Add `prefix` to the recorded session prefixes (a server with sessions on, at start);
+    a prefix on record already costs one read, no write."""
+    if not prefix:
+        raise ValueError("a session prefix must not be empty")
+    dbs = env.dbs
+
+    def run(txn: lmdb.Transaction) -> None:
+        known = _recorded(txn, dbs)
+        if prefix not in known:
+            _meta.meta_put(txn, dbs, SESSION_PREFIXES_KEY, {"prefixes": sorted([*known, prefix])})
+
+    if prefix not in env.read(lambda txn: _recorded(txn, dbs)):
+        env.write(run)
 
 
 @dataclass(frozen=True)

@@ -77,9 +77,9 @@ class FakeRunner:
                 start, end = spans[rid]
                 e.kv.write(layer, e.block_ids(rid), self._inputs(rid, end), start, end)
         worker.wait_for_save()
-        finished_recving = None
+        finished_sending = finished_recving = None
         if hasattr(worker, "get_finished"):
-            _, finished_recving = worker.get_finished(out.finished_req_ids)
+            finished_sending, finished_recving = worker.get_finished(out.finished_req_ids)
         invalid = worker.get_block_ids_with_load_errors()
         worker.clear_connector_metadata()
         sampled = []
@@ -100,6 +100,7 @@ class FakeRunner:
             req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={}, pooler_output=None,
             kv_connector_output=KVConnectorOutput(invalid_block_ids=set(invalid),
+                                                  finished_sending=finished_sending or None,
                                                   finished_recving=finished_recving or None),
         )
 

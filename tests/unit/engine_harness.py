@@ -334,7 +334,7 @@ class Engine:
         if not out.has_sync_kv_loads:
             worker.start_load_kv(None)  # type: ignore[arg-type]
         worker.wait_for_save()
-        worker.get_transfer_results(out.finished_req_ids)
+        transfers = worker.get_transfer_results(out.finished_req_ids)
         invalid = worker.get_block_ids_with_load_errors()
         worker.clear_connector_metadata()
 
@@ -352,7 +352,10 @@ class Engine:
             logprobs=None,
             prompt_logprobs_dict={},
             pooler_output=None,
-            kv_connector_output=KVConnectorOutput(invalid_block_ids=set(invalid)),
+            kv_connector_output=KVConnectorOutput(
+                invalid_block_ids=set(invalid),
+                finished_sending=transfers.finished_sending or None,
+            ),
         )
         record = StepRecord(
             dict(out.num_scheduled_tokens), set(invalid), out.kv_connector_metadata,

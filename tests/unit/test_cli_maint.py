@@ -170,3 +170,17 @@ def test_gc_bad_age_exit_1(history: History, option: str) -> None:
     assert result.exit_code == 1
     assert "invalid age 'soon'" in result.stderr
     assert len(result.error_lines) == 1
+
+
+def test_gc_session_prefix_names_the_session_refs(history: History) -> None:
+    with Store(history.path) as st:
+        snapshot(st, "agents/a", list(range(600, 640)), ref="agents/a", move_head=False)
+        st.record_session_prefix("agents/")
+    # By default, the prefix the server recorded; --session-prefix overrides it.
+    out = pf(history.path, "gc", "--dry-run", "--session-ttl", "now", "--json").json()
+    assert out["expired_sessions"] == 1
+    out = pf(history.path, "gc", "--dry-run", "--session-ttl", "now", "--session-prefix", "x/",
+             "--json").json()
+    assert out["expired_sessions"] == 0
+    result = pf(history.path, "gc", "--session-ttl", "now", "--session-prefix", "")
+    assert result.exit_code == 1 and len(result.error_lines) == 1

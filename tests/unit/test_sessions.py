@@ -16,6 +16,7 @@ def _session(name: str) -> dict:
 def _turn(engine, prompt: list[int], name: str = "a", max_tokens: int = 40):
     rid = engine.add(prompt, client_params=_session(name), max_tokens=max_tokens)
     engine.run(rid)
+    engine.run()  # the step after the finish saves the partial last block
     engine.side.committer.flush()
     request = engine.added[rid]
     return rid, list(request.all_token_ids)
@@ -25,19 +26,24 @@ def _saves(engine, rid):
     return [job for step in engine.steps for job in step.plan.saves if job.req_id == rid]
 
 
-def test_a_turn_commits_the_whole_blocks_of_its_prompt_and_output(engine):
+def test_a_turn_commits_every_token_of_its_prompt_and_output_the_engine_computed(engine):
     prompt = tokens(100)
     rid, everything = _turn(engine, prompt)  # 100 + 40 tokens; the engine computed 139
     reply = engine.finished[rid].kv_transfer_params[PARAMS_KEY]
-    assert reply == {"session": "sessions/a", "session_blocks": 8, "session_new_blocks": 8}
-    # Blocks are saved in the steps that complete them, prompt blocks and output blocks alike.
+    assert reply == {"session": "sessions/a", "session_tokens": 139, "session_blocks": 9,
+                     "session_new_blocks": 9}
+    # Blocks are saved in the steps that complete them, prompt blocks and output blocks alike,
+    # off the step's critical path; the partial last block in the step after the finish.
     saves = _saves(engine, rid)
-    assert [j.first_block for j in saves][:1] == [0] and sum(len(j.block_ids) for j in saves) == 8
+    assert [j.first_block for j in saves][:1] == [0] and sum(len(j.block_ids) for j in saves) == 9
+    assert all(j.background for j in saves)
+    assert [(j.first_block, j.valid_in_last, j.release) for j in saves[-1:]] == [(8, 11, True)]
     with Store(engine.store_path) as store:
         cid = store.get_ref("sessions/a")
         manifest = store.get_snapshot(cid)
         [seq] = manifest.sequences
-        assert store.get_tokens(seq.tokens) == everything[: 8 * BLOCK]
+        assert store.get_tokens(seq.tokens) == everything[:139]
+        assert len(seq.pages) == 9
         assert manifest.parents == [] and manifest.name == "sessions/a"
         assert store.head().cid != cid  # a session turn leaves HEAD alone
         assert store.list_pins() == {} and store.meta_items("job:") == {}
@@ -48,10 +54,11 @@ def test_a_turn_commits_the_whole_blocks_of_its_prompt_and_output(engine):
     for stats in engine.kv_stats:
         for key, value in stats.items():
             counted[key] = counted.get(key, 0) + value
-    assert counted["session_turns"] == 1 and counted["session_blocks_saved"] == 8
-    # The same pages a snapshot of those tokens stores: the engine's own KV, byte for byte.
+    assert counted["session_turns"] == 1 and counted["session_blocks_saved"] == 9
+    # The same pages a snapshot of those tokens stores: the engine's own KV, byte for byte, and
+    # the partial last block zeroed past its tokens alike.
     with Store(engine.store_path) as store:
-        check = take_snapshot(engine, "check", everything[: 8 * BLOCK])
+        check = take_snapshot(engine, "check", everything[:139])
         assert store.get_snapshot(check).sequences[0].pages == turn_pages
     engine.assert_no_leaks()
 
@@ -65,14 +72,14 @@ def test_the_next_turn_writes_only_its_new_blocks_and_chains_to_the_last(engine)
     saves = _saves(engine, rid)
     assert saves[0].first_block == 8  # blocks 0-7 are the first turn's pages
     reply = engine.finished[rid].kv_transfer_params[PARAMS_KEY]
-    blocks = (len(second) - 1) // BLOCK
+    blocks = -(-(len(second) - 1) // BLOCK)
     assert reply["session_blocks"] == blocks and reply["session_new_blocks"] == blocks - 8
     with Store(engine.store_path) as store:
         cid = store.get_ref("sessions/a")
         manifest = store.get_snapshot(cid)
         assert manifest.parents == [parent]
-        assert store.get_tokens(manifest.sequences[0].tokens) == second[: blocks * BLOCK]
-        assert manifest.sequences[0].pages[:8] == store.get_snapshot(parent).sequences[0].pages
+        assert store.get_tokens(manifest.sequences[0].tokens) == second[:-1]
+        assert manifest.sequences[0].pages[:8] == store.get_snapshot(parent).sequences[0].pages[:8]
         assert [e.action for e in store.reflog("sessions/a")] == ["snapshot", "snapshot"]
 
 

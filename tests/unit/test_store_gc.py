@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator
 
 import lmdb
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from processfork.store import Manifest, SnapshotSequence, Store
@@ -301,3 +302,23 @@ def test_session_refs_idle_longer_than_the_ttl_are_deleted_then_collected(tmp_pa
         assert store.has_snapshot(idle)  # its reflog entries still protect it
         store.gc(prune="now", expire="now")
         assert not store.has_snapshot(idle)
+
+
+def test_session_ttl_expires_the_refs_under_the_prefixes_servers_recorded(tmp_path):
+    from store_helpers import make_snapshot
+
+    with Store(tmp_path / "prefixes") as store:
+        assert store.session_prefixes() == ["sessions/"]  # nothing recorded: the default
+        for ref in ("sessions/a", "agents/a", "main"):
+            make_snapshot(store, ref, ref=ref)
+        store.record_session_prefix("agents/")  # a server with session_prefix "agents/"
+        store.record_session_prefix("agents/")
+        assert store.session_prefixes() == ["agents/"]
+        assert store.gc(session_ttl="now", prune="now").expired_sessions == 1
+        assert store.get_ref("agents/a") is None
+        assert store.get_ref("sessions/a") is not None and store.get_ref("main") is not None
+        # An explicit prefix overrides the record.
+        assert store.gc(session_ttl="now", session_prefixes=["sessions/"]).expired_sessions == 1
+        assert store.get_ref("sessions/a") is None and store.get_ref("main") is not None
+        with pytest.raises(ValueError):
+            store.record_session_prefix("")
