@@ -15,13 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FINGERPRINT_FIELDS", "Fingerprint", "Mismatch", "config_hash"]
+__all__ = ["FINGERPRINT_FIELDS", "Fingerprint", "Mismatch", "config_hash", "describe_groups"]
 
 #: Compared in this order; the first differing field is the one reported. ``device`` is
 #: recorded but not compared: ``backend`` and ``layout`` already say what it decides.
 FINGERPRINT_FIELDS: tuple[str, ...] = (
     "model",
     "model_config_hash",
+    "kv_groups",
     "kv_dtype",
     "num_layers",
     "num_kv_heads",
@@ -72,21 +73,49 @@ class Fingerprint:
     threads: int | None
     tp_size: int
     vllm_version: str
+    #: The KV-cache groups (plugin/kv_groups.py) when they are not one full-attention group.
+    #: None is left out of the JSON, so a plain model's fingerprint is what it was before
+    #: groups were recorded, and its older snapshots still match it.
+    kv_groups: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["kv_groups"] is None:
+            del out["kv_groups"]
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Fingerprint:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: data[f.name] if f.name in data or f.default is dataclasses.MISSING
+                      else f.default for f in dataclasses.fields(cls)})
 
     def first_mismatch(self, stored: Mapping[str, Any]) -> Mismatch | None:
         """The first field in which a snapshot's stored fingerprint differs from this one; a field
         the snapshot lacks differs."""
         for name in FINGERPRINT_FIELDS:
             if stored.get(name) != getattr(self, name):
+                if name == "kv_groups":  # say it in words: `None` would name nothing
+                    return Mismatch(name, describe_groups(stored.get(name)),
+                                    describe_groups(self.kv_groups))
                 return Mismatch(name, stored.get(name), getattr(self, name))
         return None
+
+
+def describe_groups(groups: Any) -> str:
+    """A fingerprint's ``kv_groups`` for people: ``"sliding_window(64) layers [0, 2] +
+    full_attention layers [1, 3]"``; absent means one full-attention group."""
+    if not groups:
+        return "one full_attention group"
+    if not isinstance(groups, list):
+        return repr(groups)
+    parts = []
+    for g in groups:
+        if not isinstance(g, Mapping):
+            parts.append(repr(g))
+            continue
+        window = f"({g['window']})" if g.get("window") is not None else ""
+        parts.append(f"{g.get('kind')}{window} layers {list(g.get('layers') or [])}")
+    return " + ".join(parts)
 
 
 def config_hash(hf_config_dict: dict[str, Any]) -> str:

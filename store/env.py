@@ -45,7 +45,13 @@ __all__ = [
 
 T = TypeVar("T")
 
-FORMAT_VERSION = 1
+#: The newest version of the store's format record this code reads and writes. Version 2 adds
+#: grouped manifests (several KV-cache groups per sequence). A store is created as version 1 and
+#: becomes version 2 in the transaction that writes its first grouped manifest, so a store of
+#: single-group snapshots stays readable by releases that know version 1 only.
+FORMAT_VERSION = 2
+#: Versions of the format record this code reads.
+READABLE_VERSIONS = (1, 2)
 DB_NAMES = ("pages", "blobs", "snapshots", "refs", "reflog", "meta", "pins", "journal")
 DEFAULT_MAP_SIZE = 1 << 30
 MAX_MAP_SIZE = 1 << 44
@@ -208,7 +214,7 @@ class Env:
             for name in DB_NAMES:
                 db = self.env.open_db(name.encode(), txn=txn, create=True)
                 if name == "meta":
-                    record = {"created": utc_now(), "format": FORMAT, "version": FORMAT_VERSION}
+                    record = {"created": utc_now(), "format": FORMAT, "version": 1}
                     txn.put(META_FORMAT_KEY, canonical_json(record), overwrite=False, db=db)
             self.env.open_db(INDEX_DB.encode(), txn=txn, create=True)
 
@@ -357,7 +363,7 @@ def check_format_record(record: Any) -> dict[str, Any]:
         raise UnsupportedFormat("unreadable format record") from None
     if not isinstance(meta, dict):
         raise UnsupportedFormat("unreadable format record")
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
         raise UnsupportedFormat(f"{meta.get('format')} version {meta.get('version')}")
     return meta
 

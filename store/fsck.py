@@ -25,7 +25,7 @@ from processfork.store.digest import (
 )
 from processfork.store.env import META_FORMAT_KEY, check_format_record
 from processfork.store.errors import InvalidName, StoreError
-from processfork.store.manifest import FORMAT, InvalidManifest, parse_head, stored_sequences
+from processfork.store.manifest import FORMATS, InvalidManifest, parse_head, stored_sequences
 from processfork.store.objects import decode_pin
 from processfork.store.prefix_index import check_index
 from processfork.store.refs import HEAD, iter_reflog, list_refs, read_head, validate_ref_name
@@ -176,7 +176,7 @@ def _check_snapshots(
         except ValueError as exc:
             yield FsckIssue("bad-manifest", cid, f"not JSON: {exc}")
             continue
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
+        if not isinstance(d, dict) or d.get("format") not in FORMATS:
             found = d.get("format") if isinstance(d, dict) else None
             yield FsckIssue("unsupported-format", cid, f"manifest format {found!r}")
             continue
@@ -228,7 +228,17 @@ def _check_sequence(
         if isinstance(block_size, int) and block_size > 0
         else None
     )
-    if needed is not None and needed != tab["count"]:
+    if needed is not None and "groups" in s:
+        # Each KV-cache group stores a run of blocks that ends with the sequence's last block.
+        ends = [g["first"] + g["count"] for g in s["groups"]]
+        if any(end != needed for end in ends):
+            yield FsckIssue(
+                "bad-block-count",
+                cid,
+                f"{where}: {tok['count']} tokens end at block {needed} of {block_size}, its "
+                f"groups end at {ends}",
+            )
+    elif needed is not None and needed != tab["count"]:
         yield FsckIssue(
             "bad-block-count",
             cid,

@@ -5,6 +5,12 @@ sequence's page list is a content-addressed *page table* blob (32 bytes per bloc
 so a fork child, which shares its parent's pages, also shares its page tables and costs O(1) bytes
 instead of O(blocks). The cid is the sha256 of the stored form, which is a pure function of the
 in-memory form: computing a cid never needs the store.
+
+A model whose KV cache has several groups (vLLM's hybrid KV cache manager: sliding-window layers
+beside full-attention ones) stores, per sequence, the blocks each group keeps. Such a manifest has
+the format `FORMAT_GROUPED`: its sequences say which blocks of which group their page table holds,
+one group after the other in one table, so everything that follows page tables (gc, fsck, remotes)
+reads it as it reads any other.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from processfork.store.errors import InvalidDigest, StoreError, UnsupportedForma
 
 __all__ = [
     "FORMAT",
+    "FORMAT_GROUPED",
+    "FORMATS",
     "ForkInfo",
+    "PageGroup",
     "InvalidManifest",
     "Manifest",
     "SnapshotSequence",
@@ -39,6 +48,9 @@ __all__ = [
 ]
 
 FORMAT = "paged-batchinvariant-v1"
+#: Manifests whose sequences hold the pages of several KV-cache groups (docs/format.md).
+FORMAT_GROUPED = "paged-batchinvariant-v2"
+FORMATS = (FORMAT, FORMAT_GROUPED)
 _TABLE_ENTRY = 32  # bytes per block in a page table: 16-byte K digest + 16-byte V digest
 
 
@@ -124,12 +136,41 @@ def decode_page_table(table: bytes) -> list[tuple[str, str]]:
     return [(h[i : i + 32], h[i + 32 : i + 64]) for i in range(0, len(h), 64)]
 
 
+@dataclass(frozen=True)
+class PageGroup:
+    """The blocks ``first .. first + count - 1`` of one KV-cache group, in a grouped sequence's
+    page list: the groups' pages follow each other in group order."""
+
+    first: int
+    count: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"count": self.count, "first": self.first}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> PageGroup:
+        if not isinstance(d, Mapping) or set(d) != {"first", "count"}:
+            raise InvalidManifest(f"a page group is {{first, count}}, got {d!r}")
+        return cls(_check_count(d["first"], "group.first"), _check_count(d["count"], "group.count"))
+
+
+def _parse_groups(value: Any) -> list[PageGroup]:
+    if not isinstance(value, list) or not value:
+        raise InvalidManifest("sequence.groups must be a non-empty list of {first, count}")
+    return [PageGroup.from_dict(g) for g in value]
+
+
 @dataclass
 class SnapshotSequence:
-    """One sequence: its token ids (by reference) and one (K, V) page digest pair per block."""
+    """One sequence: its token ids (by reference) and one (K, V) page digest pair per block.
+
+    ``groups`` is None for a model with one KV-cache group: ``pages`` then has every block.
+    Otherwise ``pages`` holds each group's stored blocks in turn, as ``groups`` says.
+    """
 
     tokens: TokenRef
     pages: list[tuple[str, str]] = field(default_factory=list)
+    groups: list[PageGroup] | None = None
 
     def validate(self) -> None:
         if not isinstance(self.tokens, TokenRef):
@@ -140,20 +181,46 @@ class SnapshotSequence:
                 raise InvalidManifest(f"a page entry is a [k, v] pair, got {pair!r}")
             _check_hex(pair[0], "page digest")
             _check_hex(pair[1], "page digest")
+        if self.groups is not None:
+            groups = _parse_groups([g.to_dict() for g in self.groups])
+            if sum(g.count for g in groups) != len(self.pages):
+                raise InvalidManifest(
+                    f"the groups count {sum(g.count for g in groups)} blocks, the sequence "
+                    f"has {len(self.pages)}"
+                )
+
+    def group_pages(self, group: int) -> tuple[int, list[tuple[str, str]]]:
+        """Group ``group``'s first stored block and its pages (group 0 of an ungrouped
+        sequence: every block)."""
+        if self.groups is None:
+            if group != 0:
+                raise InvalidManifest(f"the sequence has one KV-cache group, not {group + 1}")
+            return 0, self.pages
+        if not 0 <= group < len(self.groups):
+            raise InvalidManifest(f"the sequence has {len(self.groups)} KV-cache groups, "
+                                  f"not {group + 1}")
+        start = sum(g.count for g in self.groups[:group])
+        g = self.groups[group]
+        return g.first, self.pages[start : start + g.count]
 
     def page_table(self) -> bytes:
         return encode_page_table(self.pages)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pages": [[k, v] for k, v in self.pages], "tokens": self.tokens.to_dict()}
+        out: dict[str, Any] = {"pages": [[k, v] for k, v in self.pages],
+                               "tokens": self.tokens.to_dict()}
+        if self.groups is not None:
+            out["groups"] = [g.to_dict() for g in self.groups]
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> SnapshotSequence:
-        if not isinstance(d, Mapping) or set(d) != {"tokens", "pages"}:
+        if not isinstance(d, Mapping) or set(d) - {"groups"} != {"tokens", "pages"}:
             raise InvalidManifest(f"a sequence is {{tokens, pages}}, got keys {sorted(d)!r}")
         if not isinstance(d["pages"], list):
             raise InvalidManifest("sequence.pages must be a list of [k, v] pairs")
-        seq = cls(TokenRef.from_dict(d["tokens"]), [tuple(p) for p in d["pages"]])  # type: ignore[misc]
+        groups = _parse_groups(d["groups"]) if "groups" in d else None
+        seq = cls(TokenRef.from_dict(d["tokens"]), [tuple(p) for p in d["pages"]], groups)  # type: ignore[misc]
         seq.validate()
         return seq
 
@@ -194,7 +261,7 @@ class Manifest:
 
     # -- validation and the stored form ---------------------------------------------------
     def validate(self) -> None:
-        if self.format != FORMAT:
+        if self.format not in FORMATS:
             raise UnsupportedFormat(str(self.format))
         if not isinstance(self.name, str) or not self.name:
             raise InvalidManifest("name must be a non-empty string")
@@ -216,10 +283,16 @@ class Manifest:
             raise InvalidManifest(f"fingerprint is not plain JSON: {exc}") from None
         if not isinstance(self.sequences, list):
             raise InvalidManifest("sequences must be a list")
+        grouped = self.format == FORMAT_GROUPED
         for seq in self.sequences:
             if not isinstance(seq, SnapshotSequence):
                 raise InvalidManifest("sequences must hold SnapshotSequence objects")
             seq.validate()
+            if (seq.groups is not None) != grouped:
+                raise InvalidManifest(
+                    f"a {self.format} manifest's sequences "
+                    f"{'must' if grouped else 'must not'} have groups"
+                )
 
     def head_dict(self) -> dict[str, Any]:
         """Every stored field except `sequences`: what a fork child changes (store/fork.py)."""
@@ -235,13 +308,15 @@ class Manifest:
     def stored_dict(self) -> dict[str, Any]:
         """The on-disk form: each sequence's pages replaced by its page table's {digest, count}."""
         d = self.head_dict()
-        d["sequences"] = [
-            {
+        d["sequences"] = []
+        for s in self.sequences:
+            stored: dict[str, Any] = {
                 "pages": {"count": len(s.pages), "digest": page_digest(s.page_table()).hex()},
                 "tokens": s.tokens.to_dict(),
             }
-            for s in self.sequences
-        ]
+            if s.groups is not None:
+                stored["groups"] = [g.to_dict() for g in s.groups]
+            d["sequences"].append(stored)
         return d
 
     def canonical_bytes(self) -> bytes:
@@ -281,7 +356,8 @@ class Manifest:
                 raise InvalidManifest(
                     f"page table {table_digest} has {len(pages)} blocks, not {count}"
                 )
-            sequences.append(SnapshotSequence(TokenRef.from_dict(s["tokens"]), pages))
+            groups = _parse_groups(s["groups"]) if "groups" in s else None
+            sequences.append(SnapshotSequence(TokenRef.from_dict(s["tokens"]), pages, groups))
         return cls(**head, sequences=sequences)
 
 
@@ -290,7 +366,7 @@ def parse_head(d: Any) -> dict[str, Any]:
     sequences' page tables)."""
     if not isinstance(d, Mapping):
         raise InvalidManifest("a manifest is a JSON object")
-    if "format" in d and d["format"] != FORMAT:
+    if "format" in d and d["format"] not in FORMATS:
         raise UnsupportedFormat(str(d["format"]))
     expected = {"format", "name", "parents", "fork", "created", "fingerprint", "sequences"}
     if set(d) != expected:
@@ -313,13 +389,18 @@ def parse_head(d: Any) -> dict[str, Any]:
 
 
 def stored_sequences(d: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The validated `sequences` of a stored manifest dict: tokens and page-table references."""
+    """The validated `sequences` of a stored manifest dict: tokens and page-table references
+    (and, in a grouped manifest, which blocks of which KV-cache group the table holds)."""
     seqs = d.get("sequences")
     if not isinstance(seqs, list):
         raise InvalidManifest("sequences must be a list")
+    grouped = d.get("format") == FORMAT_GROUPED
+    keys = {"tokens", "pages", "groups"} if grouped else {"tokens", "pages"}
     for s in seqs:
-        if not isinstance(s, Mapping) or set(s) != {"tokens", "pages"}:
-            raise InvalidManifest("a stored sequence is {tokens, pages}")
+        if not isinstance(s, Mapping) or set(s) != keys:
+            raise InvalidManifest(f"a stored sequence is {{{', '.join(sorted(keys))}}}")
         TokenRef.from_dict(s["tokens"], "tokens")
         TokenRef.from_dict(s["pages"], "pages")
+        if grouped and sum(g.count for g in _parse_groups(s["groups"])) != s["pages"]["count"]:
+            raise InvalidManifest("a sequence's groups do not add up to its page table")
     return seqs  # type: ignore[return-value]

@@ -13,10 +13,10 @@ from typing import Any
 import lmdb
 from processfork.store.digest import cid_key, cid_of
 from processfork.store.errors import CorruptPage, MissingObject
-from processfork.store.manifest import InvalidManifest, Manifest, stored_sequences
+from processfork.store.manifest import FORMAT_GROUPED, InvalidManifest, Manifest, stored_sequences
 from processfork.store.objects import JOURNAL_SNAPSHOT, put_blob, stamp
 
-__all__ = ["load_manifest", "load_stored", "write_manifest"]
+__all__ = ["load_manifest", "load_stored", "require_version", "write_manifest"]
 
 
 def write_manifest(
@@ -51,6 +51,8 @@ def write_manifest(
             )
     for digest_hex, table in tables.items():
         put_blob(txn, dbs, bytes.fromhex(digest_hex), table, t_us)
+    if manifest.format == FORMAT_GROUPED:
+        require_version(txn, dbs, 2)
     key = cid_key(cid)
     created = txn.put(key, data, overwrite=False, db=snapshots)
     stamp(txn, dbs, JOURNAL_SNAPSHOT, key, t_us)
@@ -88,3 +90,15 @@ def load_manifest(txn: lmdb.Transaction, dbs: dict[str, Any], cid: str) -> Manif
     if cid_of(manifest.canonical_bytes()) != cid:
         raise CorruptPage(cid, manifest.cid, "snapshot")
     return manifest
+
+
+def require_version(txn: lmdb.Transaction, dbs: dict[str, Any], version: int) -> None:
+    """Raise the store's format record to ``version`` (in the caller's transaction) before it
+    holds an object that releases reading only older versions would misread: they refuse
+    the store instead, and never gc pages they cannot see are used."""
+    from processfork.store.digest import canonical_json
+    from processfork.store.env import META_FORMAT_KEY, check_format_record
+
+    record = check_format_record(txn.get(META_FORMAT_KEY, db=dbs["meta"]))
+    if int(record["version"]) < version:
+        txn.put(META_FORMAT_KEY, canonical_json({**record, "version": version}), db=dbs["meta"])

@@ -1,0 +1,152 @@
+"""The engine's KV-cache groups, and which blocks of a sequence each group keeps.
+
+vLLM's hybrid KV cache manager gives each kind of attention layer a block table of its own: a
+model with sliding-window layers interleaved with full-attention layers has (at least) one
+*group* per kind, all drawing blocks from one pool, and the layers of different groups share
+the same KV tensors (block ``b`` of tensor ``j`` holds the ``j``-th layer of whichever group
+owns block ``b``). So a page (one block of every distinct tensor) is the KV of one group's
+layers, and a snapshot stores, per group, the blocks that group keeps:
+
+- a full-attention group keeps every block of the sequence;
+- a sliding-window group keeps only the blocks inside the window of the point a request resumes
+  from: vLLM frees the older ones (its block table holds the null block there), and a prefix
+  hit, warm or loaded, never reads them.
+
+The layout this module describes is part of the engine fingerprint: pages of one layout are
+meaningless in another. A single full-attention group is the plain layout: it is recorded as
+nothing at all, so the fingerprints (and snapshots) of plain models are the same as before
+groups were known. This module imports neither torch nor vLLM at import time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "FULL_ATTENTION",
+    "SLIDING_WINDOW",
+    "GroupLayout",
+    "GroupSpec",
+    "UnsupportedGroups",
+    "group_job",
+]
+
+FULL_ATTENTION = "full_attention"
+SLIDING_WINDOW = "sliding_window"
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+class UnsupportedGroups(ValueError):
+    """The engine has a KV-cache group whose state the connector cannot snapshot."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One KV-cache group: its kind, its window (sliding window only) and its model layers."""
+
+    kind: str
+    layers: tuple[int, ...]
+    window: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "layers": list(self.layers)}
+        if self.window is not None:
+            out["window"] = self.window
+        return out
+
+    def first_kept(self, tokens: int, block_size: int) -> int:
+        """The first block this group still holds once ``tokens`` tokens are computed: vLLM frees
+        a sliding-window block when no later query can see it (``get_num_skipped_tokens``)."""
+        if self.kind != SLIDING_WINDOW or self.window is None:
+            return 0
+        return max(0, tokens - self.window + 1) // block_size
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """The groups of one engine, in vLLM's group order (the order of its block tables)."""
+
+    groups: tuple[GroupSpec, ...]
+
+    @classmethod
+    def from_kv_cache_config(cls, kv_cache_config: Any) -> GroupLayout:
+        """Read vLLM's ``KVCacheConfig``; groups of a kind we cannot snapshot raise."""
+        from vllm.v1.kv_cache_interface import (
+            FullAttentionSpec,
+            RSWASpec,
+            SlidingWindowSpec,
+            UniformTypeKVCacheSpecs,
+        )
+
+        groups = []
+        for i, group in enumerate(kv_cache_config.kv_cache_groups):
+            spec = group.kv_cache_spec
+            specs = (
+                list(spec.kv_cache_specs.values())
+                if isinstance(spec, UniformTypeKVCacheSpecs) else [spec]
+            )
+            layers = tuple(_layer_index(n) for n in group.layer_names)
+            if all(isinstance(s, SlidingWindowSpec) for s in specs) and len(
+                {s.sliding_window for s in specs}
+            ) == 1:
+                groups.append(GroupSpec(SLIDING_WINDOW, layers, int(specs[0].sliding_window)))
+            elif all(isinstance(s, FullAttentionSpec) and not isinstance(s, RSWASpec)
+                     for s in specs):
+                # A sliding-window layer vLLM turned into full attention (hybrid manager off)
+                # keeps every block, so it is stored like one.
+                groups.append(GroupSpec(FULL_ATTENTION, layers))
+            else:
+                kinds = sorted({type(s).__name__ for s in specs})
+                raise UnsupportedGroups(
+                    f"ProcessForkConnector cannot snapshot KV-cache group {i} "
+                    f"({', '.join(kinds)}; layers {list(layers)}): it supports full-attention "
+                    "and sliding-window groups"
+                )
+        if not groups:
+            raise UnsupportedGroups("ProcessForkConnector needs a model with a KV cache")
+        return cls(tuple(groups))
+
+    @property
+    def plain(self) -> bool:
+        """One full-attention group: the layout of every model before groups were recorded."""
+        return len(self.groups) == 1 and self.groups[0].kind == FULL_ATTENTION
+
+    def to_fingerprint(self) -> list[dict[str, Any]] | None:
+        """The fingerprint's ``kv_groups``: None for the plain layout (the field is left out)."""
+        return None if self.plain else [g.to_json() for g in self.groups]
+
+    @classmethod
+    def from_fingerprint(cls, data: Sequence[dict[str, Any]] | None) -> GroupLayout:
+        if not data:
+            return cls((GroupSpec(FULL_ATTENTION, ()),))
+        return cls(tuple(
+            GroupSpec(str(g["kind"]), tuple(int(x) for x in g.get("layers", ())),
+                      None if g.get("window") is None else int(g["window"]))
+            for g in data
+        ))
+
+    def stored_ranges(self, num_tokens: int, block_size: int) -> list[tuple[int, int]]:
+        """Per group, the blocks ``[first, end)`` a snapshot of ``num_tokens`` tokens stores.
+
+        ``end`` covers the partial last block. A sliding-window group starts at the first block
+        it still holds when a request resumes from the last whole block before the sequence's
+        last token, the split point of a checkout (and of a warm prefix hit on it).
+        """
+        end = -(-num_tokens // block_size)
+        split = (num_tokens - 1) // block_size * block_size if num_tokens else 0
+        return [(min(g.first_kept(split, block_size), end), end) for g in self.groups]
+
+
+def _layer_index(name: str) -> int:
+    match = _LAYER_INDEX.search("." + name + ".")
+    return int(match.group(1)) if match else -1
+
+
+def group_job(job: str, group: int) -> str:
+    """The job under which a snapshot saves one group's pages: group 0 keeps the snapshot's
+    job id (its record is what the control plane watches), group ``g`` has ``<job>.g<g>``."""
+    return job if group == 0 else f"{job}.g{group}"
