@@ -1,0 +1,286 @@
+"""Serving on a CUDA GPU: what the connector costs when nobody snapshots, and what vLLM's hybrid
+KV-cache manager is worth on a sliding-window model.
+
+    python3 bench/gpu_serve_bench.py                     # both models
+    python3 bench/gpu_serve_bench.py --model llama       # Llama-3-8B shape only
+    python3 bench/gpu_serve_bench.py --model swa         # the sliding-window model only
+    python3 bench/gpu_serve_bench.py --quick             # smoke run (tiny model; CPU works)
+
+For each model, two servers up side by side on the same GPU, each with the same share of its
+memory (``--gpu-memory-utilization``): ``pf serve`` (our connector, auto-restore on, an empty
+store: every lookup misses) and the same launcher plan without ``--kv-transfer-config``. Both
+bf16, vLLM's default block size, ``--enforce-eager`` (as the other GPU benchmarks), prefix caching
+on, random weights (``--load-format dummy``, config and tokenizer built locally).
+
+Load: ``vllm bench serve`` (vLLM's own CLI) with its ``random`` dataset, all requests sent at
+once under a fixed concurrency, fixed output length (``--ignore-eos``); runs alternate between
+the two servers, each from an empty prefix cache and with the same prompts (same seed).
+Reported: medians over runs of request throughput, output-token throughput and median TTFT, as
+ratios ours / none, and the KV-cache size each engine reports at start.
+
+Models:
+- ``llama``: Llama-3-8B's shape (32 layers, 8 KV heads of 128), one KV-cache group;
+- ``swa``: a Gemma-3-12B-shaped model (48 layers, 8 KV heads of 256; five sliding-window layers
+  of 1,024 tokens to every full-attention layer). With the hybrid manager on, vLLM keeps only the
+  window's blocks for the sliding layers, so the same memory holds several times the tokens; a
+  connector that does not declare ``SupportsHMA`` makes vLLM turn that manager off (its log says
+  so), and the comparison shows what that costs.
+Raw numbers: ``$PF_BENCH_DIR`` (default ``.bench/gpu``), ``serve.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Server, check, console, median
+
+from processfork_dev.model_builder import CONFIG_ONLY, PRESETS, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = Path(os.environ.get("PF_BENCH_DIR", REPO / ".bench" / "gpu"))
+WORK = Path(os.environ.get("PF_BENCH_WORK", "/tmp/pf-gpu-bench"))
+
+#: Per model: vLLM bench serve's random dataset and how hard it is driven.
+WORKLOADS = {
+    "llama": {"input_len": 1024, "output_len": 128, "num_prompts": 256, "concurrency": 64},
+    "swa": {"input_len": 4096, "output_len": 64, "num_prompts": 96, "concurrency": 48},
+    "quick": {"input_len": 256, "output_len": 16, "num_prompts": 24, "concurrency": 8},
+}
+KEYS = ("request_throughput", "output_throughput", "median_ttft_ms", "median_tpot_ms")
+HYBRID_OFF = "Turning off hybrid kv cache manager"
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def gemma3_like(path: Path, tokenizer_from: Path) -> Path:
+    """A Gemma-3-12B-shaped config (random weights at load) beside a copy of our tokenizer."""
+    if path.exists():
+        shutil.rmtree(path)
+    shutil.copytree(tokenizer_from, path)
+    layers = 48
+    config = {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": layers,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "query_pre_attn_scalar": 256, "sliding_window": 1024,
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                        for i in range(layers)],
+        "attention_bias": False, "attention_dropout": 0.0, "final_logit_softcapping": None,
+        "attn_logit_softcapping": None, "vocab_size": 262208, "pad_token_id": 0,
+        "bos_token_id": 2, "eos_token_id": 1, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16", "use_cache": True,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in ("model.safetensors", "model.safetensors.index.json", "generation_config.json"):
+        (path / name).unlink(missing_ok=True)
+    return path
+
+
+def models(which: str, quick: bool) -> dict[str, tuple[Path, list[str]]]:
+    """Name -> (model folder, extra server arguments)."""
+    if quick:
+        spec = PRESETS["tiny"]
+        path = build_model(WORK / "models" / "tiny", spec)
+        return {"quick": (path, ["--dtype", spec.dtype, "--max-model-len", "1024"])}
+    spec = PRESETS["llama3-8b"]
+    llama = build_model(WORK / "models" / "llama3-8b-bfloat16", spec,
+                        weights="llama3-8b" not in CONFIG_ONLY)
+    out: dict[str, tuple[Path, list[str]]] = {}
+    if which in ("llama", "both"):
+        out["llama"] = (llama, ["--dtype", "bfloat16", "--load-format", "dummy",
+                                "--max-model-len", "8192"])
+    if which in ("swa", "both"):
+        out["swa"] = (gemma3_like(WORK / "models" / "gemma3-12b-like", llama),
+                      ["--dtype", "bfloat16", "--load-format", "dummy",
+                       "--max-model-len", "8192"])
+    return out
+
+
+def start_pair(name: str, model: Path, args: list[str], cuda: bool) -> dict[str, Server]:
+    """Our connector and no connector, same plan otherwise.
+
+    The KV cache gets the same number of bytes in both (``--kv-cache-memory-bytes``), so the
+    tokens each engine says it can hold compare layouts, not memory profiles, and two engines
+    can start on one GPU at once.
+    """
+    common = [*args, "--max-num-seqs", "256"]
+    if cuda:
+        common += ["--enforce-eager", "--gpu-memory-utilization", "0.45",
+                   "--kv-cache-memory-bytes", "24G"]
+    else:
+        common += ["--kv-cache-memory-bytes", "512M"]
+    root = WORK / "serve" / name
+    shutil.rmtree(root, ignore_errors=True)
+    servers = {
+        "ours": Server(f"{name}-ours", model, "pf", root / "store", common, served_name=name),
+        "none": Server(f"{name}-none", model, "plain", root / "unused", common, served_name=name),
+    }
+    if not cuda:  # two engines at once would share the CPU's cores: one at a time there
+        for srv in servers.values():
+            srv.start(900)
+        return servers
+    errors: list[BaseException] = []
+    threads = [threading.Thread(target=_start, args=(srv, errors)) for srv in servers.values()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        for srv in servers.values():
+            srv.stop()
+        raise errors[0]
+    return servers
+
+
+def _start(srv: Server, errors: list[BaseException]) -> None:
+    try:
+        srv.start(900)
+    except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+        errors.append(exc)
+
+
+def engine_facts(srv: Server) -> dict[str, Any]:
+    """What the engine's log says about its KV cache."""
+    assert srv.process is not None
+    text = Path(srv.process.log_path).read_text(errors="replace")
+    sizes = re.findall(r"KV cache size: ([\d,]+) tokens", text)
+    conc = re.findall(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x", text)
+    return {
+        "kv_cache_tokens": int(sizes[-1].replace(",", "")) if sizes else None,
+        "max_concurrency": float(conc[-1][1]) if conc else None,
+        "hybrid_manager_off": HYBRID_OFF in text,
+    }
+
+
+def bench_serve(srv: Server, model: Path, workload: dict[str, int], out: Path,
+                seed: int) -> dict[str, Any]:
+    cmd = [
+        sys.executable, "-m", "processfork.plugin.launcher", "bench", "serve",
+        "--backend", "openai", "--base-url", srv.base_url, "--endpoint", "/v1/completions",
+        "--model", srv.served_name, "--tokenizer", str(model),
+        "--dataset-name", "random", "--random-input-len", str(workload["input_len"]),
+        "--random-output-len", str(workload["output_len"]),
+        "--num-prompts", str(workload["num_prompts"]),
+        "--max-concurrency", str(workload["concurrency"]), "--request-rate", "inf",
+        "--ignore-eos", "--temperature", "0", "--seed", str(seed),
+        "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99",
+        "--disable-tqdm", "--save-result", "--result-dir", str(out.parent),
+        "--result-filename", out.name,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not out.exists():
+        raise SystemExit(f"vllm bench serve failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                         f"{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    check(result.get("completed") == workload["num_prompts"],
+          f"{srv.name}: {result.get('completed')} of {workload['num_prompts']} completed")
+    return {k: result[k] for k in KEYS}
+
+
+def run_model(name: str, model: Path, args: list[str], rounds: int, cuda: bool) -> dict[str, Any]:
+    workload = WORKLOADS[name]
+    servers = start_pair(name, model, args, cuda)
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "none": []}
+    try:
+        facts = {k: engine_facts(s) for k, s in servers.items()}
+        console.log(f"{name}: {json.dumps(facts)}")
+        res_dir = WORK / "serve" / name / "results"
+        res_dir.mkdir(parents=True, exist_ok=True)
+        for k, srv in servers.items():  # warm-up, discarded
+            srv.reset_prefix_cache()
+            bench_serve(srv, model, {**workload, "num_prompts": workload["concurrency"]},
+                        res_dir / f"warmup-{k}.json", 1)
+        for r in range(rounds):
+            for k in (("ours", "none") if r % 2 == 0 else ("none", "ours")):
+                servers[k].reset_prefix_cache()
+                result = bench_serve(servers[k], model, workload, res_dir / f"{k}-{r}.json", 0)
+                runs[k].append(result)
+                console.log(f"{name} {k} run {r}: {result['request_throughput']:.2f} req/s, "
+                            f"{result['output_throughput']:.0f} tok/s out, median TTFT "
+                            f"{result['median_ttft_ms']:.1f} ms")
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    med = {k: {key: median(r[key] for r in v) for key in KEYS} for k, v in runs.items()}
+    return {"workload": workload, "args": args, "facts": facts, "runs": runs, "median": med}
+
+
+def report(results: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="Serving on one GPU: ours / no connector (medians)")
+    for col in ("model", "measure", "ours", "none", "ours / none"):
+        table.add_column(col, justify="left" if col in ("model", "measure") else "right")
+    for name, res in results.items():
+        ours, none = res["median"]["ours"], res["median"]["none"]
+        for key in KEYS:
+            table.add_row(name, key, f"{ours[key]:,.2f}", f"{none[key]:,.2f}",
+                          f"{ours[key] / none[key]:.3f}")
+        fo, fn = res["facts"]["ours"], res["facts"]["none"]
+        table.add_row(name, "KV cache tokens at start", f"{fo['kv_cache_tokens']:,}",
+                      f"{fn['kv_cache_tokens']:,}",
+                      f"{fo['kv_cache_tokens'] / fn['kv_cache_tokens']:.3f}"
+                      if fo["kv_cache_tokens"] and fn["kv_cache_tokens"] else "-")
+        table.add_row(name, "hybrid manager turned off", str(fo["hybrid_manager_off"]),
+                      str(fn["hybrid_manager_off"]), "")
+    console.print(table)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=("llama", "swa", "both"), default="both")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per server")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few requests")
+    opts = parser.parse_args()
+    cuda = _cuda()
+    results: dict[str, Any] = {}
+    path = OUT / "serve.json"
+    if path.exists():
+        results = json.loads(path.read_text()).get("results", {})
+    for name, (model, args) in models(opts.model, opts.quick).items():
+        t = time.perf_counter()
+        results[name] = run_model(name, model, args, 1 if opts.quick else opts.rounds, cuda)
+        console.log(f"{name}: done in {time.perf_counter() - t:.0f} s")
+        OUT.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"machine": _machine(), "results": results}, indent=2) + "\n")
+    report(results)
+    return 0
+
+
+def _machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        import torch
+        import vllm
+
+        info.update(vllm=vllm.__version__, torch=torch.__version__)
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+if __name__ == "__main__":
+    sys.exit(main())
