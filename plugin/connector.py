@@ -91,7 +91,8 @@ class ProcessForkConnector(KVConnectorBase_V1):
             self._scheduler = SchedulerSide(
                 vllm_config, kv_cache_config, store_path=self.store_path,
                 auto_restore=config.auto_restore, sessions=config.sessions,
-                session_prefix=config.session_prefix,
+                session_prefix=config.session_prefix, remote=config.remote,
+                remote_refresh_s=config.remote_refresh_s,
             )
         else:
             from .worker_side import WorkerSide

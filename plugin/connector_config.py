@@ -62,9 +62,12 @@ class ConnectorConfig:
     #: Commit each turn of a request that names a session to the ref ``<session_prefix>NAME``.
     sessions: bool = True
     session_prefix: str = "sessions/"
-    #: A remote (s3://BUCKET/PREFIX) a checkout fetches snapshots the store lacks from
-    #: (`pf serve --remote`); read by the API server.
+    #: A remote (s3://BUCKET/PREFIX) a checkout, or a transparent restore, fetches snapshots
+    #: the store lacks from (`pf serve --remote`).
     remote: str | None = None
+    #: How often EngineCore re-reads the remote's prefix records (transparent restores
+    #: through the remote), in seconds.
+    remote_refresh_s: int = 30
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
@@ -82,4 +85,5 @@ class ConnectorConfig:
             sessions=_flag(extra, "sessions"),
             session_prefix=str(extra.get("session_prefix") or "sessions/"),
             remote=str(extra["remote"]) if extra.get("remote") else None,
+            remote_refresh_s=_positive_int(extra, "remote_refresh_s") or 30,
         )

@@ -33,6 +33,14 @@ COUNTERS: dict[str, tuple[str, str]] = {
                               "Session turns that could not be committed"),
     "session_blocks_saved": ("processfork_session_blocks_saved",
                              "Blocks session turns saved (blocks the store already held excluded)"),
+    "remote_fetches": ("processfork_remote_fetches",
+                       "Snapshots fetched from the remote for transparent restores"),
+    "remote_fetch_failures": ("processfork_remote_fetch_failures",
+                              "Fetches for transparent restores that failed (the requests computed)"),
+    "remote_fetched_bytes": ("processfork_remote_fetched_bytes",
+                             "Object bytes fetched from the remote for transparent restores"),
+    "remote_waits": ("processfork_remote_waits",
+                     "Client requests that waited for a fetch from the remote"),
 }
 
 

@@ -32,6 +32,7 @@ from .jobs import (
     tokens_digest,
 )
 from .prefix_lookup import RESTORE_JOB_PREFIX, PrefixLookup
+from .remote_restore import PENDING, RemoteRestorer
 from .sessions import DEFAULT_PREFIX, SessionCommitter, SessionState, TurnSpec, session_ref
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ logger = init_logger(__name__)
 
 #: How long a snapshot request saved without a forward pass waits to be ended by the API server.
 RESIDENT_SAVE_WAIT_S = 5.0
+#: The engine step's nap while every request it holds waits for a remote fetch.
+REMOTE_IDLE_S = 0.005
 
 
 @dataclass
@@ -93,6 +96,8 @@ class SchedulerSide:
         auto_restore: bool = False,
         sessions: bool = False,
         session_prefix: str = DEFAULT_PREFIX,
+        remote: str | None = None,
+        remote_refresh_s: float = 30.0,
     ):
         self.block_size = vllm_config.cache_config.block_size
         if len(kv_cache_config.kv_cache_groups) != 1:
@@ -131,6 +136,14 @@ class SchedulerSide:
             self.lookup = PrefixLookup(store_path, self.auth, self.block_size)
         if sessions and self.lookup is not None:
             self.committer = SessionCommitter(self.lookup.store, session_prefix)
+        # Transparent restores through the remote (plugin/remote_restore.py): request id -> the
+        # snapshot it waits for, or None once it was looked up and waits for nothing.
+        self.remote: RemoteRestorer | None = None
+        self._remote_waits: dict[str, str | None] = {}
+        self._idled = False
+        if remote is not None and self.auto_restore and self.lookup is not None:
+            self.remote = RemoteRestorer(remote, self.lookup.store, self.lookup.fingerprint,
+                                         refresh_s=remote_refresh_s)
 
     def bind_block_pool(self, pool: BlockPool) -> None:
         self._block_pool = pool
@@ -154,6 +167,9 @@ class SchedulerSide:
                 # Not scheduled: the worker saves the cached blocks in the next step, and the
                 # control plane ends the request once the job's record is in the store.
                 return None, False
+        if op is None and self.remote is not None and self._waits_for_remote(
+                request, num_computed_tokens):
+            return None, False  # vLLM asks again at a later step
         if op is None and self.committer is not None and request.request_id not in self._sessions:
             self._start_session(request)
         if op is None and self.auto_restore:
@@ -174,6 +190,56 @@ class SchedulerSide:
 
     def _loading(self, tokens: int) -> tuple[int, bool]:
         return tokens, self.async_loads and tokens > 0
+
+    def _waits_for_remote(self, request: Request, num_computed_tokens: int) -> bool:
+        """Whether a client request must wait for a remote snapshot that holds more of its
+        prompt than the store does. Looked up once per request, in memory; the fetch runs on
+        the remote's own thread, and once it has committed, the request restores from the
+        store like any other."""
+        assert self.remote is not None and self.lookup is not None
+        req_id = request.request_id
+        if req_id not in self._remote_waits:
+            cid = self._remote_candidate(request, num_computed_tokens)
+            self._remote_waits[req_id] = cid
+            if cid is not None:
+                self.remote.stats.waits += 1
+        cid = self._remote_waits[req_id]
+        if cid is None:
+            return False
+        if self.remote.status(cid) != PENDING:
+            self._remote_waits[req_id] = None
+            return False
+        if not self._idled and all(self._remote_waits.get(r) for r in self._live):
+            # Nothing else to run: vLLM would step again at once, to be told the same. A
+            # short nap per step keeps the loop from spinning while the pages download.
+            time.sleep(REMOTE_IDLE_S)
+            self._idled = True
+        return True
+
+    def _remote_candidate(self, request: Request, num_computed_tokens: int) -> str | None:
+        """The remote snapshot to fetch for a request: one that holds more whole blocks of
+        its prompt than the prefix cache and the store together; None for most requests."""
+        assert self.remote is not None and self.lookup is not None
+        loadable = (request.num_prompt_tokens - 1) // self.block_size
+        first = num_computed_tokens // self.block_size
+        if loadable <= first or not _restorable(request):
+            return None
+        root = self.lookup.root(getattr(request, "cache_salt", None))
+        if root is None:
+            return None
+        tokens = request.prompt_token_ids
+        hit = self.remote.find(root, tokens, self.block_size, first=first, limit=loadable)
+        if hit is None:
+            return None
+        try:
+            if self.lookup.store.has_snapshot(hit.cid):
+                return None
+            here = self.lookup.store.longest_prefix(root, tokens, self.block_size, first=first,
+                                                    limit=hit.blocks)
+        except Exception:
+            logger.exception("processfork: prefix lookup failed; computing instead")
+            return None
+        return None if here is not None and here.blocks >= hit.blocks else hit.cid
 
     def _start_session(self, request: Request) -> None:
         """A client request that names a session: note which of its blocks the store holds
@@ -333,11 +399,17 @@ class SchedulerSide:
             c = self.committer
             now.update(session_turns=c.committed, session_turn_failures=c.failed,
                        session_blocks_saved=c.blocks_saved)
+        if self.remote is not None:
+            r = self.remote.stats
+            now.update(remote_fetches=r.fetches, remote_fetch_failures=r.fetch_failures,
+                       remote_fetched_bytes=r.fetched_bytes, remote_waits=r.waits)
         delta = {k: v - self._reported.get(k, 0) for k, v in now.items()}
         self._reported = now
         return {k: v for k, v in delta.items() if v}
 
     def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
         if self.committer is not None:
             self.committer.close()
         if self.lookup is not None:
@@ -345,6 +417,7 @@ class SchedulerSide:
 
     # --- per step -------------------------------------------------------------
     def build_step_plan(self, scheduler_output: SchedulerOutput) -> StepPlan:
+        self._idled = False
         plan = StepPlan(loads=self._pending_loads, saves=self._resident_saves + self._tail_saves)
         self._pending_loads = []
         self._resident_saves = []
@@ -415,6 +488,7 @@ class SchedulerSide:
         the reply for its ``kv_transfer_params``, if any."""
         req_id = request.request_id
         self._live.pop(req_id, None)
+        self._remote_waits.pop(req_id, None)
         op = parse_op(request.kv_transfer_params, self.auth)
         snap = self._snapshots.pop(req_id, None)
         checkout = self._checkouts.pop(req_id, None)

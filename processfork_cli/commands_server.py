@@ -22,7 +22,7 @@ Examples:
   pf serve ./models/llama --port 8000
   pf serve ./models/llama --threads 4 --max-model-len 16384
   pf serve ./models/llama --block-size 64 --print-command   # print, do not run
-  pf serve ./models/llama --remote origin   # a checkout fetches what the store lacks from origin
+  pf serve ./models/llama --remote origin   # fetch from origin what the store lacks
 """
 
 
@@ -47,8 +47,8 @@ def serve(
     remote: Annotated[
         str | None,
         typer.Option("--remote", metavar="REMOTE",
-                     help="A remote (name or s3:// URL) that a checkout fetches snapshots the "
-                     "store lacks from."),
+                     help="A remote (name or s3:// URL) that checkouts and transparent "
+                     "restores fetch snapshots the store lacks from."),
     ] = None,
     print_command: Annotated[
         bool,

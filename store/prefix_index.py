@@ -35,6 +35,7 @@ __all__ = [
     "INDEX_DB",
     "INDEX_META_KEY",
     "PrefixHit",
+    "block_bytes",
     "block_chain",
     "build_index",
     "count_dangling",
@@ -43,6 +44,7 @@ __all__ = [
     "index_snapshot",
     "inherit_partition",
     "longest_prefix",
+    "owner_root",
     "partition_root",
 ]
 
@@ -71,7 +73,7 @@ def partition_root(fingerprint: dict[str, Any], cache_salt: str | None = None) -
     )
 
 
-def _block_bytes(tokens: Any, i: int, block_size: int) -> bytes:
+def block_bytes(tokens: Any, i: int, block_size: int) -> bytes:
     """Block ``i``'s token ids as int32 little-endian; only that block is converted (a
     request's tokens are a Python list: converting all of them would cost more than the
     lookup)."""
@@ -93,7 +95,7 @@ def block_chain(root: bytes, tokens: Any, block_size: int, start: bytes | None =
     prev = root if start is None else start
     out = []
     for i in range(first, end):
-        prev = xxhash.xxh3_128_digest(prev + _block_bytes(tokens, i, block_size))
+        prev = xxhash.xxh3_128_digest(prev + block_bytes(tokens, i, block_size))
         out.append(prev)
     return out
 
@@ -143,7 +145,7 @@ def longest_prefix(
     snapshots = txn.cursor(db=dbs["snapshots"])
     best: PrefixHit | None = None
     for i in range(first, limit):
-        prev = xxhash.xxh3_128_digest(prev + _block_bytes(tokens, i, block_size))
+        prev = xxhash.xxh3_128_digest(prev + block_bytes(tokens, i, block_size))
         found = _holder(cur, snapshots, prev)
         if found is None or found[2] != i:
             break
@@ -169,7 +171,8 @@ def _tokens(txn: lmdb.Transaction, dbs: dict[str, Any], digest_hex: str) -> np.n
     return np.frombuffer(bytes(raw or b""), dtype="<i4")
 
 
-def _owner_root(txn: lmdb.Transaction, dbs: dict[str, Any], cid: str) -> bytes | None:
+def owner_root(txn: lmdb.Transaction, dbs: dict[str, Any], cid: str) -> bytes | None:
+    """The partition root a snapshot was indexed under; None when it was not indexed."""
     raw = txn.get(_OWNER + cid_key(cid), db=dbs[INDEX_DB])
     return None if raw is None else bytes(raw[:16])
 
@@ -182,11 +185,14 @@ def index_snapshot(
     *,
     cache_salt: str | None = None,
     share_with_parents: bool = True,
+    root: bytes | None = None,
 ) -> int:
     """Index the whole blocks of a just-written snapshot; the number of entries written.
 
     Blocks a sequence shares with a sequence of a parent in the same partition are left to that
     parent. A manifest without an integer ``block_size`` in its fingerprint is not indexed.
+    ``root`` names the partition directly (a fetched snapshot: the remote's prefix record says
+    which one it was stored in; the salt itself is not known there).
     """
     if INDEX_DB not in dbs:
         return 0
@@ -197,14 +203,15 @@ def index_snapshot(
     owner_key = _OWNER + cid_key(cid)
     if txn.get(owner_key, db=db) is not None:
         return 0  # indexed already (the same manifest written twice)
-    root = partition_root(manifest.fingerprint, cache_salt)
+    if root is None:
+        root = partition_root(manifest.fingerprint, cache_salt)
     parent_seqs: list[np.ndarray] = []
     if share_with_parents:
         from processfork.store.manifest import stored_sequences
         from processfork.store.snapshots import load_stored
 
         for parent in manifest.parents:
-            if _owner_root(txn, dbs, parent) != root:
+            if owner_root(txn, dbs, parent) != root:
                 continue
             for seq in stored_sequences(load_stored(txn, dbs, parent)):
                 parent_seqs.append(_tokens(txn, dbs, seq["tokens"]["digest"]))
@@ -225,7 +232,7 @@ def inherit_partition(txn: lmdb.Transaction, dbs: dict[str, Any], cid: str, pare
     partition, so that a snapshot continuing the child shares the blocks it has."""
     if INDEX_DB not in dbs:
         return
-    root = _owner_root(txn, dbs, parent)
+    root = owner_root(txn, dbs, parent)
     if root is not None:
         txn.put(_OWNER + cid_key(cid), root, db=dbs[INDEX_DB])
 

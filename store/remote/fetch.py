@@ -30,7 +30,9 @@ from processfork.store.manifest import (
 )
 from processfork.store.remote import local
 from processfork.store.remote.errors import NonFastForward, RemoteError, UnknownRemoteRef
+from processfork.store.prefix_index import index_snapshot, inherit_partition
 from processfork.store.remote.pack import KIND_BLOB, KIND_PAGE, KIND_SNAPSHOT
+from processfork.store.remote.prefix import read_records
 from processfork.store.remote.remote import Remote
 from processfork.store.snapshots import write_manifest
 
@@ -69,13 +71,16 @@ def fetch(
     cids: Iterable[str] = (),
     accept: Callable[[Mapping[str, dict[str, Any]]], None] | None = None,
     progress: Progress | None = None,
+    roots: Mapping[str, bytes] | None = None,
 ) -> FetchResult:
     """Bring in what the remote's refs (all, or `names`) reach; record them as tracking refs
     `remotes/<remote_name>/<ref>` when a name is given. With `cids`, bring in those snapshots
     (and their history) instead of any ref's.
 
     `accept`, if given, sees every manifest to be fetched (cid -> stored form) before any page
-    or blob moves, and may refuse them by raising."""
+    or blob moves, and may refuse them by raising. Each fetched snapshot goes into the local
+    prefix index under the partition its remote prefix record names (`roots` gives those the
+    caller has read already); one without a record is not indexed."""
     t0 = time.perf_counter()
     requests0 = remote.store.requests
     result = FetchResult(str(remote.url))
@@ -108,7 +113,11 @@ def fetch(
             tables = _fetch_blobs(env, remote, manifests, pin, result)
             _fetch_pages(env, remote, tables, pin, result, progress)
             order = _parents_first(manifests)
-            _commit(env, manifests, order, tables, remote_name, result.refs, pin)
+            known = dict(roots or {})
+            unknown = [c for c in order if c not in known]
+            known.update((c, r.root) for c, r in read_records(
+                remote, unknown, cache_dir=remote.index_cache).items())
+            _commit(env, manifests, order, tables, remote_name, result.refs, pin, known)
         except BaseException:
             env.write(lambda txn: _objects.drop_pin(txn, env.dbs, pin))
             raise
@@ -270,9 +279,10 @@ def _commit(
     remote_name: str | None,
     refs: Mapping[str, str],
     pin: str | None,
+    roots: Mapping[str, bytes] | None = None,
 ) -> None:
-    """ONE transaction: the manifests (each checked against what it names), the tracking refs,
-    the pin dropped."""
+    """ONE transaction: the manifests (each checked against what it names) and their prefix
+    index entries, the tracking refs, the pin dropped."""
     parsed = []
     for cid in order:
         data = manifests[cid]
@@ -287,6 +297,11 @@ def _commit(
             write_manifest(
                 txn, env.dbs, manifest, data, cid, manifest.page_tables(), manifest.page_keys(), t
             )
+            root = (roots or {}).get(cid)
+            if root is not None:
+                index_snapshot(txn, env.dbs, cid, manifest, root=root)
+            elif manifest.fork is not None and manifest.parents:
+                inherit_partition(txn, env.dbs, cid, manifest.parents[0])
         if remote_name is not None:
             for name, cid in refs.items():
                 ref = tracking_ref(remote_name, name)

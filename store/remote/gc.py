@@ -4,7 +4,8 @@ Mark: walk every remote ref's snapshots through their parents, page tables and p
 the manifests and page tables from the packs (verified like any read). Sweep: a pack is kept if
 any of its objects is marked or if it is younger than the grace period; otherwise its index is
 deleted, then the pack (a reader never sees an index whose pack is gone). Uploads that never got
-an index (a push killed between the two) go once they are older than the grace period too.
+an index (a push killed between the two) go once they are older than the grace period too, and
+so do the prefix records of snapshots no ref reaches.
 
 Concurrent pushers: a push uploads its packs before it moves any ref, so its packs are young
 while it runs; the grace period (default one day) must outlast the longest push. A push that
@@ -39,6 +40,7 @@ class RemoteGcStats:
     removed_packs: int = 0
     removed_bytes: int = 0
     removed_uploads: int = 0  # pack bodies without an index (killed pushes)
+    removed_prefix_records: int = 0  # prefix records of snapshots no ref reaches
     seconds: float = 0.0
 
 
@@ -75,6 +77,14 @@ def gc_remote(remote: Remote, *, grace: float = DEFAULT_GRACE, dry_run: bool = F
             stats.removed_bytes += obj.size
             if not dry_run:
                 remote.store.delete(key)
+    for obj in remote.store.list(layout.PREFIXES):
+        cid = layout.prefix_cid_of(obj.key)
+        if cid is None or (KIND_SNAPSHOT, cid[7:]) in marked or now - obj.modified < grace:
+            continue
+        stats.removed_prefix_records += 1
+        stats.removed_bytes += obj.size
+        if not dry_run:
+            remote.store.delete(obj.key)
     stats.seconds = time.perf_counter() - t0
     return stats
 

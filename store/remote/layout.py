@@ -4,6 +4,7 @@
     packs/<sha256>.pack      objects back to back; named by the SHA-256 of its bytes
     packs/<sha256>.idx       the pack's index (canonical JSON); a pack without one is not there
     refs/<name>              "sha256:<64 hex>\n": the only objects that change
+    prefix/<64 hex>          a snapshot's prefix record (store/remote/prefix.py), by its cid
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ __all__ = [
     "idx_path",
     "pack_name_of",
     "pack_path",
+    "prefix_cid_of",
+    "prefix_path",
     "ref_path",
 ]
 
@@ -32,6 +35,7 @@ REMOTE_VERSION = 1
 FORMAT_PATH = "pf-remote.json"
 PACKS = "packs"
 REFS = "refs"
+PREFIXES = "prefix"
 
 
 def format_record() -> bytes:
@@ -66,6 +70,20 @@ def pack_name_of(path: str) -> str | None:
         name = path[len(PACKS) + 1 : -len(".idx")]
         if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
             return name
+    return None
+
+
+def prefix_path(cid: str) -> str:
+    """Where the prefix record of snapshot `cid` (`sha256:<64 hex>`) lives."""
+    return f"{PREFIXES}/{cid[len('sha256:'):]}"
+
+
+def prefix_cid_of(path: str) -> str | None:
+    """The cid of `prefix/<64 hex>` (None for anything else)."""
+    if path.startswith(PREFIXES + "/"):
+        name = path[len(PREFIXES) + 1 :]
+        if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+            return "sha256:" + name
     return None
 
 

@@ -20,6 +20,7 @@ from processfork.store.remote import layout, local
 from processfork.store.remote.errors import NonFastForward, RemoteError
 from processfork.store.remote.layout import RefValue
 from processfork.store.remote.objstore import ConditionFailed
+from processfork.store.remote.prefix import PrefixRecord, local_record, needs_record
 from processfork.store.remote.pack import (
     KIND_BLOB,
     KIND_PAGE,
@@ -58,6 +59,7 @@ class PushResult:
     snapshots: int = 0
     bytes: int = 0  # object bytes uploaded (pack bodies)
     packs: int = 0
+    prefix_records: int = 0  # prefix records uploaded (store/remote/prefix.py)
     requests: int = 0  # every request the push made
     seconds: float = 0.0
 
@@ -89,6 +91,8 @@ def push(
         remote.load_indexes()
         objects, reused = _missing_objects(env, remote, [u.new for u, _ in moves])
         _upload(env, remote, objects, pack_size, result, progress)
+        sent = ["sha256:" + key for kind, key in objects if kind == KIND_SNAPSHOT]
+        result.prefix_records = _upload_prefix_records(env, remote, sent)
         _check_still_there(remote, reused)
         for update, old in moves:
             try:
@@ -152,6 +156,22 @@ def _missing_objects(
         else:
             reused.add(where.pack)
     return missing, reused
+
+
+def _upload_prefix_records(env: Env, remote: Remote, snapshots: list[str]) -> int:
+    """The prefix record of every snapshot this push uploaded, but fork children, whose
+    parents' records serve them. Written after the packs, so a server that finds a record finds
+    its snapshot; before the refs. How many were written."""
+    records = [r for r in (local_record(env, c) for c in needs_record(env, snapshots)) if r]
+
+    def put(record: PrefixRecord) -> None:
+        try:
+            remote.store.put(layout.prefix_path(record.cid), record.encode(), if_absent=True)
+        except ConditionFailed:
+            pass  # written already: a record never changes
+
+    remote._map(put, records)
+    return len(records)
 
 
 def _check_still_there(remote: Remote, packs: set[str]) -> None:

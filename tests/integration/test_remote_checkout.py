@@ -1,19 +1,22 @@
-"""A replica checks out a snapshot that another replica pushed to a remote.
+"""A replica restores snapshots that another replica pushed to a remote.
 
-The session server (replica A) snapshots a context and its store is pushed to a SeaweedFS
-remote. Replica B starts on an empty store with that remote (`pf serve --remote`'s connector
-config); its checkout of the ref fetches the snapshot (manifest, tokens, pages, each verified)
-and loads it, and its continuation is bit-identical, tokens and logprobs, to A's warm
-prefix-cache hit.
+The session server (replica A) snapshots two contexts and pushes them to a SeaweedFS remote.
+Replica B starts on an empty store with that remote (`pf serve --remote`'s connector config).
+Its checkout of one ref fetches that snapshot (manifest, tokens, pages, each verified) and loads
+it; a plain completion of the other context, with no checkout at all, finds it in the remote's
+prefix records, fetches it and loads it (a transparent restore through the remote). Both
+continuations are bit-identical, tokens and logprobs, to A's warm prefix-cache hits.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
-from pf_http import cached_tokens, complete, pf, post, random_tokens
+from pf_http import cached_tokens, complete, metric, pf, post, random_tokens
 from processfork.plugin.launch_plan import kv_transfer_config
 from processfork.store import Store
 from processfork.store.remote import open_remote
@@ -25,6 +28,14 @@ pytestmark = pytest.mark.integration
 
 BLOCK = 32
 REF = "remote-it/base"
+LAZY_REF = "remote-it/lazy"
+
+
+@dataclass
+class Pushed:
+    tokens: list[int]
+    warm: dict[str, Any]  # A's warm prefix-cache hit
+    cid: str
 
 
 @pytest.fixture(scope="module")
@@ -39,35 +50,73 @@ def remote_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             server.stop()
 
 
-def test_replica_checks_out_what_another_pushed(
-    server, pf_store, start_server, tmp_path_factory, remote_url
-) -> None:
-    tokens = random_tokens(9100, 12 * BLOCK + 7)
-    complete(server, tokens, max_tokens=8, logprobs=5)  # cold: computes and caches
-    warm = complete(server, tokens, max_tokens=8, logprobs=5)
-    assert cached_tokens(warm) == 12 * BLOCK
-    cid = pf(server, "snapshot", {"name": REF, "token_ids": tokens})["cid"]
+@pytest.fixture(scope="module")
+def pushed(server, pf_store, remote_url) -> dict[str, Pushed]:
+    """Replica A computes, snapshots and pushes two unrelated contexts."""
+    out = {}
+    for ref, seed, blocks in ((REF, 9100, 12), (LAZY_REF, 9200, 10)):
+        tokens = random_tokens(seed, blocks * BLOCK + 7)
+        complete(server, tokens, max_tokens=8, logprobs=5)  # cold: computes and caches
+        warm = complete(server, tokens, max_tokens=8, logprobs=5)
+        assert cached_tokens(warm) == blocks * BLOCK
+        cid = pf(server, "snapshot", {"name": ref, "token_ids": tokens})["cid"]
+        out[ref] = Pushed(tokens, warm, cid)
     with Store(pf_store) as store:
-        pushed = push(store.env, open_remote(remote_url, env=store.env), {REF: cid})
-    assert pushed.pages == 2 * 13
+        result = push(store.env, open_remote(remote_url, env=store.env),
+                      {ref: p.cid for ref, p in out.items()})
+    assert result.pages == 2 * (13 + 11) and result.prefix_records == 2
+    return out
 
+
+@pytest.fixture(scope="module")
+def replica(pushed, start_server, tmp_path_factory, remote_url):
     store_b = tmp_path_factory.mktemp("replica-b")
     config = kv_transfer_config(store_b, remote=remote_url)
-    replica = start_server(store=store_b, extra_args=(
+    server = start_server(store=store_b, extra_args=(
         "--max-model-len", "4096", "--max-num-batched-tokens", "256",
         "--kv-transfer-config", json.dumps(config)))
     try:
-        missing = post(replica, "/v1/processfork/checkout", {"cid": "remote-it/nope"})
-        assert missing.status_code == 404, missing.text
-        out = pf(replica, "checkout", {"cid": REF})
-        assert out["cid"] == cid and out["tokens_loaded"] == 12 * BLOCK
-        with Store(store_b, readonly=True) as store:
-            assert store.get_ref(REF) == cid and list(store.fsck()) == []
-        restored = complete(replica, tokens, max_tokens=8, logprobs=5)
-        assert cached_tokens(restored) == 12 * BLOCK
-        got, want = restored["choices"][0]["logprobs"], warm["choices"][0]["logprobs"]
-        assert got["tokens"] == want["tokens"]
-        assert got["token_logprobs"] == want["token_logprobs"]
-        assert got["top_logprobs"] == want["top_logprobs"]
+        yield server
     finally:
-        replica.stop()
+        server.stop()
+
+
+def _same_continuation(got: dict[str, Any], want: dict[str, Any]) -> None:
+    got, want = got["choices"][0]["logprobs"], want["choices"][0]["logprobs"]
+    assert got["tokens"] == want["tokens"]
+    assert got["token_logprobs"] == want["token_logprobs"]
+    assert got["top_logprobs"] == want["top_logprobs"]
+
+
+def test_replica_checks_out_what_another_pushed(replica, pushed) -> None:
+    base = pushed[REF]
+    missing = post(replica, "/v1/processfork/checkout", {"cid": "remote-it/nope"})
+    assert missing.status_code == 404, missing.text
+    out = pf(replica, "checkout", {"cid": REF})
+    assert out["cid"] == base.cid and out["tokens_loaded"] == 12 * BLOCK
+    with Store(replica.store, readonly=True) as store:
+        assert store.get_ref(REF) == base.cid and list(store.fsck()) == []
+    restored = complete(replica, base.tokens, max_tokens=8, logprobs=5)
+    assert cached_tokens(restored) == 12 * BLOCK
+    _same_continuation(restored, base.warm)
+
+
+def test_replica_restores_from_the_remote_without_a_checkout(replica, pushed) -> None:
+    lazy = pushed[LAZY_REF]
+    with Store(replica.store, readonly=True) as store:
+        assert not store.has_snapshot(lazy.cid)  # nothing local: the remote has it
+    # A prompt that matches nothing on the remote computes, and fetches nothing.
+    complete(replica, random_tokens(9300, 6 * BLOCK + 1), max_tokens=2)
+    assert metric(replica, "processfork_remote_waits_total") == 0
+
+    restored = complete(replica, lazy.tokens, max_tokens=8, logprobs=5)
+    params = restored.get("kv_transfer_params") or {}
+    assert params.get("processfork", {}).get("loaded_tokens") == 10 * BLOCK, params
+    assert cached_tokens(restored) == 10 * BLOCK
+    _same_continuation(restored, lazy.warm)
+    assert metric(replica, "processfork_remote_waits_total") == 1
+    assert metric(replica, "processfork_remote_fetches_total") == 1
+    assert metric(replica, "processfork_restored_tokens_total") >= 10 * BLOCK
+    with Store(replica.store, readonly=True) as store:
+        assert store.has_snapshot(lazy.cid) and list(store.fsck()) == []
+
