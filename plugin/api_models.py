@@ -27,13 +27,20 @@ __all__ = [
     "EngineStatus",
     "ErrorDetail",
     "ErrorResponse",
+    "FetchBody",
+    "FetchResponse",
     "ForkBody",
     "ForkPosition",
     "ForkResponse",
     "Head",
     "LogEntry",
     "LogResponse",
+    "PullBody",
+    "PullResponse",
+    "PushBody",
+    "PushResponse",
     "RefEntry",
+    "RefUpdate",
     "RefsResponse",
     "RepairBody",
     "RepairResponse",
@@ -133,6 +140,29 @@ class ResetBody(_Body):
     ref: str = Field(min_length=1, max_length=MAX_REVISION_CHARS)
     rev: str = Field(min_length=1, max_length=MAX_REVISION_CHARS)
     old: str | None = Field(default=None, min_length=1, max_length=MAX_REVISION_CHARS)
+
+
+class _RemoteBody(_Body):
+    """Which remote: a name of the store's remotes (`pf remote add`); left out, the server's
+    own (`pf serve --remote`). A URL is refused: a client does not point the server's
+    credentials at a bucket of its choosing."""
+
+    remote: str | None = Field(default=None, min_length=1, max_length=64)
+    #: Refs to move (default: push HEAD's ref; fetch and pull every remote ref).
+    refs: list[str] | None = Field(default=None, max_length=4096)
+
+
+class PushBody(_RemoteBody):
+    all: bool = False
+    force: bool = False
+
+
+class FetchBody(_RemoteBody):
+    pass
+
+
+class PullBody(_RemoteBody):
+    force: bool = False
 
 
 # --- replies ------------------------------------------------------------------------------------
@@ -278,6 +308,50 @@ class DeleteRefResponse(Reply):
     deleted: str
     #: What the ref named.
     cid: str
+
+
+class RefUpdate(Reply):
+    ref: str
+    old: str | None
+    new: str
+    #: created, fast-forward, forced or up-to-date (a push); also diverged (a pull: not moved).
+    status: str
+
+
+class PushResponse(Reply):
+    """What ``pf push --json`` prints."""
+
+    url: str
+    refs: list[RefUpdate]
+    objects: int
+    pages: int
+    blobs: int
+    snapshots: int
+    bytes: int
+    packs: int
+    prefix_records: int
+    requests: int
+    seconds: float
+
+
+class FetchResponse(Reply):
+    """What ``pf fetch --json`` prints: ``refs`` maps each remote ref to its cid."""
+
+    url: str
+    refs: dict[str, str]
+    snapshots: int
+    blobs: int
+    pages: int
+    bytes: int
+    requests: int
+    seconds: float
+
+
+class PullResponse(Reply):
+    """What ``pf pull --json`` prints."""
+
+    fetch: FetchResponse
+    refs: list[RefUpdate]
 
 
 class EngineStatus(Reply):

@@ -39,9 +39,15 @@ from .api_models import (
     DeleteRefResponse,
     EngineStatus,
     ErrorResponse,
+    FetchBody,
+    FetchResponse,
     ForkBody,
     ForkResponse,
     LogResponse,
+    PullBody,
+    PullResponse,
+    PushBody,
+    PushResponse,
     RefsResponse,
     RepairBody,
     RepairResponse,
@@ -53,6 +59,7 @@ from .api_models import (
     SnapshotSummary,
     StatusResponse,
 )
+from . import remote_ops
 from .chat_render import render_chat
 from .connector_config import store_path_from_config
 from .control import Control
@@ -362,6 +369,27 @@ def build_router() -> APIRouter:
 
             cid, old = await control._run(move)
             return ResetResponse(ref=body.ref, cid=cid, old=old)
+
+        return await _guard(request, run)
+
+    @router.post("/push", response_model=PushResponse, responses=_ERRORS)
+    async def push(request: Request) -> JSONResponse:
+        async def run(raw: bytes) -> PushResponse:
+            return await remote_ops.push(_control(request), _parse(raw, PushBody))
+
+        return await _guard(request, run)
+
+    @router.post("/fetch", response_model=FetchResponse, responses=_ERRORS)
+    async def fetch(request: Request) -> JSONResponse:
+        async def run(raw: bytes) -> FetchResponse:
+            return await remote_ops.fetch(_control(request), _parse(raw, FetchBody))
+
+        return await _guard(request, run)
+
+    @router.post("/pull", response_model=PullResponse, responses=_ERRORS)
+    async def pull(request: Request) -> JSONResponse:
+        async def run(raw: bytes) -> PullResponse:
+            return await remote_ops.pull(_control(request), _parse(raw, PullBody))
 
         return await _guard(request, run)
 

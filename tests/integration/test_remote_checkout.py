@@ -120,3 +120,37 @@ def test_replica_restores_from_the_remote_without_a_checkout(replica, pushed) ->
     with Store(replica.store, readonly=True) as store:
         assert store.has_snapshot(lazy.cid) and list(store.fsck()) == []
 
+
+def test_push_fetch_and_pull_over_http(replica, server, pushed, remote_url) -> None:
+    """The server does the work of `pf pull` and `pf push` on its own store and remote."""
+    pulled = post(replica, "/v1/processfork/pull", {})
+    assert pulled.status_code == 200, pulled.text
+    doc = pulled.json()
+    assert doc["fetch"]["refs"] == {REF: pushed[REF].cid, LAZY_REF: pushed[LAZY_REF].cid}
+    assert doc["fetch"]["snapshots"] == 0  # both came in already (checkout, restore)
+    assert {m["ref"]: m["status"] for m in doc["refs"]} == {REF: "up-to-date",
+                                                            LAZY_REF: "created"}
+
+    tokens = random_tokens(9400, 3 * BLOCK + 5)
+    cid = pf(replica, "snapshot", {"name": "remote-it/from-b", "token_ids": tokens})["cid"]
+    pushed_b = post(replica, "/v1/processfork/push", {"refs": ["remote-it/from-b"]})
+    assert pushed_b.status_code == 200, pushed_b.text
+    result = pushed_b.json()
+    assert [(u["ref"], u["new"], u["status"]) for u in result["refs"]] == [
+        ("remote-it/from-b", cid, "created")]
+    assert result["pages"] == 2 * 4 and result["prefix_records"] == 1
+    remote = open_remote(remote_url)
+    assert remote.read_ref("remote-it/from-b").cid == cid
+    fetched = post(replica, "/v1/processfork/fetch", {"refs": ["remote-it/from-b"]}).json()
+    assert fetched["refs"] == {"remote-it/from-b": cid} and fetched["pages"] == 0
+
+    for body, status, kind in (
+        ({"remote": remote_url}, 400, "invalid_request"),  # never a URL from a client
+        ({"remote": "nope"}, 404, "not_found"),
+        ({"refs": ["remote-it/none"]}, 400, "invalid_request"),
+        ({"ref": REF}, 400, "invalid_request"),
+    ):
+        answer = post(replica, "/v1/processfork/push", body)
+        assert (answer.status_code, answer.json()["error"]["type"]) == (status, kind), answer.text
+    no_remote = post(server, "/v1/processfork/fetch", {})
+    assert no_remote.status_code == 409 and no_remote.json()["error"]["type"] == "no_remote"

@@ -109,6 +109,9 @@ def test_the_openapi_document_names_every_routes_reply() -> None:
         ("get", "/refs"): "RefsResponse",
         ("delete", "/refs/{name}"): "DeleteRefResponse",
         ("post", "/reset"): "ResetResponse",
+        ("post", "/push"): "PushResponse",
+        ("post", "/fetch"): "FetchResponse",
+        ("post", "/pull"): "PullResponse",
         ("get", "/status"): "StatusResponse",
     }
     documented = {
