@@ -9,6 +9,7 @@ loads the session from the store. One restart serves every test of the module.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,9 @@ import httpx
 import pytest
 from pf_http import cached_tokens, complete, headers, metric, pf, post, random_tokens
 from processfork.store import Store
+from typer.testing import CliRunner
+
+from processfork_cli.app import app
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +70,7 @@ def _turn(client, server, store_path, history: list[dict[str, str]], message: st
     extra = response.model_extra
     return {"reply": extra["kv_transfer_params"]["processfork"],
             "prompt": list(extra["prompt_token_ids"]),
+            "output": list(response.choices[0].model_extra["token_ids"]),
             "cid": _wait_for_ref(store_path, REF, old)}
 
 
@@ -131,9 +136,16 @@ def test_each_session_turn_is_a_snapshot_chained_to_the_last(before, pf_store):
     for turn, manifest, tokens in zip(before.turns, manifests, stored):
         reply = turn["reply"]
         assert reply["session"] == REF
-        assert reply["session_blocks"] == len(manifest.sequences[0].pages) == len(tokens) // BLOCK
-        assert tokens[: len(turn["prompt"]) // BLOCK * BLOCK] == (
-            turn["prompt"][: len(turn["prompt"]) // BLOCK * BLOCK])
+        # Every token the engine computed: the prompt and the output but the last sampled
+        # token, the partial last block included (as a snapshot of those tokens stores it).
+        assert tokens == turn["prompt"] + turn["output"][:-1]
+        assert reply["session_tokens"] == len(tokens)
+        assert reply["session_blocks"] == len(manifest.sequences[0].pages) == -(-len(tokens) // BLOCK)
+    # pf log shows the same counts, newest first.
+    result = CliRunner().invoke(app, ["--store", str(pf_store), "log", REF, "--json"])
+    assert result.exit_code == 0, result.output
+    entries = json.loads(result.stdout)["entries"]
+    assert [e["num_tokens"] for e in entries] == [len(t) for t in reversed(stored)]
     # Later turns write only the blocks the earlier ones did not hold.
     for earlier, later in zip(before.turns, before.turns[1:]):
         new = later["reply"]["session_new_blocks"]
