@@ -23,10 +23,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 
 from .connector_config import ConnectorConfig
 from .jobs import StepPlan
+from .kv_groups import GroupLayout
 from .vllm_compat import CacheHitSource, check_supported_vllm
 
 if TYPE_CHECKING:
@@ -52,8 +54,13 @@ class ProcessForkMetadata(StepPlan, KVConnectorMetadata):
     """The step plan, typed as vLLM's connector metadata."""
 
 
-class ProcessForkConnector(KVConnectorBase_V1):
-    """Snapshots and checkouts of paged KV through the ProcessFork store."""
+class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
+    """Snapshots and checkouts of paged KV through the ProcessFork store.
+
+    It handles every KV-cache group of vLLM's hybrid KV cache manager (``SupportsHMA``), so
+    configuring it leaves that manager on: without the declaration vLLM turns it off, and a
+    model with sliding-window layers gets a smaller, slower cache (plugin/kv_groups.py).
+    """
 
     # vLLM >= 0.32 labels prompt tokens served by a connector by source in /metrics; older
     # versions have no such label (and no such module).
@@ -80,6 +87,7 @@ class ProcessForkConnector(KVConnectorBase_V1):
         self._scheduler = None
         self._worker = None
         self._saved_plan: StepPlan | None = None
+        layout = GroupLayout.from_kv_cache_config(kv_cache_config)
         if vllm_config.parallel_config.tensor_parallel_size != 1:
             raise ValueError(
                 "ProcessForkConnector supports tensor_parallel_size=1 only "
@@ -107,6 +115,7 @@ class ProcessForkConnector(KVConnectorBase_V1):
                 copy_threads=config.copy_threads,
                 host_tier_mib=config.host_tier_mib,
                 host_tier_dir=config.host_tier_dir,
+                kv_groups=layout.to_fingerprint(),
             )
 
     # ==============================
@@ -235,3 +244,10 @@ class ProcessForkConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         return self._scheduler.request_finished(request)
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        # vLLM's hook under the hybrid KV cache manager: one block table per group. The
+        # scheduler side follows every group's table through the steps already.
+        return self.request_finished(request, list(block_ids[0]) if block_ids else [])

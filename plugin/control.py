@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from processfork.store import Manifest, SnapshotSequence, Store, StoreError, documents
+from processfork.store.manifest import FORMAT, FORMAT_GROUPED, PageGroup
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import SamplingParams
@@ -44,6 +45,7 @@ from .jobs import (
     job_meta_key,
     params_for,
 )
+from .kv_groups import GroupLayout, group_job
 
 __all__ = ["Control", "elapsed_ms"]
 
@@ -53,6 +55,7 @@ class _SeqOutcome:
     pages: list[tuple[str, str]]
     new_blocks: int
     bytes_written: int
+    groups: list[PageGroup] | None = None  # several KV-cache groups: their blocks in `pages`
 
 
 class Control:
@@ -174,13 +177,20 @@ class Control:
             await self._run(self.store.resolve, body.parent) if body.parent else old_ref
         )
         parent_seqs: list[tuple[list[int], list[tuple[str, str]]]] = []
-        if parent_cid:
+        # Several KV-cache groups: every group saves its own blocks (identical pages are not
+        # written again), so nothing is taken from the parent's page lists.
+        layout = (GroupLayout.from_fingerprint(record.fingerprint.kv_groups)
+                  if record.fingerprint.kv_groups is not None else None)
+        if parent_cid and layout is None:
             parent = await self._run(self.store.get_snapshot, parent_cid)
             if record.fingerprint.first_mismatch(parent.fingerprint) is None:
                 for seq in parent.sequences:
                     toks = await self._run(self.store.get_tokens, seq.tokens)
                     parent_seqs.append((list(toks), list(seq.pages)))
         jobs = [uuid.uuid4().hex for _ in seqs]
+        # Each group's pages are saved under a job of its own; group 0's is the sequence's job.
+        group_jobs = [group_job(j, g) for j in jobs
+                      for g in range(len(layout.groups) if layout is not None else 1)]
         # The token blobs are written while the engine runs: their durable commit overlaps the
         # engine's work instead of following it. Each has its own pin until the snapshot commits.
         token_pins = [_tokens_pin(job) for job in jobs]
@@ -189,11 +199,14 @@ class Control:
         )
         try:
             outcomes = await asyncio.gather(
-                *(self._snapshot_sequence(job, t, parent_seqs) for job, t in zip(jobs, seqs))
+                *(self._snapshot_sequence(job, t, parent_seqs, layout)
+                  for job, t in zip(jobs, seqs))
             )
             refs = await token_refs
-            sequences = [SnapshotSequence(tokens=r, pages=o.pages) for r, o in zip(refs, outcomes)]
+            sequences = [SnapshotSequence(tokens=r, pages=o.pages, groups=o.groups)
+                         for r, o in zip(refs, outcomes)]
             manifest = Manifest(
+                format=FORMAT if layout is None else FORMAT_GROUPED,
                 name=body.name,
                 parents=[parent_cid] if parent_cid else [],
                 fingerprint=record.fingerprint.to_json(),
@@ -210,12 +223,12 @@ class Control:
                     f"{len(seqs)} sequence{'s' if len(seqs) != 1 else ''}, "
                     f"{sum(len(t) for t in seqs)} tokens"
                 ),
-                drop_pins=[*jobs, *token_pins],
-                drop_meta=[job_meta_key(job) for job in jobs],
+                drop_pins=[*group_jobs, *token_pins],
+                drop_meta=[job_meta_key(job) for job in group_jobs],
             )
         except BaseException:
             await asyncio.gather(token_refs, return_exceptions=True)
-            await self._run(self._forget_jobs, jobs)
+            await self._run(self._forget_jobs, jobs, group_jobs)
             raise
         return SnapshotResponse(
             cid=cid,
@@ -229,12 +242,13 @@ class Control:
             ms=elapsed_ms(t0),
         )
 
-    def _forget_jobs(self, jobs: list[str]) -> None:
+    def _forget_jobs(self, jobs: list[str], group_jobs: list[str]) -> None:
         """After a failed snapshot: drop the workers' job records and the pins, so gc may
         reclaim what was written. (A committed snapshot drops them in its own transaction.)"""
-        for job in jobs:
+        for job in group_jobs:
             self.store.meta_delete(job_meta_key(job))
             self.store.drop_pin(job)
+        for job in jobs:
             self.store.drop_pin(_tokens_pin(job))
 
     async def _snapshot_sequence(
@@ -242,6 +256,7 @@ class Control:
         job: str,
         tokens: list[int],
         parent_seqs: list[tuple[list[int], list[tuple[str, str]]]],
+        layout: GroupLayout | None = None,
     ) -> _SeqOutcome:
         """Run one sequence through the engine with a snapshot job; collect its pages."""
         bs = self.block_size
@@ -256,8 +271,11 @@ class Control:
         # last block recomputed (a block of queries over the entire context). One extra token
         # after it lets every block of the sequence come from the cache; the saved range stops
         # before that token, and causal attention keeps the sequence's KV independent of it.
+        # Not with several KV-cache groups: a sliding-window group stores the window of the split
+        # point a checkout resumes from (before the last token), and a prefix-cache hit that
+        # reached past it would have freed the window's first blocks already.
         prompt = tokens
-        if len(tokens) % bs == 0 and len(tokens) + 1 < self.max_model_len:
+        if layout is None and len(tokens) % bs == 0 and len(tokens) + 1 < self.max_model_len:
             prompt = [*tokens, tokens[-1]]
         request_id = f"pf-snapshot-{uuid.uuid4().hex[:12]}"
         run = asyncio.ensure_future(self._generate_one(
@@ -267,18 +285,17 @@ class Control:
             request_id,
         ))
         try:
-            await self._end_when_saved(job, run, request_id)
+            # Several KV-cache groups: the worker saves them in group order, so the last group's
+            # record settles last; reading the others before it could miss theirs.
+            watched = job if layout is None else group_job(job, len(layout.groups) - 1)
+            await self._end_when_saved(watched, run, request_id)
         except BaseException:
             run.cancel()
             raise
         await run
-        record = await self._job_record(job)
-        if record is None or not record.succeeded:
-            err = record.error if record is not None else None
-            if err is not None and err.kind is JobErrorKind.STORE_FULL:
-                raise ApiError(507, "store_full", err.message)
-            detail = f": {err.message}" if err is not None else ""
-            raise ApiError(500, "snapshot_failed", f"the engine did not save the sequence{detail}")
+        if layout is not None:
+            return await self._group_outcome(job, tokens, layout)
+        record = await self._saved(job)
         # The worker's final record lists the saved pages in block order (a pin is a set).
         pages = reuse + record.pages
         expected = -(-len(tokens) // bs)
@@ -287,6 +304,37 @@ class Control:
                 500, "snapshot_failed", f"engine saved {len(pages)} of {expected} blocks"
             )
         return _SeqOutcome(pages, record.new_blocks, record.bytes_written)
+
+    async def _saved(self, job: str) -> JobRecord:
+        """A save job's final record; 507 or 500 when it failed or left none."""
+        record = await self._job_record(job)
+        if record is None or not record.succeeded:
+            err = record.error if record is not None else None
+            if err is not None and err.kind is JobErrorKind.STORE_FULL:
+                raise ApiError(507, "store_full", err.message)
+            detail = f": {err.message}" if err is not None else ""
+            raise ApiError(500, "snapshot_failed", f"the engine did not save the sequence{detail}")
+        return record
+
+    async def _group_outcome(self, job: str, tokens: list[int],
+                             layout: GroupLayout) -> _SeqOutcome:
+        """Each KV-cache group's saved pages, one group after the other, with the blocks each
+        group stores (plugin/kv_groups.py)."""
+        pages: list[tuple[str, str]] = []
+        groups: list[PageGroup] = []
+        new_blocks = bytes_written = 0
+        ranges = layout.stored_ranges(len(tokens), self.block_size)
+        for g, (first, end) in enumerate(ranges):
+            record = await self._saved(group_job(job, g))
+            if len(record.pages) != end - first:
+                raise ApiError(500, "snapshot_failed",
+                               f"engine saved {len(record.pages)} of {end - first} blocks of "
+                               f"KV-cache group {g}")
+            pages += record.pages
+            groups.append(PageGroup(first, end - first))
+            new_blocks += record.new_blocks
+            bytes_written += record.bytes_written
+        return _SeqOutcome(pages, new_blocks, bytes_written, groups)
 
     async def _job_record(self, job: str) -> JobRecord | None:
         raw = await self._run(self.store.meta_get, job_meta_key(job))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,7 +43,8 @@ def layer_order(kv_caches: dict[str, torch.Tensor]) -> list[str]:
 
 
 def engine_fingerprint(
-    vllm_config: VllmConfig, codec: PageCodec, *, backend: str, isa: str | None
+    vllm_config: VllmConfig, codec: PageCodec, *, backend: str, isa: str | None,
+    kv_groups: list[dict[str, Any]] | None = None,
 ) -> Fingerprint:
     """Everything that must match for this engine to load another engine's pages."""
     import vllm
@@ -73,4 +74,5 @@ def engine_fingerprint(
         tp_size=parallel.tensor_parallel_size,
         batch_invariant=bool(envs.VLLM_BATCH_INVARIANT),
         threads=torch.get_num_threads() if on_cpu else None,
+        kv_groups=kv_groups,
     )

@@ -82,6 +82,8 @@ class GroupLayout:
             UniformTypeKVCacheSpecs,
         )
 
+        if kv_cache_config is None:  # vLLM versions that build connectors without it
+            return cls((GroupSpec(FULL_ATTENTION, ()),))
         groups = []
         for i, group in enumerate(kv_cache_config.kv_cache_groups):
             spec = group.kv_cache_spec

@@ -31,6 +31,7 @@ from .jobs import (
     parse_op,
     tokens_digest,
 )
+from .kv_groups import FULL_ATTENTION, GroupLayout, group_job
 from .prefix_lookup import RESTORE_JOB_PREFIX, PrefixLookup
 from .remote_restore import PENDING, RemoteRestorer
 from .sessions import DEFAULT_PREFIX, SessionCommitter, SessionState, TurnSpec, session_ref
@@ -62,6 +63,10 @@ class _SnapshotState:
     done: bool = False
     held: list[Any] | None = None  # cached blocks held for a save without a forward pass
     held_since: float = 0.0
+    # Several KV-cache groups: each group's block table, and its first block not yet handed
+    # to the worker. None with one group (block_ids and next_block say it).
+    group_ids: list[list[int]] | None = None
+    group_next: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -100,13 +105,16 @@ class SchedulerSide:
         remote_refresh_s: float = 30.0,
     ):
         self.block_size = vllm_config.cache_config.block_size
-        if len(kv_cache_config.kv_cache_groups) != 1:
-            # Hybrid models (attention + Mamba/sliding-window groups) keep state outside the
-            # pages a snapshot holds: refuse at start rather than restore half a state.
-            raise ValueError(
-                "ProcessForkConnector supports models with one KV cache group "
-                f"(this model has {len(kv_cache_config.kv_cache_groups)})"
-            )
+        # Groups of a kind whose state a snapshot cannot hold (Mamba) are refused here, at start.
+        self.layout = GroupLayout.from_kv_cache_config(kv_cache_config)
+        self.grouped = not self.layout.plain
+        self._full_groups = [i for i, g in enumerate(self.layout.groups)
+                             if g.kind == FULL_ATTENTION] or [0]
+        if self.grouped and (auto_restore or sessions):
+            logger.warning("processfork: this model's KV cache has %d groups (%s): snapshots "
+                           "and checkouts only, no transparent restores or session commits",
+                           len(self.layout.groups), ", ".join(g.kind for g in self.layout.groups))
+            auto_restore = sessions = False
         self.auth = vllm_config.kv_transfer_config.engine_id
         # Finished sequences stay resident until their blocks are evicted; remember
         # at most as many tokens as the cache can hold.
@@ -160,9 +168,12 @@ class SchedulerSide:
                 # The control plane may append a token after the sequence (see Control); only
                 # the first ``num_tokens`` prompt tokens are the sequence.
                 num = min(op.num_tokens or request.num_prompt_tokens, request.num_prompt_tokens)
-                self._snapshots[request.request_id] = _SnapshotState(
-                    job=op.job, num_prompt=num, next_block=op.skip_blocks
-                )
+                state = _SnapshotState(job=op.job, num_prompt=num, next_block=op.skip_blocks)
+                if self.grouped:
+                    state.group_ids = []
+                    state.group_next = [first for first, _ in
+                                        self.layout.stored_ranges(num, self.block_size)]
+                self._snapshots[request.request_id] = state
             if self._save_resident(request):
                 # Not scheduled: the worker saves the cached blocks in the next step, and the
                 # control plane ends the request once the job's record is in the store.
@@ -306,6 +317,8 @@ class SchedulerSide:
         counted, so not evicted or reused) until the request ends.
         """
         state = self._snapshots[request.request_id]
+        if self.grouped:
+            return False  # each group's blocks come from its own table, in the steps below
         if state.held is not None:
             # Planned already: the request waits for the control plane to end it. Should that
             # never come, it runs after a while like any request, so it cannot wait forever.
@@ -351,10 +364,13 @@ class SchedulerSide:
             state.reply = CheckoutReply(num_external_tokens, state.local_tokens)
         if num_external_tokens <= 0:
             return
-        block_ids = blocks.get_block_ids()[0]
         first = state.local_tokens // self.block_size
         count = num_external_tokens // self.block_size
         covered = request.prompt_token_ids[: (first + count) * self.block_size]
+        if self.grouped:
+            self._plan_group_loads(request, state, blocks, first, count, tokens_digest(covered))
+            return
+        block_ids = blocks.get_block_ids()[0]
         state.loading = set(block_ids[first : first + count])
         self._pending_loads.append(
             LoadJob(
@@ -368,6 +384,26 @@ class SchedulerSide:
                 async_load=self.async_loads,
             )
         )
+
+    def _plan_group_loads(self, request: Request, state: _CheckoutState, blocks: KVCacheBlocks,
+                          first: int, count: int, digest: str) -> None:
+        """One load per KV-cache group, of the blocks vLLM allocated in that group's table: a
+        sliding-window group has the null block where the window has passed (nothing to load),
+        so its load starts later; the worker takes that group's pages of the sequence."""
+        state.loading = set()
+        for group, table in enumerate(blocks.blocks):
+            wanted = [b for b in table[first : first + count] if not b.is_null]
+            if not wanted:
+                continue
+            start = first + next(i for i, b in enumerate(table[first : first + count])
+                                 if not b.is_null)
+            ids = [b.block_id for b in wanted]
+            state.loading.update(ids)
+            self._pending_loads.append(LoadJob(
+                job=state.job, req_id=request.request_id, cid=state.cid, seq=state.seq,
+                first_block=start, block_ids=ids, tokens_digest=digest,
+                async_load=self.async_loads, group=group,
+            ))
 
     def forget_blocks(self, block_ids: set[int]) -> None:
         """Take blocks that failed to load out of the prefix cache.
@@ -462,6 +498,9 @@ class SchedulerSide:
         """Hand the worker every block of the prompt that is complete after this step."""
         if state.done:
             return
+        if state.group_ids is not None:
+            self._plan_group_saves(plan, req_id, state, computed_before, scheduled)
+            return
         computed_after = min(computed_before + scheduled.get(req_id, 0), state.num_prompt)
         final = computed_after >= state.num_prompt
         end = -(-state.num_prompt // self.block_size) if final else computed_after // self.block_size
@@ -479,6 +518,42 @@ class SchedulerSide:
             )
         )
         state.next_block = max(end, state.next_block)
+        state.done = final
+
+    def _plan_group_saves(
+        self,
+        plan: StepPlan,
+        req_id: str,
+        state: _SnapshotState,
+        computed_before: int,
+        scheduled: dict[str, int],
+    ) -> None:
+        """Several KV-cache groups: each group's blocks that are complete after this step, from
+        the first block the group stores (a sliding window: the first block inside the window
+        of the sequence's split point), under a job per group. A block is handed over in the
+        step that computes it (or, a prefix-cache hit, in the first step), before vLLM can free
+        it as the window moves on."""
+        assert state.group_ids is not None
+        computed_after = min(computed_before + scheduled.get(req_id, 0), state.num_prompt)
+        final = computed_after >= state.num_prompt
+        end = -(-state.num_prompt // self.block_size) if final else computed_after // self.block_size
+        tail = state.num_prompt % self.block_size
+        null = self._block_pool.null_block.block_id if self._block_pool is not None else 0
+        for group, table in enumerate(state.group_ids):
+            start = state.group_next[group]
+            if end <= start and not final:
+                continue
+            ids = table[start:end]
+            if null in ids:  # never expected: the blocks a group stores are never freed first
+                logger.error("processfork: snapshot %s: KV-cache group %d has no block for %d "
+                             "of blocks %d-%d", state.job, group, ids.count(null), start, end - 1)
+                ids = []
+            plan.saves.append(SaveJob(
+                job=group_job(state.job, group), req_id=req_id, first_block=start,
+                block_ids=ids, valid_in_last=tail if (final and tail and ids) else None,
+                final=final,
+            ))
+            state.group_next[group] = max(end, start)
         state.done = final
 
     # --- completion -----------------------------------------------------------
@@ -597,7 +672,7 @@ class SchedulerSide:
             return len(seq.tokens)
         resident = 0
         for block_hash in seq.block_hashes:
-            if pool.get_cached_block(block_hash, [0]) is None:
+            if pool.get_cached_block(block_hash, self._full_groups) is None:
                 break
             resident += 1
         if resident == len(seq.block_hashes):
@@ -686,6 +761,7 @@ def _track_blocks(scheduler_output: SchedulerOutput, states: dict[str, S]
         state = states.get(new_req.req_id)
         if state is not None:
             state.block_ids = list(new_req.block_ids[0])
+            _track_groups(state, new_req.block_ids, fresh=True)
             steps.append((new_req.req_id, state, new_req.num_computed_tokens))
     cached = scheduler_output.scheduled_cached_reqs
     for i, req_id in enumerate(cached.req_ids):
@@ -695,7 +771,21 @@ def _track_blocks(scheduler_output: SchedulerOutput, states: dict[str, S]
         new_ids = cached.new_block_ids[i]
         if req_id in cached.resumed_req_ids:
             state.block_ids = list(new_ids[0]) if new_ids else []
+            _track_groups(state, new_ids, fresh=True)
         elif new_ids:
             state.block_ids.extend(new_ids[0])
+            _track_groups(state, new_ids, fresh=False)
         steps.append((req_id, state, cached.num_computed_tokens[i]))
     return steps
+
+
+def _track_groups(state: Any, ids: Any, *, fresh: bool) -> None:
+    """Every group's block table, for states that follow several KV-cache groups."""
+    tables = getattr(state, "group_ids", None)
+    if tables is None:
+        return
+    if fresh:
+        state.group_ids = [list(t) for t in ids] if ids else [[] for _ in tables]
+    else:
+        for table, new in zip(tables, ids):
+            table.extend(new)

@@ -108,6 +108,7 @@ class WorkerSide:
         self, vllm_config: VllmConfig, store_path: str, *, verify_loads: bool,
         pipelined_loads: bool = True, page_path: str = "auto", staging_mib: int | None = None,
         copy_threads: int | None = None, host_tier_mib: int = 0, host_tier_dir: str = "/dev/shm",
+        kv_groups: list[dict[str, Any]] | None = None,
     ):
         self.vllm_config = vllm_config
         self.store_path = store_path
@@ -120,6 +121,7 @@ class WorkerSide:
         self.copy_threads = copy_threads
         self.host_tier_mib = host_tier_mib
         self.host_tier_dir = host_tier_dir
+        self.kv_groups = kv_groups  # the fingerprint's group layout (plugin/kv_groups.py)
         self._staged: StagedPagePath | None = None
         self.engine_id = vllm_config.kv_transfer_config.engine_id
         self.codec: PageCodec | None = None
@@ -167,7 +169,8 @@ class WorkerSide:
                 f"blocks but the engine's block size is {block_size}; choose a block size the "
                 "attention backend uses as is"
             )
-        self.fingerprint = engine_fingerprint(self.vllm_config, self.codec, backend=backend, isa=isa)
+        self.fingerprint = engine_fingerprint(self.vllm_config, self.codec, backend=backend, isa=isa,
+                                              kv_groups=self.kv_groups)
         record = EngineRecord(self.fingerprint, num_blocks=self.codec.geometry.num_blocks,
                               page_bytes=self.codec.page_bytes, pid=os.getpid())
         self.store.meta_put(engine_meta_key(self.engine_id), record.to_json())
@@ -283,9 +286,13 @@ class WorkerSide:
         ]
         if tokens_digest(covered) != job.tokens_digest:
             raise ValueError(f"request tokens differ from snapshot {job.cid[:19]}, sequence {job.seq}")
-        pages = seq.pages[job.first_block : job.first_block + n]
+        # A sliding-window group stores the blocks from its window on: `first` is the first one.
+        first, group_pages = seq.group_pages(job.group)
+        start = job.first_block - first
+        pages = group_pages[start : start + n] if start >= 0 else []
         if len(pages) != n:
-            raise ValueError(f"snapshot {job.cid} holds {len(pages)} of {n} blocks")
+            raise ValueError(f"snapshot {job.cid} holds {len(pages)} of {n} blocks"
+                             f"{f' of KV-cache group {job.group}' if seq.groups else ''}")
         items = [
             LoadItem(block, bytes.fromhex(k), bytes.fromhex(v), job.job)
             for block, (k, v) in zip(job.block_ids, pages)

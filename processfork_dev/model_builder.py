@@ -130,6 +130,10 @@ class TinyLlamaSpec:
     dtype: str = "float32"
     init_std: float = 0.02
     rope_theta: float = 10000.0
+    #: Sliding-window layers (vLLM's Llama reads ``layer_types``): each layer is
+    #: ``sliding_attention`` or ``full_attention``; None is a plain Llama.
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
 
     def validate(self) -> None:
         """Reject shapes the CPU attention backend or Llama cannot run."""
@@ -141,6 +145,19 @@ class TinyLlamaSpec:
             raise ModelBuildError(f"unsupported dtype {self.dtype!r}")
         if self.vocab < 256 + len(SPECIAL_TOKENS):
             raise ModelBuildError("vocab must hold the 256 byte tokens and the special tokens")
+        if (self.layer_types is None) != (self.sliding_window is None):
+            raise ModelBuildError("layer_types and sliding_window go together")
+        if self.layer_types is not None:
+            kinds = set(self.layer_types)
+            if len(self.layer_types) != self.num_layers or not kinds <= {
+                "sliding_attention", "full_attention"
+            }:
+                raise ModelBuildError(
+                    f"layer_types must name sliding_attention or full_attention for each of "
+                    f"the {self.num_layers} layers, got {self.layer_types!r}"
+                )
+            if self.sliding_window is None or self.sliding_window < 1:
+                raise ModelBuildError(f"sliding_window must be positive, got {self.sliding_window}")
 
     def kv_bytes_per_token(self) -> int:
         """K and V bytes one token occupies across all layers (what a snapshot page stores)."""
@@ -148,10 +165,20 @@ class TinyLlamaSpec:
         return 2 * self.num_layers * self.kv_heads * self.head_dim * itemsize
 
 
+# `sliding`: the tiny model with sliding-window layers (a window of 64 tokens) interleaved with
+# full-attention layers, like Gemma-2 or Mistral-style hybrids: vLLM's hybrid KV cache manager gives
+# it one KV-cache group per kind.
+SLIDING = TinyLlamaSpec(
+    num_layers=4, intermediate=512,
+    layer_types=("sliding_attention", "full_attention", "sliding_attention", "full_attention"),
+    sliding_window=64,
+)
+
 # `bench`: 12 layers, 4 KV heads of 64 dims in fp32 give 24 KiB of KV per token, so a 16K-token
 # context is 384 MiB: large enough for bandwidth numbers to mean something on a laptop.
 PRESETS: dict[str, TinyLlamaSpec] = {
     "tiny": TinyLlamaSpec(),
+    "sliding": SLIDING,
     "bench": TinyLlamaSpec(
         num_layers=12, hidden=1024, heads=16, kv_heads=4, head_dim=64, intermediate=2816,
         vocab=1024, max_pos=32768,
@@ -232,7 +259,13 @@ def _build_into(target: Path, spec: TinyLlamaSpec, stamp: dict[str, object]) -> 
 
 
 def _stamp(spec: TinyLlamaSpec) -> dict[str, object]:
-    return {"builder_version": BUILDER_VERSION, "spec": asdict(spec)}
+    fields = asdict(spec)
+    for name in ("layer_types", "sliding_window"):  # unset: the stamp of builds before them
+        if fields[name] is None:
+            del fields[name]
+        elif name == "layer_types":
+            fields[name] = list(fields[name])
+    return {"builder_version": BUILDER_VERSION, "spec": fields}
 
 
 def _read_stamp(folder: Path) -> dict[str, object] | None:
@@ -320,6 +353,9 @@ def _hf_config(spec: TinyLlamaSpec, vocab: int) -> dict[str, object]:
         torch_dtype=spec.dtype,
     )
     data = config.to_dict()
+    if spec.layer_types is not None:
+        data["layer_types"] = list(spec.layer_types)
+        data["sliding_window"] = spec.sliding_window
     data["architectures"] = ["LlamaForCausalLM"]
     data["torch_dtype"] = spec.dtype
     data["dtype"] = spec.dtype
