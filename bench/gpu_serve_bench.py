@@ -117,6 +117,13 @@ def models(which: str, quick: bool) -> dict[str, tuple[Path, list[str]]]:
     return out
 
 
+class GpuServer(Server):
+    """A harness server whose worker has no OpenMP threads to report on a GPU."""
+
+    def threads(self) -> int:
+        return super().threads() if not _cuda() else 0
+
+
 def start_pair(name: str, model: Path, args: list[str], cuda: bool) -> dict[str, Server]:
     """Our connector and no connector, same plan otherwise.
 
@@ -133,8 +140,8 @@ def start_pair(name: str, model: Path, args: list[str], cuda: bool) -> dict[str,
     root = WORK / "serve" / name
     shutil.rmtree(root, ignore_errors=True)
     servers = {
-        "ours": Server(f"{name}-ours", model, "pf", root / "store", common, served_name=name),
-        "none": Server(f"{name}-none", model, "plain", root / "unused", common, served_name=name),
+        "ours": GpuServer(f"{name}-ours", model, "pf", root / "store", common, served_name=name),
+        "none": GpuServer(f"{name}-none", model, "plain", root / "unused", common, served_name=name),
     }
     if not cuda:  # two engines at once would share the CPU's cores: one at a time there
         for srv in servers.values():
