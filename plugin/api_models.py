@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from processfork.store.status import StoreStatus
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_serializer, model_validator
 
 from .fingerprint import Fingerprint
 
@@ -232,9 +232,12 @@ class ForkPosition(Reply):
 class SequenceSummary(Reply):
     tokens: int
     token_digest: str
+    #: Blocks with pages.
     blocks: int
     #: Distinct K and V pages.
     pages: int
+    #: Tokens of a session turn's partial last block, which has no page (0 for any other).
+    unsaved_tail_tokens: int = 0
 
 
 class SnapshotSummary(Reply):
@@ -361,6 +364,12 @@ class EngineStatus(Reply):
     block_size: int
     max_model_len: int
     max_num_batched_tokens: int
+
+    @field_serializer("fingerprint")
+    def _fingerprint_as_recorded(self, fingerprint: Fingerprint) -> dict[str, Any]:
+        # The fingerprint's own JSON, as snapshots record it: fields it leaves out when they
+        # hold their default (kv_groups of a single full-attention group) stay out here too.
+        return dict(sorted(fingerprint.to_json().items()))
 
 
 class StatusResponse(Reply):
