@@ -110,11 +110,12 @@ class SchedulerSide:
         self.grouped = not self.layout.plain
         self._full_groups = [i for i, g in enumerate(self.layout.groups)
                              if g.kind == FULL_ATTENTION] or [0]
-        if self.grouped and (auto_restore or sessions):
-            logger.warning("processfork: this model's KV cache has %d groups (%s): snapshots "
-                           "and checkouts only, no transparent restores or session commits",
-                           len(self.layout.groups), ", ".join(g.kind for g in self.layout.groups))
-            auto_restore = sessions = False
+        if self.grouped and sessions:
+            logger.warning("processfork: this model's KV cache has %d groups (%s): no session "
+                           "commits", len(self.layout.groups),
+                           ", ".join(g.kind for g in self.layout.groups))
+            sessions = False
+        self._manifests: OrderedDict[str, Any] = OrderedDict()  # grouped restores' manifests
         self.auth = vllm_config.kv_transfer_config.engine_id
         # Finished sequences stay resident until their blocks are evicted; remember
         # at most as many tokens as the cache can hold.
@@ -294,6 +295,8 @@ class SchedulerSide:
                 request.prompt_token_ids, getattr(request, "cache_salt", None),
                 first=first, limit=loadable,
             )
+            if hit is not None and self.grouped:
+                hit = self._window_stored(hit)
             if hit is None:
                 if state is not None:
                     state.local_tokens = num_computed_tokens
@@ -306,6 +309,30 @@ class SchedulerSide:
             state = self._checkouts[request.request_id] = fresh
         state.local_tokens = num_computed_tokens
         return (state.blocks - first) * self.block_size
+
+    def _window_stored(self, hit: Any) -> Any:
+        """A stored prefix of a model with several KV-cache groups, if every group stored the
+        blocks a request resuming after it reads; else None, and the request computes. A
+        sliding-window group keeps only the window of its own sequence's end, so a request that
+        shares a prefix well short of that end finds none of its window there."""
+        assert self.lookup is not None
+        manifest = self._manifests.get(hit.cid)
+        try:
+            if manifest is None:
+                manifest = self._manifests[hit.cid] = self.lookup.store.get_snapshot(hit.cid)
+                while len(self._manifests) > 64:
+                    self._manifests.popitem(last=False)
+            groups = manifest.sequences[hit.seq].groups
+        except Exception:
+            logger.exception("processfork: reading snapshot %s failed; computing instead", hit.cid)
+            return None
+        if groups is None or len(groups) != len(self.layout.groups):
+            return None
+        split = hit.blocks * self.block_size
+        for stored, spec in zip(groups, self.layout.groups):
+            if stored.first > spec.first_kept(split, self.block_size):
+                return None
+        return hit
 
     def _save_resident(self, request: Request) -> bool:
         """Plan a save that needs no forward pass, when the prefix cache holds every block.

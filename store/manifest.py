@@ -32,12 +32,12 @@ from processfork.store.errors import InvalidDigest, StoreError, UnsupportedForma
 
 __all__ = [
     "FORMAT",
-    "FORMAT_GROUPED",
     "FORMATS",
+    "FORMAT_GROUPED",
     "ForkInfo",
-    "PageGroup",
     "InvalidManifest",
     "Manifest",
+    "PageGroup",
     "SnapshotSequence",
     "TokenRef",
     "decode_page_table",

@@ -4,7 +4,8 @@ vLLM's hybrid KV cache manager stays on with the connector (it declares ``Suppor
 engine has one KV-cache group per kind of layer. A snapshot stores each group's blocks (the
 sliding-window group only those inside its window), and after a restart a checkout followed by
 the same completion is bit-identical to the first engine's warm prefix hit, for a prompt longer
-than the window and one shorter. One server for the module, one restart.
+than the window and one shorter; so is a client request that extends a snapshot and loads it
+from the store by itself (transparent restore). One server for the module, one restart.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ BLOCK = 32
 WINDOW = SLIDING.sliding_window
 # Longer than the window, in several prefill chunks; and shorter than the window.
 LENGTHS = (9 * BLOCK + 12, 40)
+RESTORED = 10 * BLOCK + 5  # a snapshot a client request extends by EXTRA tokens after the restart
+EXTRA = 20
 
 
 @dataclass
@@ -34,6 +37,9 @@ class Before:
     warm: dict[int, dict[str, Any]] = field(default_factory=dict)
     snapshots: dict[int, dict[str, Any]] = field(default_factory=dict)
     log: str = ""
+    extended: list[int] = field(default_factory=list)
+    extended_warm: dict[str, Any] = field(default_factory=dict)
+    diverging: list[int] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +62,13 @@ def before(sw_server) -> Before:
         assert cached_tokens(out.warm[length]) == (length - 1) // BLOCK * BLOCK
         out.snapshots[length] = pf(sw_server, "snapshot",
                                    {"name": f"sw/{length}", "token_ids": prompt})
+    base = random_tokens(7100, RESTORED)
+    out.snapshots[RESTORED] = pf(sw_server, "snapshot", {"name": "sw/extended", "token_ids": base})
+    out.extended = base + random_tokens(7101, EXTRA)
+    out.extended_warm = complete(sw_server, out.extended, max_tokens=12, logprobs=5)
+    assert cached_tokens(out.extended_warm) == RESTORED // BLOCK * BLOCK
+    # Shares 4 blocks with the snapshot, then differs: the window group stored none of them.
+    out.diverging = base[: 4 * BLOCK + 3] + random_tokens(7102, 60)
     out.log = sw_server.log_path.read_text(errors="replace") if sw_server.log_path else ""
     sw_server.restart()
     return out
@@ -109,3 +122,18 @@ def test_a_snapshot_of_another_group_layout_is_refused_by_name(sw_server, before
     error = response.json()["error"]
     assert error["type"] == "incompatible_snapshot"
     assert "kv_groups" in error["message"] and "one full_attention group" in error["message"]
+
+
+def test_a_prefix_short_of_the_stored_window_is_computed(sw_server, before):
+    # Before anything loads the snapshot's blocks into this engine's prefix cache.
+    out = complete(sw_server, before.diverging, max_tokens=4)
+    assert not (out.get("kv_transfer_params") or {}).get("processfork", {}).get("loaded_tokens")
+    assert cached_tokens(out) == 0
+
+
+def test_a_request_extending_a_snapshot_restores_it_like_a_warm_hit(sw_server, before):
+    restored = complete(sw_server, before.extended, max_tokens=12, logprobs=5)
+    split = RESTORED // BLOCK * BLOCK
+    assert restored["kv_transfer_params"]["processfork"]["loaded_tokens"] == split
+    assert cached_tokens(restored) == cached_tokens(before.extended_warm) == split
+    assert restored["choices"][0]["logprobs"] == before.extended_warm["choices"][0]["logprobs"]

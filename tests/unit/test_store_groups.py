@@ -10,7 +10,6 @@ from processfork.plugin.fingerprint import Fingerprint, describe_groups
 from processfork.plugin.kv_groups import FULL_ATTENTION, SLIDING_WINDOW, GroupLayout, GroupSpec
 from processfork.store import InvalidManifest, Manifest, SnapshotSequence, Store
 from processfork.store.manifest import FORMAT, FORMAT_GROUPED, PageGroup
-
 from store_helpers import BLOCK, make_snapshot, random_pages
 
 FINGERPRINT = {"block_size": BLOCK, "model": "sw", "kv_groups": [
@@ -52,10 +51,10 @@ def test_stored_ranges_keep_the_window_of_the_checkout_split():
 
 
 def test_a_plain_fingerprint_is_what_it_was_and_a_layout_change_is_named():
-    base = dict(backend="CPU_ATTN", batch_invariant=False, block_size=32, device="cpu",
-                head_dim=64, isa="vec", kv_dtype="float32", layout="cpu_attn", model="m",
-                model_config_hash="abc", num_kv_heads=2, num_layers=2, threads=1, tp_size=1,
-                vllm_version="0.32.0")
+    base = {"backend": "CPU_ATTN", "batch_invariant": False, "block_size": 32, "device": "cpu",
+            "head_dim": 64, "isa": "vec", "kv_dtype": "float32", "layout": "cpu_attn",
+            "model": "m", "model_config_hash": "abc", "num_kv_heads": 2, "num_layers": 2,
+            "threads": 1, "tp_size": 1, "vllm_version": "0.32.0"}
     plain = Fingerprint(**base)
     assert "kv_groups" not in plain.to_json()
     assert Fingerprint.from_json(plain.to_json()) == plain
