@@ -5,10 +5,18 @@ Fixtures:
 - ``tiny_model`` / ``other_model``: random Llamas built once under ``<repo>/.models`` (gitignored);
   ``other_model`` has another layer count, so its snapshots are incompatible with ``tiny_model``.
 - ``pf_store``: the session server's store directory.
-- ``server``: a ``LiveServer`` on ``tiny_model`` with the real connector. ``server.restart()`` (or
-  the ``restart_server`` fixture) stops it and starts it again on the same port and store, for
-  tests that need a cold prefix cache. Restarting affects every later test of the session.
+- ``server``: a ``LiveServer`` on ``tiny_model`` with the real connector.
+- ``restarted``: the session server's one restart. A module that compares what an engine did with
+  what a fresh engine does defines ``prepare_before_restart(server, pf_store, openai_client)``;
+  the first test that asks for ``restarted`` runs every selected module's function, in collection
+  order, on the engine before, restarts the server once on the same port and store (a cold prefix
+  cache), and hands each module what its function returned (``restarted.prepared[__name__]``).
+  An engine start costs 25-120 s; one restart instead of one per module saves that much for
+  every module after the first.
 - ``openai_client``: an ``openai.OpenAI`` client for ``server`` (survives restarts).
+- ``other_server``: a second server on ``other_model`` and the session store, guarded by an API
+  key, with a chat template of its own (``CHAT_TEMPLATE``): the incompatible engine of the error
+  tests and the templated one of the chat tests, in one start.
 - ``start_server``: a factory for more servers (another model, store, API key, arguments); all
   are stopped at the end of the session.
 
@@ -21,7 +29,9 @@ import importlib.util
 import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +56,15 @@ DEFAULT_ARGS: tuple[str, ...] = (
 
 # Prompts in the tests are 300-1000 tokens: a 256-token step budget chunks all of them.
 SESSION_SERVER_ARGS: tuple[str, ...] = ("--max-model-len", "4096", "--max-num-batched-tokens", "256")
+
+OTHER_API_KEY = "other-secret"
+# Not the model's own template (processfork_dev/model_builder.py): a server given this file
+# renders chats differently from one that uses the model's.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if tools %}[TOOLS] {{ tools | length }}\n{% endif %}"
+    "{% if add_generation_prompt %}[ASSISTANT]{% endif %}"
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -118,11 +137,6 @@ def server(start_server: Callable[..., LiveServer], pf_store: Path) -> LiveServe
 
 
 @pytest.fixture(scope="session")
-def restart_server(server: LiveServer) -> Callable[[], LiveServer]:
-    return server.restart
-
-
-@pytest.fixture(scope="session")
 def openai_client(server: LiveServer):
     import openai
 
@@ -130,6 +144,47 @@ def openai_client(server: LiveServer):
         base_url=f"{server.base_url}/v1", api_key=server.api_key or "unused", max_retries=0,
         timeout=120.0,
     )
+
+
+@dataclass
+class Restarted:
+    """What each module prepared on the session server's engine before its one restart."""
+
+    prepared: dict[str, Any]
+    old_pids: list[int]
+    """The server's process and its children before the restart: none may outlive it."""
+
+
+def _process_tree(pid: int) -> list[int]:
+    import psutil
+
+    return [pid] + [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+@pytest.fixture(scope="session")
+def restarted(request: pytest.FixtureRequest, server: LiveServer, pf_store: Path,
+              openai_client) -> Restarted:
+    prepares: dict[str, Callable[..., Any]] = {}
+    for item in request.session.items:
+        module = getattr(item, "module", None)
+        prepare = getattr(module, "prepare_before_restart", None)
+        if module is not None and prepare is not None:
+            prepares.setdefault(module.__name__, prepare)
+    prepared = {name: prepare(server, pf_store, openai_client)
+                for name, prepare in prepares.items()}
+    assert server.process is not None
+    old_pids = _process_tree(server.process.popen.pid)
+    server.restart()
+    return Restarted(prepared, old_pids)
+
+
+@pytest.fixture(scope="session")
+def other_server(start_server: Callable[..., LiveServer], other_model: Path, pf_store: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
+    template = tmp_path_factory.mktemp("template") / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    return start_server(other_model, store=pf_store, api_key=OTHER_API_KEY,
+                        extra_args=("--chat-template", str(template)))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -7,8 +7,6 @@ from pf_http import PF, pf, post, random_tokens
 
 pytestmark = pytest.mark.integration
 
-OTHER_KEY = "other-secret"
-
 
 def _error(response, status: int) -> dict:
     assert response.status_code == status, response.text
@@ -26,9 +24,10 @@ def known(server):
 
 
 @pytest.fixture(scope="module")
-def other(start_server, other_model, pf_store):
-    """A server with another model (3 layers) on the same store, guarded by an API key."""
-    return start_server(other_model, store=pf_store, api_key=OTHER_KEY)
+def other(other_server):
+    """A server with another model (3 layers) on the same store, guarded by an API key
+    (conftest's ``other_server``, which the chat-template tests share)."""
+    return other_server
 
 
 def test_unknown_cid_is_404(server):

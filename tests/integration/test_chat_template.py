@@ -9,13 +9,6 @@ from processfork.store import Store
 
 pytestmark = pytest.mark.integration
 
-# Not the model's own template (processfork_dev/model_builder.py): a server given this file
-# renders chats differently from one that uses the model's.
-SERVER_TEMPLATE = (
-    "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}"
-    "{% if tools %}[TOOLS] {{ tools | length }}\n{% endif %}"
-    "{% if add_generation_prompt %}[ASSISTANT]{% endif %}"
-)
 MESSAGES = [
     {"role": "system", "content": "You keep answers short. " * 6},
     {"role": "user", "content": "Name three rivers of Europe, and why they matter. " * 3},
@@ -25,10 +18,10 @@ TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Loo
 
 
 @pytest.fixture(scope="module")
-def templated(start_server, tmp_path_factory):
-    path = tmp_path_factory.mktemp("template") / "chat.jinja"
-    path.write_text(SERVER_TEMPLATE)
-    return start_server(extra_args=("--chat-template", str(path)))
+def templated(other_server):
+    """A server given a chat template that is not its model's (conftest's ``CHAT_TEMPLATE``):
+    ``other_server``, whose other model the error tests need; its tokenizer is the same."""
+    return other_server
 
 
 def _chat_prompt_ids(server, **extra) -> tuple[list[int], dict]:

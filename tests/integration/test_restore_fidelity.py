@@ -1,8 +1,9 @@
 """Checkout after a restart: the restored KV really loads, and continues bit-exactly.
 
-One module fixture does everything that needs the *first* engine (references, snapshots of
-every kind, several clients' sequences resident at once), then restarts the server so its
-prefix cache is cold. The tests then check out into the fresh engine and compare.
+``prepare_before_restart`` does everything that needs the *first* engine (references, snapshots
+of every kind, several clients' sequences resident at once); then the session server restarts
+(the one restart its modules share, conftest's ``restarted``) so its prefix cache is cold. The
+tests then check out into the fresh engine and compare.
 """
 
 from __future__ import annotations
@@ -82,8 +83,7 @@ def _logprobs(completion: dict[str, Any]) -> dict[str, Any]:
     return completion["choices"][0]["logprobs"]
 
 
-@pytest.fixture(scope="module")
-def before(server) -> Before:
+def prepare_before_restart(server, pf_store, openai_client) -> Before:
     out = Before()
     for i, length in enumerate(LENGTHS):
         prompt = random_tokens(1000 + i, length)
@@ -134,8 +134,12 @@ def before(server) -> Before:
     out.warm[1] = complete(server, out.prompts[1], logprobs=5)
     out.snapshots["damaged"] = pf(server, "snapshot", {"name": "damaged",
                                                        "token_ids": out.prompts[1]})
-    server.restart()
     return out
+
+
+@pytest.fixture(scope="module")
+def before(restarted) -> Before:
+    return restarted.prepared[__name__]
 
 
 def test_long_prompts_were_prefilled_in_chunks(server, before):

@@ -75,17 +75,20 @@ def test_repeated_prompt_hits_the_prefix_cache(openai_client, server):
     assert second.choices[0].text == first.choices[0].text
 
 
-def test_restart_comes_back_cold_with_the_same_results(openai_client, server, restart_server):
+RESTART_PROMPT = "Restart: " + PROMPT
+
+
+def prepare_before_restart(server, pf_store, openai_client):
+    """The session server's shared restart (conftest's ``restarted``) comes after this."""
+    return _greedy(openai_client, server, prompt=RESTART_PROMPT)
+
+
+def test_restart_comes_back_cold_with_the_same_results(openai_client, server, restarted):
     """Pinned threads make a restarted engine compute the same bits; its cache starts empty."""
-    prompt = "Restart: " + PROMPT
-    before = _greedy(openai_client, server, prompt=prompt)
-    old_pids = [server.process.popen.pid] + [
-        p.pid for p in psutil.Process(server.process.popen.pid).children(recursive=True)
-    ]
-    restart_server()
-    assert not [pid for pid in old_pids if psutil.pid_exists(pid)
+    before = restarted.prepared[__name__]
+    assert not [pid for pid in restarted.old_pids if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    after = _greedy(openai_client, server, prompt=prompt)
+    after = _greedy(openai_client, server, prompt=RESTART_PROMPT)
     assert after.usage.prompt_tokens_details.cached_tokens == 0
     assert after.choices[0].text == before.choices[0].text
     assert after.choices[0].logprobs.token_logprobs == before.choices[0].logprobs.token_logprobs

@@ -4,7 +4,8 @@ After a restart, a plain completion whose prompt starts with a stored snapshot's
 blocks from the store by itself (no checkout) and continues exactly as the warm prefix-cache hit
 did before the restart. A chat whose requests name a session commits every turn to
 ``sessions/NAME``, chained by parent, writing only the new blocks; after the restart its next turn
-loads the session from the store. One restart serves every test of the module.
+loads the session from the store. ``prepare_before_restart`` does the work before the restart;
+the restart is the one the session server's modules share (conftest's ``restarted``).
 """
 
 from __future__ import annotations
@@ -78,27 +79,33 @@ def _message(i: int) -> str:
     return f"Step {i}: read the ticket, search the logs and plan the next tool call. " * 4
 
 
-@pytest.fixture(scope="module")
-def before(server, restart_server, openai_client, pf_store) -> Before:
+def prepare_before_restart(server, pf_store, openai_client) -> Before:
     out = Before()
-    out.tokens = random_tokens(8100, 12 * BLOCK + 7)
+    # Seeds no other module of the session server uses: a prompt that begins like another
+    # module's would load that module's pages after the restart.
+    out.tokens = random_tokens(8110, 12 * BLOCK + 7)
     complete(server, out.tokens, max_tokens=8, logprobs=5)  # cold: computes and caches
     out.warm = complete(server, out.tokens, max_tokens=8, logprobs=5)  # the warm hit
     assert cached_tokens(out.warm) == split_point(len(out.tokens))
     pf(server, "snapshot", {"name": "auto/plain", "token_ids": out.tokens})
-    out.salted = random_tokens(8101, 6 * BLOCK + 3)
+    out.salted = random_tokens(8111, 6 * BLOCK + 3)
     pf(server, "snapshot", {"name": "auto/salted", "token_ids": out.salted})
     out.history = [{"role": "system", "content": "You are a careful agent. " * 24}]
     for i in range(3):
         out.turns.append(_turn(openai_client, server, pf_store, out.history, _message(i)))
-    restart_server()
     return out
+
+
+@pytest.fixture(scope="module")
+def before(restarted) -> Before:
+    return restarted.prepared[__name__]
 
 
 def test_a_plain_completion_loads_its_stored_prefix_and_continues_exactly(server, before):
     split = split_point(len(before.tokens))
     external = metric(server, "vllm:external_prefix_cache_hits_total")
-    assert metric(server, "processfork_restored_tokens_total") == 0  # a fresh engine
+    # Other modules' tests may have restored on this engine since the restart.
+    restored_before = metric(server, "processfork_restored_tokens_total")
     restored = complete(server, before.tokens, max_tokens=8, logprobs=5)
     assert cached_tokens(restored) == split
     assert metric(server, "vllm:external_prefix_cache_hits_total") - external == split
@@ -110,7 +117,7 @@ def test_a_plain_completion_loads_its_stored_prefix_and_continues_exactly(server
         assert got[key] == want[key], key
     # The connector's own counters on /metrics (vLLM forwards them with its scheduler stats).
     deadline = time.monotonic() + 60
-    while metric(server, "processfork_restored_tokens_total") < split:
+    while metric(server, "processfork_restored_tokens_total") - restored_before < split:
         assert time.monotonic() < deadline, "processfork_restored_tokens_total never counted"
         time.sleep(0.5)
     assert metric(server, "processfork_restored_requests_total") >= 1
