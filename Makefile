@@ -33,7 +33,8 @@ test-integration: install
 
 # The tests marked slow (pyproject's addopts leaves them out of every other run): thousands of
 # generated hostile requests per HTTP route; 16 clients of mixed load for 120 s; repeated
-# full-store cycles and damaged pages (docs/reliability.md).
+# full-store cycles and damaged pages (docs/reliability.md); 20 server kills mid-snapshot; 10
+# pushes killed at random points.
 test-slow: install
 	$(PY) -m pytest tests -q -m slow
 

@@ -185,13 +185,24 @@ def _remote_main(url: str, path: Path) -> str | None:
         return store.list_refs().get("main")
 
 
+# Pushes killed in the default run, and in `make test-slow`.
+CI_TRIALS = 4
+SLOW_TRIALS = 10
+
+
+@pytest.mark.parametrize(
+    "trials",
+    [pytest.param(CI_TRIALS, id=f"{CI_TRIALS}-trials"),
+     pytest.param(SLOW_TRIALS, id=f"{SLOW_TRIALS}-trials", marks=pytest.mark.slow)],
+)
 def test_a_push_killed_at_random_points_leaves_the_remote_consistent(
-    tmp_path: Path, remote_url: str
+    tmp_path: Path, remote_url: str, trials: int
 ) -> None:
     """Each trial pushes a new snapshot on top of the last and is killed with SIGKILL once the
     remote shows a random number of its packs (0 to 7 of about 10). After each kill a fresh
     clone is whole, its `main` the last completed push; a final push completes; remote gc then
-    removes what the killed pushes left and nothing a ref reaches."""
+    removes what the killed pushes left and nothing a ref reaches. A push may finish before its
+    kill: at most 2 trials may go without one."""
     rng = random.Random(11)
     with Store(tmp_path / "a") as a:
         pushed = make_snapshot(a, "main", tokens=range(160), page_size=64 << 10)
@@ -200,7 +211,7 @@ def test_a_push_killed_at_random_points_leaves_the_remote_consistent(
     args = [sys.executable, "-c", PUSHER, str(tmp_path / "a"), remote_url, str(256 << 10)]
     head = pushed
     kills = 0
-    for trial in range(10):
+    for trial in range(trials):
         with Store(tmp_path / "a") as a:
             # 20 blocks of fresh pages, 2.5 MiB: about 10 packs
             head = make_snapshot(a, "main", parents=[head], tokens=range(320), page_size=64 << 10)
@@ -217,7 +228,7 @@ def test_a_push_killed_at_random_points_leaves_the_remote_consistent(
         # The ref names the last push that moved it: this one if the kill came after its move.
         assert found in (pushed, head) and (proc.returncode != 0 or found == head)
         pushed = found
-    assert kills >= 8
+    assert kills >= trials - 2
     done = subprocess.run(args, env=env, capture_output=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     gc_remote(open_remote(remote_url), grace=0)  # packs a kill left without their index
