@@ -69,9 +69,8 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
 
     @property
     def requires_kv_delivery(self) -> bool:
-        # Saves copy their blocks inside the step that computed them; only a finished session
-        # turn's partial last block is copied after its request ends, and a preempted request
-        # owes nobody its blocks.
+        # Saves copy their blocks inside the step that computed them; nothing is handed
+        # off after a request ends, so a preempted request owes nobody its blocks.
         return False
 
     def __init__(
@@ -165,13 +164,12 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
         return self._worker.take_load_errors()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        # Sending: a finished session turn whose partial last block vLLM kept for us (its blocks
-        # are freed once the save has copied it). Asynchronous loads (under async scheduling)
-        # finish in the step that runs them. The finished ids let the worker forget jobs.
+        # Nothing is handed off after a request ends; the ids only let the worker forget jobs.
+        # Asynchronous loads (under async scheduling) finish in the step that runs them.
         if self._worker is None:
             return None, None
         self._worker.forget_requests(finished_req_ids)
-        return self._worker.take_released() or None, self._worker.take_finished_loads() or None
+        return None, self._worker.take_finished_loads() or None
 
     def shutdown(self) -> None:
         if self._worker is not None:
@@ -243,7 +241,7 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        return self._scheduler.request_finished(request)
+        return False, self._scheduler.request_finished(request)
 
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]

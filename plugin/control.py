@@ -382,9 +382,10 @@ class Control:
         manifest = await self._run(self.store.get_snapshot, cid)
         await self.require_compatible(cid, manifest)
         token_lists = []
-        for seq in manifest.sequences:
+        for i, seq in enumerate(manifest.sequences):
             tokens = list(await self._run(self.store.get_tokens, seq.tokens))
             self._check_length(tokens)
+            self._check_paged(cid, i, seq, len(tokens))
             token_lists.append(tokens)
         # HEAD moves while the engine loads (its durable commit costs as much as a small load);
         # a failed load moves it back.
@@ -415,6 +416,17 @@ class Control:
             tokens_already_resident=sum(r.local_tokens for r in replies),
             ms=elapsed_ms(t0),
         )
+
+    def _check_paged(self, cid: str, index: int, seq: SnapshotSequence, count: int) -> None:
+        """A checkout loads the whole blocks before the last token; refuse, before any page
+        moves, a sequence whose pages stop short of them. A session turn's partial last block
+        has no page, and is never one of them; only a manifest that breaks that rule gets here."""
+        needed = (count - 1) // self.block_size
+        stored = -(-seq.tokens_with_pages // self.block_size)
+        if needed > stored:
+            raise ApiError(409, "pages_not_stored",
+                           f"sequence {index} of snapshot {cid[:19]} has pages for its first "
+                           f"{stored} blocks, but a checkout of its {count} tokens loads {needed}")
 
     async def _resolve_or_fetch(self, rev: str) -> str:
         """The cid `rev` names. With a remote (`pf serve --remote`), a full cid or a ref the

@@ -332,10 +332,8 @@ class SaveJob:
     can append digests to the job's pin as they come.
 
     ``background``: the pages are copied out of the blocks in the step, and written and made
-    durable after it by the worker's page writer (a session turn's saves: nobody waits for
-    them, and the turn is committed once their records are in the store). ``release``: the
-    request has finished and vLLM keeps its blocks for this save; the worker reports it as
-    finished sending once the blocks are copied, so vLLM frees them.
+    durable after it by the worker's page writer (a session turn's saves, whole blocks only:
+    nobody waits for them, and the turn is committed once their records are in the store).
     """
 
     job: str
@@ -345,7 +343,6 @@ class SaveJob:
     valid_in_last: int | None = None
     final: bool = False
     background: bool = False
-    release: bool = False
 
 
 @dataclass

@@ -134,7 +134,6 @@ class SchedulerSide:
         # request until the load is done, so a failure only moves back where it resumes.
         self.async_loads = bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
         self._resident_saves: list[SaveJob] = []
-        self._tail_saves: list[SaveJob] = []  # finished session turns' partial last blocks
         self.auto_restore = auto_restore and store_path is not None
         self.session_prefix = session_prefix
         self._sessions: dict[str, SessionState] = {}
@@ -481,10 +480,9 @@ class SchedulerSide:
     # --- per step -------------------------------------------------------------
     def build_step_plan(self, scheduler_output: SchedulerOutput) -> StepPlan:
         self._idled = False
-        plan = StepPlan(loads=self._pending_loads, saves=self._resident_saves + self._tail_saves)
+        plan = StepPlan(loads=self._pending_loads, saves=self._resident_saves)
         self._pending_loads = []
         self._resident_saves = []
-        self._tail_saves = []
         if self._sessions:
             self._plan_sessions(plan, scheduler_output)
         if not self._snapshots:
@@ -584,10 +582,8 @@ class SchedulerSide:
         state.done = final
 
     # --- completion -----------------------------------------------------------
-    def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
-        """Release what the request held; whether vLLM must keep its blocks until the worker
-        reports them sent (a session turn's partial last block, saved in the next step), and
-        the reply for its ``kv_transfer_params``, if any."""
+    def request_finished(self, request: Request) -> dict[str, Any] | None:
+        """Release what the request held; the reply for its ``kv_transfer_params``, if any."""
         req_id = request.request_id
         self._live.pop(req_id, None)
         self._remote_waits.pop(req_id, None)
@@ -601,77 +597,60 @@ class SchedulerSide:
             if self._block_pool is not None:
                 self._block_pool.free_blocks(snap.held)
         if isinstance(op, CaptureOp):
-            return False, CaptureReply(self.resident_sequences(op.request_id)).to_params()
+            return CaptureReply(self.resident_sequences(op.request_id)).to_params()
         self._remember_finished(request, snap.num_prompt if snap is not None else None)
         session = self._sessions.pop(req_id, None)
         if op is None:
             return self._client_reply(request, checkout, session)
         if checkout is not None:
-            return False, (checkout.reply or CheckoutReply()).to_params()
+            return (checkout.reply or CheckoutReply()).to_params()
         # A snapshot's outcome is its job record in the store, written by the worker.
-        return False, None
+        return None
 
     def _client_reply(
         self, request: Request, checkout: _CheckoutState | None, session: SessionState | None
-    ) -> tuple[bool, dict[str, Any] | None]:
+    ) -> dict[str, Any] | None:
         """A client request's reply: what a transparent restore loaded, which session turn
         will be committed (after the response: the commit runs on its own thread)."""
         reply: dict[str, Any] = {}
-        delay = False
         if checkout is not None and checkout.reply is not None and checkout.reply.loaded_tokens:
             reply.update(checkout.reply.to_params()[PARAMS_KEY])
             if self.lookup is not None:
                 self.lookup.stats.restored_requests += 1
                 self.lookup.stats.restored_tokens += checkout.reply.loaded_tokens
         if session is not None:
-            delay, turn = self._finish_session(request, session)
-            reply.update(turn)
-        return delay, ({PARAMS_KEY: reply} if reply else None)
+            reply.update(self._finish_session(request, session))
+        return {PARAMS_KEY: reply} if reply else None
 
-    def _finish_session(
-        self, request: Request, session: SessionState
-    ) -> tuple[bool, dict[str, Any]]:
+    def _finish_session(self, request: Request, session: SessionState) -> dict[str, Any]:
         """Submit the turn's commit. It holds every token whose KV the engine computed: the
-        prompt and the output but the last sampled token (no forward pass ran over it). Whole
-        blocks were saved in the steps that computed them; a partial last block is saved in
-        the next step, zero-masked past its tokens like a snapshot's, while vLLM keeps the
-        request's blocks (True: delay their freeing until the worker reports them copied)."""
+        prompt and the output but the last sampled token (no forward pass ran over it). Its
+        whole blocks were saved in the steps that computed them; a partial last block gets no
+        page (a checkout never loads it, and the next turn stores it whole)."""
         assert self.committer is not None and self.lookup is not None
         fingerprint = self.lookup.fingerprint()
         stopped = request.status in (RequestStatus.FINISHED_STOPPED,
                                      RequestStatus.FINISHED_LENGTH_CAPPED)
-        computed = request.num_tokens - 1
-        whole, tail = divmod(computed, self.block_size)
+        count = request.num_tokens - 1
+        whole = count // self.block_size
         if session.next_block < whole:  # not every whole block was handed to the worker
-            whole, tail = session.next_block, 0
-        if tail and whole >= len(session.block_ids):
-            tail = 0
-        if not stopped or fingerprint is None or whole + (1 if tail else 0) == 0:
+            whole = session.next_block
+            count = whole * self.block_size
+        if not stopped or fingerprint is None or whole == 0:
             self.committer.discard(session.steps)
-            return False, {"session": session.ref, "session_blocks": 0}
-        steps = list(session.steps)
-        if tail:
-            job = f"{session.job}.{whole}"
-            self._tail_saves.append(SaveJob(
-                job=job, req_id=request.request_id, first_block=whole,
-                block_ids=[session.block_ids[whole]], valid_in_last=tail, final=True,
-                background=True, release=True,
-            ))
-            steps.append(job)
-        count = whole * self.block_size + tail
+            return {"session": session.ref, "session_blocks": 0}
         self.committer.submit(TurnSpec(
             ref=session.ref,
             tokens=list(request.all_token_ids[:count]),
             base=session.base,
-            steps=steps,
+            steps=list(session.steps),
             fingerprint=fingerprint,
             cache_salt=session.cache_salt,
             block_size=self.block_size,
         ))
-        blocks = -(-count // self.block_size)
         base = session.base.blocks if session.base is not None else 0
-        return bool(tail), {"session": session.ref, "session_tokens": count,
-                            "session_blocks": blocks, "session_new_blocks": blocks - base}
+        return {"session": session.ref, "session_tokens": count, "session_blocks": whole,
+                "session_new_blocks": whole - base}
 
     def _remember_finished(self, request: Request, length: int | None = None) -> None:
         """Index a finished request's sequence (a snapshot request's: the sequence alone)."""

@@ -6,8 +6,9 @@ becomes one turn of the session: its prompt and output, every token the engine c
 but the last sampled one), become a snapshot on the ref ``sessions/NAME``. The blocks the store
 already holds (found through the prefix index when the request is admitted) are not saved again;
 the others are copied by the worker in the engine steps that compute them, each step's pages
-under a job of their own (``<job>.<first block>``), and a partial last block in the step after
-the request finished. The worker's page writer makes them durable after the step returns, each
+under a job of their own (``<job>.<first block>``); a partial last block gets no page (the
+manifest's ``paged_tokens`` says so: a checkout never loads it, and the next turn stores it
+whole). The worker's page writer makes them durable after the step returns, each
 job's record with its pages. When the request finishes, a background thread waits for those
 records and commits the turn in one transaction (``processfork.store.sessions``), so neither the
 engine step nor the response waits for a disk flush.
@@ -152,10 +153,10 @@ class SessionCommitter:
                 pages += record.pages
             base = spec.base
             base_blocks = base.blocks if base is not None else 0
-            needed = -(-len(spec.tokens) // spec.block_size)
-            if base_blocks + len(pages) != needed:
-                raise RuntimeError(f"{base_blocks + len(pages)} blocks saved for "
-                                   f"{len(spec.tokens)} tokens")
+            whole = len(spec.tokens) // spec.block_size
+            if base_blocks + len(pages) != whole:
+                raise RuntimeError(f"{base_blocks + len(pages)} blocks saved for the "
+                                   f"{whole} whole blocks of {len(spec.tokens)} tokens")
             turn = SessionTurn(
                 ref=spec.ref,
                 tokens=spec.tokens,
@@ -163,6 +164,7 @@ class SessionCommitter:
                 base_seq=base.seq if base is not None else 0,
                 base_blocks=base_blocks,
                 pages=pages,
+                paged_tokens=whole * spec.block_size,
                 fingerprint=spec.fingerprint,
                 cache_salt=spec.cache_salt,
                 drop_pins=spec.steps,

@@ -138,7 +138,6 @@ class WorkerSide:
         self._ticket: LoadTicket | None = None
         self.layer_index: dict[str, int] = {}
         self._writer: PageWriter | None = None
-        self._released: set[str] = set()  # finished requests whose held blocks are copied
 
     @property
     def store(self) -> Store:
@@ -396,14 +395,6 @@ class WorkerSide:
             except Exception as exc:  # noqa: BLE001 - reported to the API server via the store
                 logger.warning("processfork: save for %s failed: %s", job.req_id, exc)
                 self._fail_save(job, exc)
-            finally:
-                if job.release:
-                    self._released.add(job.req_id)
-
-    def take_released(self) -> set[str]:
-        """Finished requests whose blocks vLLM kept for a save that has now copied them."""
-        released, self._released = self._released, set()
-        return released
 
     @property
     def writer(self) -> PageWriter:
@@ -413,8 +404,9 @@ class WorkerSide:
 
     def _save_background(self, job: SaveJob) -> None:
         """Copy the job's pages out of the blocks now; hash, write and commit them durably on
-        the page writer's thread, with the job's record (see ``page_writer``)."""
-        assert self.codec is not None
+        the page writer's thread, with the job's record (see ``page_writer``). Whole blocks
+        only: a session turn stores no partial block."""
+        assert self.codec is not None and job.valid_in_last is None
         if not job.block_ids:
             return
         n = len(job.block_ids)
@@ -426,16 +418,12 @@ class WorkerSide:
 
             # Every page copied, none left to the store's copy: the write comes later, when a
             # page seen in the store now may have been collected.
-            self._staged.save(job.block_ids, job.valid_in_last, keep)
+            self._staged.save(job.block_ids, None, keep)
         else:
             assert self._views is not None
-            g = self.codec.geometry
             out = np.empty((2 * n, self.codec.page_bytes), dtype=np.uint8)
             for i, block in enumerate(job.block_ids):
                 self._views.gather(block, out[2 * i], out[2 * i + 1])
-            if job.valid_in_last is not None:
-                rows = torch.from_numpy(out[2 * n - 2 :]).view(g.dtype).view(2, g.num_layers, -1)
-                self.codec.mask_tail(rows, job.valid_in_last)
             pages = [(None, out[i]) for i in range(2 * n)]
 
         def meta(result: PutResult) -> dict[str, Any]:

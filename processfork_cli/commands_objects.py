@@ -88,11 +88,19 @@ def _render_show(out: Output, doc: dict[str, Any]) -> None:
             ["sequence", ("tokens", {"justify": "right"}), ("blocks", {"justify": "right"}),
              ("pages", {"justify": "right"}), "token digest"],
             [
-                (i, human_count(q["tokens"]), human_count(q["blocks"]), human_count(q["pages"]),
+                (i, human_count(q["tokens"]), _blocks_cell(q), human_count(q["pages"]),
                  q["token_digest"])
                 for i, q in enumerate(doc["sequences"])
             ],
         )
+
+
+def _blocks_cell(seq: dict[str, Any]) -> str:
+    """A sequence's blocks with pages, and the tail tokens that have none (a session turn's
+    partial last block, recomputed by whatever continues it)."""
+    tail = seq.get("unsaved_tail_tokens") or 0
+    blocks = human_count(seq["blocks"])
+    return f"{blocks} + {tail} tokens unsaved" if tail else blocks
 
 
 def _fingerprint_value(key: str, value: Any) -> str:

@@ -104,6 +104,8 @@ def snapshot_doc(
                 "token_digest": _hex(seq.tokens.digest),
                 "blocks": len(seq.pages),
                 "pages": len(pages),
+                # A session turn's partial last block has no page: a checkout recomputes it.
+                "unsaved_tail_tokens": int(seq.tokens.count - seq.tokens_with_pages),
             }
         )
     return {

@@ -46,9 +46,10 @@ __all__ = [
 T = TypeVar("T")
 
 #: The newest version of the store's format record this code reads and writes. Version 2 adds
-#: grouped manifests (several KV-cache groups per sequence). A store is created as version 1 and
-#: becomes version 2 in the transaction that writes its first grouped manifest, so a store of
-#: single-group snapshots stays readable by releases that know version 1 only.
+#: grouped manifests (several KV-cache groups per sequence) and sequences whose partial last block
+#: has no page (session turns). A store is created as version 1 and becomes version 2 in the
+#: transaction that writes its first such manifest, so a store of other snapshots stays readable
+#: by releases that know version 1 only.
 FORMAT_VERSION = 2
 #: Versions of the format record this code reads.
 READABLE_VERSIONS = (1, 2)

@@ -223,11 +223,17 @@ def _check_sequence(
         len(blobs.value()) != 4 * tok["count"]
     ):
         yield FsckIssue("bad-tokens", tok["digest"], f"{where}: blob size does not match count")
-    needed = (
-        math.ceil(tok["count"] / block_size)
-        if isinstance(block_size, int) and block_size > 0
-        else None
-    )
+    sized = isinstance(block_size, int) and not isinstance(block_size, bool) and block_size > 0
+    # A session turn's partial last block may have no page: its blocks with pages end before it.
+    paged = s.get("paged_tokens", tok["count"])
+    if sized and paged != tok["count"] and (paged % block_size or tok["count"] - paged >= block_size):
+        yield FsckIssue(
+            "bad-block-count",
+            cid,
+            f"{where}: paged_tokens {paged} of {tok['count']} is not the sequence's whole "
+            f"blocks of {block_size}",
+        )
+    needed = math.ceil(paged / block_size) if sized else None
     if needed is not None and "groups" in s:
         # Each KV-cache group stores a run of blocks that ends with the sequence's last block.
         ends = [g["first"] + g["count"] for g in s["groups"]]
@@ -235,14 +241,14 @@ def _check_sequence(
             yield FsckIssue(
                 "bad-block-count",
                 cid,
-                f"{where}: {tok['count']} tokens end at block {needed} of {block_size}, its "
+                f"{where}: {paged} tokens end at block {needed} of {block_size}, its "
                 f"groups end at {ends}",
             )
     elif needed is not None and needed != tab["count"]:
         yield FsckIssue(
             "bad-block-count",
             cid,
-            f"{where}: {tok['count']} tokens need {needed} blocks of {block_size}, found {tab['count']}",
+            f"{where}: {paged} tokens need {needed} blocks of {block_size}, found {tab['count']}",
         )
     if not present[tab["digest"]] or not blobs.set_key(bytes.fromhex(tab["digest"])):
         return

@@ -10,7 +10,8 @@ A model whose KV cache has several groups (vLLM's hybrid KV cache manager: slidi
 beside full-attention ones) stores, per sequence, the blocks each group keeps. Such a manifest has
 the format `FORMAT_GROUPED`: its sequences say which blocks of which group their page table holds,
 one group after the other in one table, so everything that follows page tables (gc, fsck, remotes)
-reads it as it reads any other.
+reads it as it reads any other. A session turn's sequence may leave its partial last block without
+a page (`paged_tokens`): its page table then simply ends one block early.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ FORMAT = "paged-batchinvariant-v1"
 FORMAT_GROUPED = "paged-batchinvariant-v2"
 FORMATS = (FORMAT, FORMAT_GROUPED)
 _TABLE_ENTRY = 32  # bytes per block in a page table: 16-byte K digest + 16-byte V digest
+_OPTIONAL = {"groups", "paged_tokens"}  # sequence fields only some manifests have
 
 
 class InvalidManifest(StoreError, ValueError):
@@ -160,22 +162,42 @@ def _parse_groups(value: Any) -> list[PageGroup]:
     return [PageGroup.from_dict(g) for g in value]
 
 
+def _check_paged(value: Any, count: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < count:
+        raise InvalidManifest(f"sequence.paged_tokens must be an integer from 0 to below its "
+                              f"{count} tokens, got {value!r}")
+    return value
+
+
 @dataclass
 class SnapshotSequence:
     """One sequence: its token ids (by reference) and one (K, V) page digest pair per block.
 
     ``groups`` is None for a model with one KV-cache group: ``pages`` then has every block.
     Otherwise ``pages`` holds each group's stored blocks in turn, as ``groups`` says.
+
+    ``paged_tokens`` is None when every block has its pages. A session turn records every token
+    the engine computed but stores no page for its partial last block (a checkout never loads
+    it, and the next turn stores that block whole): it then says how many leading tokens, whole
+    blocks only, have pages.
     """
 
     tokens: TokenRef
     pages: list[tuple[str, str]] = field(default_factory=list)
     groups: list[PageGroup] | None = None
+    paged_tokens: int | None = None
+
+    @property
+    def tokens_with_pages(self) -> int:
+        """The leading tokens whose blocks have pages."""
+        return self.tokens.count if self.paged_tokens is None else self.paged_tokens
 
     def validate(self) -> None:
         if not isinstance(self.tokens, TokenRef):
             raise InvalidManifest("sequence.tokens must be a TokenRef")
         TokenRef.from_dict(self.tokens.to_dict())
+        if self.paged_tokens is not None:
+            _check_paged(self.paged_tokens, self.tokens.count)
         for pair in self.pages:
             if len(pair) != 2:
                 raise InvalidManifest(f"a page entry is a [k, v] pair, got {pair!r}")
@@ -211,16 +233,19 @@ class SnapshotSequence:
                                "tokens": self.tokens.to_dict()}
         if self.groups is not None:
             out["groups"] = [g.to_dict() for g in self.groups]
+        if self.paged_tokens is not None:
+            out["paged_tokens"] = self.paged_tokens
         return out
 
     @classmethod
     def from_dict(cls, d: Any) -> SnapshotSequence:
-        if not isinstance(d, Mapping) or set(d) - {"groups"} != {"tokens", "pages"}:
+        if not isinstance(d, Mapping) or set(d) - _OPTIONAL != {"tokens", "pages"}:
             raise InvalidManifest(f"a sequence is {{tokens, pages}}, got keys {sorted(d)!r}")
         if not isinstance(d["pages"], list):
             raise InvalidManifest("sequence.pages must be a list of [k, v] pairs")
         groups = _parse_groups(d["groups"]) if "groups" in d else None
-        seq = cls(TokenRef.from_dict(d["tokens"]), [tuple(p) for p in d["pages"]], groups)  # type: ignore[misc]
+        seq = cls(TokenRef.from_dict(d["tokens"]), [tuple(p) for p in d["pages"]], groups,  # type: ignore[misc]
+                  d.get("paged_tokens"))
         seq.validate()
         return seq
 
@@ -254,6 +279,15 @@ class Manifest:
         """The page table blobs of the stored form, by their hex digest."""
         tables = (s.page_table() for s in self.sequences)
         return {page_digest(t).hex(): t for t in tables}
+
+    @property
+    def store_version(self) -> int:
+        """The store format version a store holding this manifest declares: 2 for a grouped
+        manifest or a sequence whose tail has no page, which version-1 readers would misread."""
+        if self.format == FORMAT_GROUPED or any(s.paged_tokens is not None
+                                                for s in self.sequences):
+            return 2
+        return 1
 
     def blob_digests(self) -> set[str]:
         """Every blob the stored form needs: token arrays and page tables."""
@@ -316,6 +350,8 @@ class Manifest:
             }
             if s.groups is not None:
                 stored["groups"] = [g.to_dict() for g in s.groups]
+            if s.paged_tokens is not None:
+                stored["paged_tokens"] = s.paged_tokens
             d["sequences"].append(stored)
         return d
 
@@ -357,7 +393,8 @@ class Manifest:
                     f"page table {table_digest} has {len(pages)} blocks, not {count}"
                 )
             groups = _parse_groups(s["groups"]) if "groups" in s else None
-            sequences.append(SnapshotSequence(TokenRef.from_dict(s["tokens"]), pages, groups))
+            sequences.append(SnapshotSequence(TokenRef.from_dict(s["tokens"]), pages, groups,
+                                              s.get("paged_tokens")))
         return cls(**head, sequences=sequences)
 
 
@@ -397,10 +434,13 @@ def stored_sequences(d: Mapping[str, Any]) -> list[dict[str, Any]]:
     grouped = d.get("format") == FORMAT_GROUPED
     keys = {"tokens", "pages", "groups"} if grouped else {"tokens", "pages"}
     for s in seqs:
-        if not isinstance(s, Mapping) or set(s) != keys:
-            raise InvalidManifest(f"a stored sequence is {{{', '.join(sorted(keys))}}}")
-        TokenRef.from_dict(s["tokens"], "tokens")
+        if not isinstance(s, Mapping) or set(s) - {"paged_tokens"} != keys:
+            raise InvalidManifest(f"a stored sequence is {{{', '.join(sorted(keys))}}} "
+                                  "(and paged_tokens when its tail has no page)")
+        tokens = TokenRef.from_dict(s["tokens"], "tokens")
         TokenRef.from_dict(s["pages"], "pages")
+        if "paged_tokens" in s:
+            _check_paged(s["paged_tokens"], tokens.count)
         if grouped and sum(g.count for g in _parse_groups(s["groups"])) != s["pages"]["count"]:
             raise InvalidManifest("a sequence's groups do not add up to its page table")
     return seqs  # type: ignore[return-value]

@@ -87,6 +87,9 @@ class SessionTurn:
     #: (K, V) page digests (hex) of blocks ``base_blocks ..``, in order.
     pages: list[tuple[str, str]]
     fingerprint: dict[str, Any]
+    #: The leading tokens whose blocks have pages, when fewer than ``tokens``: the partial last
+    #: block has none (``paged_tokens`` in docs/format.md). None: every block has its pages.
+    paged_tokens: int | None = None
     cache_salt: str | None = None
     drop_pins: Sequence[str] = ()
     drop_meta: Sequence[str] = ()
@@ -117,6 +120,7 @@ def commit_turn(env: Env, turn: SessionTurn, *, now: float | None = None) -> Tur
     dbs = env.dbs
     token_bytes = np.asarray(turn.tokens, dtype="<i4").tobytes()
     token_digest = page_digest(token_bytes)
+    paged = turn.paged_tokens if turn.paged_tokens != len(turn.tokens) else None
 
     def run(txn: lmdb.Transaction) -> TurnResult:
         t = time.time() if now is None else now
@@ -144,7 +148,8 @@ def commit_turn(env: Env, turn: SessionTurn, *, now: float | None = None) -> Tur
             name=turn.ref,
             parents=[parent] if parent else [],
             fingerprint=dict(turn.fingerprint),
-            sequences=[SnapshotSequence(TokenRef(token_digest.hex(), len(turn.tokens)), pages)],
+            sequences=[SnapshotSequence(TokenRef(token_digest.hex(), len(turn.tokens)), pages,
+                                        paged_tokens=paged)],
             created=utc_now(),
         )
         manifest.validate()

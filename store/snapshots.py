@@ -13,7 +13,7 @@ from typing import Any
 import lmdb
 from processfork.store.digest import cid_key, cid_of
 from processfork.store.errors import CorruptPage, MissingObject
-from processfork.store.manifest import FORMAT_GROUPED, InvalidManifest, Manifest, stored_sequences
+from processfork.store.manifest import InvalidManifest, Manifest, stored_sequences
 from processfork.store.objects import JOURNAL_SNAPSHOT, put_blob, stamp
 
 __all__ = ["load_manifest", "load_stored", "require_version", "write_manifest"]
@@ -51,8 +51,8 @@ def write_manifest(
             )
     for digest_hex, table in tables.items():
         put_blob(txn, dbs, bytes.fromhex(digest_hex), table, t_us)
-    if manifest.format == FORMAT_GROUPED:
-        require_version(txn, dbs, 2)
+    if manifest.store_version > 1:
+        require_version(txn, dbs, manifest.store_version)
     key = cid_key(cid)
     created = txn.put(key, data, overwrite=False, db=snapshots)
     stamp(txn, dbs, JOURNAL_SNAPSHOT, key, t_us)

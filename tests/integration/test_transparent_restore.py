@@ -144,10 +144,21 @@ def test_each_session_turn_is_a_snapshot_chained_to_the_last(before, pf_store):
         reply = turn["reply"]
         assert reply["session"] == REF
         # Every token the engine computed: the prompt and the output but the last sampled
-        # token, the partial last block included (as a snapshot of those tokens stores it).
+        # token; pages for the whole blocks only (a partial last block is never loaded, and
+        # the next turn stores it whole), and the manifest says where they stop.
         assert tokens == turn["prompt"] + turn["output"][:-1]
         assert reply["session_tokens"] == len(tokens)
-        assert reply["session_blocks"] == len(manifest.sequences[0].pages) == -(-len(tokens) // BLOCK)
+        [seq] = manifest.sequences
+        assert reply["session_blocks"] == len(seq.pages) == len(tokens) // BLOCK
+        assert seq.tokens_with_pages == len(tokens) // BLOCK * BLOCK
+        assert seq.paged_tokens == (None if len(tokens) % BLOCK == 0 else len(tokens) // BLOCK * BLOCK)
+    assert any(m.sequences[0].paged_tokens is not None for m in manifests)  # a partial tail
+    # fsck finds nothing wrong with the turns: no missing page for a tail that has none.
+    cids = {t["cid"] for t in before.turns}
+    with Store(pf_store, readonly=True) as store:
+        assert store.meta_get("format")["version"] == 2
+        issues = [i for i in store.fsck() if i.object in cids or cids & set(i.snapshots)]
+    assert issues == []
     # pf log shows the same counts, newest first.
     result = CliRunner().invoke(app, ["--store", str(pf_store), "log", REF, "--json"])
     assert result.exit_code == 0, result.output
@@ -173,6 +184,9 @@ def test_the_next_turn_after_a_restart_loads_the_session_from_the_store(
     expected = min(common // BLOCK * BLOCK, split_point(len(prompt)))
     assert expected >= len(before.turns[-1]["prompt"]) // BLOCK * BLOCK  # turns 1-3 at least
     assert turn["reply"]["loaded_tokens"] == expected
+    # Every whole block the previous turn stored that this prompt starts with came from the
+    # store; its partial last block (no page) was computed.
+    assert expected >= min(common, len(last)) // BLOCK * BLOCK
     with Store(pf_store, readonly=True) as store:
         assert store.get_snapshot(turn["cid"]).parents == [before.turns[-1]["cid"]]
 

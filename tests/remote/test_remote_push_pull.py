@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from processfork.store import Store
+from processfork.store import Manifest, SnapshotSequence, Store
 from processfork.store.remote import NonFastForward, open_remote
 from processfork.store.remote.fetch import fetch, tracking_ref, update_refs
 from processfork.store.remote.porcelain import fetch_revision
@@ -134,4 +134,25 @@ def test_fetch_revision_brings_one_snapshot_after_the_accept_check(
             assert fetch_revision(b, remote_url, "nope") is None
             assert fetch_revision(b, remote_url, "sha256:" + "0" * 64) is None
             assert fetch_revision(b, remote_url, "0123456") is None  # a prefix: not looked up
+            assert list(b.fsck()) == []
+
+
+def test_a_session_turn_without_its_tail_page_travels_as_it_is(
+    tmp_path: Path, remote_url: str
+) -> None:
+    """Push and clone copy the pages a manifest names: a turn's whole blocks, and no page for
+    its partial last block; the clone's format record becomes version 2 with it."""
+    with Store(tmp_path / "a") as a:
+        tokens = list(range(5 * 16 + 7))
+        whole = make_snapshot(a, "whole", tokens=tokens[: 5 * 16])
+        pages = a.get_snapshot(whole).sequences[0].pages
+        seq = SnapshotSequence(a.put_tokens(tokens), pages, paged_tokens=5 * 16)
+        turn = a.write_snapshot(Manifest(name="sessions/a", fingerprint={"block_size": 16},
+                                         sequences=[seq]), ref="sessions/a")
+        result = _push(a, remote_url, {"sessions/a": turn})
+        assert result.pages == 2 * 5
+        with _clone(remote_url, tmp_path / "b") as b:
+            assert b.meta_get("format")["version"] == 2
+            assert content(b, turn) == content(a, turn)
+            assert b.get_snapshot(turn).sequences[0].paged_tokens == 5 * 16
             assert list(b.fsck()) == []

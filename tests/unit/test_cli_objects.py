@@ -44,7 +44,8 @@ def test_show_summary(history: History) -> None:
     assert doc["num_pages"] == 8  # a K and a V page per block, all distinct
     assert doc["bytes"] == 8 * PAGE
     assert doc["sequences"] == [
-        {"tokens": 15, "token_digest": doc["sequences"][0]["token_digest"], "blocks": 4, "pages": 8}
+        {"tokens": 15, "token_digest": doc["sequences"][0]["token_digest"], "blocks": 4, "pages": 8,
+         "unsaved_tail_tokens": 0}
     ]
     assert doc["fingerprint"]["model"] == "tiny-llama"
 

@@ -16,7 +16,6 @@ def _session(name: str) -> dict:
 def _turn(engine, prompt: list[int], name: str = "a", max_tokens: int = 40):
     rid = engine.add(prompt, client_params=_session(name), max_tokens=max_tokens)
     engine.run(rid)
-    engine.run()  # the step after the finish saves the partial last block
     engine.side.committer.flush()
     request = engine.added[rid]
     return rid, list(request.all_token_ids)
@@ -30,20 +29,21 @@ def test_a_turn_commits_every_token_of_its_prompt_and_output_the_engine_computed
     prompt = tokens(100)
     rid, everything = _turn(engine, prompt)  # 100 + 40 tokens; the engine computed 139
     reply = engine.finished[rid].kv_transfer_params[PARAMS_KEY]
-    assert reply == {"session": "sessions/a", "session_tokens": 139, "session_blocks": 9,
-                     "session_new_blocks": 9}
-    # Blocks are saved in the steps that complete them, prompt blocks and output blocks alike,
-    # off the step's critical path; the partial last block in the step after the finish.
+    assert reply == {"session": "sessions/a", "session_tokens": 139, "session_blocks": 8,
+                     "session_new_blocks": 8}
+    # Whole blocks are saved in the steps that complete them, prompt blocks and output blocks
+    # alike, off the step's critical path; the partial last block (11 tokens) gets no page.
     saves = _saves(engine, rid)
-    assert [j.first_block for j in saves][:1] == [0] and sum(len(j.block_ids) for j in saves) == 9
-    assert all(j.background for j in saves)
-    assert [(j.first_block, j.valid_in_last, j.release) for j in saves[-1:]] == [(8, 11, True)]
+    assert [j.first_block for j in saves][:1] == [0] and sum(len(j.block_ids) for j in saves) == 8
+    assert all(j.background and j.valid_in_last is None for j in saves)
     with Store(engine.store_path) as store:
         cid = store.get_ref("sessions/a")
         manifest = store.get_snapshot(cid)
         [seq] = manifest.sequences
         assert store.get_tokens(seq.tokens) == everything[:139]
-        assert len(seq.pages) == 9
+        assert len(seq.pages) == 8 and seq.paged_tokens == 128
+        assert store.meta_get("format")["version"] == 2  # version-1 readers refuse the store
+        assert list(store.fsck()) == []
         assert manifest.parents == [] and manifest.name == "sessions/a"
         assert store.head().cid != cid  # a session turn leaves HEAD alone
         assert store.list_pins() == {} and store.meta_items("job:") == {}
@@ -54,12 +54,13 @@ def test_a_turn_commits_every_token_of_its_prompt_and_output_the_engine_computed
     for stats in engine.kv_stats:
         for key, value in stats.items():
             counted[key] = counted.get(key, 0) + value
-    assert counted["session_turns"] == 1 and counted["session_blocks_saved"] == 9
-    # The same pages a snapshot of those tokens stores: the engine's own KV, byte for byte, and
-    # the partial last block zeroed past its tokens alike.
+    assert counted["session_turns"] == 1 and counted["session_blocks_saved"] == 8
+    # The same pages a snapshot of those tokens stores: the engine's own KV, byte for byte. The
+    # snapshot, unlike the turn, stores its partial last block too.
     with Store(engine.store_path) as store:
-        check = take_snapshot(engine, "check", everything[:139])
-        assert store.get_snapshot(check).sequences[0].pages == turn_pages
+        check = store.get_snapshot(take_snapshot(engine, "check", everything[:139])).sequences[0]
+        assert check.pages[:8] == turn_pages and len(check.pages) == 9
+        assert check.paged_tokens is None
     engine.assert_no_leaks()
 
 
@@ -72,7 +73,7 @@ def test_the_next_turn_writes_only_its_new_blocks_and_chains_to_the_last(engine)
     saves = _saves(engine, rid)
     assert saves[0].first_block == 8  # blocks 0-7 are the first turn's pages
     reply = engine.finished[rid].kv_transfer_params[PARAMS_KEY]
-    blocks = -(-(len(second) - 1) // BLOCK)
+    blocks = (len(second) - 1) // BLOCK
     assert reply["session_blocks"] == blocks and reply["session_new_blocks"] == blocks - 8
     with Store(engine.store_path) as store:
         cid = store.get_ref("sessions/a")
