@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -44,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Server, check, console, median
+from harness import Server, console, median, vllm_bench_serve
 
 from processfork_dev.model_builder import CONFIG_ONLY, PRESETS, build_model
 
@@ -182,26 +181,11 @@ def engine_facts(srv: Server) -> dict[str, Any]:
 
 def bench_serve(srv: Server, model: Path, workload: dict[str, int], out: Path,
                 seed: int) -> dict[str, Any]:
-    cmd = [
-        sys.executable, "-m", "processfork.plugin.launcher", "bench", "serve",
-        "--backend", "openai", "--base-url", srv.base_url, "--endpoint", "/v1/completions",
-        "--model", srv.served_name, "--tokenizer", str(model),
+    result = vllm_bench_serve(srv, model, [
         "--dataset-name", "random", "--random-input-len", str(workload["input_len"]),
         "--random-output-len", str(workload["output_len"]),
-        "--num-prompts", str(workload["num_prompts"]),
-        "--max-concurrency", str(workload["concurrency"]), "--request-rate", "inf",
-        "--ignore-eos", "--temperature", "0", "--seed", str(seed),
-        "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99",
-        "--disable-tqdm", "--save-result", "--result-dir", str(out.parent),
-        "--result-filename", out.name,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not out.exists():
-        raise SystemExit(f"vllm bench serve failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                         f"{proc.stderr[-3000:]}")
-    result = json.loads(out.read_text())
-    check(result.get("completed") == workload["num_prompts"],
-          f"{srv.name}: {result.get('completed')} of {workload['num_prompts']} completed")
+    ], num_prompts=workload["num_prompts"], concurrency=workload["concurrency"], seed=seed,
+        out=out, metrics="ttft,tpot,e2el")
     return {k: result[k] for k in KEYS}
 
 

@@ -295,6 +295,34 @@ class Target:
     ok: bool | None  # None: informational
 
 
+def vllm_bench_serve(srv: Server, model: Path, dataset_args: Sequence[str], *, num_prompts: int,
+                     concurrency: int, seed: int, out: Path,
+                     metrics: str = "ttft,tpot,itl,e2el") -> dict[str, Any]:
+    """One run of vLLM's own ``vllm bench serve`` against ``srv``; its result JSON.
+
+    Every request is sent at once under ``concurrency``, greedy, with a fixed output length
+    (``--ignore-eos``); the run must complete every request.
+    """
+    cmd = [
+        sys.executable, "-m", "processfork.plugin.launcher", "bench", "serve",
+        "--backend", "openai", "--base-url", srv.base_url, "--endpoint", "/v1/completions",
+        "--model", srv.served_name, "--tokenizer", str(model), *dataset_args,
+        "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
+        "--request-rate", "inf", "--ignore-eos", "--temperature", "0", "--seed", str(seed),
+        "--percentile-metrics", metrics, "--metric-percentiles", "50,99",
+        "--disable-tqdm", "--save-result", "--result-dir", str(out.parent),
+        "--result-filename", out.name,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not out.exists():
+        raise SystemExit(f"vllm bench serve failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                         f"{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    check(result.get("completed") == num_prompts,
+          f"{srv.name}: {result.get('completed')} of {num_prompts} requests completed")
+    return result
+
+
 def check(ok: bool, what: str) -> None:
     """The benchmark also checks what it measured: a fast wrong answer must not print a ratio."""
     if not ok:

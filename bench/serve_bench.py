@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from harness import (
     model_path,
     targets_markdown,
     targets_table,
+    vllm_bench_serve,
     write_json,
 )
 
@@ -60,31 +60,15 @@ WORKLOAD = {
 
 
 def bench_serve(srv: Server, model: Path, num_prompts: int, out: Path, seed: int) -> dict:
-    """One ``vllm bench serve`` run; returns its result JSON."""
+    """One ``vllm bench serve`` run of the workload; returns its result JSON."""
     w = WORKLOAD
-    cmd = [
-        sys.executable, "-m", "processfork.plugin.launcher", "bench", "serve",
-        "--backend", "openai", "--base-url", srv.base_url, "--endpoint", "/v1/completions",
-        "--model", srv.served_name, "--tokenizer", str(model),
+    return vllm_bench_serve(srv, model, [
         "--dataset-name", "prefix_repetition",
         "--prefix-repetition-num-prefixes", str(w["num_prefixes"]),
         "--prefix-repetition-prefix-len", str(w["prefix_len"]),
         "--prefix-repetition-suffix-len", str(w["suffix_len"]),
         "--prefix-repetition-output-len", str(w["output_len"]),
-        "--num-prompts", str(num_prompts), "--max-concurrency", str(w["max_concurrency"]),
-        "--request-rate", "inf", "--ignore-eos", "--temperature", "0", "--seed", str(seed),
-        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-        "--disable-tqdm", "--save-result", "--result-dir", str(out.parent),
-        "--result-filename", out.name,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not out.exists():
-        raise SystemExit(f"vllm bench serve failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                         f"{proc.stderr[-3000:]}")
-    result = json.loads(out.read_text())
-    check(result.get("completed") == num_prompts,
-          f"{srv.name}: {result.get('completed')} of {num_prompts} requests completed")
-    return result
+    ], num_prompts=num_prompts, concurrency=w["max_concurrency"], seed=seed, out=out)
 
 
 KEYS = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",

@@ -100,7 +100,7 @@ class RemoteRestorer:
                 if self.catalog.refreshes == 1:
                     logger.info("processfork: remote %s has %d snapshots to restore from",
                                 self.url, count)
-            except Exception as exc:  # an unreachable remote: try again at the next refresh
+            except Exception as exc:  # noqa: BLE001 - whatever the remote did: retry at the next refresh
                 logger.warning("processfork: cannot read remote %s: %s", self.url, exc)
             self._first.set()
             self._stop.wait(self.refresh_s)
@@ -136,7 +136,7 @@ class RemoteRestorer:
     def _stored(self, cid: str) -> bool:
         try:
             return self.store.has_snapshot(cid)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a store that cannot answer holds nothing to load
             return False
 
     def _fetch(self, cid: str) -> None:
@@ -168,7 +168,7 @@ class RemoteRestorer:
                         "in %.2f s", cid[:19], self.url, result.pages, result.bytes / 2**20,
                         time.perf_counter() - t0)
             status = DONE
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed fetch only makes the request compute
             self.stats.fetch_failures += 1
             logger.warning("processfork: restore of %s from remote %s failed, computing "
                            "instead: %s", cid[:19], self.url, exc)

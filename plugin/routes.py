@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 from vllm.logger import init_logger
 
+from . import remote_ops
 from .api_errors import ApiError, from_store_error
 from .api_models import (
     MAX_REVISION_CHARS,
@@ -59,7 +60,6 @@ from .api_models import (
     SnapshotSummary,
     StatusResponse,
 )
-from . import remote_ops
 from .chat_render import render_chat
 from .connector_config import store_path_from_config
 from .control import Control

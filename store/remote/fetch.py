@@ -28,9 +28,9 @@ from processfork.store.manifest import (
     parse_head,
     stored_sequences,
 )
+from processfork.store.prefix_index import index_snapshot, inherit_partition
 from processfork.store.remote import local
 from processfork.store.remote.errors import NonFastForward, RemoteError, UnknownRemoteRef
-from processfork.store.prefix_index import index_snapshot, inherit_partition
 from processfork.store.remote.pack import KIND_BLOB, KIND_PAGE, KIND_SNAPSHOT
 from processfork.store.remote.prefix import read_records
 from processfork.store.remote.remote import Remote

@@ -20,7 +20,6 @@ from processfork.store.remote import layout, local
 from processfork.store.remote.errors import NonFastForward, RemoteError
 from processfork.store.remote.layout import RefValue
 from processfork.store.remote.objstore import ConditionFailed
-from processfork.store.remote.prefix import PrefixRecord, local_record, needs_record
 from processfork.store.remote.pack import (
     KIND_BLOB,
     KIND_PAGE,
@@ -29,6 +28,7 @@ from processfork.store.remote.pack import (
     kind_name,
     verify,
 )
+from processfork.store.remote.prefix import PrefixRecord, local_record, needs_record
 from processfork.store.remote.remote import Remote
 
 if TYPE_CHECKING:
