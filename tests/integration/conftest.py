@@ -54,6 +54,12 @@ DEFAULT_ARGS: tuple[str, ...] = (
 )
 
 
+# Servers whose tests compare an engine's bits only with the same engine's run without
+# torch.compile: a compiled start compiles the model again every time (vLLM 0.32's compile cache
+# fails to load on CPU), 30-100 s of every start. The session server, and every server whose
+# pages or continuations are compared with the session server's, stay compiled, as `pf serve` runs.
+EAGER: tuple[str, ...] = ("--enforce-eager",)
+
 # Prompts in the tests are 300-1000 tokens: a 256-token step budget chunks all of them.
 SESSION_SERVER_ARGS: tuple[str, ...] = ("--max-model-len", "4096", "--max-num-batched-tokens", "256")
 
@@ -184,7 +190,7 @@ def other_server(start_server: Callable[..., LiveServer], other_model: Path, pf_
     template = tmp_path_factory.mktemp("template") / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
     return start_server(other_model, store=pf_store, api_key=OTHER_API_KEY,
-                        extra_args=("--chat-template", str(template)))
+                        extra_args=("--chat-template", str(template), *EAGER))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -45,8 +45,9 @@ MAX_FILL = 60  # a store that never fills within this many snapshots is a failur
 CYCLES = 20  # fill-and-free cycles of the slow test
 MAX_MODEL_LEN = 2048
 # 8 MiB of fp32 KV for the tiny model: 4096 tokens, 128 blocks. Filler prompts evict them all.
+# Eager: its continuations are compared only with its own (conftest's EAGER).
 SERVER_ARGS = ("--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens", "512",
-               "--kv-cache-memory-bytes", "8M")
+               "--kv-cache-memory-bytes", "8M", "--enforce-eager")
 
 
 def split_point(length: int) -> int:

@@ -49,7 +49,8 @@ def server(start_server):
     (16K tokens of the tiny model in fp32): a few filler prompts evict every block."""
     live = start_server(extra_args=("--max-model-len", str(MAX_MODEL_LEN),
                                     "--max-num-batched-tokens", "512",
-                                    "--kv-cache-memory-bytes", "32M"))
+                                    "--kv-cache-memory-bytes", "32M",
+                                    "--enforce-eager"))  # compared only with itself
     yield live
     live.stop()
 

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.integration
 def server(start_server):
     """A server with a store of its own: these tests damage pages and run a store-wide repair,
     which must neither see nor touch what other modules left in the session store."""
-    live = start_server(extra_args=("--max-model-len", "4096", "--max-num-batched-tokens", "256"))
+    live = start_server(extra_args=("--max-model-len", "4096", "--max-num-batched-tokens", "256",
+                                    "--enforce-eager"))  # compared only with itself
     yield live
     live.stop()
 
