@@ -55,6 +55,13 @@ async def repair_snapshot(control: Control, rev: str) -> RepairResponse:
         )
     manifest = await control._run(store.get_snapshot, cid)
     record = await control.require_compatible(cid, manifest)
+    if record.fingerprint.kv_groups is not None:
+        raise ApiError(
+            422,
+            "unrepairable",
+            f"snapshot {cid[:19]} is of a model with several KV-cache groups, whose pages repair "
+            "does not recompute yet; take the snapshot again from its tokens",
+        )
     cleared = await control._run(store.clear_damaged_pages, damage.pages)
 
     def recomputed(result: Literal["restored", "replaced"], **replacement: Any) -> RepairResponse:
@@ -76,7 +83,7 @@ async def repair_snapshot(control: Control, rev: str) -> RepairResponse:
             sequences[index] = SnapshotSequence(tokens=seq.tokens, pages=outcome.pages)
         after = await control._run(store.find_damage, cid)
         if after.intact:
-            await control._run(control._forget_jobs, jobs)
+            await control._run(control._forget_jobs, jobs, jobs)
             return recomputed("restored")
         # The copy takes the damaged snapshot's place in history (same parents, fork and name);
         # the damaged one stays in the reflogs until they expire, then gc removes it.
@@ -97,6 +104,6 @@ async def repair_snapshot(control: Control, rev: str) -> RepairResponse:
             )
         )
     except BaseException:
-        await control._run(control._forget_jobs, jobs)
+        await control._run(control._forget_jobs, jobs, jobs)
         raise
     return recomputed("replaced", new_cid=new_cid, moved_refs=moved)
