@@ -90,11 +90,11 @@ class _PageFile:
     """
 
     fd: int | None
-    map_base: int
+    map_base: int | None  # None: the map could not be located, every page is copied from it
 
     def read_into(self, row: np.ndarray, view: memoryview) -> bool:
         """Read the page ``view`` shows into ``row``; False when it must be copied from the map."""
-        if self.fd is None:
+        if self.fd is None or self.map_base is None:
             return False
         offset = np.frombuffer(view, dtype=np.uint8).ctypes.data - self.map_base
         if offset < 0:

@@ -32,6 +32,7 @@ from processfork.store.errors import (
     UnsupportedFormat,
 )
 from processfork.store.manifest import FORMAT, utc_now
+from processfork.store.mapping import file_map_base
 from processfork.store.prefix_index import INDEX_DB, INDEX_META_KEY, build_index
 
 __all__ = [
@@ -125,6 +126,8 @@ class Env:
         self.pid = os.getpid()
         self._write_lock = threading.RLock()
         self._gate = _Gate()
+        self._map_generation = 0
+        self._map_base: tuple[int, int | None] | None = None
         data_file = os.path.join(path, "data.mdb")
         exists = os.path.exists(data_file)
         if not exists and not create:
@@ -222,8 +225,21 @@ class Env:
         self.write(init)
 
     def info(self) -> dict[str, Any]:
-        """LMDB's environment info: map_size, map_addr, last_pgno, ..."""
+        """LMDB's environment info: map_size, last_pgno, ... (its map_addr is 0: see below)"""
         return self.env.info()
+
+    def data_map_base(self) -> int | None:
+        """Where this process maps data.mdb (None: unknown); call it inside a transaction.
+
+        LMDB's own ``map_addr`` is 0 unless the map is fixed, so the kernel's list of mappings
+        is read, once per map: a resize (the only thing that moves the map) cannot run while a
+        transaction holds the gate, and it starts a new generation.
+        """
+        cached = self._map_base
+        if cached is None or cached[0] != self._map_generation:
+            cached = (self._map_generation, file_map_base(os.path.join(self.path, "data.mdb")))
+            self._map_base = cached
+        return cached[1]
 
     def stat(self) -> dict[str, Any]:
         """LMDB's statistics of the main database: psize (the page size), depth, entries, ..."""
@@ -283,6 +299,7 @@ class Env:
 
     def _resize(self, action: str) -> None:
         with self._gate.exclusive():
+            self._map_generation += 1  # the map may move: data_map_base reads it again
             if action == "adopt":
                 self.env.set_mapsize(0)
                 return

@@ -308,20 +308,21 @@ class Store:
         return self._read(lambda txn: fn(_objects.page_views(txn, self.dbs, keys)), buffers=True)
 
     def with_page_locations(
-        self, digests: Sequence[bytes], fn: Callable[[list[memoryview], int, str], T]
+        self, digests: Sequence[bytes], fn: Callable[[list[memoryview], int | None, str], T]
     ) -> T:
         """Like `with_page_views`, and also where the views lie in the store's data file.
 
         `fn(views, map_base, data_file)`: a view's byte `i` is byte `address(view) - map_base + i`
         of `data_file`, so a reader can `pread` a page straight into its own buffer (from the
         page cache, with no page faults on this process's map) instead of copying out of the map.
+        `map_base` is None where the map cannot be located (no ``/proc``): copy from the views.
         """
         keys = [bytes(d) for d in digests]
         data_file = os.path.join(self.path, "data.mdb")
 
         def run(txn: lmdb.Transaction) -> T:
             views = _objects.page_views(txn, self.dbs, keys)
-            return fn(views, int(self.env.info()["map_addr"]), data_file)
+            return fn(views, self.env.data_map_base(), data_file)
 
         return self._read(run, buffers=True)
 
