@@ -6,6 +6,7 @@
     python3 bench/gpu_bench.py --part peers   # (b) ExampleConnector, (b2) OffloadingConnector
     python3 bench/gpu_bench.py --part report  # the tables, from the JSON the parts wrote
     python3 bench/gpu_bench.py --quick        # smoke run of every part (tiny model; CPU works)
+    python3 bench/gpu_bench.py --part ours --lengths 32768   # one length only (a few minutes)
 
 Model: Llama-3-8B's shape (32 layers, 8 KV heads of 128: 128 KiB of KV per token in bf16) with
 random weights (``--load-format dummy``, config and tokenizer from the model builder, no
@@ -63,7 +64,8 @@ def log(*parts: Any) -> None:
 class Setup:
     """What every server of the run shares, decided once."""
 
-    def __init__(self, quick: bool, tier_gib: int = 0, tier_dir: str = "/dev/shm"):
+    def __init__(self, quick: bool, tier_gib: int = 0, tier_dir: str = "/dev/shm",
+                 lengths: list[int] | None = None):
         from processfork_dev.model_builder import CONFIG_ONLY, PRESETS, build_model
 
         self.quick = quick
@@ -78,7 +80,7 @@ class Setup:
         self.spec = spec
         self.model = build_model(WORK / "models" / f"{preset}-{spec.dtype}", spec,
                                  weights=preset not in CONFIG_ONLY)
-        self.lengths = [1024, 2048] if quick else [8192, 32768, 131072]
+        self.lengths = lengths or ([1024, 2048] if quick else [8192, 32768, 131072])
         self.block = 16 if self.cuda else 32
         self.kv_per_token = spec.kv_bytes_per_token()
         max_len = max(self.lengths) + 64
@@ -486,8 +488,10 @@ def main() -> None:
     parser.add_argument("--host-tier-gib", type=int, default=0,
                         help="--part ours: keep pages in a host tier of this size")
     parser.add_argument("--host-tier-dir", default="/dev/shm")
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        help="prompt lengths in tokens (default 8192 32768 131072)")
     opts = parser.parse_args()
-    setup = Setup(opts.quick, opts.host_tier_gib, opts.host_tier_dir)
+    setup = Setup(opts.quick, opts.host_tier_gib, opts.host_tier_dir, opts.lengths)
     log(f"model {setup.model} ({setup.kv_per_token // 1024} KiB of KV per token), "
         f"lengths {setup.lengths}, cuda={setup.cuda}")
     if opts.part in ("ours", "all"):
