@@ -69,8 +69,9 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
 
     @property
     def requires_kv_delivery(self) -> bool:
-        # Saves copy their blocks inside the step that computed them; nothing is handed
-        # off after a request ends, so a preempted request owes nobody its blocks.
+        # Saves copy their blocks inside the step that computed them; only a finished session
+        # turn's sliding windows are copied after its request ends, and a preempted request
+        # owes nobody its blocks.
         return False
 
     def __init__(
@@ -164,12 +165,13 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
         return self._worker.take_load_errors()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        # Nothing is handed off after a request ends; the ids only let the worker forget jobs.
-        # Asynchronous loads (under async scheduling) finish in the step that runs them.
+        # Sending: a finished session turn whose sliding-window blocks vLLM kept for us (freed
+        # once the save has copied them). Asynchronous loads (under async scheduling) finish in
+        # the step that runs them. The finished ids let the worker forget jobs.
         if self._worker is None:
             return None, None
         self._worker.forget_requests(finished_req_ids)
-        return None, self._worker.take_finished_loads() or None
+        return self._worker.take_released() or None, self._worker.take_finished_loads() or None
 
     def shutdown(self) -> None:
         if self._worker is not None:
@@ -229,8 +231,12 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        if self._scheduler is not None and connector_output.invalid_block_ids:
+        if self._scheduler is None:
+            return
+        if connector_output.invalid_block_ids:
             self._scheduler.forget_blocks(set(connector_output.invalid_block_ids))
+        if connector_output.finished_sending:
+            self._scheduler.sent(connector_output.finished_sending)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
@@ -241,11 +247,12 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        return False, self._scheduler.request_finished(request)
+        return self._scheduler.request_finished(request)
 
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
-        # vLLM's hook under the hybrid KV cache manager: one block table per group. The
-        # scheduler side follows every group's table through the steps already.
-        return self.request_finished(request, list(block_ids[0]) if block_ids else [])
+        # vLLM's hook under the hybrid KV cache manager: one block table per group, as they are
+        # now (a session turn's window saves take their blocks from them).
+        assert self._scheduler is not None
+        return self._scheduler.request_finished(request, tuple(block_ids))

@@ -334,6 +334,9 @@ class SaveJob:
     ``background``: the pages are copied out of the blocks in the step, and written and made
     durable after it by the worker's page writer (a session turn's saves, whole blocks only:
     nobody waits for them, and the turn is committed once their records are in the store).
+    ``release``: the request has finished and vLLM keeps its blocks for this save (a session
+    turn's sliding windows); the worker reports it as finished sending once the blocks are
+    copied, so vLLM frees them.
     """
 
     job: str
@@ -343,6 +346,7 @@ class SaveJob:
     valid_in_last: int | None = None
     final: bool = False
     background: bool = False
+    release: bool = False
 
 
 @dataclass

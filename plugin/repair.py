@@ -14,6 +14,10 @@ snapshot are what its KV was computed from, so the engine can compute it again:
    committed in the damaged snapshot's place (its parents, fork and name), and every ref pointing
    at the damaged one moves to it, in one transaction.
 
+A model with several KV-cache groups is repaired the same way: the snapshot job saves each
+group's blocks (a sliding-window group the window of the sequence's split point, as any snapshot
+stores it), so a damaged page of any group is computed again.
+
 Damaged token ids or page tables cannot be recomputed: those snapshots are refused with
 `unrepairable`, and the store must come from a copy.
 """
@@ -25,11 +29,13 @@ import uuid
 from typing import TYPE_CHECKING, Any, Literal
 
 from processfork.store import Manifest, SnapshotSequence
+from processfork.store.manifest import FORMAT, FORMAT_GROUPED
 
 from .api_errors import ApiError
 from .api_models import RepairResponse
 from .control import elapsed_ms
 from .jobs import job_meta_key
+from .kv_groups import GroupLayout, group_job
 
 if TYPE_CHECKING:
     from .control import Control
@@ -55,13 +61,8 @@ async def repair_snapshot(control: Control, rev: str) -> RepairResponse:
         )
     manifest = await control._run(store.get_snapshot, cid)
     record = await control.require_compatible(cid, manifest)
-    if record.fingerprint.kv_groups is not None:
-        raise ApiError(
-            422,
-            "unrepairable",
-            f"snapshot {cid[:19]} is of a model with several KV-cache groups, whose pages repair "
-            "does not recompute yet; take the snapshot again from its tokens",
-        )
+    layout = (GroupLayout.from_fingerprint(record.fingerprint.kv_groups)
+              if record.fingerprint.kv_groups is not None else None)
     cleared = await control._run(store.clear_damaged_pages, damage.pages)
 
     def recomputed(result: Literal["restored", "replaced"], **replacement: Any) -> RepairResponse:
@@ -71,6 +72,7 @@ async def repair_snapshot(control: Control, rev: str) -> RepairResponse:
                               **replacement)
 
     jobs: list[str] = []
+    group_jobs: list[str] = []  # each group's pages are saved under a job of their own
     sequences = list(manifest.sequences)
     try:
         for index in damage.sequences:
@@ -79,15 +81,19 @@ async def repair_snapshot(control: Control, rev: str) -> RepairResponse:
             control._check_length(tokens)
             job = uuid.uuid4().hex
             jobs.append(job)
-            outcome = await control._snapshot_sequence(job, tokens, [])
-            sequences[index] = SnapshotSequence(tokens=seq.tokens, pages=outcome.pages)
+            group_jobs += [group_job(job, g) for g in
+                           range(len(layout.groups) if layout is not None else 1)]
+            outcome = await control._snapshot_sequence(job, tokens, [], layout)
+            sequences[index] = SnapshotSequence(tokens=seq.tokens, pages=outcome.pages,
+                                                groups=outcome.groups)
         after = await control._run(store.find_damage, cid)
         if after.intact:
-            await control._run(control._forget_jobs, jobs, jobs)
+            await control._run(control._forget_jobs, jobs, group_jobs)
             return recomputed("restored")
         # The copy takes the damaged snapshot's place in history (same parents, fork and name);
         # the damaged one stays in the reflogs until they expire, then gc removes it.
         copy = Manifest(
+            format=FORMAT if layout is None else FORMAT_GROUPED,
             name=manifest.name,
             parents=list(manifest.parents),
             fork=manifest.fork,
@@ -99,11 +105,11 @@ async def repair_snapshot(control: Control, rev: str) -> RepairResponse:
                 copy,
                 replaces=cid,
                 message=f"recomputed {len(after.pages)} damaged page(s) of {cid[:19]}",
-                drop_pins=jobs,
-                drop_meta=[job_meta_key(job) for job in jobs],
+                drop_pins=group_jobs,
+                drop_meta=[job_meta_key(job) for job in group_jobs],
             )
         )
     except BaseException:
-        await control._run(control._forget_jobs, jobs, jobs)
+        await control._run(control._forget_jobs, jobs, group_jobs)
         raise
     return recomputed("replaced", new_cid=new_cid, moved_refs=moved)

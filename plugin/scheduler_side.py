@@ -34,6 +34,7 @@ from .jobs import (
 from .kv_groups import FULL_ATTENTION, GroupLayout, group_job
 from .prefix_lookup import RESTORE_JOB_PREFIX, PrefixLookup
 from .remote_restore import PENDING, RemoteRestorer
+from .session_groups import finish_groups, let_go, plan_group_step, start_groups
 from .sessions import DEFAULT_PREFIX, SessionCommitter, SessionState, TurnSpec, session_ref
 
 if TYPE_CHECKING:
@@ -110,11 +111,6 @@ class SchedulerSide:
         self.grouped = not self.layout.plain
         self._full_groups = [i for i, g in enumerate(self.layout.groups)
                              if g.kind == FULL_ATTENTION] or [0]
-        if self.grouped and sessions:
-            logger.warning("processfork: this model's KV cache has %d groups (%s): no session "
-                           "commits", len(self.layout.groups),
-                           ", ".join(g.kind for g in self.layout.groups))
-            sessions = False
         self._manifests: OrderedDict[str, Any] = OrderedDict()  # grouped restores' manifests
         self.auth = vllm_config.kv_transfer_config.engine_id
         # Finished sequences stay resident until their blocks are evicted; remember
@@ -134,6 +130,10 @@ class SchedulerSide:
         # request until the load is done, so a failure only moves back where it resumes.
         self.async_loads = bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
         self._resident_saves: list[SaveJob] = []
+        # Several KV-cache groups: finished turns' window saves for the next step, and the blocks
+        # held for them until the worker reports them copied (plugin/session_groups.py).
+        self._finish_saves: list[SaveJob] = []
+        self._finish_held: dict[str, list[Any]] = {}
         self.auto_restore = auto_restore and store_path is not None
         self.session_prefix = session_prefix
         self._sessions: dict[str, SessionState] = {}
@@ -267,10 +267,13 @@ class SchedulerSide:
         salt = getattr(request, "cache_salt", None)
         hit = self.lookup.longest(request.prompt_token_ids, salt, first=0,
                                   limit=request.num_prompt_tokens // self.block_size)
-        self._sessions[request.request_id] = SessionState(
+        state = SessionState(
             job=uuid.uuid4().hex, ref=ref, cache_salt=salt, base=hit,
             next_block=hit.blocks if hit is not None else 0,
         )
+        if self.grouped:
+            start_groups(state, self.layout)
+        self._sessions[request.request_id] = state
 
     def _restore(self, request: Request, num_computed_tokens: int) -> int:
         """Tokens a client request can load from the store beyond the prefix cache's hit.
@@ -315,13 +318,8 @@ class SchedulerSide:
         sliding-window group keeps only the window of its own sequence's end, so a request that
         shares a prefix well short of that end finds none of its window there."""
         assert self.lookup is not None
-        manifest = self._manifests.get(hit.cid)
         try:
-            if manifest is None:
-                manifest = self._manifests[hit.cid] = self.lookup.store.get_snapshot(hit.cid)
-                while len(self._manifests) > 64:
-                    self._manifests.popitem(last=False)
-            groups = manifest.sequences[hit.seq].groups
+            groups = self._manifest(hit.cid).sequences[hit.seq].groups
         except Exception:
             logger.exception("processfork: reading snapshot %s failed; computing instead", hit.cid)
             return None
@@ -480,9 +478,10 @@ class SchedulerSide:
     # --- per step -------------------------------------------------------------
     def build_step_plan(self, scheduler_output: SchedulerOutput) -> StepPlan:
         self._idled = False
-        plan = StepPlan(loads=self._pending_loads, saves=self._resident_saves)
+        plan = StepPlan(loads=self._pending_loads, saves=self._resident_saves + self._finish_saves)
         self._pending_loads = []
         self._resident_saves = []
+        self._finish_saves = []
         if self._sessions:
             self._plan_sessions(plan, scheduler_output)
         if not self._snapshots:
@@ -502,6 +501,12 @@ class SchedulerSide:
                 continue
             # Never past the tokens the request has: speculative tokens may be rejected.
             computed = min(computed_before + scheduled.get(req_id, 0), request.num_tokens)
+            if state.group_ids is not None:
+                assert self._block_pool is not None
+                plan.saves += plan_group_step(state, self.layout, self.block_size,
+                                              self._block_pool, req_id,
+                                              request.num_prompt_tokens, computed_before, computed)
+                continue
             end = min(computed // self.block_size, len(state.block_ids))
             if end <= state.next_block:
                 continue
@@ -582,8 +587,12 @@ class SchedulerSide:
         state.done = final
 
     # --- completion -----------------------------------------------------------
-    def request_finished(self, request: Request) -> dict[str, Any] | None:
-        """Release what the request held; the reply for its ``kv_transfer_params``, if any."""
+    def request_finished(
+        self, request: Request, block_ids: tuple[list[int], ...] | None = None
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Release what the request held; whether vLLM must keep its blocks (``block_ids``, one
+        table per KV-cache group) until the worker reports them copied (a finished turn's
+        window, on a model with several groups), and the reply for its ``kv_transfer_params``."""
         req_id = request.request_id
         self._live.pop(req_id, None)
         self._remote_waits.pop(req_id, None)
@@ -597,60 +606,124 @@ class SchedulerSide:
             if self._block_pool is not None:
                 self._block_pool.free_blocks(snap.held)
         if isinstance(op, CaptureOp):
-            return CaptureReply(self.resident_sequences(op.request_id)).to_params()
+            return False, CaptureReply(self.resident_sequences(op.request_id)).to_params()
         self._remember_finished(request, snap.num_prompt if snap is not None else None)
         session = self._sessions.pop(req_id, None)
         if op is None:
-            return self._client_reply(request, checkout, session)
+            return self._client_reply(request, checkout, session, block_ids)
         if checkout is not None:
-            return (checkout.reply or CheckoutReply()).to_params()
+            return False, (checkout.reply or CheckoutReply()).to_params()
         # A snapshot's outcome is its job record in the store, written by the worker.
-        return None
+        return False, None
 
     def _client_reply(
-        self, request: Request, checkout: _CheckoutState | None, session: SessionState | None
-    ) -> dict[str, Any] | None:
+        self, request: Request, checkout: _CheckoutState | None, session: SessionState | None,
+        block_ids: tuple[list[int], ...] | None,
+    ) -> tuple[bool, dict[str, Any] | None]:
         """A client request's reply: what a transparent restore loaded, which session turn
         will be committed (after the response: the commit runs on its own thread)."""
         reply: dict[str, Any] = {}
+        delay = False
         if checkout is not None and checkout.reply is not None and checkout.reply.loaded_tokens:
             reply.update(checkout.reply.to_params()[PARAMS_KEY])
             if self.lookup is not None:
                 self.lookup.stats.restored_requests += 1
                 self.lookup.stats.restored_tokens += checkout.reply.loaded_tokens
         if session is not None:
-            reply.update(self._finish_session(request, session))
-        return {PARAMS_KEY: reply} if reply else None
+            delay, turn = self._finish_session(request, session, block_ids)
+            reply.update(turn)
+        return delay, ({PARAMS_KEY: reply} if reply else None)
 
-    def _finish_session(self, request: Request, session: SessionState) -> dict[str, Any]:
+    def sent(self, req_ids: Any) -> None:
+        """The worker copied these finished requests' blocks: let go of those held for them."""
+        for req_id in req_ids or ():
+            held = self._finish_held.pop(req_id, None)
+            if held and self._block_pool is not None:
+                let_go(self._block_pool, held)
+
+    def _finish_session(
+        self, request: Request, session: SessionState, block_ids: tuple[list[int], ...] | None
+    ) -> tuple[bool, dict[str, Any]]:
         """Submit the turn's commit. It holds every token whose KV the engine computed: the
         prompt and the output but the last sampled token (no forward pass ran over it). Its
         whole blocks were saved in the steps that computed them; a partial last block gets no
-        page (a checkout never loads it, and the next turn stores it whole)."""
+        page (a checkout never loads it, and the next turn stores it whole). With several
+        KV-cache groups, a sliding-window group's window is saved in the next step, while vLLM
+        keeps the blocks (True: delay their freeing until the worker reports them copied)."""
         assert self.committer is not None and self.lookup is not None
         fingerprint = self.lookup.fingerprint()
         stopped = request.status in (RequestStatus.FINISHED_STOPPED,
                                      RequestStatus.FINISHED_LENGTH_CAPPED)
         count = request.num_tokens - 1
         whole = count // self.block_size
-        if session.next_block < whole:  # not every whole block was handed to the worker
-            whole = session.next_block
+        handed = session.next_block
+        if session.group_ids is not None:
+            handed = min(n for n, g in zip(session.group_next, self.layout.groups)
+                         if g.kind == FULL_ATTENTION)
+        if handed < whole:  # not every whole block was handed to the worker
+            whole = handed
             count = whole * self.block_size
-        if not stopped or fingerprint is None or whole == 0:
-            self.committer.discard(session.steps)
-            return {"session": session.ref, "session_blocks": 0}
+        finish = None
+        if stopped and fingerprint is not None and whole > 0 and session.group_ids is not None:
+            assert self._block_pool is not None
+            finish = finish_groups(session, self.layout, self.block_size, self._block_pool,
+                                   request.request_id, count, block_ids,
+                                   self._base_ranges(session))
+        elif session.held and self._block_pool is not None:
+            let_go(self._block_pool, list(session.held.values()))
+            session.held = {}
+        if (not stopped or fingerprint is None or whole == 0
+                or (session.group_ids is not None and finish is None)):
+            self.committer.discard(session.all_steps())
+            return False, {"session": session.ref, "session_blocks": 0}
+        steps = session.all_steps()
+        if finish is not None:
+            steps += [job.job for job in finish.saves]
+            self._finish_saves += finish.saves
+            if finish.held:
+                self._finish_held[request.request_id] = finish.held
         self.committer.submit(TurnSpec(
             ref=session.ref,
             tokens=list(request.all_token_ids[:count]),
             base=session.base,
-            steps=list(session.steps),
+            steps=steps,
             fingerprint=fingerprint,
             cache_salt=session.cache_salt,
             block_size=self.block_size,
+            groups=finish.groups if finish is not None else None,
         ))
         base = session.base.blocks if session.base is not None else 0
-        return {"session": session.ref, "session_tokens": count, "session_blocks": whole,
-                "session_new_blocks": whole - base}
+        # vLLM keeps the request's blocks until the worker has copied the window's.
+        delay = finish is not None and bool(finish.saves)
+        return delay, {"session": session.ref, "session_tokens": count,
+                       "session_blocks": whole, "session_new_blocks": whole - base}
+
+    def _base_ranges(self, session: SessionState) -> list[tuple[int, int]] | None:
+        """Each group's stored blocks ``[first, end)`` in the sequence of the turn's base."""
+        base = session.base
+        if base is None or self.lookup is None:
+            return None
+        try:
+            seq = self._manifest(base.cid).sequences[base.seq]
+            ranges = []
+            for g in range(len(self.layout.groups)):
+                first, pages = seq.group_pages(g)
+                ranges.append((first, first + len(pages)))
+        except Exception:
+            logger.exception("processfork: reading snapshot %s failed; the turn saves its "
+                             "windows whole", base.cid)
+            return None
+        return ranges
+
+    def _manifest(self, cid: str) -> Any:
+        """A manifest from the store, from a small cache (restores and turns read them)."""
+        assert self.lookup is not None
+        manifest = self._manifests.get(cid)
+        if manifest is None:
+            manifest = self._manifests[cid] = self.lookup.store.get_snapshot(cid)
+            while len(self._manifests) > 64:
+                self._manifests.popitem(last=False)
+        return manifest
 
     def _remember_finished(self, request: Request, length: int | None = None) -> None:
         """Index a finished request's sequence (a snapshot request's: the sequence alone)."""

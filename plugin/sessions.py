@@ -11,7 +11,8 @@ manifest's ``paged_tokens`` says so: a checkout never loads it, and the next tur
 whole). The worker's page writer makes them durable after the step returns, each
 job's record with its pages. When the request finishes, a background thread waits for those
 records and commits the turn in one transaction (``processfork.store.sessions``), so neither the
-engine step nor the response waits for a disk flush.
+engine step nor the response waits for a disk flush. A model with several KV-cache groups saves
+each group's blocks under jobs of their own (``plugin/session_groups.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from processfork.store import Store
     from processfork.store.prefix_index import PrefixHit
     from processfork.store.sessions import TurnResult
+
+    from .session_groups import TurnGroupSpec
 
 __all__ = ["DEFAULT_PREFIX", "SessionCommitter", "SessionState", "session_ref"]
 
@@ -77,6 +80,16 @@ class SessionState:
     next_block: int  # first block not yet handed to the worker
     block_ids: list[int] = field(default_factory=list)
     steps: list[str] = field(default_factory=list)  # the job id of each step's save
+    # Several KV-cache groups (plugin/session_groups.py), None with one: each group's block
+    # table, its first block not yet handed over, its saves' jobs, and the blocks held for it.
+    group_ids: list[list[int]] | None = None
+    group_next: list[int] = field(default_factory=list)
+    group_steps: list[list[str]] = field(default_factory=list)
+    held: dict[tuple[int, int], Any] | None = None
+
+    def all_steps(self) -> list[str]:
+        """Every save job of the turn so far (each one's pin and record)."""
+        return self.steps + [job for jobs in self.group_steps for job in jobs]
 
     def step_job(self) -> str:
         return f"{self.job}.{self.next_block}"
@@ -93,6 +106,8 @@ class TurnSpec:
     fingerprint: dict[str, Any]
     cache_salt: str | None
     block_size: int
+    #: Several KV-cache groups: each group's blocks and saves (``steps`` lists all the saves).
+    groups: list[TurnGroupSpec] | None = None
 
 
 class SessionCommitter:
@@ -141,22 +156,30 @@ class SessionCommitter:
 
     # -- on the committer's thread ---------------------------------------------------------
     def _commit(self, spec: TurnSpec) -> TurnResult | None:
-        from processfork.store.sessions import SessionTurn
+        from processfork.store.sessions import SessionTurn, TurnGroup
 
         try:
-            pages: list[tuple[str, str]] = []
-            for step in spec.steps:
-                record = self._wait_for_record(step)
-                if not record.succeeded:
-                    raise RuntimeError(f"the save of step {step} did not succeed: "
-                                       f"{record.error or 'not final'}")
-                pages += record.pages
             base = spec.base
             base_blocks = base.blocks if base is not None else 0
             whole = len(spec.tokens) // spec.block_size
-            if base_blocks + len(pages) != whole:
-                raise RuntimeError(f"{base_blocks + len(pages)} blocks saved for the "
-                                   f"{whole} whole blocks of {len(spec.tokens)} tokens")
+            groups: list[TurnGroup] | None = None
+            pages: list[tuple[str, str]] = []
+            if spec.groups is not None:
+                groups = []
+                for g, part in enumerate(spec.groups):
+                    saved = self._pages_of(part.steps)
+                    if part.first + part.base_blocks + len(saved) != part.end:
+                        raise RuntimeError(
+                            f"KV-cache group {g}: {part.base_blocks + len(saved)} blocks for its "
+                            f"blocks {part.first}-{part.end - 1}")
+                    groups.append(TurnGroup(part.first, part.base_blocks, saved))
+                saved_blocks = sum(len(g.pages) for g in groups)
+            else:
+                pages = self._pages_of(spec.steps)
+                saved_blocks = len(pages)
+                if base_blocks + len(pages) != whole:
+                    raise RuntimeError(f"{base_blocks + len(pages)} blocks saved for the "
+                                       f"{whole} whole blocks of {len(spec.tokens)} tokens")
             turn = SessionTurn(
                 ref=spec.ref,
                 tokens=spec.tokens,
@@ -167,6 +190,7 @@ class SessionCommitter:
                 paged_tokens=whole * spec.block_size,
                 fingerprint=spec.fingerprint,
                 cache_salt=spec.cache_salt,
+                groups=groups,
                 drop_pins=spec.steps,
                 drop_meta=[job_meta_key(s) for s in spec.steps],
             )
@@ -177,9 +201,20 @@ class SessionCommitter:
             self._drop(spec.steps)
             return None
         self.committed += 1
-        self.blocks_saved += len(pages)
+        self.blocks_saved += saved_blocks
         logger.debug("processfork: %s -> %s", spec.ref, result.cid)
         return result
+
+    def _pages_of(self, steps: list[str]) -> list[tuple[str, str]]:
+        """The pages the saves ``steps`` stored, in order, once each one's record is in."""
+        pages: list[tuple[str, str]] = []
+        for step in steps:
+            record = self._wait_for_record(step)
+            if not record.succeeded:
+                raise RuntimeError(f"the save of step {step} did not succeed: "
+                                   f"{record.error or 'not final'}")
+            pages += record.pages
+        return pages
 
     def _wait_for_record(self, step: str) -> JobRecord:
         """A step's job record. The worker's page writer commits it with the step's pages after

@@ -138,6 +138,7 @@ class WorkerSide:
         self._ticket: LoadTicket | None = None
         self.layer_index: dict[str, int] = {}
         self._writer: PageWriter | None = None
+        self._released: set[str] = set()  # finished requests whose held blocks are copied
 
     @property
     def store(self) -> Store:
@@ -395,6 +396,14 @@ class WorkerSide:
             except Exception as exc:  # noqa: BLE001 - reported to the API server via the store
                 logger.warning("processfork: save for %s failed: %s", job.req_id, exc)
                 self._fail_save(job, exc)
+            finally:
+                if job.release:
+                    self._released.add(job.req_id)
+
+    def take_released(self) -> set[str]:
+        """Finished requests whose blocks vLLM kept for a save that has now copied them."""
+        released, self._released = self._released, set()
+        return released
 
     @property
     def writer(self) -> PageWriter:

@@ -6,6 +6,10 @@ while it computed them, each engine step's pages pinned under a pin of their own
 parent is the snapshot the ref points to when that snapshot's tokens are a prefix of the turn's;
 otherwise the turn starts a new line of history, and the reflog says so.
 
+A model with several KV-cache groups commits a grouped manifest: per group, a run of blocks
+whose first ones may be pages of the same group of the stored prefix, the others saved by the
+engine (a sliding-window group stores only its window, docs/format.md).
+
 Everything happens in ONE write transaction, like `write_snapshot`: the token blob, the page
 table, the manifest, its index entries, the ref (compare-and-swap against what the transaction
 read) with its reflog entry, and the removal of the steps' pins and job records.
@@ -24,7 +28,16 @@ from processfork.store import objects as _objects
 from processfork.store import refs as _refs
 from processfork.store.digest import cid_of, page_digest
 from processfork.store.errors import MissingObject
-from processfork.store.manifest import Manifest, SnapshotSequence, TokenRef, utc_now
+from processfork.store.manifest import (
+    FORMAT,
+    FORMAT_GROUPED,
+    InvalidManifest,
+    Manifest,
+    PageGroup,
+    SnapshotSequence,
+    TokenRef,
+    utc_now,
+)
 from processfork.store.prefix_index import index_snapshot
 from processfork.store.snapshots import load_manifest, write_manifest
 
@@ -35,6 +48,7 @@ __all__ = [
     "DEFAULT_SESSION_PREFIX",
     "SESSION_PREFIXES_KEY",
     "SessionTurn",
+    "TurnGroup",
     "TurnResult",
     "commit_turn",
     "record_session_prefix",
@@ -75,6 +89,16 @@ def record_session_prefix(env: Env, prefix: str) -> None:
 
 
 @dataclass(frozen=True)
+class TurnGroup:
+    """One KV-cache group of a turn: blocks ``first ..``, the first ``base_blocks`` of them the
+    same group's pages of the base, then ``pages`` (K, V digests in hex), in order."""
+
+    first: int
+    base_blocks: int
+    pages: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
 class SessionTurn:
     """What the engine computed for one turn, ready to commit."""
 
@@ -91,6 +115,9 @@ class SessionTurn:
     #: block has none (``paged_tokens`` in docs/format.md). None: every block has its pages.
     paged_tokens: int | None = None
     cache_salt: str | None = None
+    #: Several KV-cache groups, in the fingerprint's order (``base_blocks`` and ``pages`` are then
+    #: unused); None for one group.
+    groups: Sequence[TurnGroup] | None = None
     drop_pins: Sequence[str] = ()
     drop_meta: Sequence[str] = ()
 
@@ -125,12 +152,7 @@ def commit_turn(env: Env, turn: SessionTurn, *, now: float | None = None) -> Tur
     def run(txn: lmdb.Transaction) -> TurnResult:
         t = time.time() if now is None else now
         t_us = int(t * 1e6)
-        pages = list(turn.pages)
-        if turn.base_blocks:
-            if turn.base is None:
-                raise MissingObject("snapshot", "base of the session's stored prefix")
-            base = load_manifest(txn, dbs, turn.base)
-            pages = list(base.sequences[turn.base_seq].pages[: turn.base_blocks]) + pages
+        pages, groups = _turn_pages(txn, dbs, turn)
         old = _refs.read_ref(txn, dbs, turn.ref)
         parent: str | None = None
         new_line = False
@@ -145,11 +167,12 @@ def commit_turn(env: Env, turn: SessionTurn, *, now: float | None = None) -> Tur
                 new_line = True
         _objects.put_blob(txn, dbs, token_digest, token_bytes, t_us)
         manifest = Manifest(
+            format=FORMAT if groups is None else FORMAT_GROUPED,
             name=turn.ref,
             parents=[parent] if parent else [],
             fingerprint=dict(turn.fingerprint),
             sequences=[SnapshotSequence(TokenRef(token_digest.hex(), len(turn.tokens)), pages,
-                                        paged_tokens=paged)],
+                                        groups=groups, paged_tokens=paged)],
             created=utc_now(),
         )
         manifest.validate()
@@ -171,3 +194,36 @@ def commit_turn(env: Env, turn: SessionTurn, *, now: float | None = None) -> Tur
 
     return env.write(run)
 
+
+
+def _turn_pages(txn: lmdb.Transaction, dbs: dict[str, Any], turn: SessionTurn
+                ) -> tuple[list[tuple[str, str]], list[PageGroup] | None]:
+    """The turn's page list, its base's pages first, and its groups (None for one group)."""
+    needs_base = turn.base_blocks if turn.groups is None else any(
+        g.base_blocks for g in turn.groups)
+    base: SnapshotSequence | None = None
+    if needs_base:
+        if turn.base is None:
+            raise MissingObject("snapshot", "base of the session's stored prefix")
+        base = load_manifest(txn, dbs, turn.base).sequences[turn.base_seq]
+    if turn.groups is None:
+        head = list(base.pages[: turn.base_blocks]) if base is not None else []
+        return head + list(turn.pages), None
+    pages: list[tuple[str, str]] = []
+    groups: list[PageGroup] = []
+    for g, part in enumerate(turn.groups):
+        taken: list[tuple[str, str]] = []
+        if part.base_blocks:
+            assert base is not None
+            first, stored = base.group_pages(g)
+            at = part.first - first
+            if at < 0 or at + part.base_blocks > len(stored):
+                raise InvalidManifest(
+                    f"KV-cache group {g} of the session's base stores blocks {first}-"
+                    f"{first + len(stored) - 1}, not {part.first}-"
+                    f"{part.first + part.base_blocks - 1}")
+            taken = list(stored[at : at + part.base_blocks])
+        taken += part.pages
+        pages += taken
+        groups.append(PageGroup(part.first, len(taken)))
+    return pages, groups

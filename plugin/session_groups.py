@@ -1,0 +1,179 @@
+"""Session turns of a model with several KV-cache groups. Runs in EngineCore, for the scheduler
+side (plugin/sessions.py has the turn's life; this module, which blocks of which group it saves).
+
+A turn stores, per group, what the engine keeps of that group at the turn's split point, as a
+snapshot does (docs/format.md, grouped manifests): a full-attention group every whole block,
+handed to the worker in the step that computes it, as for a model with one group; a
+sliding-window group only the blocks inside its window at the split point (the last whole block
+before the turn's last token). Where that window lies is known only when the turn ends, since a
+stop token may come at any step, while vLLM frees a sliding-window block as soon as the running
+request's window has passed it, and frees, when the request finishes, the blocks outside the
+window of its last computed token: the turn's split point lies up to a block earlier and may
+still read one of them. So:
+
+- in each step, the blocks vLLM is about to free that the window of the earliest possible end of
+  the turn still reads are *held*: one more reference in vLLM's block pool, so no other request
+  is given them. At most a block or two per sliding-window group, let go as the request moves on;
+- when the request finishes, the window's blocks that the turn's stored prefix (its base) does
+  not hold are handed to the worker in the next step, from the request's blocks (vLLM keeps them
+  until the worker reports them copied) or from the held ones, which are let go then.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .jobs import SaveJob
+from .kv_groups import FULL_ATTENTION, GroupLayout
+
+if TYPE_CHECKING:
+    from vllm.v1.core.block_pool import BlockPool
+
+    from .sessions import SessionState
+
+__all__ = ["GroupFinish", "TurnGroupSpec", "finish_groups", "let_go", "plan_group_step",
+           "start_groups", "step_job"]
+
+logger = logging.getLogger("processfork.plugin.sessions")
+
+
+@dataclass(frozen=True)
+class TurnGroupSpec:
+    """One KV-cache group of a finished turn: blocks ``first .. end - 1``, the first
+    ``base_blocks`` of them pages of the turn's base (the stored prefix it was admitted with),
+    the others saved under ``steps``, in block order."""
+
+    first: int
+    base_blocks: int
+    end: int
+    steps: list[str]
+
+
+@dataclass
+class GroupFinish:
+    """What a finished turn leaves: its groups, the saves to run in the next step, and the held
+    blocks those saves copy (let go once the worker reports them copied)."""
+
+    groups: list[TurnGroupSpec]
+    saves: list[SaveJob]
+    held: list[Any]
+
+
+def step_job(job: str, group: int, first: int) -> str:
+    """The job (and pin) of one save of a turn's group: its blocks from ``first`` on."""
+    return f"{job}.g{group}.{first}"
+
+
+def start_groups(state: SessionState, layout: GroupLayout) -> None:
+    """Give a new session request the per-group fields: every group's table comes with its first
+    scheduled step; the full-attention groups save from the end of the stored prefix on."""
+    state.group_ids = [[] for _ in layout.groups]
+    state.group_next = [state.next_block for _ in layout.groups]
+    state.group_steps = [[] for _ in layout.groups]
+    state.held = {}
+
+
+def plan_group_step(state: SessionState, layout: GroupLayout, block_size: int, pool: BlockPool,
+                    req_id: str, num_prompt: int, computed_before: int,
+                    computed: int) -> list[SaveJob]:
+    """This step's saves of a session request's full-attention groups (the blocks complete
+    after it), and the holds of its sliding-window groups' blocks (see the module's doc)."""
+    assert state.group_ids is not None and state.held is not None
+    saves: list[SaveJob] = []
+    null = pool.null_block.block_id
+    whole = computed // block_size
+    # The turn ends at the earliest after this step's first token and after its prompt: its split
+    # point, and so the window that split reads, start no earlier than this.
+    earliest = max(computed_before + 1, num_prompt)
+    split = (earliest - 1) // block_size * block_size
+    for g, spec in enumerate(layout.groups):
+        table = state.group_ids[g]
+        if spec.kind == FULL_ATTENTION:
+            start, end = state.group_next[g], min(whole, len(table))
+            if end <= start:
+                continue
+            ids = table[start:end]
+            if null in ids:  # never expected: a full-attention group frees nothing while it runs
+                logger.error("processfork: session %s: KV-cache group %d has no block for %d of "
+                             "blocks %d-%d", state.ref, g, ids.count(null), start, end - 1)
+                continue  # the turn lacks these blocks: its commit fails and says so
+            job = step_job(state.job, g, start)
+            saves.append(SaveJob(job=job, req_id=req_id, first_block=start, block_ids=ids,
+                                 final=True, background=True))
+            state.group_steps[g].append(job)
+            state.group_next[g] = end
+            continue
+        low = spec.first_kept(split, block_size)
+        for key in [k for k in state.held if k[0] == g and k[1] < low]:
+            let_go(pool, [state.held.pop(key)])  # no end of the turn reads it any more
+        # vLLM frees the blocks before this at its next step (or at the finish).
+        high = min(spec.first_kept(computed, block_size), len(table))
+        for i in range(low, high):
+            if (g, i) in state.held or table[i] == null:
+                continue
+            block = pool.blocks[table[i]]
+            if block.ref_cnt <= 0:  # freed already (a preemption): no longer the request's
+                continue
+            pool.touch([block])
+            state.held[(g, i)] = block
+    return saves
+
+
+def finish_groups(state: SessionState, layout: GroupLayout, block_size: int, pool: BlockPool,
+                  req_id: str, count: int, block_ids: tuple[list[int], ...] | None,
+                  base_ranges: list[tuple[int, int]] | None) -> GroupFinish | None:
+    """The groups of a turn of ``count`` tokens whose whole blocks are all handed over (full
+    attention) or in the engine (sliding windows), and the saves of the windows' blocks that
+    the base lacks. None when a window block is gone (never expected: the turn is not
+    committed). Lets go of every held block the saves do not copy."""
+    assert state.group_ids is not None and state.held is not None
+    null = pool.null_block.block_id
+    whole = count // block_size
+    base = state.base.blocks if state.base is not None else 0
+    ranges = layout.stored_ranges(count, block_size)
+    groups: list[TurnGroupSpec] = []
+    saves: list[SaveJob] = []
+    copied: list[Any] = []
+    for g, spec in enumerate(layout.groups):
+        if spec.kind == FULL_ATTENTION:
+            groups.append(TurnGroupSpec(0, base, whole, list(state.group_steps[g])))
+            continue
+        first = min(ranges[g][0], whole)
+        reuse = 0
+        if base_ranges is not None and base_ranges[g][0] <= first:
+            reuse = max(0, min(base, base_ranges[g][1], whole) - first)
+        start = first + reuse
+        live = list(block_ids[g]) if block_ids is not None and g < len(block_ids) else []
+        ids: list[int] = []
+        for i in range(start, whole):
+            if i < len(live) and live[i] != null:
+                ids.append(live[i])
+                continue
+            held = state.held.get((g, i))
+            if held is None:
+                logger.error("processfork: session %s: block %d of KV-cache group %d was freed "
+                             "before the turn ended; the turn is not committed", state.ref, i, g)
+                let_go(pool, list(state.held.values()))
+                state.held = {}
+                return None
+            ids.append(held.block_id)
+            copied.append(held)
+        steps: list[str] = []
+        if ids:
+            job = step_job(state.job, g, start)
+            saves.append(SaveJob(job=job, req_id=req_id, first_block=start, block_ids=ids,
+                                 final=True, background=True, release=True))
+            steps.append(job)
+        groups.append(TurnGroupSpec(first, reuse, whole, steps))
+    kept = {id(b) for b in copied}
+    let_go(pool, [b for b in state.held.values() if id(b) not in kept])
+    state.held = {}
+    return GroupFinish(groups, saves, copied)
+
+
+def let_go(pool: BlockPool, blocks: list[Any]) -> None:
+    """Drop the references this module took (vLLM frees a block once nobody holds it)."""
+    if blocks:
+        pool.free_blocks(blocks)
