@@ -17,9 +17,9 @@ is what made a 32K-token checkout of an 8B model take 3.3 s for 4 GiB. Here inst
   waits, never with a host synchronisation per page or chunk: the forward pass that reads the
   loaded blocks simply queues behind the scatter;
 - saves gather a chunk's blocks on the device, copy the chunk to its pinned slot in one
-  device-to-host copy, hash it in threads, and hand it to one writer thread that puts it into
-  LMDB while the next chunk is gathered and copied; chunks that are ready while the writer waits
-  for the disk share its next commit.
+  device-to-host copy, hash it in threads while the next chunks are gathered and copied, and
+  hand it to one writer thread that puts it into LMDB; chunks that are ready while the writer
+  waits for the disk share its next commit.
 
 The same code runs on CPU tensors (no streams, no pinning), which is how CI exercises it end to
 end through vLLM's CPU backend (``kv_connector_extra_config: {"page_path": "staged"}``).
@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -57,15 +57,17 @@ Commit = Callable[[PageItems, int, bool], None]
 
 
 def default_copy_threads() -> int:
-    """Host threads for page copies and hashing: most of the cores vLLM's processes leave idle.
+    """Host threads for page copies and hashing: half the cores, at most 12.
 
-    A GPU server's API server, EngineCore and worker each keep about one core busy.
+    On a 16-core H200 host, 8 threads loaded and saved faster than 12 or 16
+    (``bench/page_path_bench.py``): past that the threads contend for the GIL and for the cores
+    that the worker's own thread, the API server and EngineCore keep busy.
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, min(12, cores - 3))
+    return max(1, min(12, cores // 2))
 
 
 @dataclass
@@ -111,7 +113,20 @@ class _Slot:
     device: torch.Tensor | None  # its twin on the GPU (None on CPU)
     rows: np.ndarray  # host as [2 * chunk, page_bytes] uint8, for memcpy and hashing
     done: torch.cuda.Event | None = None  # device work on this slot finished
-    commit: Future[None] | None = None  # the writer holds this slot's pages until it resolves
+    busy: Future[None] | None = None  # hashing or the writer holds this slot's pages until then
+
+
+@dataclass
+class _SavedChunk:
+    """One chunk of a save between its copy to the host and its commit."""
+
+    rows: np.ndarray  # its pages, in its slot
+    blocks: int
+    last: bool
+    digests: list[bytes]
+    hashed: Future[list[bool]] = field(default_factory=Future)  # which pages are stored already
+    released: Future[None] = field(default_factory=Future)  # the slot's bytes are not needed
+    committed: Future[None] = field(default_factory=Future)
 
 
 class StagedPagePath:
@@ -147,7 +162,7 @@ class StagedPagePath:
         self._stream = torch.cuda.Stream(codec.device) if self.cuda else None
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._ready: list[tuple[PageItems, int, bool, Future[None]]] = []
+        self._ready: list[_SavedChunk] = []
         self.tier = tier
         # Recorded after each load's copies out of the tier: a tier slot is rewritten only once
         # the copies that read it are done.
@@ -451,9 +466,13 @@ class StagedPagePath:
         buffers stay valid until it returns. The first
         exception (copy, hash or commit) is raised here, after the writer has stopped.
 
+        A chunk's hashing runs in the pool while this thread queues the next chunks' gathers and
+        copies, so the device copies one chunk while the host hashes the ones before; only a
+        slot whose pages are still hashed or written holds this thread up.
+
         ``present(digests)`` (the store's page lookup) lets a chunk whose pages are all stored
-        already hand ``commit`` digests only and free its slot at once: the writer then takes
-        many such chunks per commit instead of holding four slots behind the disk.
+        already hand ``commit`` digests only and free its slot once it is hashed: the writer
+        then takes many such chunks per commit instead of holding four slots behind the disk.
         """
         chunks = [list(block_ids[i : i + self.chunk_blocks])
                   for i in range(0, len(block_ids), self.chunk_blocks)]
@@ -462,29 +481,34 @@ class StagedPagePath:
         if self._stream is not None:
             # The blocks were computed by work queued on the engine's stream.
             self._stream.wait_stream(torch.cuda.current_stream(self.codec.device))
-        pending: list[Future[None]] = []
-        previous: tuple[_Slot, list[int], bool] | None = None
+        pending: list[_SavedChunk] = []
         try:
             for c, ids in enumerate(chunks):
                 slot = self._slots[c % len(self._slots)]
-                if slot.commit is not None:
-                    slot.commit.result()  # the writer is done with this slot's pages
-                    slot.commit = None
+                if slot.busy is not None:
+                    slot.busy.result()  # its pages are hashed, and written if any were new
+                    slot.busy = None
                 self._from_blocks(slot, ids)
-                if previous is not None:
-                    pending.append(self._hash_and_commit(*previous, None, commit, present))
-                previous = (slot, ids, c == len(chunks) - 1)
-            assert previous is not None
-            pending.append(self._hash_and_commit(*previous, valid_in_last, commit, present))
+                last = c == len(chunks) - 1
+                if last and valid_in_last is not None:
+                    if slot.done is not None:
+                        slot.done.synchronize()
+                    self.codec.mask_tail(slot.host[len(ids) - 1], valid_in_last)
+                chunk = self._hash_in_pool(slot, len(ids), last, present)
+                slot.busy = chunk.released
+                pending.append(chunk)
+                with self._lock:
+                    self._ready.append(chunk)
+                self._writer.submit(self._commit_ready, commit)
         finally:
             errors = []
-            for fut in pending:
+            for chunk in pending:
                 try:
-                    fut.result()
+                    chunk.committed.result()
                 except BaseException as exc:  # noqa: BLE001 - the first is raised below
                     errors.append(exc)
             for slot in self._slots:
-                slot.commit = None
+                slot.busy = None
             if errors:
                 raise errors[0]
 
@@ -500,34 +524,47 @@ class StagedPagePath:
             slot.host[:n].copy_(dev, non_blocking=True)
             slot.done = self._record(slot.done)
 
-    def _hash_and_commit(
-        self, slot: _Slot, ids: list[int], last: bool, valid_in_last: int | None, commit: Commit,
-        present: Callable[[list[bytes]], list[bool]] | None = None,
-    ) -> Future[None]:
-        n = len(ids)
-        if slot.done is not None:
-            slot.done.synchronize()
-        if last and valid_in_last is not None:
-            self.codec.mask_tail(slot.host[n - 1], valid_in_last)
+    def _hash_in_pool(
+        self, slot: _Slot, n: int, last: bool,
+        present: Callable[[list[bytes]], list[bool]] | None,
+    ) -> _SavedChunk:
+        """Hash a chunk's pages in the pool, each slice once the chunk's copy to the host is
+        done; the slice that ends last looks the digests up in the store."""
         rows = slot.rows[: 2 * n]
-        digests: list[bytes] = [b""] * (2 * n)
+        chunk = _SavedChunk(rows, n, last, [b""] * (2 * n))
+        copied = slot.done  # not recorded again before the slot is released
 
         def part(lo: int, hi: int) -> None:
+            if copied is not None:
+                copied.synchronize()
             for i in range(lo, hi):
-                digests[i] = page_digest(rows[i])
+                chunk.digests[i] = page_digest(rows[i])
             if self.tier is not None:
-                self._keep_in_tier(rows, digests, lo, hi)
+                self._keep_in_tier(rows, chunk.digests, lo, hi)
 
-        list(self._spread(2 * n, part))
-        stored = present(digests) if present is not None else [False] * (2 * n)
-        items: PageItems = [(d, None if there else memoryview(row))
-                            for d, there, row in zip(digests, stored, rows)]
-        done: Future[None] = Future()
-        with self._lock:
-            self._ready.append((items, n, last, done))
-        self._writer.submit(self._commit_ready, commit)
-        slot.commit = None if all(stored) else done  # no bytes of this slot left to write
-        return done
+        parts = self._submit_slices(2 * n, part)
+        left = [len(parts)]
+
+        def settle(_: Future[None]) -> None:
+            with self._lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            try:
+                for future in parts:
+                    future.result()
+                stored = present(chunk.digests) if present is not None else [False] * (2 * n)
+            except BaseException as exc:  # noqa: BLE001 - raised by the writer and by save
+                chunk.hashed.set_exception(exc)
+                chunk.released.set_exception(exc)
+                return
+            chunk.hashed.set_result(stored)
+            if all(stored):
+                chunk.released.set_result(None)  # no bytes of this slot left to write
+
+        for future in parts:
+            future.add_done_callback(settle)
+        return chunk
 
     def _keep_in_tier(self, rows: np.ndarray, digests: list[bytes], lo: int, hi: int) -> None:
         """Copy saved pages the tier lacks into it: a checkout after a restart finds them there."""
@@ -539,7 +576,7 @@ class StagedPagePath:
             tier.publish(slot, digests[i])
 
     def _commit_ready(self, commit: Commit) -> None:
-        """Commit every chunk hashed so far in one call (one durable LMDB commit).
+        """Commit every chunk queued so far in one call (one durable LMDB commit).
 
         While the writer waits on the disk, the next chunks are gathered and hashed; they are
         then committed together, so a save costs a few commits, not one per chunk.
@@ -549,20 +586,25 @@ class StagedPagePath:
         if not batch:
             return
         try:
-            commit([item for items, _, _, _ in batch for item in items],
-                   sum(n for _, n, _, _ in batch), any(last for _, _, last, _ in batch))
+            items: PageItems = []
+            for chunk in batch:
+                stored = chunk.hashed.result()
+                items += [(d, None if there else memoryview(row))
+                          for d, there, row in zip(chunk.digests, stored, chunk.rows)]
+            commit(items, sum(chunk.blocks for chunk in batch),
+                   any(chunk.last for chunk in batch))
         except BaseException as exc:  # noqa: BLE001 - handed to every chunk of the batch
-            for *_, done in batch:
-                done.set_exception(exc)
+            for chunk in batch:
+                chunk.committed.set_exception(exc)
+                if not chunk.released.done():
+                    chunk.released.set_exception(exc)
             return
-        for *_, done in batch:
-            done.set_result(None)
+        for chunk in batch:
+            chunk.committed.set_result(None)
+            if not chunk.released.done():
+                chunk.released.set_result(None)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _spread(self, count: int, part: Callable[[int, int], Any]) -> list[Any]:
-        """Run ``part(lo, hi)`` over ``range(count)`` in the pool and wait for every slice."""
-        return [f.result() for f in self._submit_slices(count, part)]
-
     def _submit_slices(self, count: int, part: Callable[[int, int], T]) -> list[Future[T]]:
         """``part(lo, hi)`` over ``range(count)``, one slice per thread. Slices start on even
         indexes, so a block's K and V pages (``2i``, ``2i + 1``) stay in one slice."""
@@ -576,6 +618,8 @@ class StagedPagePath:
         return host.to(self.codec.device, non_blocking=True)
 
     def _record(self, event: torch.cuda.Event | None) -> torch.cuda.Event:
-        event = event or torch.cuda.Event()
+        # Blocking: a thread that waits for the device sleeps instead of spinning on a core the
+        # copy threads need.
+        event = event or torch.cuda.Event(blocking=True)
         event.record(self._stream)
         return event
