@@ -4,7 +4,8 @@ A remote holds the store's objects under the same addresses, in immutable packs 
 and refs moved by conditional writes (docs/format.md, "Remotes"). Modules, one job each:
 `url` (s3:// URLs), `objstore` (the S3 calls, boto3), `layout` (paths and records), `pack`
 (packs and their indexes), `remote` (one remote: format, refs, indexes, verified range reads),
-`local` (what the local store holds), `push`, `fetch` (fetch and pull), `gc` (unreferenced packs),
+`feed` (the bounded queue between range reads and the store's writes), `local` (what the local
+store holds), `push`, `fetch` (fetch and pull), `gc` (unreferenced packs),
 `config` (named remotes in `meta`).
 """
 

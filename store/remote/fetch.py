@@ -12,7 +12,6 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FetchResult", "fetch", "tracking_ref", "update_refs"]
 
-PUT_BATCH = 32 << 20  # bytes of pages per local write transaction
 Progress = Callable[[str, int, int], None]
 
 
@@ -229,26 +227,12 @@ def _fetch_pages(
 
         env.write(run)
 
-    # One writer thread commits a batch while the range reads bring the next: the store's
-    # durable writes overlap the downloads. At most one batch waits for it.
-    batch: list[tuple[bytes, bytes]] = []
-    size = 0
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending: Future[None] | None = None
-        for _, key, data in remote.read_objects(((KIND_PAGE, k) for k in want), progress=progress):
-            batch.append((bytes.fromhex(key), data))
-            size += len(data)
-            result.pages += 1
-            result.bytes += len(data)
-            if size >= PUT_BATCH:
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(write, batch)
-                batch, size = [], 0
-        if pending is not None:
-            pending.result()
-        if batch:
-            write(batch)
+    # The store's durable commits overlap the downloads: each commits, in one transaction,
+    # the pages that arrived during the one before.
+    for batch in remote.read_batches(((KIND_PAGE, k) for k in want), progress=progress):
+        write([(bytes.fromhex(key), data) for _, key, data in batch])
+        result.pages += len(batch)
+        result.bytes += sum(len(data) for _, _, data in batch)
 
 
 def _parents_first(manifests: Mapping[str, bytes]) -> list[str]:

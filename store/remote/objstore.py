@@ -9,13 +9,16 @@ reads and pack uploads. It loads on first use: `pf log` never pays for it.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from processfork.store.remote.errors import RemoteError, RemoteUnreachable
 from processfork.store.remote.url import RemoteUrl
 
-__all__ = ["ConditionFailed", "ListedObject", "ObjectStore", "Stored"]
+__all__ = ["ConditionFailed", "ListedObject", "ObjectStore", "ObjectStream", "Stored"]
 
 
 class ConditionFailed(RemoteError):
@@ -54,9 +57,21 @@ class ObjectStore:
             retries={"max_attempts": 4, "mode": "standard"},
         )
         self._client: Any = boto3.session.Session().client("s3", config=config)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self.requests = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+
+    def pool(self) -> ThreadPoolExecutor:
+        """`parallelism` threads for this remote's requests, started once and kept: on a busy
+        machine a thread takes a while to start, so every call re-using them saves that."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.parallelism, thread_name_prefix="pf-remote"
+                )
+            return self._pool
 
     # -- reads ---------------------------------------------------------------------------------
     def get(self, path: str, byte_range: tuple[int, int] | None = None) -> Stored | None:
@@ -72,6 +87,22 @@ class ObjectStore:
         data = reply["Body"].read()
         self.bytes_received += len(data)
         return Stored(data, reply.get("ETag", ""))
+
+    def open(self, path: str, byte_range: tuple[int, int]) -> ObjectStream | None:
+        """Bytes [start, end) of the object at `path` as a stream, None when it does not exist.
+        A reader takes each object of a range read as soon as its bytes arrive, straight from
+        the connection: no buffer of the whole range, and no copy of it."""
+        start, end = byte_range
+        try:
+            reply = self._call(
+                "get_object",
+                Bucket=self.url.bucket,
+                Key=self.url.key(path),
+                Range=f"bytes={start}-{end - 1}",
+            )
+        except _NotFound:
+            return None
+        return ObjectStream(self, path, reply["Body"])
 
     def list(self, folder: str) -> list[ListedObject]:
         """Every object under `folder/`, keys relative to the remote's folder."""
@@ -141,6 +172,39 @@ class ObjectStore:
             raise RemoteError(f"{op} {kwargs.get('Key', '')}: {message} ({code})") from None
         except BotoCoreError as exc:
             raise RemoteUnreachable(str(self.url), _one_line(exc)) from None
+
+
+class ObjectStream:
+    """The body of one GET, read in pieces of known length."""
+
+    def __init__(self, store: ObjectStore, path: str, body: Any) -> None:
+        self._store = store
+        self._path = path
+        self._body = body
+
+    def read(self, n: int) -> bytes:
+        """Exactly `n` bytes. The object ending sooner is a RemoteError; a connection that
+        breaks (or stalls past the client's timeout) is RemoteUnreachable."""
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            data = self._body.read(n)
+            while 0 < len(data) < n:  # a body returns short reads only at its end
+                more = self._body.read(n - len(data))
+                if not more:
+                    break
+                data += more
+        except BotoCoreError as exc:
+            raise RemoteUnreachable(str(self._store.url), _one_line(exc)) from None
+        if len(data) != n:
+            raise RemoteError(f"remote {self._store.url}: {self._path} is shorter than its index says")
+        self._store.bytes_received += n
+        return data
+
+    def close(self) -> None:
+        # A connection that cannot close cleanly is dropped, which is all a close asks for.
+        with contextlib.suppress(Exception):
+            self._body.close()
 
 
 class _NotFound(Exception):

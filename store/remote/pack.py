@@ -8,13 +8,12 @@ damaged pack nor a lying index can put a wrong byte into a store.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 
 from processfork.store.digest import canonical_json, cid_of, page_digest
 
-__all__ = ["KIND_BLOB", "KIND_PAGE", "KIND_SNAPSHOT", "PackEntry", "PackIndex", "build_pack", "verify"]
+__all__ = ["KIND_BLOB", "KIND_PAGE", "KIND_SNAPSHOT", "PackEntry", "PackIndex", "verify"]
 
 KIND_PAGE = "p"
 KIND_BLOB = "b"
@@ -75,20 +74,6 @@ class PackIndex:
                 raise ValueError(f"entry {key} runs past the pack's end")
             entries.append(PackEntry(kind, key, offset, length))
         return cls(name, size, tuple(entries))
-
-
-def build_pack(objects: list[tuple[str, str, bytes | memoryview]]) -> tuple[bytes, PackIndex]:
-    """Lay out `(kind, key hex, bytes)` objects in one pack; returns its bytes and index."""
-    parts = []
-    entries = []
-    offset = 0
-    for kind, key, data in objects:
-        entries.append(PackEntry(kind, key, offset, len(data)))
-        parts.append(data)
-        offset += len(data)
-    body = b"".join(parts)
-    name = hashlib.sha256(body).hexdigest()
-    return body, PackIndex(name, len(body), tuple(entries))
 
 
 def address_of(kind: str, data: bytes | memoryview) -> str:

@@ -8,14 +8,17 @@ writer moved it since it was read. A ref move that is not a fast-forward is refu
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from processfork.store.digest import cid_key, normalize_cid
-from processfork.store.errors import CorruptPage
+import lmdb
+from processfork.store.digest import normalize_cid
+from processfork.store.errors import CorruptPage, MissingObject
 from processfork.store.remote import layout, local
 from processfork.store.remote.errors import NonFastForward, RemoteError
 from processfork.store.remote.layout import RefValue
@@ -24,7 +27,8 @@ from processfork.store.remote.pack import (
     KIND_BLOB,
     KIND_PAGE,
     KIND_SNAPSHOT,
-    build_pack,
+    PackEntry,
+    PackIndex,
     kind_name,
     verify,
 )
@@ -37,7 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["PACK_SIZE", "PushResult", "RefUpdate", "push"]
 
 PACK_SIZE = 64 << 20  # bytes of objects per pack: one PUT each, several in flight
-READ_BATCH = 8 << 20  # bytes read from the local store per read transaction
 Progress = Callable[[str, int, int], None]
 
 
@@ -191,33 +194,42 @@ def _check_still_there(remote: Remote, packs: set[str]) -> None:
 _DB = {KIND_PAGE: "pages", KIND_BLOB: "blobs", KIND_SNAPSHOT: "snapshots"}
 
 
-def _read_objects(
-    env: Env, objects: list[tuple[str, str]]
-) -> Iterator[tuple[str, str, bytes]]:
-    """The objects' bytes from the local store, verified, a read transaction per batch."""
-    batch: list[tuple[str, str]] = []
+def _packs(
+    env: Env, objects: list[tuple[str, str]], pack_size: int
+) -> Iterator[tuple[bytearray, PackIndex]]:
+    """The objects in packs of about `pack_size` bytes (a pack closes at the first object that
+    reaches it). Each object is verified where it lies in the store's map (a damaged object is
+    never spread) and copied once, straight into its pack's buffer, in one read transaction per
+    pack."""
+    start = 0
+    while start < len(objects):
 
-    def flush() -> Iterator[tuple[str, str, bytes]]:
-        for kind in (KIND_PAGE, KIND_BLOB, KIND_SNAPSHOT):
-            items = [(k, key) for k, key in batch if k == kind]
-            if not items:
-                continue
-            keys = [cid_key(key) if kind == KIND_SNAPSHOT else bytes.fromhex(key) for _, key in items]
-            for (_, key), data in zip(items, local.read_raw(env, _DB[kind], keys)):
-                actual = verify(kind, key, data)
-                if actual is not None:  # never spread a damaged object
+        def build(txn: lmdb.Transaction, first: int = start) -> tuple[bytearray, PackIndex, int]:
+            views: list[tuple[str, str, memoryview]] = []
+            size, end = 0, first
+            while end < len(objects) and (not views or size < pack_size):
+                kind, key = objects[end]
+                view = txn.get(bytes.fromhex(key), db=env.dbs[_DB[kind]])
+                if view is None:
+                    raise MissingObject(kind_name(kind), key)
+                actual = verify(kind, key, view)
+                if actual is not None:
                     raise CorruptPage(key, actual, kind_name(kind))
-                yield kind, key, data
+                views.append((kind, key, view))
+                size += len(view)
+                end += 1
+            body = bytearray(size)
+            name = hashlib.sha256()
+            entries, offset = [], 0
+            for kind, key, view in views:
+                body[offset : offset + len(view)] = view
+                name.update(view)  # while the object is in the CPU's cache
+                entries.append(PackEntry(kind, key, offset, len(view)))
+                offset += len(view)
+            return body, PackIndex(name.hexdigest(), size, tuple(entries)), end
 
-    # Page sizes are not known before reading; batches are bounded by count and read size.
-    size_guess = 0
-    for item in objects:
-        batch.append(item)
-        size_guess += 1
-        if size_guess >= 256:
-            yield from flush()
-            batch, size_guess = [], 0
-    yield from flush()
+        body, index, start = env.read(build, buffers=True)
+        yield body, index
 
 
 def _upload(
@@ -228,38 +240,30 @@ def _upload(
     result: PushResult,
     progress: Progress | None,
 ) -> None:
+    """Build the packs one after the other while the ones before upload: at most
+    `parallelism` packs are in flight (or built and waiting), which bounds the memory."""
     if not objects:
         return
-    pending: list[Future[None]] = []
-    total_objects = len(objects)
+    pool = remote.store.pool()
+    pending: deque[Future[None]] = deque()
     done_objects = 0
-    with ThreadPoolExecutor(max_workers=remote.store.parallelism) as pool:
-
-        def send(parts: list[tuple[str, str, bytes]]) -> None:
-            nonlocal pending
-            body, index = build_pack(parts)
-            # Bound what waits in memory: at most `parallelism` packs in flight.
+    try:
+        for body, index in _packs(env, objects, pack_size):
             while len(pending) >= remote.store.parallelism:
-                pending[0].result()
-                pending = pending[1:]
+                pending.popleft().result()
             pending.append(pool.submit(remote.put_pack, body, index))
             result.packs += 1
             result.bytes += len(body)
-
-        parts: list[tuple[str, str, bytes]] = []
-        size = 0
-        for kind, key, data in _read_objects(env, objects):
-            parts.append((kind, key, data))
-            size += len(data)
-            result.objects += 1
-            setattr(result, kind_name(kind) + "s", getattr(result, kind_name(kind) + "s") + 1)
-            done_objects += 1
+            for entry in index.entries:
+                name = kind_name(entry.kind) + "s"
+                setattr(result, name, getattr(result, name) + 1)
+            result.objects += len(index.entries)
+            done_objects += len(index.entries)
             if progress is not None:
-                progress("objects", done_objects, total_objects)
-            if size >= pack_size:
-                send(parts)
-                parts, size = [], 0
-        if parts:
-            send(parts)
+                progress("objects", done_objects, len(objects))
+        while pending:
+            pending.popleft().result()
+    finally:
         for future in pending:
-            future.result()
+            future.cancel()
+        wait(pending)

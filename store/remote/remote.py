@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
 from dataclasses import dataclass
 
 from processfork.store.errors import InvalidName
@@ -19,16 +20,24 @@ from processfork.store.remote.errors import (
     CorruptRemoteObject,
     RemoteError,
     RemoteFormatUnsupported,
+    RemoteUnreachable,
 )
+from processfork.store.remote.feed import Feed, FeedClosed
 from processfork.store.remote.objstore import ConditionFailed, ObjectStore
 from processfork.store.remote.pack import PackEntry, PackIndex, kind_name, verify
 from processfork.store.remote.url import RemoteUrl
 
 __all__ = ["Located", "Remote"]
 
-#: Range reads of one pack merge objects closer than this, and stop growing past RANGE_MAX.
+#: Range reads of one pack merge objects closer than this; a read covers about
+#: 1/parallelism of what a call wants, at least RANGE_MIN.
 RANGE_GAP = 1 << 20
-RANGE_MAX = 8 << 20
+RANGE_MIN = 8 << 20
+#: Verified objects that wait for the caller, at most (the range reads pause meanwhile).
+FEED_BYTES = 64 << 20
+#: Tries of one range read whose connection breaks midway.
+STREAM_ATTEMPTS = 3
+_RANGE_DONE = object()
 Progress = Callable[[str, int, int], None]
 
 
@@ -168,11 +177,27 @@ class Remote:
         *,
         progress: Progress | None = None,
     ) -> Iterator[tuple[str, str, bytes]]:
-        """Yield `(kind, key, bytes)` for each wanted object, verified, in no particular order.
+        """Yield `(kind, key, bytes)` for each wanted object, verified, in no particular order
+        (read_batches, one at a time)."""
+        for batch in self.read_batches(wanted, progress=progress):
+            yield from batch
 
-        Objects of one pack that lie close together come in one range read; range reads run in
-        parallel. A wanted object the remote lacks is a RemoteError; one whose bytes do not hash
-        to its key is CorruptRemoteObject.
+    def read_batches(
+        self,
+        wanted: Iterable[tuple[str, str]],
+        *,
+        max_bytes: int = FEED_BYTES,
+        progress: Progress | None = None,
+    ) -> Iterator[list[tuple[str, str, bytes]]]:
+        """Yield the wanted objects as `(kind, key, bytes)`, verified, in batches: each batch is
+        what arrived while the caller handled the previous one (at least one object, at most
+        `max_bytes` unless one object is bigger). A caller that commits each batch to a store
+        thus commits bigger batches, with fewer syncs, exactly when its writes fall behind.
+
+        Objects of one pack that lie close together come in one range read, streamed: each
+        object is handed over as soon as its bytes arrive, while the range reads (several in
+        parallel) go on, at most FEED_BYTES ahead of the caller. A wanted object the remote
+        lacks is a RemoteError; one whose bytes do not hash to its key is CorruptRemoteObject.
         """
         by_pack: dict[str, list[PackEntry]] = {}
         total = 0
@@ -182,34 +207,79 @@ class Remote:
                 raise RemoteError(f"remote {self.url} has no {kind_name(kind)} {key}")
             by_pack.setdefault(where.pack, []).append(where.entry)
             total += where.entry.length
-        ranges = [(pack, group) for pack, entries in by_pack.items() for group in _groups(entries)]
-        done = 0
-        pool = ThreadPoolExecutor(max_workers=self.store.parallelism)
+        if not by_pack:
+            return
+        ranges = plan_ranges(by_pack, total, self.store.parallelism)
+        feed = Feed(FEED_BYTES)
+        pool = self.store.pool()
+        futures = [pool.submit(self._stream_range, pack, group, feed) for pack, group in ranges]
         try:
-            futures = [pool.submit(self._read_range, pack, group) for pack, group in ranges]
-            for future in futures:
-                for kind, key, data in future.result():
-                    done += len(data)
+            left, done = len(ranges), 0
+            while left:
+                batch = []
+                for item in feed.get_many(max_bytes):
+                    if item is _RANGE_DONE:
+                        left -= 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        batch.append(item)
+                        done += len(item[2])
+                if batch:
                     if progress is not None:
                         progress("bytes", done, total)
-                    yield kind, key, data
+                    yield batch
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            feed.close()
+            for future in futures:
+                future.cancel()
+            wait(futures)
 
-    def _read_range(self, pack: str, group: list[PackEntry]) -> list[tuple[str, str, bytes]]:
-        start, end = group[0].offset, max(e.end for e in group)
-        got = self.store.get(layout.pack_path(pack), (start, end))
-        if got is None or len(got.data) != end - start:
-            raise RemoteError(f"remote {self.url}: pack {pack} is missing or short")
-        view = memoryview(got.data)
-        out = []
-        for entry in group:
-            data = view[entry.offset - start : entry.end - start]
-            actual = verify(entry.kind, entry.key, data)
-            if actual is not None:
-                raise CorruptRemoteObject(str(self.url), entry.key, actual, kind_name(entry.kind))
-            out.append((entry.kind, entry.key, bytes(data)))
-        return out
+    def _stream_range(self, pack: str, group: list[PackEntry], feed: Feed) -> None:
+        """One range read into `feed`, each object verified; a connection that breaks midway is
+        opened again from the first object not yet read (STREAM_ATTEMPTS in all)."""
+        try:
+            todo = deque(group)
+            for attempt in range(STREAM_ATTEMPTS):
+                try:
+                    self._read_group(pack, todo, feed)
+                    break
+                except _Broken as broken:
+                    if attempt + 1 == STREAM_ATTEMPTS:
+                        raise broken.error from None
+            feed.put_last(_RANGE_DONE)
+        except FeedClosed:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            feed.put_last(exc)
+
+    def _read_group(self, pack: str, todo: deque[PackEntry], feed: Feed) -> None:
+        """Read `todo` (sorted by offset) from one stream; each entry read is removed from it."""
+        start, end = todo[0].offset, max(e.end for e in todo)
+        stream = self.store.open(layout.pack_path(pack), (start, end))
+        if stream is None:
+            raise RemoteError(f"remote {self.url}: pack {pack} is missing")
+        try:
+            pos = start
+            while todo:
+                entry = todo[0]
+                if entry.offset > pos:
+                    try:
+                        stream.read(entry.offset - pos)  # a gap of objects not wanted
+                    except RemoteUnreachable as exc:
+                        raise _Broken(exc) from None
+                try:
+                    data = stream.read(entry.length)
+                except RemoteUnreachable as exc:
+                    raise _Broken(exc) from None
+                actual = verify(entry.kind, entry.key, data)
+                if actual is not None:
+                    raise CorruptRemoteObject(str(self.url), entry.key, actual, kind_name(entry.kind))
+                feed.put((entry.kind, entry.key, data), len(data))
+                pos = entry.end
+                todo.popleft()
+        finally:
+            stream.close()
 
     def put_pack(self, body: bytes, index: PackIndex) -> None:
         """Upload a pack, then its index: a reader sees the pack only once both are there.
@@ -226,20 +296,51 @@ class Remote:
     def _map(self, fn: Callable, items: list) -> list:  # type: ignore[type-arg]
         if len(items) <= 1:
             return [fn(i) for i in items]
-        with ThreadPoolExecutor(max_workers=self.store.parallelism) as pool:
-            return list(pool.map(fn, items))
+        return list(self.store.pool().map(fn, items))
 
 
-def _groups(entries: list[PackEntry]) -> Iterator[list[PackEntry]]:
-    """Entries sorted by offset, cut into runs that one range read covers."""
-    entries = sorted(entries, key=lambda e: e.offset)
-    group: list[PackEntry] = []
-    for entry in entries:
-        if group and (
-            entry.offset - group[-1].end > RANGE_GAP or entry.end - group[0].offset > RANGE_MAX
-        ):
-            yield group
-            group = []
-        group.append(entry)
-    if group:
-        yield group
+class _Broken(Exception):
+    """A range read's connection broke after the remote answered: worth opening again."""
+
+    def __init__(self, error: RemoteUnreachable) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def plan_ranges(
+    by_pack: dict[str, list[PackEntry]], total: int, parallelism: int
+) -> list[tuple[str, list[PackEntry]]]:
+    """The range reads that bring the entries: per pack, runs of entries sorted by offset whose
+    gaps are at most RANGE_GAP, each cut into pieces of about `total / parallelism` bytes (at
+    least RANGE_MIN), so that every connection has work and no request is smaller than it must
+    be. A push's 64 MiB packs come whole when there are enough of them."""
+    target = max(RANGE_MIN, total // max(1, parallelism))
+    out = []
+    for pack, entries in by_pack.items():
+        for run in _runs(entries):
+            size = run[-1].end - run[0].offset
+            pieces = max(1, min(len(run), int(size / target + 0.5)))
+            step = size / pieces
+            group: list[PackEntry] = []
+            cut = 1
+            for entry in run:
+                if group and entry.offset - run[0].offset >= cut * step:
+                    out.append((pack, group))
+                    group = []
+                    while entry.offset - run[0].offset >= cut * step:
+                        cut += 1
+                group.append(entry)
+            out.append((pack, group))
+    return out
+
+
+def _runs(entries: list[PackEntry]) -> Iterator[list[PackEntry]]:
+    """Entries sorted by offset, cut where the gap to the next exceeds RANGE_GAP."""
+    run: list[PackEntry] = []
+    for entry in sorted(entries, key=lambda e: e.offset):
+        if run and entry.offset - run[-1].end > RANGE_GAP:
+            yield run
+            run = []
+        run.append(entry)
+    if run:
+        yield run
