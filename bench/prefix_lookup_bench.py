@@ -30,34 +30,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from processfork.store import Manifest, SnapshotSequence, Store
+from processfork.store import Store
 from processfork.store.prefix_index import partition_root
 from rich.console import Console
 from rich.table import Table
+from store_fill import fill, random_tokens
 
 BLOCK = 32
 FINGERPRINT = {"block_size": BLOCK, "model": "bench", "kv_dtype": "float32"}
+VOCAB = 32000
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(10, 32000) for _ in range(n)]
-
-
-def build(path: Path, snapshots: int, n: int, rng: random.Random) -> list[list[int]]:
-    seqs = []
-    with Store(path) as store:
-        for i in range(snapshots):
-            toks = _tokens(rng, n)
-            blocks = -(-n // BLOCK)
-            pages = [rng.randbytes(2048) for _ in range(2 * blocks)]
-            result = store.put_pages(pages)
-            ref = store.put_tokens(toks)
-            hexes = [d.hex() for d in result.digests]
-            seq = SnapshotSequence(ref, [(hexes[j], hexes[j + 1]) for j in range(0, len(hexes), 2)])
-            store.write_snapshot(Manifest(name=f"s{i}", parents=[], fingerprint=FINGERPRINT,
-                                          sequences=[seq]), ref=f"s{i}", move_head=False)
-            seqs.append(toks)
-    return seqs
+    return random_tokens(rng, n, VOCAB)
 
 
 def vllm_hashing(toks: list[int]) -> None:
@@ -83,10 +68,10 @@ def main() -> None:
     parser.add_argument("--snapshots", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=4096)
     opts = parser.parse_args()
-    rng = random.Random(7)
+    rng = random.Random(8)  # the requests' tokens; the stored ones come from seed 7
     n = opts.tokens
     with tempfile.TemporaryDirectory() as tmp:
-        seqs = build(Path(tmp) / "store", opts.snapshots, n, rng)
+        seqs = fill(Path(tmp) / "store", FINGERPRINT, opts.snapshots, n, vocab=VOCAB, seed=7)
         root = partition_root(FINGERPRINT)
         limit = (n - 1) // BLOCK
         with Store(Path(tmp) / "store") as store:

@@ -1,6 +1,7 @@
 """Serving under load: what the plugin costs when nobody snapshots.
 
     .venv/bin/python bench/serve_bench.py [--quick] [--markdown] [--rounds N]
+                                          [--store-snapshots N [--store-snapshot-tokens T]]
 
 Three servers from the same launcher plan, all up for the whole run: ``pf serve`` with our KV
 connector; the same with vLLM's no-op connector (``noop_connector.py``) instead of ours, which
@@ -18,6 +19,14 @@ same prompts (same seed). Stalled runs (see ``valid_runs``) are recorded and run
 Reported: medians over runs of request and output token throughput and median TTFT, server CPU
 time per request, and the time per token of a single request decoding alone (where a per-step
 cost shows most), as ratios to the server without a connector.
+
+``--store-snapshots N``: before the runs, our server's store is filled with N snapshots of
+``--store-snapshot-tokens`` random tokens each, under the engine's own fingerprint (read from its
+status and its record in the store), none of which any benchmark prompt starts with
+(``store_fill.py``). Auto-restore is on (the default), so every request that misses vLLM's prefix
+cache is looked up among them and found in none: the cost of a large store to a server whose
+requests never match it. Checked: the filled snapshots are in the partition the engine looks up,
+our server counts at least one lookup per benchmark request, and none of them hits.
 
 Model: the bench model (12 layers, 24 KiB of KV per token), as for every other benchmark;
 ``--quick`` uses the tiny model, whose 2-3 ms engine steps make any per-step cost the largest
@@ -49,6 +58,9 @@ from harness import (
     vllm_bench_serve,
     write_json,
 )
+from processfork.store import Store
+from processfork.store.prefix_index import partition_root
+from store_fill import fill, found_blocks, index_entries
 
 WORKLOAD = {
     "num_prefixes": 4,
@@ -104,8 +116,16 @@ CONFIGS = {
 }
 
 
+MAX_MODEL_LEN = 2048
+VOCAB = 1024
+"""The model builder's vocabulary (bench and tiny presets): the filled snapshots' token ids."""
+LOOKUPS = "processfork_prefix_lookups_total"
+HITS = "processfork_prefix_lookup_hits_total"
+
+
 def start_servers(model: Path, root: Path, name: str) -> dict[str, Server]:
-    args = ["--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memory-bytes", "512M"]
+    args = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+            "--kv-cache-memory-bytes", "512M"]
     noop = json.dumps({"kv_connector": "NoopConnector", "kv_connector_module_path":
                        "noop_connector", "kv_role": "kv_both"}, separators=(",", ":"))
     servers = {
@@ -119,6 +139,29 @@ def start_servers(model: Path, root: Path, name: str) -> dict[str, Server]:
     for srv in servers.values():
         srv.start()
     return servers
+
+
+def fill_store(srv: Server, snapshots: int, tokens: int) -> dict:
+    """Fill ``srv``'s store with snapshots no prompt matches, in its engine's partition."""
+    fingerprint = srv.status()["engine"]["fingerprint"]
+    root = partition_root(fingerprint)
+    with Store(srv.store) as store:  # what the engine's prefix lookup reads its fingerprint from
+        records = [r["fingerprint"] for r in store.meta_items("engine:").values()
+                   if isinstance(r.get("fingerprint"), dict)]
+    check(bool(records) and all(partition_root(f) == root for f in records),
+          f"{srv.name}: the engine's stored fingerprint is not the one its status reports")
+    t = time.perf_counter()
+    seqs = fill(srv.store, fingerprint, snapshots, tokens, vocab=VOCAB)
+    seconds = time.perf_counter() - t
+    block_size = int(fingerprint["block_size"])
+    check(found_blocks(srv.store, fingerprint, seqs[-1]) == tokens // block_size,
+          "the filled snapshots are not in the engine's partition")
+    status = srv.status()["store"]
+    info = {"snapshots": snapshots, "tokens": tokens, "index_entries": index_entries(srv.store),
+            "fill_seconds": seconds, "store": status}
+    console.log(f"{srv.name}: store filled with {snapshots:,} snapshots of {tokens:,} tokens "
+                f"({info['index_entries']:,} index records) in {seconds:.0f} s")
+    return info
 
 
 STALL_FACTOR = 2.0
@@ -166,7 +209,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests and runs")
     parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     parser.add_argument("--rounds", type=int, default=None, help="runs per server")
+    parser.add_argument("--store-snapshots", type=int, default=0,
+                        help="fill our server's store with this many snapshots no prompt matches")
+    parser.add_argument("--store-snapshot-tokens", type=int, default=MAX_MODEL_LEN,
+                        help="tokens per filled snapshot (default: the servers' max-model-len)")
     opts = parser.parse_args()
+    load_start = os.getloadavg()
 
     preset = "tiny" if opts.quick else "bench"
     num_prompts = 64 if opts.quick else 32
@@ -180,14 +228,20 @@ def main() -> int:
     decode: dict[str, list[float]] = {k: [] for k in CONFIGS}
     threads: dict[str, int] = {}
     servers: dict[str, Server] = {}
+    filled: dict = {}
+    lookups: dict[str, float] = {}
+    sent_to_ours = 0
     try:
         servers = start_servers(model, root, preset)
         threads = {k: s.threads() for k, s in servers.items()}
         check(len(set(threads.values())) == 1, f"thread counts differ: {threads}")
+        if opts.store_snapshots:
+            filled = fill_store(servers["ours"], opts.store_snapshots, opts.store_snapshot_tokens)
         order = list(CONFIGS)
         for k in order:  # warm-up run, discarded
             only(servers, k).reset_prefix_cache()
             bench_serve(servers[k], model, num_prompts // 4, root / f"warmup-{k}.json", 1)
+            sent_to_ours += num_prompts // 4 if k == "ours" else 0
             decode_ms_per_token(servers[k], 16)
         steps_metric = "vllm:iteration_tokens_total_count"
         attempt = 0
@@ -201,6 +255,7 @@ def main() -> int:
                 srv.reset_prefix_cache()
                 cpu0, steps0 = group_cpu_seconds(srv), srv.metric(steps_metric)
                 result = bench_serve(srv, model, num_prompts, root / f"{k}-{attempt}.json", 0)
+                sent_to_ours += num_prompts if k == "ours" else 0
                 cpu, steps = group_cpu_seconds(srv) - cpu0, srv.metric(steps_metric) - steps0
                 all_runs[k].append({**{key: result[key] for key in KEYS}, "engine_steps": steps,
                                     "cpu_ms_per_request": cpu * 1000 / num_prompts})
@@ -219,6 +274,11 @@ def main() -> int:
         for r in range(rounds):
             for k in order[r % 3:] + order[: r % 3]:
                 decode[k].append(decode_ms_per_token(only(servers, k), decode_tokens))
+        # Every benchmark request missed vLLM's prefix cache somewhere (its unique suffix), so
+        # with auto-restore on each was looked up in the store at least once; none may match.
+        ours = only(servers, "ours")
+        lookups = {"lookups": ours.metric(LOOKUPS), "hits": ours.metric(HITS),
+                   "benchmark_requests": sent_to_ours}
     finally:
         for srv in servers.values():
             if srv.process is not None:
@@ -233,21 +293,28 @@ def main() -> int:
                 "decode_ms": min(decode[k])} for k, v in runs.items()}
     med = {k: {**{key: median(r[key] for r in v) for key in (*KEYS, "cpu_ms_per_request")},
                "decode_ms": median(decode[k])} for k, v in runs.items()}
-    targets = comparison(best, med, "ours", "our connector", True)
+    ours_label = "our connector" + (f" ({opts.store_snapshots:,} snapshots stored)"
+                                    if opts.store_snapshots else "")
+    targets = comparison(best, med, "ours", ours_label, True)
     targets += comparison(best, med, "noop", "vLLM's no-op connector", False)
     wl = WORKLOAD
     title = (f"Serving, {preset} model: {num_prompts} requests x {rounds} runs per server "
              f"(stalled client runs, run again: {stalled}), "
              f"{wl['num_prefixes']} shared prefixes of {wl['prefix_len']} + {wl['suffix_len']} "
              f"unique tokens, {wl['output_len']} output tokens, concurrency "
-             f"{wl['max_concurrency']}; worker threads {threads.get('ours')}")
+             f"{wl['max_concurrency']}; worker threads {threads.get('ours')}"
+             + (f"; our store: {opts.store_snapshots:,} snapshots of "
+                f"{opts.store_snapshot_tokens:,} tokens, none matching" if filled else ""))
+    write_json("serve", {"model": preset, "workload": WORKLOAD, "num_prompts": num_prompts,
+                         "rounds": rounds, "threads": threads, "loadavg_start": load_start,
+                         "store_fill": filled, "prefix_lookups": lookups, "runs": runs,
+                         "all_runs": all_runs, "stalled": stalled, "decode_ms_per_token": decode,
+                         "best": best, "median": med, "targets": targets})
+    check(lookups["hits"] == 0, f"a benchmark prompt matched a stored snapshot: {lookups}")
+    check(lookups["lookups"] >= sent_to_ours, f"fewer lookups than requests: {lookups}")
     console.print(targets_table(title, targets))
     if opts.markdown:
         print(targets_markdown(targets))
-    write_json("serve", {"model": preset, "workload": WORKLOAD, "num_prompts": num_prompts, "rounds": rounds,
-                         "threads": threads, "runs": runs, "all_runs": all_runs, "stalled": stalled,
-                         "decode_ms_per_token": decode,
-                         "best": best, "median": med, "targets": targets})
     ok = all(t.ok is not False for t in targets)
     return 0 if ok or opts.quick else 1
 
