@@ -14,6 +14,8 @@ range reads, each verified, committed and indexed like a `pf fetch`. Meanwhile t
 side answers vLLM "not ready, ask later" for the request, and once the fetch has committed,
 the local prefix index finds the snapshot and the request loads it as any transparent restore
 does. A fetch that fails lets its requests compute; the snapshot is not tried again for a while.
+The fetch records the snapshot in the store's FETCH_HEAD reflog, in the transaction that commits
+it: no ref names it, and a local gc keeps it until that entry expires.
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ class RemoteRestorer:
 
             t0 = time.perf_counter()
             result = fetch(self.store.env, self.catalog.remote, cids=[cid], accept=accept,
-                           roots={cid: record.root})
+                           roots={cid: record.root}, reason="a transparent restore")
             self.stats.fetches += 1
             self.stats.fetched_bytes += result.bytes
             logger.info("processfork: fetched %s from %s for a restore: %d pages, %.1f MiB "

@@ -21,6 +21,7 @@ from processfork.store.errors import InvalidName, RefConflict
 
 __all__ = [
     "ANY",
+    "FETCH_HEAD",
     "HEAD",
     "HeadInfo",
     "ReflogEntry",
@@ -28,6 +29,10 @@ __all__ = [
 ]
 
 HEAD = "HEAD"
+#: Not a ref: the reflog of the snapshots fetched from a remote by cid (a server's transparent
+#: restores and checkouts of a cid), one `fetch` entry each, so gc keeps them as it keeps what
+#: any reflog entry names, until the entry expires.
+FETCH_HEAD = "FETCH_HEAD"
 _SYMREF = "ref: "
 _MAX_NAME_BYTES = 255
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
@@ -75,12 +80,15 @@ class ReflogEntry:
 
 
 def validate_ref_name(name: str) -> str:
-    """git check-ref-format rules, plus: no leading '-', not 'HEAD', at most 255 UTF-8 bytes."""
+    """git check-ref-format rules, plus: no leading '-', not 'HEAD' or 'FETCH_HEAD', at most 255
+    UTF-8 bytes."""
     if not isinstance(name, str) or not name:
         raise InvalidName(str(name), "empty")
     reason = None
     if name == HEAD:
         reason = "HEAD is reserved; use checkout_head"
+    elif name == FETCH_HEAD:
+        reason = "FETCH_HEAD is reserved: the reflog of snapshots fetched by cid"
     elif len(name.encode("utf-8")) > _MAX_NAME_BYTES:
         reason = f"longer than {_MAX_NAME_BYTES} bytes"
     elif name.startswith("-"):

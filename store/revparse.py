@@ -10,7 +10,7 @@ from typing import Any
 import lmdb
 from processfork.store.digest import CID_PREFIX, cid_key
 from processfork.store.errors import AmbiguousRevision, UnknownRevision
-from processfork.store.refs import HEAD, read_head, read_ref, read_reflog
+from processfork.store.refs import FETCH_HEAD, HEAD, read_head, read_ref, read_reflog
 
 __all__ = ["MIN_PREFIX", "resolve_in", "stored_parents"]
 
@@ -75,6 +75,8 @@ def _resolve_base(txn: lmdb.Transaction, dbs: dict[str, Any], rev: str, whole: s
         if head.cid is None:
             raise UnknownRevision(whole)
         return head.cid
+    if rev == FETCH_HEAD:  # the snapshot fetched by cid last, as FETCH_HEAD@{0}
+        return _by_reflog(txn, dbs, FETCH_HEAD, 0, whole)
     low = rev.lower()
     full = _FULL.match(low)
     if full:

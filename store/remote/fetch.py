@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 from processfork.store import objects as _objects
 from processfork.store import refs as _refs
-from processfork.store.digest import cid_key
+from processfork.store.digest import cid_key, normalize_cid
 from processfork.store.errors import RefConflict
 from processfork.store.manifest import (
     InvalidManifest,
@@ -70,10 +70,13 @@ def fetch(
     accept: Callable[[Mapping[str, dict[str, Any]]], None] | None = None,
     progress: Progress | None = None,
     roots: Mapping[str, bytes] | None = None,
+    reason: str = "",
 ) -> FetchResult:
     """Bring in what the remote's refs (all, or `names`) reach; record them as tracking refs
     `remotes/<remote_name>/<ref>` when a name is given. With `cids`, bring in those snapshots
-    (and their history) instead of any ref's.
+    (and their history) instead of any ref's, and record each one the store lacked in the
+    FETCH_HEAD reflog, in the transaction that commits it (`reason` says what it was fetched
+    for): no ref names it, and gc keeps it as long as that entry lives.
 
     `accept`, if given, sees every manifest to be fetched (cid -> stored form) before any page
     or blob moves, and may refuse them by raising. Each fetched snapshot goes into the local
@@ -82,7 +85,7 @@ def fetch(
     t0 = time.perf_counter()
     requests0 = remote.store.requests
     result = FetchResult(str(remote.url))
-    cids = list(cids)
+    cids = [normalize_cid(c) for c in cids]
     if not remote.check_format(create=False):
         if cids:
             raise RemoteError(f"remote {remote.url} is empty: it has no snapshot {cids[0]}")
@@ -115,7 +118,10 @@ def fetch(
             unknown = [c for c in order if c not in known]
             known.update((c, r.root) for c, r in read_records(
                 remote, unknown, cache_dir=remote.index_cache).items())
-            _commit(env, manifests, order, tables, remote_name, result.refs, pin, known)
+            fetched = [c for c in cids if c in manifests]
+            note = f"from {remote.url}" + (f" for {reason}" if reason else "")
+            _commit(env, manifests, order, tables, remote_name, result.refs, pin, known,
+                    fetched=fetched, note=note)
         except BaseException:
             env.write(lambda txn: _objects.drop_pin(txn, env.dbs, pin))
             raise
@@ -264,9 +270,13 @@ def _commit(
     refs: Mapping[str, str],
     pin: str | None,
     roots: Mapping[str, bytes] | None = None,
+    *,
+    fetched: Iterable[str] = (),
+    note: str = "",
 ) -> None:
     """ONE transaction: the manifests (each checked against what it names) and their prefix
-    index entries, the tracking refs, the pin dropped."""
+    index entries, the tracking refs, a FETCH_HEAD entry for each cid of `fetched`, the pin
+    dropped. So no gc ever sees a fetched snapshot that nothing keeps."""
     parsed = []
     for cid in order:
         data = manifests[cid]
@@ -292,6 +302,8 @@ def _commit(
                 if _refs.read_ref(txn, env.dbs, ref) != cid:
                     _refs.set_ref(txn, env.dbs, ref, cid, action="update",
                                   message=f"fetch {remote_name}", now=t / 1e6)
+        for cid in fetched:
+            _refs.append_reflog(txn, env.dbs, _refs.FETCH_HEAD, None, cid, "fetch", note, t / 1e6)
         if pin is not None:
             _objects.drop_pin(txn, env.dbs, pin)
 

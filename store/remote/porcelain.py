@@ -193,7 +193,7 @@ def fetch_revision(
         client.load_indexes()
         if not client.has(KIND_SNAPSHOT, cid[len("sha256:") :]):
             return None
-        fetch(store.env, client, cids=[cid], accept=accept)
+        fetch(store.env, client, cids=[cid], accept=accept, reason="a checkout")
         return cid
     try:
         _refs.validate_ref_name(rev)
@@ -202,7 +202,7 @@ def fetch_revision(
     value = client.read_ref(rev)
     if value is None:
         return None
-    fetch(store.env, client, cids=[value.cid], accept=accept)
+    fetch(store.env, client, cids=[value.cid], accept=accept, reason=f"a checkout of {rev}")
     if store.get_ref(rev) is None:
         update_refs(store.env, {rev: value.cid}, message=f"checkout from {url}")
     return value.cid
