@@ -51,6 +51,9 @@ from processfork.plugin.codec import PageCodec, codec_for
 from processfork.plugin.staged_pages import StagedPagePath, default_copy_threads
 from processfork.store import Store, page_digest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import copy_seconds
+
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B: 128 KiB of KV per token in bf16
 GiB = 1 << 30
@@ -152,26 +155,6 @@ def page_offsets(store: Store, digests: list[bytes], data_file: str) -> list[int
     return store.with_page_locations(digests, lambda views, *_: [offset(v) for v in views])
 
 
-def device_copies(nbytes: int) -> dict[str, float]:
-    """Best of 5 pinned host->device and device->host copies (CUDA events)."""
-    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    out = {}
-    for name, (dst, src) in {"h2d": (dev, host), "d2h": (host, dev)}.items():
-        times = []
-        for _ in range(6):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src, non_blocking=True)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        out[name] = min(times[1:])
-    del host, dev
-    torch.cuda.empty_cache()
-    return out
-
-
 def synced(device: str, fn: Callable[[], Any]) -> tuple[float, Any]:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -236,7 +219,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         host_rows = np.empty((2 * n, page_bytes), dtype=np.uint8)
         store.read_pages_into(digests, host_rows, page_bytes, verify=False)
         if device == "cuda":
-            results["copies"] = device_copies(nbytes)
+            results["copies"] = copy_seconds(nbytes, cuda=True)
     for threads in opts.threads:
         results["threads"][threads] = rounds(opts, work / "store", codec, device, threads,
                                              saved, targets, digests, host_rows, data_file,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+from processfork.store import Store
 
 from processfork_dev.store_damage import damage_object as damage_page  # noqa: F401 (re-exported)
 
@@ -65,3 +68,15 @@ def metric(server: Any, name: str) -> float:
         if line.startswith((name + "{", name + " ")):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def wait_for_ref(store_path: Path | str, ref: str, old: str | None) -> str:
+    """The ref's new value: a session turn commits after its response, on the engine's side."""
+    deadline = time.monotonic() + 120
+    while True:
+        with Store(store_path, readonly=True) as store:
+            now = store.get_ref(ref)
+        if now is not None and now != old:
+            return now
+        assert time.monotonic() < deadline, f"{ref} did not move from {old}"
+        time.sleep(0.2)

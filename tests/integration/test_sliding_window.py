@@ -13,13 +13,22 @@ recomputes damaged pages of either group. One server for the module, one restart
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from conftest import EAGER, MODELS_DIR, SESSION_SERVER_ARGS
-from pf_http import PF, cached_tokens, complete, damage_page, get, pf, post, random_tokens
+from pf_http import (
+    PF,
+    cached_tokens,
+    complete,
+    damage_page,
+    get,
+    pf,
+    post,
+    random_tokens,
+    wait_for_ref,
+)
 from processfork.plugin.kv_groups import GroupLayout
 from processfork.store import Manifest, Store
 
@@ -54,18 +63,6 @@ class Before:
     repair: dict[str, Any] = field(default_factory=dict)
 
 
-def _wait_for_ref(store_path, ref: str, old: str | None) -> str:
-    """The ref's new value: a turn commits after its response, on the engine's side."""
-    deadline = time.monotonic() + 120
-    while True:
-        with Store(store_path, readonly=True) as store:
-            now = store.get_ref(ref)
-        if now is not None and now != old:
-            return now
-        assert time.monotonic() < deadline, f"{ref} did not move from {old}"
-        time.sleep(0.2)
-
-
 def _turn(server, prompt: list[int]) -> dict[str, Any]:
     with Store(server.store, readonly=True) as store:
         old = store.get_ref(REF)
@@ -74,7 +71,7 @@ def _turn(server, prompt: list[int]) -> dict[str, Any]:
     output = list(out["choices"][0]["token_ids"])
     return {"reply": out["kv_transfer_params"]["processfork"], "completion": out,
             "tokens": prompt + output[:-1], "output": output,
-            "cid": _wait_for_ref(server.store, REF, old)}
+            "cid": wait_for_ref(server.store, REF, old)}
 
 
 @pytest.fixture(scope="module")

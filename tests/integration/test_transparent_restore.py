@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from pf_http import cached_tokens, complete, headers, metric, pf, post, random_tokens
+from pf_http import cached_tokens, complete, headers, metric, pf, post, random_tokens, wait_for_ref
 from processfork.store import Store
 from typer.testing import CliRunner
 
@@ -46,18 +46,6 @@ class Before:
     turns: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _wait_for_ref(store_path, ref: str, old: str | None) -> str:
-    """The ref's new value: a turn commits after its response, on the engine's side."""
-    deadline = time.monotonic() + 120
-    while True:
-        with Store(store_path, readonly=True) as store:
-            now = store.get_ref(ref)
-        if now is not None and now != old:
-            return now
-        assert time.monotonic() < deadline, f"{ref} did not move from {old}"
-        time.sleep(0.2)
-
-
 def _turn(client, server, store_path, history: list[dict[str, str]], message: str) -> dict:
     history.append({"role": "user", "content": message})
     with Store(store_path, readonly=True) as store:
@@ -72,7 +60,7 @@ def _turn(client, server, store_path, history: list[dict[str, str]], message: st
     return {"reply": extra["kv_transfer_params"]["processfork"],
             "prompt": list(extra["prompt_token_ids"]),
             "output": list(response.choices[0].model_extra["token_ids"]),
-            "cid": _wait_for_ref(store_path, REF, old)}
+            "cid": wait_for_ref(store_path, REF, old)}
 
 
 def _message(i: int) -> str:
@@ -224,7 +212,7 @@ def test_the_session_header_commits_like_kv_transfer_params(server, before, pf_s
     response = _post_with_session(server, body, "it-header")
     assert response.status_code == 200, response.text
     assert response.json()["kv_transfer_params"]["processfork"]["session"] == "sessions/it-header"
-    _wait_for_ref(pf_store, "sessions/it-header", None)
+    wait_for_ref(pf_store, "sessions/it-header", None)
     bad = _post_with_session(server, body, "a..b")
     assert bad.status_code == 400
     assert bad.json()["error"]["type"] == "invalid_request"
