@@ -79,9 +79,10 @@ class GroupSpec:
         """Bytes of one layer's state: what a block of this group holds before its padding."""
         import math
 
-        sizes = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1,
-                 "float8_e4m3fn": 1, "float8_e5m2": 1, "float64": 8}
-        return sum(math.prod(shape) * sizes[dtype] for shape, dtype in self.state or ())
+        import torch
+
+        return sum(math.prod(shape) * getattr(torch, dtype).itemsize
+                   for shape, dtype in self.state or ())
 
     def first_kept(self, tokens: int, block_size: int) -> int:
         """The first block this group still holds once ``tokens`` tokens are computed: vLLM frees

@@ -52,7 +52,7 @@ from .jobs import (
     job_meta_key,
     tokens_digest,
 )
-from .kv_groups import MAMBA
+from .kv_groups import MAMBA, GroupLayout
 from .loader import LoadItem, LoadTicket, PipelinedLoader
 from .page_writer import PageWriter, QueuedPages
 from .prefix_lookup import is_restore_job
@@ -202,11 +202,18 @@ class WorkerSide:
             buf = np.empty((2, self.codec.page_bytes), dtype=np.uint8)
             self._page_buf = buf
             self._page_row = torch.from_numpy(buf).view(g.dtype).view(2, g.num_layers, -1)
+            layout = GroupLayout.from_fingerprint(self.kv_groups)
             for group, layer_ids in state_groups.items():
-                self._state_masks[group] = state_mask(
-                    layers, self._views.k, self._views.v,
-                    [t for n, t in states.items() if _layer_number(n) in layer_ids],
-                )
+                views = [t for n, t in states.items() if _layer_number(n) in layer_ids]
+                size = layout.groups[group].state_bytes()
+                if any(t[0].numel() * t.element_size() != size for t in views):
+                    # The pages would keep a part of the state, or zero a part of it.
+                    raise ValueError(
+                        f"processfork: Mamba group {group} registers states of "
+                        f"{sorted({t[0].numel() * t.element_size() for t in views})} bytes, "
+                        f"its spec says {size}"
+                    )
+                self._state_masks[group] = state_mask(layers, self._views.k, self._views.v, views)
             if self.pipelined_loads:
                 self._loader = PipelinedLoader(
                     self.store, self._views, verify=self.verify_loads,
