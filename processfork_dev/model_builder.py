@@ -528,7 +528,8 @@ def content_digest(folder: str | os.PathLike[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m processfork_dev.model_builder",
-        description="Build a random-weight Llama (for tests, demos and benchmarks) into PATH.",
+        description="Build a random-weight model (for tests, demos and benchmarks) into PATH: a "
+                    "Llama, or with --preset hybrid a Granite-4-style model with Mamba2 layers.",
     )
     parser.add_argument("path", help="output folder (reused when already built identically)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
