@@ -189,9 +189,12 @@ class WorkerSide:
         self.layer_index = {n: ptrs.get(t.data_ptr(), -1) for n, t in kv_caches.items()}
         direct = self.codec.device.type == "cpu" and self.page_path != "staged"
         if state_groups and not direct:
+            # Saving a state positionally in its step, and masking its padding, were verified
+            # on vLLM 0.32's CPU backend only; GPU engines move pages through the staged path.
             raise ValueError(
                 "processfork: models with a Mamba (state) KV-cache group are supported on the "
-                "CPU backend's direct page path only"
+                f"CPU backend's direct page path only (this engine: {self.codec.device.type}, "
+                f"page_path {self.page_path!r})"
             )
         if direct:
             if self.host_tier_mib:

@@ -8,7 +8,8 @@ prefix hit, for a prompt that spans several blocks (the state carried across sev
 chunks), one shorter than two blocks (the first boundary's state) and one within a block (no
 state stored, nothing loaded); so is a client request
 that extends a snapshot and loads it from the store by itself (transparent restore), while one
-that shares only a prefix short of the stored state computes. One server, one restart.
+that shares only a prefix short of the stored state computes; repair recomputes a damaged state
+page. One server, one restart.
 
 vLLM 0.32's CPU backend serves the model with prefix caching only in prefill chunks of at most
 one block (``--max-num-batched-tokens`` 128 = the block size; longer chunks fail inside vLLM's
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import EAGER, MODELS_DIR
-from pf_http import PF, cached_tokens, complete, get, pf, random_tokens
+from pf_http import PF, cached_tokens, complete, damage_page, get, pf, random_tokens
 from processfork.plugin.kv_groups import MAMBA, GroupLayout
 from processfork.store import Store
 
@@ -49,6 +50,7 @@ class Before:
     extended: list[int] = field(default_factory=list)
     extended_warm: dict[str, Any] = field(default_factory=dict)
     diverging: list[int] = field(default_factory=list)
+    repair: dict[str, Any] = field(default_factory=dict)
     log: str = ""
 
 
@@ -81,6 +83,8 @@ def before(hybrid_server) -> Before:
     # Shares one block with the snapshot, then differs: the state after that block is not
     # stored (only the state at the snapshot's split point is).
     out.diverging = base[: BLOCK + 3] + random_tokens(8102, 60)
+    out.repair = pf(hybrid_server, "snapshot",
+                    {"name": "hy/repair", "token_ids": random_tokens(8300, 2 * BLOCK + 30)})
     out.log = hybrid_server.log_path.read_text(errors="replace") if hybrid_server.log_path else ""
     hybrid_server.restart()
     return out
@@ -147,6 +151,25 @@ def test_a_prefix_short_of_the_stored_state_is_computed(hybrid_server, before):
     out = complete(hybrid_server, before.diverging, max_tokens=4)
     assert not (out.get("kv_transfer_params") or {}).get("processfork", {}).get("loaded_tokens")
     assert cached_tokens(out) == 0
+
+
+def test_repair_recomputes_a_damaged_state_and_attention_page(hybrid_server, before):
+    cid = before.repair["cid"]
+    layout = _groups(hybrid_server)
+    with Store(hybrid_server.store, readonly=True) as store:
+        seq = store.get_snapshot(cid).sequences[0]
+    damaged = [seq.group_pages(g)[1][-1][1] for g in range(len(layout.groups))]
+    for digest in damaged:
+        damage_page(hybrid_server.store, digest)
+    result = pf(hybrid_server, "repair", {"cid": "hy/repair"})
+    assert result["damaged_pages"] == len(damaged) and result["recomputed_sequences"] == 1
+    assert result["result"] in ("restored", "replaced")
+    repaired = result.get("new_cid") or cid
+    with Store(hybrid_server.store, readonly=True) as store:
+        assert store.get_ref("hy/repair") == repaired
+        assert store.find_damage(repaired).intact
+        again = store.get_snapshot(repaired).sequences[0]
+    assert again.groups == seq.groups  # the state group stores the same one block as before
 
 
 def test_session_turns_are_off_for_a_state_model(before):
