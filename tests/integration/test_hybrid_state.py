@@ -7,9 +7,10 @@ restart a checkout followed by the same completion is bit-identical to the first
 prefix hit, for a prompt that spans several blocks (the state carried across several prefill
 chunks), one shorter than two blocks (the first boundary's state) and one within a block (no
 state stored, nothing loaded); so is a client request
-that extends a snapshot and loads it from the store by itself (transparent restore), while one
-that shares only a prefix short of the stored state computes; repair recomputes a damaged state
-page. One server, one restart.
+that extends a snapshot and loads it from the store by itself (transparent restore), also when
+the prefix cache holds its first block and the state after it, while one that shares only a
+prefix short of the stored state computes; repair recomputes a damaged state page. One server,
+one restart.
 
 vLLM 0.32's CPU backend serves the model with prefix caching only in prefill chunks of at most
 one block (``--max-num-batched-tokens`` 128 = the block size; longer chunks fail inside vLLM's
@@ -50,6 +51,8 @@ class Before:
     extended: list[int] = field(default_factory=list)
     extended_warm: dict[str, Any] = field(default_factory=dict)
     diverging: list[int] = field(default_factory=list)
+    partial: list[int] = field(default_factory=list)
+    partial_warm: dict[str, Any] = field(default_factory=dict)
     repair: dict[str, Any] = field(default_factory=dict)
     log: str = ""
 
@@ -83,6 +86,13 @@ def before(hybrid_server) -> Before:
     # Shares one block with the snapshot, then differs: the state after that block is not
     # stored (only the state at the snapshot's split point is).
     out.diverging = base[: BLOCK + 3] + random_tokens(8102, 60)
+    # A snapshot of three blocks and a bit, extended by a request that, after the restart, finds
+    # its first block (and the state after it) in the prefix cache and the rest in the store.
+    base = random_tokens(8200, 3 * BLOCK + 10)
+    pf(hybrid_server, "snapshot", {"name": "hy/partial", "token_ids": base})
+    out.partial = base + random_tokens(8201, EXTRA)
+    out.partial_warm = complete(hybrid_server, out.partial, max_tokens=12, logprobs=5)
+    assert cached_tokens(out.partial_warm) == 3 * BLOCK
     out.repair = pf(hybrid_server, "snapshot",
                     {"name": "hy/repair", "token_ids": random_tokens(8300, 2 * BLOCK + 30)})
     out.log = hybrid_server.log_path.read_text(errors="replace") if hybrid_server.log_path else ""
@@ -151,6 +161,17 @@ def test_a_prefix_short_of_the_stored_state_is_computed(hybrid_server, before):
     out = complete(hybrid_server, before.diverging, max_tokens=4)
     assert not (out.get("kv_transfer_params") or {}).get("processfork", {}).get("loaded_tokens")
     assert cached_tokens(out) == 0
+
+
+def test_a_restore_after_a_local_prefix_hit_loads_the_rest_and_the_state(hybrid_server, before):
+    # Computes the first block and more: the engine keeps the state after that block.
+    first = complete(hybrid_server, before.partial[: BLOCK + 5] + random_tokens(8202, 60),
+                     max_tokens=2)
+    assert cached_tokens(first) == 0
+    restored = complete(hybrid_server, before.partial, max_tokens=12, logprobs=5)
+    assert restored["kv_transfer_params"]["processfork"]["loaded_tokens"] == 2 * BLOCK
+    assert cached_tokens(restored) == cached_tokens(before.partial_warm) == 3 * BLOCK
+    assert restored["choices"][0]["logprobs"] == before.partial_warm["choices"][0]["logprobs"]
 
 
 def test_repair_recomputes_a_damaged_state_and_attention_page(hybrid_server, before):
