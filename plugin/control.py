@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from processfork.store import Manifest, SnapshotSequence, Store, StoreError, documents
-from processfork.store.manifest import FORMAT, FORMAT_GROUPED, PageGroup
+from processfork.store.manifest import PageGroup
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import SamplingParams
@@ -45,7 +45,7 @@ from .jobs import (
     job_meta_key,
     params_for,
 )
-from .kv_groups import GroupLayout, group_job
+from .kv_groups import GroupLayout, group_job, manifest_format
 
 __all__ = ["Control", "elapsed_ms"]
 
@@ -206,7 +206,7 @@ class Control:
             sequences = [SnapshotSequence(tokens=r, pages=o.pages, groups=o.groups)
                          for r, o in zip(refs, outcomes)]
             manifest = Manifest(
-                format=FORMAT if layout is None else FORMAT_GROUPED,
+                format=manifest_format(layout),
                 name=body.name,
                 parents=[parent_cid] if parent_cid else [],
                 fingerprint=record.fingerprint.to_json(),
@@ -331,7 +331,7 @@ class Control:
                                f"engine saved {len(record.pages)} of {end - first} blocks of "
                                f"KV-cache group {g}")
             pages += record.pages
-            groups.append(PageGroup(first, end - first))
+            groups.append(PageGroup(first, end - first, layout.groups[g].is_state))
             new_blocks += record.new_blocks
             bytes_written += record.bytes_written
         return _SeqOutcome(pages, new_blocks, bytes_written, groups)
@@ -505,3 +505,4 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+

@@ -337,6 +337,9 @@ class SaveJob:
     ``release``: the request has finished and vLLM keeps its blocks for this save (a session
     turn's sliding windows); the worker reports it as finished sending once the blocks are
     copied, so vLLM frees them.
+    ``state_group``: the blocks are states of this KV-cache group (a Mamba group): each layer's
+    block holds its state and then padding, which the worker zeroes in the pages (it may hold
+    what another group left in the block).
     """
 
     job: str
@@ -347,6 +350,7 @@ class SaveJob:
     final: bool = False
     background: bool = False
     release: bool = False
+    state_group: int | None = None
 
 
 @dataclass

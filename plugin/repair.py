@@ -29,13 +29,12 @@ import uuid
 from typing import TYPE_CHECKING, Any, Literal
 
 from processfork.store import Manifest, SnapshotSequence
-from processfork.store.manifest import FORMAT, FORMAT_GROUPED
 
 from .api_errors import ApiError
 from .api_models import RepairResponse
 from .control import elapsed_ms
 from .jobs import job_meta_key
-from .kv_groups import GroupLayout, group_job
+from .kv_groups import GroupLayout, group_job, manifest_format
 
 if TYPE_CHECKING:
     from .control import Control
@@ -93,7 +92,7 @@ async def repair_snapshot(control: Control, rev: str) -> RepairResponse:
         # The copy takes the damaged snapshot's place in history (same parents, fork and name);
         # the damaged one stays in the reflogs until they expire, then gc removes it.
         copy = Manifest(
-            format=FORMAT if layout is None else FORMAT_GROUPED,
+            format=manifest_format(layout),
             name=manifest.name,
             parents=list(manifest.parents),
             fork=manifest.fork,

@@ -129,6 +129,11 @@ class SchedulerSide:
         # token in the model's context. vLLM's asynchronous loads run no forward pass over the
         # request until the load is done, so a failure only moves back where it resumes.
         self.async_loads = bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
+        if self.layout.has_state:
+            # A state group's loaded block is copied into the request's running block before
+            # the forward pass (and before the connector's step starts): the load must be done
+            # in an earlier step, which an asynchronous load is.
+            self.async_loads = True
         self._resident_saves: list[SaveJob] = []
         # Several KV-cache groups: finished turns' window saves for the next step, and the blocks
         # held for them until the worker reports them copied (plugin/session_groups.py).
@@ -142,6 +147,11 @@ class SchedulerSide:
         self._reported: dict[str, int] = {}
         if store_path is not None and (auto_restore or sessions):
             self.lookup = PrefixLookup(store_path, self.auth, self.block_size)
+        if sessions and self.layout.has_state:
+            logger.warning("processfork: no session commits: this model has a per-sequence "
+                           "state (Mamba) group, which session turns do not store yet; "
+                           "snapshots, checkouts and transparent restores work")
+            sessions = False
         if sessions and self.lookup is not None:
             self.committer = SessionCommitter(self.lookup.store, session_prefix)
         # Transparent restores through the remote (plugin/remote_restore.py): request id -> the
@@ -327,7 +337,7 @@ class SchedulerSide:
             return None
         split = hit.blocks * self.block_size
         for stored, spec in zip(groups, self.layout.groups):
-            if stored.first > spec.first_kept(split, self.block_size):
+            if not spec.stores_split(stored.first, stored.count, split, self.block_size):
                 return None
         return hit
 
@@ -569,21 +579,28 @@ class SchedulerSide:
         end = -(-state.num_prompt // self.block_size) if final else computed_after // self.block_size
         tail = state.num_prompt % self.block_size
         null = self._block_pool.null_block.block_id if self._block_pool is not None else 0
+        ranges = self.layout.stored_ranges(state.num_prompt, self.block_size)
         for group, table in enumerate(state.group_ids):
             start = state.group_next[group]
-            if end <= start and not final:
+            spec = self.layout.groups[group]
+            # A state group stores one block, the state at the split point: saved in the step
+            # that computes it (or, a prefix-cache hit, the first step), while the request
+            # still holds it; vLLM frees it once the state has moved two blocks on.
+            stop = min(end, ranges[group][1]) if spec.is_state else end
+            if stop <= start and not final:
                 continue
-            ids = table[start:end]
+            ids = table[start:stop]
             if null in ids:  # never expected: the blocks a group stores are never freed first
                 logger.error("processfork: snapshot %s: KV-cache group %d has no block for %d "
                              "of blocks %d-%d", state.job, group, ids.count(null), start, end - 1)
                 ids = []
             plan.saves.append(SaveJob(
                 job=group_job(state.job, group), req_id=req_id, first_block=start,
-                block_ids=ids, valid_in_last=tail if (final and tail and ids) else None,
-                final=final,
+                block_ids=ids,
+                valid_in_last=tail if (final and tail and ids and not spec.is_state) else None,
+                final=final, state_group=group if spec.is_state else None,
             ))
-            state.group_next[group] = max(end, start)
+            state.group_next[group] = max(stop, start)
         state.done = final
 
     # --- completion -----------------------------------------------------------

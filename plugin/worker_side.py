@@ -16,6 +16,7 @@ where the API server finds it and answers the client.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -51,15 +52,18 @@ from .jobs import (
     job_meta_key,
     tokens_digest,
 )
+from .kv_groups import MAMBA, GroupLayout
 from .loader import LoadItem, LoadTicket, PipelinedLoader
 from .page_writer import PageWriter, QueuedPages
 from .prefix_lookup import is_restore_job
 from .staged_pages import MiB, StagedPagePath
+from .state_pages import StateMask, state_mask
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 logger = init_logger(__name__)
+_LAYER_NUMBER = re.compile(r"\.(\d+)\.")
 
 __all__ = ["WorkerSide"]
 
@@ -139,6 +143,7 @@ class WorkerSide:
         self.layer_index: dict[str, int] = {}
         self._writer: PageWriter | None = None
         self._released: set[str] = set()  # finished requests whose held blocks are copied
+        self._state_masks: dict[int, StateMask] = {}  # per state (Mamba) group: its padding
 
     @property
     def store(self) -> Store:
@@ -149,7 +154,13 @@ class WorkerSide:
 
     # --- setup ----------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        names = layer_order(kv_caches)
+        # A state group's layers (Mamba) are byte views into the attention layers' tensors:
+        # pages are made of the attention tensors, and a state block is a block of them.
+        state_groups = {g: set(spec["layers"]) for g, spec in enumerate(self.kv_groups or [])
+                        if spec.get("kind") == MAMBA}
+        state_layers = set().union(*state_groups.values())
+        states = {n: t for n, t in kv_caches.items() if _layer_number(n) in state_layers}
+        names = layer_order({n: t for n, t in kv_caches.items() if n not in states})
         layers = [kv_caches[n] for n in names]
         model_config = self.vllm_config.model_config
         head_dim = model_config.get_head_size()
@@ -177,6 +188,14 @@ class WorkerSide:
         ptrs = {t.data_ptr(): i for i, t in enumerate(layers)}
         self.layer_index = {n: ptrs.get(t.data_ptr(), -1) for n, t in kv_caches.items()}
         direct = self.codec.device.type == "cpu" and self.page_path != "staged"
+        if state_groups and not direct:
+            # Saving a state positionally in its step, and masking its padding, were verified
+            # on vLLM 0.32's CPU backend only; GPU engines move pages through the staged path.
+            raise ValueError(
+                "processfork: models with a Mamba (state) KV-cache group are supported on the "
+                f"CPU backend's direct page path only (this engine: {self.codec.device.type}, "
+                f"page_path {self.page_path!r})"
+            )
         if direct:
             if self.host_tier_mib:
                 logger.warning("processfork: host_tier_mib is ignored: the host tier serves the "
@@ -186,6 +205,18 @@ class WorkerSide:
             buf = np.empty((2, self.codec.page_bytes), dtype=np.uint8)
             self._page_buf = buf
             self._page_row = torch.from_numpy(buf).view(g.dtype).view(2, g.num_layers, -1)
+            layout = GroupLayout.from_fingerprint(self.kv_groups)
+            for group, layer_ids in state_groups.items():
+                views = [t for n, t in states.items() if _layer_number(n) in layer_ids]
+                size = layout.groups[group].state_bytes()
+                if any(t[0].numel() * t.element_size() != size for t in views):
+                    # The pages would keep a part of the state, or zero a part of it.
+                    raise ValueError(
+                        f"processfork: Mamba group {group} registers states of "
+                        f"{sorted({t[0].numel() * t.element_size() for t in views})} bytes, "
+                        f"its spec says {size}"
+                    )
+                self._state_masks[group] = state_mask(layers, self._views.k, self._views.v, views)
             if self.pipelined_loads:
                 self._loader = PipelinedLoader(
                     self.store, self._views, verify=self.verify_loads,
@@ -491,6 +522,7 @@ class WorkerSide:
         assert self._views is not None and self._page_buf is not None and self.codec is not None
         views, buf, row, codec = self._views, self._page_buf, self._page_row, self.codec
         blocks, last, tail = job.block_ids, len(job.block_ids) - 1, job.valid_in_last
+        state = None if job.state_group is None else self._state_masks[job.state_group]
 
         def page(i: int) -> np.ndarray:
             block, half = divmod(i, 2)
@@ -498,6 +530,8 @@ class WorkerSide:
                 views.gather(blocks[block], buf[0], buf[1])
                 if block == last and tail is not None:
                     codec.mask_tail(row, tail)
+                if state is not None:
+                    state.apply(buf[0], buf[1])
             return buf[half]
 
         return page
@@ -558,6 +592,12 @@ class WorkerSide:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def _layer_number(name: str) -> int:
+    """The model layer a KV-cache layer name belongs to (``model.layers.3.mixer``: 3)."""
+    match = _LAYER_NUMBER.search("." + name + ".")
+    return int(match.group(1)) if match else -1
 
 
 def _backend_class(vllm_config: VllmConfig, layer_name: str) -> object | None:

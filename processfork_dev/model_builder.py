@@ -134,6 +134,17 @@ class TinyLlamaSpec:
     #: ``sliding_attention`` or ``full_attention``; None is a plain Llama.
     layer_types: tuple[str, ...] | None = None
     sliding_window: int | None = None
+    #: Mamba2 layers (``mamba`` in ``layer_types``) make the model a Granite-4-H style
+    #: ``GraniteMoeHybridForCausalLM``: state-space layers beside attention ones, each with
+    #: ``mamba_heads`` heads of ``2 * hidden / mamba_heads`` dims and a ``mamba_d_state`` state.
+    mamba_heads: int | None = None
+    mamba_d_state: int | None = None
+    mamba_chunk: int | None = None
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether the model has Mamba2 layers (and so a per-sequence state in vLLM)."""
+        return self.layer_types is not None and MAMBA in self.layer_types
 
     def validate(self) -> None:
         """Reject shapes the CPU attention backend or Llama cannot run."""
@@ -145,6 +156,9 @@ class TinyLlamaSpec:
             raise ModelBuildError(f"unsupported dtype {self.dtype!r}")
         if self.vocab < 256 + len(SPECIAL_TOKENS):
             raise ModelBuildError("vocab must hold the 256 byte tokens and the special tokens")
+        if self.hybrid:
+            self._validate_hybrid()
+            return
         if (self.layer_types is None) != (self.sliding_window is None):
             raise ModelBuildError("layer_types and sliding_window go together")
         if self.layer_types is not None:
@@ -158,6 +172,22 @@ class TinyLlamaSpec:
                 )
             if self.sliding_window is None or self.sliding_window < 1:
                 raise ModelBuildError(f"sliding_window must be positive, got {self.sliding_window}")
+
+    def _validate_hybrid(self) -> None:
+        assert self.layer_types is not None
+        if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= {
+            MAMBA, "full_attention"
+        }:
+            raise ModelBuildError(
+                f"a hybrid model's layer_types name mamba or full_attention for each of the "
+                f"{self.num_layers} layers, got {self.layer_types!r}"
+            )
+        if self.sliding_window is not None:
+            raise ModelBuildError("a hybrid model has no sliding window")
+        if not (self.mamba_heads and self.mamba_d_state and self.mamba_chunk):
+            raise ModelBuildError("a hybrid model needs mamba_heads, mamba_d_state, mamba_chunk")
+        if (2 * self.hidden) % self.mamba_heads:
+            raise ModelBuildError(f"mamba_heads ({self.mamba_heads}) must divide 2 * hidden")
 
     def kv_bytes_per_token(self) -> int:
         """K and V bytes one token occupies across all layers (what a snapshot page stores)."""
@@ -174,11 +204,23 @@ SLIDING = TinyLlamaSpec(
     sliding_window=64,
 )
 
+MAMBA = "mamba"
+
+# `hybrid`: Mamba2 layers interleaved with full-attention layers, like IBM's Granite 4 (H)
+# models: vLLM gives it a per-sequence state group (MambaSpec) beside the attention group. Its
+# Mamba2 state per layer is a (3, 576) convolution window and an (8, 64, 32) SSM state.
+HYBRID = TinyLlamaSpec(
+    num_layers=4, intermediate=512, max_pos=4096,
+    layer_types=(MAMBA, "full_attention", MAMBA, "full_attention"),
+    mamba_heads=8, mamba_d_state=32, mamba_chunk=64,
+)
+
 # `bench`: 12 layers, 4 KV heads of 64 dims in fp32 give 24 KiB of KV per token, so a 16K-token
 # context is 384 MiB: large enough for bandwidth numbers to mean something on a laptop.
 PRESETS: dict[str, TinyLlamaSpec] = {
     "tiny": TinyLlamaSpec(),
     "sliding": SLIDING,
+    "hybrid": HYBRID,
     "bench": TinyLlamaSpec(
         num_layers=12, hidden=1024, heads=16, kv_heads=4, head_dim=64, intermediate=2816,
         vocab=1024, max_pos=32768,
@@ -260,7 +302,8 @@ def _build_into(target: Path, spec: TinyLlamaSpec, stamp: dict[str, object]) -> 
 
 def _stamp(spec: TinyLlamaSpec) -> dict[str, object]:
     fields = asdict(spec)
-    for name in ("layer_types", "sliding_window"):  # unset: the stamp of builds before them
+    for name in ("layer_types", "sliding_window", "mamba_heads", "mamba_d_state", "mamba_chunk"):
+        # unset: the stamp of builds before them
         if fields[name] is None:
             del fields[name]
         elif name == "layer_types":
@@ -292,13 +335,16 @@ def _write_model(folder: Path, spec: TinyLlamaSpec, stamp: dict[str, object]) ->
     _write_json(folder / "special_tokens_map.json", {
         "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
     })
-    _write_json(folder / "config.json", _hf_config(spec, vocab))
+    if not spec.hybrid:
+        _write_json(folder / "config.json", _hf_config(spec, vocab))
     # Only token ids here: sampling defaults in generation_config.json would silently change
     # what vLLM does for requests that do not set them.
     _write_json(folder / "generation_config.json", {
         "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD,
     })
-    if stamp.get("weights", True):
+    if spec.hybrid:
+        _write_hybrid(folder, spec, vocab, weights=bool(stamp.get("weights", True)))
+    elif stamp.get("weights", True):
         _write_weights(folder / "model.safetensors", spec, vocab)
     _write_json(folder / STAMP_NAME, stamp)
 
@@ -362,6 +408,70 @@ def _hf_config(spec: TinyLlamaSpec, vocab: int) -> dict[str, object]:
     return data
 
 
+def _hybrid_config(spec: TinyLlamaSpec, vocab: int):  # -> GraniteMoeHybridConfig
+    """Granite-4-H's layout at this size: a dense shared MLP (no experts), RoPE attention."""
+    from transformers import GraniteMoeHybridConfig
+
+    assert spec.layer_types is not None and spec.mamba_heads is not None
+    config = GraniteMoeHybridConfig(
+        vocab_size=vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        shared_intermediate_size=spec.intermediate,
+        num_local_experts=0,
+        num_experts_per_tok=0,
+        num_hidden_layers=spec.num_layers,
+        layer_types=["linear_attention" if t == MAMBA else t for t in spec.layer_types],
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_pos,
+        position_embedding_type="rope",
+        rope_theta=spec.rope_theta,
+        mamba_n_heads=spec.mamba_heads,
+        mamba_d_head=2 * spec.hidden // spec.mamba_heads,
+        mamba_expand=2,
+        mamba_d_state=spec.mamba_d_state,
+        mamba_n_groups=1,
+        mamba_d_conv=4,
+        mamba_chunk_size=spec.mamba_chunk,
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+        rms_norm_eps=1e-5,
+        initializer_range=spec.init_std,
+        embedding_multiplier=1.0,
+        residual_multiplier=1.0,
+        attention_multiplier=1.0 / math.sqrt(spec.head_dim),
+        logits_scaling=1.0,
+        tie_word_embeddings=False,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+    )
+    config.architectures = ["GraniteMoeHybridForCausalLM"]
+    return config
+
+
+def _write_hybrid(folder: Path, spec: TinyLlamaSpec, vocab: int, *, weights: bool) -> None:
+    """The hybrid model through transformers: its Mamba2 weights (A_log, D, dt_bias, conv) need
+    the model's own initialization, which a plain normal draw would not match. Seeded, so a
+    build is reproducible; the LM head is redrawn wider, as for the Llama (_write_weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = _hybrid_config(spec, vocab)
+    config_data = config.to_dict()
+    config_data["dtype"] = spec.dtype
+    if weights:
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.normal_(0.0, 2.0 / math.sqrt(spec.hidden))
+        model.to(getattr(torch, spec.dtype)).save_pretrained(folder, safe_serialization=True)
+    _write_json(folder / "config.json", config_data)
+    # save_pretrained writes generation defaults of its own; keep the token ids only.
+    _write_json(folder / "generation_config.json", {
+        "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD,
+    })
+
+
 def _weight_shapes(spec: TinyLlamaSpec, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
     h, q, kv, inter = spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, \
         spec.intermediate
@@ -418,7 +528,8 @@ def content_digest(folder: str | os.PathLike[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m processfork_dev.model_builder",
-        description="Build a random-weight Llama (for tests, demos and benchmarks) into PATH.",
+        description="Build a random-weight model (for tests, demos and benchmarks) into PATH: a "
+                    "Llama, or with --preset hybrid a Granite-4-style model with Mamba2 layers.",
     )
     parser.add_argument("path", help="output folder (reused when already built identically)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")

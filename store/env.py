@@ -50,10 +50,11 @@ T = TypeVar("T")
 #: grouped manifests (several KV-cache groups per sequence) and sequences whose partial last block
 #: has no page (session turns). A store is created as version 1 and becomes version 2 in the
 #: transaction that writes its first such manifest, so a store of other snapshots stays readable
-#: by releases that know version 1 only.
-FORMAT_VERSION = 2
+#: by releases that know version 1 only. Version 3 adds manifests whose groups hold a
+#: per-sequence state (Mamba layers), likewise raised by the first such manifest.
+FORMAT_VERSION = 3
 #: Versions of the format record this code reads.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 DB_NAMES = ("pages", "blobs", "snapshots", "refs", "reflog", "meta", "pins", "journal")
 DEFAULT_MAP_SIZE = 1 << 30
 MAX_MAP_SIZE = 1 << 44

@@ -235,9 +235,13 @@ def _check_sequence(
         )
     needed = math.ceil(paged / block_size) if sized else None
     if needed is not None and "groups" in s:
-        # Each KV-cache group stores a run of blocks that ends with the sequence's last block.
+        # Each KV-cache group stores a run of blocks that ends with the sequence's last block;
+        # a state group the one state at the split point, the block before the last one.
+        split = (paged - 1) // block_size if paged else 0
         ends = [g["first"] + g["count"] for g in s["groups"]]
-        if any(end != needed for end in ends):
+        wanted = [(split if g.get("state") else needed) for g in s["groups"]]
+        states_ok = all(g["count"] == (1 if split else 0) for g in s["groups"] if g.get("state"))
+        if ends != wanted or not states_ok:
             yield FsckIssue(
                 "bad-block-count",
                 cid,

@@ -10,8 +10,11 @@ A model whose KV cache has several groups (vLLM's hybrid KV cache manager: slidi
 beside full-attention ones) stores, per sequence, the blocks each group keeps. Such a manifest has
 the format `FORMAT_GROUPED`: its sequences say which blocks of which group their page table holds,
 one group after the other in one table, so everything that follows page tables (gc, fsck, remotes)
-reads it as it reads any other. A session turn's sequence may leave its partial last block without
-a page (`paged_tokens`): its page table then simply ends one block early.
+reads it as it reads any other. A group that keeps a per-sequence state (Mamba layers) stores one
+block, the state at the sequence's split point, marked `state` in a manifest of the format
+`FORMAT_STATE`, which stores that know no states refuse (docs/format.md). A session turn's sequence
+may leave its partial last block without a page (`paged_tokens`): its page table then simply ends
+one block early.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ __all__ = [
     "FORMAT",
     "FORMATS",
     "FORMAT_GROUPED",
+    "FORMAT_STATE",
+    "GROUPED_FORMATS",
     "ForkInfo",
     "InvalidManifest",
     "Manifest",
@@ -51,7 +56,10 @@ __all__ = [
 FORMAT = "paged-batchinvariant-v1"
 #: Manifests whose sequences hold the pages of several KV-cache groups (docs/format.md).
 FORMAT_GROUPED = "paged-batchinvariant-v2"
-FORMATS = (FORMAT, FORMAT_GROUPED)
+#: Grouped manifests of which some group holds a per-sequence state (a Mamba group).
+FORMAT_STATE = "paged-batchinvariant-v3"
+FORMATS = (FORMAT, FORMAT_GROUPED, FORMAT_STATE)
+GROUPED_FORMATS = (FORMAT_GROUPED, FORMAT_STATE)
 _TABLE_ENTRY = 32  # bytes per block in a page table: 16-byte K digest + 16-byte V digest
 _OPTIONAL = {"groups", "paged_tokens"}  # sequence fields only some manifests have
 
@@ -141,19 +149,32 @@ def decode_page_table(table: bytes) -> list[tuple[str, str]]:
 @dataclass(frozen=True)
 class PageGroup:
     """The blocks ``first .. first + count - 1`` of one KV-cache group, in a grouped sequence's
-    page list: the groups' pages follow each other in group order."""
+    page list: the groups' pages follow each other in group order. ``state``: the group keeps
+    a per-sequence state, and its one block (if any) is the state after ``(first + 1) *
+    block_size`` tokens (a `paged-batchinvariant-v3` manifest)."""
 
     first: int
     count: int
+    state: bool = False
 
-    def to_dict(self) -> dict[str, int]:
-        return {"count": self.count, "first": self.first}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"count": self.count, "first": self.first}
+        if self.state:
+            out["state"] = True
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> PageGroup:
-        if not isinstance(d, Mapping) or set(d) != {"first", "count"}:
-            raise InvalidManifest(f"a page group is {{first, count}}, got {d!r}")
-        return cls(_check_count(d["first"], "group.first"), _check_count(d["count"], "group.count"))
+        if not isinstance(d, Mapping) or set(d) - {"state"} != {"first", "count"}:
+            raise InvalidManifest(f"a page group is {{first, count}} (and state), got {d!r}")
+        state = d.get("state", False)
+        if state not in (False, True) or ("state" in d and state is not True):
+            raise InvalidManifest(f"a page group's state is true or absent, got {state!r}")
+        group = cls(_check_count(d["first"], "group.first"),
+                    _check_count(d["count"], "group.count"), bool(state))
+        if group.state and group.count > 1:
+            raise InvalidManifest(f"a state group stores at most one block, got {group.count}")
+        return group
 
 
 def _parse_groups(value: Any) -> list[PageGroup]:
@@ -284,6 +305,8 @@ class Manifest:
     def store_version(self) -> int:
         """The store format version a store holding this manifest declares: 2 for a grouped
         manifest or a sequence whose tail has no page, which version-1 readers would misread."""
+        if self.format == FORMAT_STATE:
+            return 3
         if self.format == FORMAT_GROUPED or any(s.paged_tokens is not None
                                                 for s in self.sequences):
             return 2
@@ -317,7 +340,7 @@ class Manifest:
             raise InvalidManifest(f"fingerprint is not plain JSON: {exc}") from None
         if not isinstance(self.sequences, list):
             raise InvalidManifest("sequences must be a list")
-        grouped = self.format == FORMAT_GROUPED
+        grouped = self.format in GROUPED_FORMATS
         for seq in self.sequences:
             if not isinstance(seq, SnapshotSequence):
                 raise InvalidManifest("sequences must hold SnapshotSequence objects")
@@ -327,6 +350,9 @@ class Manifest:
                     f"a {self.format} manifest's sequences "
                     f"{'must' if grouped else 'must not'} have groups"
                 )
+            if seq.groups is not None and any(g.state for g in seq.groups) != (
+                    self.format == FORMAT_STATE):
+                raise InvalidManifest(f"state groups belong in {FORMAT_STATE} manifests only")
 
     def head_dict(self) -> dict[str, Any]:
         """Every stored field except `sequences`: what a fork child changes (store/fork.py)."""
@@ -431,7 +457,7 @@ def stored_sequences(d: Mapping[str, Any]) -> list[dict[str, Any]]:
     seqs = d.get("sequences")
     if not isinstance(seqs, list):
         raise InvalidManifest("sequences must be a list")
-    grouped = d.get("format") == FORMAT_GROUPED
+    grouped = d.get("format") in GROUPED_FORMATS
     keys = {"tokens", "pages", "groups"} if grouped else {"tokens", "pages"}
     for s in seqs:
         if not isinstance(s, Mapping) or set(s) - {"paged_tokens"} != keys:

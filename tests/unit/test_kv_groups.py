@@ -7,6 +7,7 @@ import pytest
 import torch
 from processfork.plugin.kv_groups import (
     FULL_ATTENTION,
+    MAMBA,
     SLIDING_WINDOW,
     GroupLayout,
     UnsupportedGroups,
@@ -52,10 +53,45 @@ def test_sliding_window_and_full_attention_groups_in_vllms_order():
         {"kind": SLIDING_WINDOW, "layers": [0, 1], "window": 64}]
 
 
-def test_a_state_group_is_refused_naming_it():
-    mamba = MambaSpec(block_size=32, shapes=((4, 16),), dtypes=(torch.float32,))
-    with pytest.raises(UnsupportedGroups, match=r"group 0 \(MambaSpec; layers \[0, 2\]\)"):
-        GroupLayout.from_kv_cache_config(_config(([0, 2], mamba), ([1, 3], FullAttentionSpec(**ATTN))))
+def _mamba(**kwargs: object) -> MambaSpec:
+    return MambaSpec(block_size=32, shapes=((3, 576), (8, 64, 32)),
+                     dtypes=(torch.bfloat16, torch.float32), **kwargs)
+
+
+def test_a_mamba_group_records_its_state_layout():
+    layout = GroupLayout.from_kv_cache_config(_config(
+        ([0, 2], _mamba(mamba_cache_mode="align")), ([1, 3], FullAttentionSpec(**ATTN))))
+    assert layout.has_state and not layout.plain
+    state = layout.groups[0]
+    assert (state.kind, state.layers, state.is_state) == (MAMBA, (0, 2), True)
+    assert state.state_bytes() == 3 * 576 * 2 + 8 * 64 * 32 * 4
+    assert layout.to_fingerprint()[0] == {"kind": "mamba", "layers": [0, 2], "state": [
+        {"dtype": "bfloat16", "shape": [3, 576]}, {"dtype": "float32", "shape": [8, 64, 32]}]}
+    assert GroupLayout.from_fingerprint(layout.to_fingerprint()) == layout
+
+
+def test_a_mamba_group_without_prefix_caching_is_refused_naming_it():
+    # Without prefix caching vLLM keeps one running state per request: no state at a block
+    # boundary to snapshot or to load.
+    with pytest.raises(UnsupportedGroups, match=r"Mamba KV-cache group 0 \(layers \[0, 2\]\).*'align'"):
+        GroupLayout.from_kv_cache_config(_config(([0, 2], _mamba()), ([1, 3], FullAttentionSpec(**ATTN))))
+
+
+def test_a_state_group_stores_the_state_at_the_split_point():
+    layout = GroupLayout.from_fingerprint([
+        {"kind": "mamba", "layers": [0], "state": [{"dtype": "float32", "shape": [4]}]},
+        {"kind": "full_attention", "layers": [1]},
+    ])
+    # 300 tokens, blocks of 32: a checkout resumes at 288 tokens, the state in block 8.
+    assert layout.stored_ranges(300, 32) == [(8, 9), (0, 10)]
+    # Block-aligned: the split is one block earlier.
+    assert layout.stored_ranges(320, 32) == [(8, 9), (0, 10)]
+    # Within the first block: nothing to resume from, no state.
+    assert layout.stored_ranges(20, 32) == [(0, 0), (0, 1)]
+    state = layout.groups[0]
+    assert state.stores_split(8, 1, 288, 32)
+    assert not state.stores_split(8, 1, 256, 32)  # only the state at 288 is stored
+    assert not state.stores_split(0, 0, 0, 32)
 
 
 def test_group_jobs_keep_the_snapshot_job_for_group_zero():

@@ -1,12 +1,17 @@
-"""The tiny random-weight Llama the tests, the demo and the benchmarks build: deterministic,
-loadable, and careful with folders it did not make."""
+"""The tiny random-weight models the tests, the demo and the benchmarks build (a Llama, and a
+Granite-4-style hybrid with Mamba2 layers): deterministic, loadable, and careful with folders
+they did not make."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
 from processfork_dev.model_builder import (
+    HYBRID,
     ModelBuildError,
+    build_model,
     build_tiny_llama,
     content_digest,
 )
@@ -49,3 +54,21 @@ def test_model_builder_refuses_foreign_folders(tmp_path):
     assert (tmp_path / "x" / "precious.txt").read_text() == "keep me"
     with pytest.raises(ModelBuildError, match="head_dim"):
         build_tiny_llama(tmp_path / "y", head_dim=48)
+
+
+def test_the_hybrid_preset_builds_a_granite_4_style_model_reproducibly(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    small = replace(HYBRID, hidden=64, heads=2, kv_heads=1, intermediate=128, mamba_heads=2,
+                    mamba_d_state=8, mamba_chunk=16)
+    first = build_model(tmp_path / "a", small)
+    assert content_digest(first) == content_digest(build_model(tmp_path / "b", small))
+    model = AutoModelForCausalLM.from_pretrained(first)
+    assert type(model).__name__ == "GraniteMoeHybridForCausalLM"
+    assert model.config.layer_types == ["linear_attention", "full_attention"] * 2
+    with torch.no_grad():
+        logits = model(torch.tensor([list(range(10, 40))])).logits[0, -1]
+    assert logits.std() > 0.5
+    with pytest.raises(ModelBuildError, match="mamba_heads"):
+        build_model(tmp_path / "c", replace(small, mamba_heads=None))

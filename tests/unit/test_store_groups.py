@@ -9,7 +9,7 @@ import pytest
 from processfork.plugin.fingerprint import Fingerprint, describe_groups
 from processfork.plugin.kv_groups import FULL_ATTENTION, SLIDING_WINDOW, GroupLayout, GroupSpec
 from processfork.store import InvalidManifest, Manifest, SnapshotSequence, Store
-from processfork.store.manifest import FORMAT, FORMAT_GROUPED, PageGroup
+from processfork.store.manifest import FORMAT, FORMAT_GROUPED, FORMAT_STATE, PageGroup
 from store_helpers import BLOCK, make_snapshot, random_pages
 
 FINGERPRINT = {"block_size": BLOCK, "model": "sw", "kv_groups": [
@@ -123,6 +123,71 @@ def test_fsck_names_a_group_that_does_not_end_with_the_sequence(tmp_path):
         store.write_snapshot(m, ref="sw")
         issues = [i for i in store.fsck() if i.kind == "bad-block-count"]
         assert len(issues) == 1 and "groups end at [4, 5]" in issues[0].message
+
+
+STATE_FINGERPRINT = {"block_size": BLOCK, "model": "hy", "kv_groups": [
+    {"kind": "mamba", "layers": [0, 2], "state": [{"dtype": "float32", "shape": [3, 8]}]},
+    {"kind": "full_attention", "layers": [1, 3]},
+]}
+
+
+def _state_sequence(store: Store, tokens: list[int]) -> SnapshotSequence:
+    layout = GroupLayout.from_fingerprint(STATE_FINGERPRINT["kv_groups"])
+    ranges = layout.stored_ranges(len(tokens), BLOCK)
+    count = sum(end - first for first, end in ranges)
+    digests = [d.hex() for d in store.put_pages(random_pages(2 * count)).digests]
+    pages = [(digests[i], digests[i + 1]) for i in range(0, len(digests), 2)]
+    groups = [PageGroup(f, e - f, g.is_state) for (f, e), g in zip(ranges, layout.groups)]
+    return SnapshotSequence(store.put_tokens(tokens), pages, groups)
+
+
+def test_a_state_snapshot_stores_one_state_and_raises_the_format_to_3(tmp_path):
+    path = tmp_path / "s"
+    with Store(path) as store:
+        seq = _grouped_sequence(store, list(range(70)))
+        store.write_snapshot(Manifest(format=FORMAT_GROUPED, name="sw", fingerprint=FINGERPRINT,
+                                      sequences=[seq]), ref="sw")
+        assert _format_version(store) == 2
+        # 70 tokens in blocks of 16: the split is 64, the state after it is block 3.
+        long = _state_sequence(store, list(range(70)))
+        short = _state_sequence(store, list(range(10)))  # within one block: no state
+        m = Manifest(format=FORMAT_STATE, name="hy", fingerprint=STATE_FINGERPRINT,
+                     sequences=[long, short])
+        cid = store.write_snapshot(m, ref="hy")
+        assert _format_version(store) == 3
+        stored = json.loads(m.canonical_bytes())["sequences"]
+        assert stored[0]["groups"] == [{"count": 1, "first": 3, "state": True},
+                                       {"count": 5, "first": 0}]
+        assert stored[1]["groups"] == [{"count": 0, "first": 0, "state": True},
+                                       {"count": 1, "first": 0}]
+        assert store.get_snapshot(cid) == m
+        assert store.get_snapshot(cid).sequences[0].group_pages(0) == (3, long.pages[:1])
+        assert list(store.fsck()) == []
+    with Store(path) as store:  # a version-3 store opens again, its older manifests too
+        assert store.get_snapshot(cid) == m
+        assert store.get_snapshot(store.get_ref("sw")).format == FORMAT_GROUPED
+
+
+def test_state_groups_are_checked(tmp_path):
+    page = ("aa" * 16, "bb" * 16)
+    seq = SnapshotSequence(_token_ref(), [page] * 2, [PageGroup(3, 1, True), PageGroup(0, 1)])
+    with pytest.raises(InvalidManifest, match="state groups belong in"):
+        Manifest(format=FORMAT_GROUPED, name="x", sequences=[seq]).validate()
+    Manifest(format=FORMAT_STATE, name="x", sequences=[seq]).validate()
+    d = Manifest(format=FORMAT_STATE, name="x", sequences=[seq]).to_dict()
+    d["sequences"][0]["groups"][0] = {"count": 2, "first": 3, "state": True}
+    with pytest.raises(InvalidManifest, match="at most one block"):
+        Manifest.from_dict(d)
+    d["sequences"][0]["groups"][0] = {"count": 1, "first": 3, "state": False}
+    with pytest.raises(InvalidManifest, match="true or absent"):
+        Manifest.from_dict(d)
+    with Store(tmp_path / "s") as store:
+        wrong = _state_sequence(store, list(range(70)))
+        wrong.groups = [PageGroup(2, 1, True), wrong.groups[1]]  # the state of another split
+        store.write_snapshot(Manifest(format=FORMAT_STATE, name="hy",
+                                      fingerprint=STATE_FINGERPRINT, sequences=[wrong]), ref="hy")
+        issues = [i for i in store.fsck() if i.kind == "bad-block-count"]
+        assert len(issues) == 1 and "groups end at [3, 5]" in issues[0].message
 
 
 def _token_ref():

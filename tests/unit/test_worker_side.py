@@ -13,6 +13,7 @@ from engine_harness import (
     BLOCK,
     HEAD_DIM,
     KV_HEADS,
+    LAYER_NAMES,
     LAYERS,
     PAGE_PATHS,
     Engine,
@@ -157,3 +158,37 @@ def test_the_worker_publishes_its_engine_fingerprint(engine):
             fingerprint["head_dim"]) == (BLOCK, LAYERS, KV_HEADS, HEAD_DIM)
     assert fingerprint["layout"] == "cpu_attn/BHN2D" and fingerprint["isa"] == "vec"
     assert record["page_bytes"] == LAYERS * KV_HEADS * BLOCK * HEAD_DIM * 4
+
+
+def _state_worker(vllm_config, tmp_path, page_path: str, state_shape: list[int]):
+    """A worker whose engine has a Mamba group (model layer 2) beside attention (layers 0, 1):
+    the state layer's KV is a byte view into layer 1's tensor, as vLLM registers it."""
+    from engine_harness import FakeKVCache
+    from processfork.plugin.worker_side import WorkerSide
+
+    vllm_config.kv_transfer_config.kv_connector_extra_config = {"store": str(tmp_path / "s")}
+    groups = [{"kind": "mamba", "layers": [2], "state": [{"dtype": "float32", "shape": state_shape}]},
+              {"kind": "full_attention", "layers": [0, 1]}]
+    worker = WorkerSide(vllm_config, str(tmp_path / "s"), verify_loads=True, page_path=page_path,
+                        kv_groups=groups)
+    kv = FakeKVCache(8)
+    block = kv.layers[LAYER_NAMES[1]].view(torch.int8).view(8, -1)
+    caches = {**kv.layers, "model.layers.2.mixer": block[:, :1000].view(8, 1, 1, 1000)}
+    return worker, caches
+
+
+def test_a_state_group_needs_the_direct_page_path(vllm_config, tmp_path):
+    worker, caches = _state_worker(vllm_config, tmp_path, "staged", [250])
+    with pytest.raises(ValueError, match="direct page path only"):
+        worker.register_kv_caches(caches)
+    worker.shutdown()
+
+
+def test_a_state_view_of_another_size_than_the_spec_is_refused(vllm_config, tmp_path):
+    worker, caches = _state_worker(vllm_config, tmp_path, "direct", [300])
+    with pytest.raises(ValueError, match=r"states of \[1000\] bytes, its spec says 1200"):
+        worker.register_kv_caches(caches)
+    worker.shutdown()
+    worker, caches = _state_worker(vllm_config, tmp_path, "direct", [250])
+    worker.register_kv_caches(caches)  # 250 float32 values: the view's 1000 bytes
+    worker.shutdown()

@@ -1,0 +1,197 @@
+"""A model with Mamba2 (state-space) layers interleaved with attention layers, on a real server.
+
+vLLM gives it two KV-cache groups: a state group (``MambaSpec``: one block per block boundary,
+the state after exactly that many tokens) and a full-attention group. A snapshot stores the
+attention group's blocks and the one state a request resuming at the split point reads; after a
+restart a checkout followed by the same completion is bit-identical to the first engine's warm
+prefix hit, for a prompt that spans several blocks (the state carried across several prefill
+chunks), one shorter than two blocks (the first boundary's state) and one within a block (no
+state stored, nothing loaded); so is a client request
+that extends a snapshot and loads it from the store by itself (transparent restore), also when
+the prefix cache holds its first block and the state after it, while one that shares only a
+prefix short of the stored state computes; repair recomputes a damaged state page. One server,
+one restart.
+
+vLLM 0.32's CPU backend serves the model with prefix caching only in prefill chunks of at most
+one block (``--max-num-batched-tokens`` 128 = the block size; longer chunks fail inside vLLM's
+Mamba2 kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from conftest import EAGER, MODELS_DIR
+from pf_http import PF, cached_tokens, complete, damage_page, get, pf, random_tokens
+from processfork.plugin.kv_groups import MAMBA, GroupLayout
+from processfork.store import Store
+
+from processfork_dev.model_builder import HYBRID, build_model
+
+pytestmark = pytest.mark.integration
+
+BLOCK = 128  # a block holds a Mamba2 state (fp32); vLLM would raise 32 to 96
+HYBRID_ARGS = ("--block-size", str(BLOCK), "--max-num-batched-tokens", str(BLOCK),
+               "--max-model-len", "2048")
+# Several blocks (several prefill chunks); fewer than two blocks: the split point is then the
+# first block boundary, and the state there is the first one the engine keeps; and within one
+# block: no state to store, nothing to load.
+LENGTHS = (3 * BLOCK + 17, BLOCK + 40, 60)
+RESTORED = 2 * BLOCK + 50  # a snapshot a client request extends by EXTRA tokens after the restart
+EXTRA = 20
+
+
+@dataclass
+class Before:
+    prompts: dict[int, list[int]] = field(default_factory=dict)
+    warm: dict[int, dict[str, Any]] = field(default_factory=dict)
+    snapshots: dict[int, dict[str, Any]] = field(default_factory=dict)
+    extended: list[int] = field(default_factory=list)
+    extended_warm: dict[str, Any] = field(default_factory=dict)
+    diverging: list[int] = field(default_factory=list)
+    partial: list[int] = field(default_factory=list)
+    partial_warm: dict[str, Any] = field(default_factory=dict)
+    repair: dict[str, Any] = field(default_factory=dict)
+    log: str = ""
+
+
+@pytest.fixture(scope="module")
+def hybrid_server(start_server, tmp_path_factory):
+    live = start_server(build_model(MODELS_DIR / "tiny-hybrid", HYBRID),
+                        store=tmp_path_factory.mktemp("pf-store-hybrid"),
+                        extra_args=(*HYBRID_ARGS, *EAGER))  # compared only with itself
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def before(hybrid_server) -> Before:
+    out = Before()
+    for i, length in enumerate(LENGTHS):
+        prompt = random_tokens(8000 + i, length)
+        out.prompts[length] = prompt
+        complete(hybrid_server, prompt, max_tokens=12, logprobs=5)
+        out.warm[length] = complete(hybrid_server, prompt, max_tokens=12, logprobs=5)
+        assert cached_tokens(out.warm[length]) == (length - 1) // BLOCK * BLOCK
+        out.snapshots[length] = pf(hybrid_server, "snapshot",
+                                   {"name": f"hy/{length}", "token_ids": prompt})
+    base = random_tokens(8100, RESTORED)
+    out.snapshots[RESTORED] = pf(hybrid_server, "snapshot",
+                                 {"name": "hy/extended", "token_ids": base})
+    out.extended = base + random_tokens(8101, EXTRA)
+    out.extended_warm = complete(hybrid_server, out.extended, max_tokens=12, logprobs=5)
+    assert cached_tokens(out.extended_warm) == RESTORED // BLOCK * BLOCK
+    # Shares one block with the snapshot, then differs: the state after that block is not
+    # stored (only the state at the snapshot's split point is).
+    out.diverging = base[: BLOCK + 3] + random_tokens(8102, 60)
+    # A snapshot of three blocks and a bit, extended by a request that, after the restart, finds
+    # its first block (and the state after it) in the prefix cache and the rest in the store.
+    base = random_tokens(8200, 3 * BLOCK + 10)
+    pf(hybrid_server, "snapshot", {"name": "hy/partial", "token_ids": base})
+    out.partial = base + random_tokens(8201, EXTRA)
+    out.partial_warm = complete(hybrid_server, out.partial, max_tokens=12, logprobs=5)
+    assert cached_tokens(out.partial_warm) == 3 * BLOCK
+    out.repair = pf(hybrid_server, "snapshot",
+                    {"name": "hy/repair", "token_ids": random_tokens(8300, 2 * BLOCK + 30)})
+    out.log = hybrid_server.log_path.read_text(errors="replace") if hybrid_server.log_path else ""
+    hybrid_server.restart()
+    return out
+
+
+def _groups(server) -> GroupLayout:
+    engine = get(server, f"{PF}/status").json()["engine"]
+    return GroupLayout.from_fingerprint(engine["fingerprint"].get("kv_groups"))
+
+
+def test_the_engine_has_a_state_group_beside_attention(hybrid_server, before):
+    assert "Turning off hybrid kv cache manager" not in before.log
+    layout = _groups(hybrid_server)
+    assert sorted(g.kind for g in layout.groups) == ["full_attention", MAMBA]
+    state = next(g for g in layout.groups if g.kind == MAMBA)
+    assert state.layers == (0, 2)
+    # Mamba2's convolution window and SSM state, as the fingerprint records them.
+    assert [shape for shape, _ in state.state] == [(3, 576), (8, 64, 32)]
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_a_snapshot_stores_the_state_at_its_split_point(hybrid_server, before, length):
+    layout = _groups(hybrid_server)
+    snap = before.snapshots[length]
+    split = (length - 1) // BLOCK * BLOCK
+    with Store(hybrid_server.store, readonly=True) as store:
+        manifest = store.get_snapshot(snap["cid"])
+        assert [i.kind for i in store.fsck()] == []
+    [seq] = manifest.sequences
+    for g, spec in enumerate(layout.groups):
+        first, pages = seq.group_pages(g)
+        if spec.kind == MAMBA:
+            assert (first, len(pages)) == ((split // BLOCK - 1, 1) if split else (0, 0))
+            assert seq.groups[g].state
+        else:
+            assert (first, len(pages)) == (0, -(-length // BLOCK))
+    assert snap["num_pages"] == len(seq.pages)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_checkout_continues_like_a_warm_prefix_hit(hybrid_server, before, length):
+    checkout = pf(hybrid_server, "checkout", {"cid": f"hy/{length}"})
+    split = (length - 1) // BLOCK * BLOCK
+    assert checkout["tokens_loaded"] == split
+    assert checkout["tokens_already_resident"] == 0  # the restart left the cache cold
+    restored = complete(hybrid_server, before.prompts[length], max_tokens=12, logprobs=5)
+    warm = before.warm[length]
+    assert cached_tokens(restored) == cached_tokens(warm) == split
+    assert restored["choices"][0]["logprobs"] == warm["choices"][0]["logprobs"]
+
+
+def test_a_request_extending_a_snapshot_restores_it_like_a_warm_hit(hybrid_server, before):
+    restored = complete(hybrid_server, before.extended, max_tokens=12, logprobs=5)
+    split = RESTORED // BLOCK * BLOCK
+    assert restored["kv_transfer_params"]["processfork"]["loaded_tokens"] == split
+    assert cached_tokens(restored) == cached_tokens(before.extended_warm) == split
+    assert restored["choices"][0]["logprobs"] == before.extended_warm["choices"][0]["logprobs"]
+
+
+def test_a_prefix_short_of_the_stored_state_is_computed(hybrid_server, before):
+    # After the request above, which loaded the snapshot's attention blocks and its state at
+    # its split point only: neither the store nor the prefix cache has the state after the
+    # one block this prompt shares with it.
+    out = complete(hybrid_server, before.diverging, max_tokens=4)
+    assert not (out.get("kv_transfer_params") or {}).get("processfork", {}).get("loaded_tokens")
+    assert cached_tokens(out) == 0
+
+
+def test_a_restore_after_a_local_prefix_hit_loads_the_rest_and_the_state(hybrid_server, before):
+    # Computes the first block and more: the engine keeps the state after that block.
+    first = complete(hybrid_server, before.partial[: BLOCK + 5] + random_tokens(8202, 60),
+                     max_tokens=2)
+    assert cached_tokens(first) == 0
+    restored = complete(hybrid_server, before.partial, max_tokens=12, logprobs=5)
+    assert restored["kv_transfer_params"]["processfork"]["loaded_tokens"] == 2 * BLOCK
+    assert cached_tokens(restored) == cached_tokens(before.partial_warm) == 3 * BLOCK
+    assert restored["choices"][0]["logprobs"] == before.partial_warm["choices"][0]["logprobs"]
+
+
+def test_repair_recomputes_a_damaged_state_and_attention_page(hybrid_server, before):
+    cid = before.repair["cid"]
+    layout = _groups(hybrid_server)
+    with Store(hybrid_server.store, readonly=True) as store:
+        seq = store.get_snapshot(cid).sequences[0]
+    damaged = [seq.group_pages(g)[1][-1][1] for g in range(len(layout.groups))]
+    for digest in damaged:
+        damage_page(hybrid_server.store, digest)
+    result = pf(hybrid_server, "repair", {"cid": "hy/repair"})
+    assert result["damaged_pages"] == len(damaged) and result["recomputed_sequences"] == 1
+    assert result["result"] in ("restored", "replaced")
+    repaired = result.get("new_cid") or cid
+    with Store(hybrid_server.store, readonly=True) as store:
+        assert store.get_ref("hy/repair") == repaired
+        assert store.find_damage(repaired).intact
+        again = store.get_snapshot(repaired).sequences[0]
+    assert again.groups == seq.groups  # the state group stores the same one block as before
+
+
+def test_session_turns_are_off_for_a_state_model(before):
+    assert "no session commits: this model has a per-sequence state" in before.log
