@@ -204,7 +204,12 @@ def test_batch_invariant_restore_under_load_equals_a_warm_hit_alone(invariant):
     """With batch-invariant kernels, a restore computed beside other requests is bit-identical
     to the same engine's warm prefix hit computed alone. Against a cold full prefill (one pass,
     no split) the greedy tokens match; the logprobs differ where the split changes how the
-    attention over the prefix is reduced: the largest difference is printed (docs/gpu.md)."""
+    attention over the prefix is reduced: the largest difference is printed (docs/gpu.md).
+
+    The other requests have one-token prompts, so every row beside the restored one is a decode
+    row. On Hopper, FlashAttention 3 picks its tiling from the longest query of the step, so a
+    long prefill in the same step changes a decode row's result even with batch invariance on
+    (vLLM issue 51902): an engine's own warm hit differs from itself that way, restore or not."""
     fingerprint = get(invariant, f"{PF}/status").json()["engine"]["fingerprint"]
     assert fingerprint["batch_invariant"] is True
     prompts = {n: random_tokens(1000 + n, n) for n in (40 * BLOCK + 1, 40 * BLOCK + 9)}
@@ -224,7 +229,7 @@ def test_batch_invariant_restore_under_load_equals_a_warm_hit_alone(invariant):
     def load() -> int:
         sent = 0
         while not stop.is_set():
-            complete(invariant, random_tokens(5000 + sent, 700), max_tokens=24)
+            complete(invariant, random_tokens(5000 + sent, 1), max_tokens=48)
             sent += 1
         return sent
 
