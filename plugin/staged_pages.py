@@ -10,9 +10,9 @@ is what made a 32K-token checkout of an 8B model take 3.3 s for 4 GiB. Here inst
 - a transfer is cut into chunks of one slot; chunks flow through the slots in turn, so the host
   work on one chunk (memcpy from the memory map, xxh3 of the pages) overlaps the device work on
   the previous ones (host-to-device copy, scatter into the blocks);
-- host work is spread over a thread pool: pages are read with ``pread`` from the store's data
-  file (the page cache) straight into the pinned chunk, and xxhash verifies them there; both
-  release the GIL;
+- host work is spread over a thread pool: pages are read with ``preadv`` from the store's data
+  file (the page cache) straight into the pinned chunk, a run of pages that lie one after another
+  in the file per call (``page_file.py``), and xxhash verifies them there; both release the GIL;
 - device work runs on a side stream and is ordered against the engine's stream with stream
   waits, never with a host synchronisation per page or chunk: the forward pass that reads the
   loaded blocks simply queues behind the scatter;
@@ -41,6 +41,7 @@ from processfork.store import Store, page_digest
 
 from .codec import PageCodec
 from .host_tier import HostTier
+from .page_file import RUN_BYTES, PageFile
 
 __all__ = ["LoadOutcome", "StagedPagePath", "default_copy_threads"]
 
@@ -82,31 +83,6 @@ class LoadOutcome:
         self.failures.setdefault(job, message)
 
 
-@dataclass(frozen=True)
-class _PageFile:
-    """The store's data file, for reading pages with ``pread`` instead of through the map.
-
-    A fresh worker has never touched the store's map: copying a checkout's gigabytes out of it
-    takes a page fault every few pages, where ``pread`` copies from the page cache in one call
-    per page, with the GIL released.
-    """
-
-    fd: int | None
-    map_base: int | None  # None: the map could not be located, every page is copied from it
-
-    def read_into(self, row: np.ndarray, view: memoryview) -> bool:
-        """Read the page ``view`` shows into ``row``; False when it must be copied from the map."""
-        if self.fd is None or self.map_base is None:
-            return False
-        offset = np.frombuffer(view, dtype=np.uint8).ctypes.data - self.map_base
-        if offset < 0:
-            return False
-        try:
-            return os.preadv(self.fd, [row], offset) == row.nbytes
-        except OSError:
-            return False
-
-
 @dataclass
 class _Slot:
     host: torch.Tensor  # [chunk, 2, layers, elems]: pinned on a GPU
@@ -141,8 +117,10 @@ class StagedPagePath:
         slots: int = DEFAULT_SLOTS,
         threads: int | None = None,
         tier: HostTier | None = None,
+        run_bytes: int = RUN_BYTES,
     ):
         self.codec = codec
+        self.run_bytes = run_bytes  # page bytes read per ``preadv`` at most (``page_file.py``)
         self.verify = verify
         self.page_bytes = codec.page_bytes
         self.cuda = codec.device.type == "cuda"
@@ -209,9 +187,12 @@ class StagedPagePath:
         return store.with_page_locations(
             list(digests),
             lambda views, base, path: self._load_views(
-                block_ids, views, digests, jobs, _PageFile(self._file(path), base)
+                block_ids, views, digests, jobs, self._source(path, base)
             ),
         )
+
+    def _source(self, path: str, map_base: int | None) -> PageFile:
+        return PageFile(self._file(path), map_base, run_bytes=self.run_bytes)
 
     def _file(self, path: str) -> int | None:
         fd = self._fds.get(path)
@@ -224,7 +205,7 @@ class StagedPagePath:
 
     def _load_views(
         self, block_ids: Sequence[int], views: list[memoryview], digests: Sequence[bytes],
-        jobs: Sequence[str], source: _PageFile,
+        jobs: Sequence[str], source: PageFile,
     ) -> LoadOutcome:
         for view in views:
             if len(view) != self.page_bytes:
@@ -273,18 +254,18 @@ class StagedPagePath:
         return outcome
 
     def _submit_fill(self, rows: np.ndarray, views: list[memoryview], digests: Sequence[bytes],
-                     source: _PageFile) -> list[Future[list[int]]]:
+                     source: PageFile) -> list[Future[list[int]]]:
         """Copy pages into ``rows`` (and check them) in threads: one future per slice, each
         giving the indexes of the blocks whose pages do not match their digests."""
+        verify = self.verify
 
         def part(lo: int, hi: int) -> list[int]:
             bad: list[int] = []
-            for i in range(lo, hi):
-                row = rows[i]
-                if not source.read_into(row, views[i]):
-                    np.copyto(row, np.frombuffer(views[i], dtype=np.uint8))
-                if self.verify and page_digest(row) != digests[i] and i // 2 not in bad:
-                    bad.append(i // 2)
+            for a, b in source.read_pages(rows[lo:hi], views[lo:hi]):
+                if verify:
+                    for i in range(lo + a, lo + b):
+                        if page_digest(rows[i]) != digests[i] and i // 2 not in bad:
+                            bad.append(i // 2)
             return bad
 
         return self._submit_slices(len(views), part)
@@ -309,7 +290,7 @@ class StagedPagePath:
         """Copy every page to the GPU straight from the host tier; None when it cannot hold them.
 
         Pages the tier lacks are first read from the store into free tier slots (the same
-        ``pread`` the staging slots get, so a miss costs what a load without the tier costs and
+        ``preadv`` the staging slots get, so a miss costs what a load without the tier costs and
         leaves the page in the tier). A chunk's device copy waits only for its own reads; pages
         already in the tier are copied at once and checked in the threads meanwhile.
         """
@@ -333,7 +314,7 @@ class StagedPagePath:
                     [digests[i] for i in missing],
                     lambda views, base, path: self._copy_from_tier(
                         block_ids, placed, digests, jobs, missing, views,
-                        _PageFile(self._file(path), base)),
+                        self._source(path, base)),
                 )
             else:
                 result = self._copy_from_tier(block_ids, placed, digests, jobs, [], [], None)
@@ -352,7 +333,7 @@ class StagedPagePath:
     def _copy_from_tier(
         self, block_ids: Sequence[int], slots: list[int], digests: Sequence[bytes],
         jobs: Sequence[str], missing: list[int], views: list[memoryview],
-        source: _PageFile | None,
+        source: PageFile | None,
     ) -> tuple[LoadOutcome, set[int]]:
         """The load's outcome, and the indexes of the pages that did not match their digests."""
         tier = self.tier
@@ -370,17 +351,22 @@ class StagedPagePath:
         starts = list(range(0, len(block_ids), step))
         chunk_pages = [range(2 * s, min(2 * (s + step), len(digests))) for s in starts]
 
-        def fill(pages: list[int]) -> list[int]:
-            """Read the pages the tier lacked into their slots, check the rest: bad pages."""
+        def check(pages: list[int], rows: Sequence[np.ndarray], lo: int, hi: int) -> list[int]:
+            return [pages[j] for j in range(lo, hi) if page_digest(rows[j]) != digests[pages[j]]]
+
+        def read(pages: list[int]) -> list[int]:
+            """Read pages the tier lacked into their slots and check them: the bad ones."""
+            assert source is not None
+            rows = [tier.rows[slots[i]] for i in pages]
             bad: list[int] = []
-            for i in pages:
-                row = tier.rows[slots[i]]
-                view = read_from.get(i)
-                if view is not None and not (source and source.read_into(row, view)):
-                    np.copyto(row, np.frombuffer(view, dtype=np.uint8))
-                if self.verify and page_digest(row) != digests[i]:
-                    bad.append(i)
+            for lo, hi in source.read_pages(rows, [read_from[i] for i in pages]):
+                if self.verify:
+                    bad += check(pages, rows, lo, hi)
             return bad
+
+        def verify(pages: list[int]) -> list[int]:
+            """Check pages that were in the tier already: the bad ones."""
+            return check(pages, [tier.rows[slots[i]] for i in pages], 0, len(pages))
 
         # Per chunk: the reads it waits for first, then the checks of pages already in the tier,
         # which nothing waits for until the end.
@@ -389,8 +375,8 @@ class StagedPagePath:
         for pages in chunk_pages:
             absent = [i for i in pages if i in read_from]
             present = [i for i in pages if i not in read_from] if self.verify else []
-            reads.append(self._submit_pages(absent, fill))
-            checks += self._submit_pages(present, fill)
+            reads.append(self._submit_pages(absent, read))
+            checks += self._submit_pages(present, verify)
         try:
             for c, start in enumerate(starts):
                 for future in reads[c]:

@@ -7,8 +7,12 @@ corrupt page fails its block only, and a partial last block is saved with its ta
 
 from __future__ import annotations
 
+import itertools
+import os
+
 import pytest
 import torch
+from processfork.plugin import page_file
 from processfork.plugin.codec import codec_for
 from processfork.plugin.staged_pages import StagedPagePath
 from processfork.store import MissingObject, PutResult, Store, page_digest
@@ -180,3 +184,40 @@ def test_chunks_already_stored_are_committed_as_digests_and_free_their_slots(tmp
             path.save([11], None, lambda items, n, last: store.put_pages_hashed(items),
                       present=vanished)
         path.close()
+
+
+def test_a_corrupt_page_inside_a_run_fails_its_block_only(tmp_path, monkeypatch):
+    """Pages saved in one commit lie one after another and are read many per ``preadv``; a bad
+    disk's damage to one of them, in place, still fails that page's block alone."""
+    src = _layers("cpu")
+    blocks = list(range(10))
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=10)
+        digests, _ = _save(path, store, blocks)
+        path.close()
+        offsets = store.with_page_locations(
+            digests, lambda views, base, _: page_file.PageFile(0, base).offsets(views))
+        page_bytes = path.page_bytes
+    # in order, a small gap apart
+    assert all(0 <= b - a - page_bytes < 1 << 16 for a, b in itertools.pairwise(offsets))
+    data = os.open(tmp_path / "store" / "data.mdb", os.O_RDWR)
+    try:
+        os.pwrite(data, b"\xff\x00\xff", offsets[7] + 100)  # block 3's V page
+    finally:
+        os.close(data)
+    calls: list[int] = []
+    real = os.preadv
+    monkeypatch.setattr(page_file.os, "preadv",
+                        lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at))
+    with Store(tmp_path / "store") as store:
+        dst = _layers("cpu", zero=True)
+        loader = _path(dst, chunk_blocks=10, threads=2)
+        target = list(range(20, 30))
+        outcome = loader.load(store, target, digests, ["a"] * 3 + ["b"] + ["a"] * 6)
+        loader.close()
+    assert outcome.bad_blocks == {23} and set(outcome.failures) == {"b"}
+    assert len(calls) == 2 and all(n > 2 for n in calls)  # one run per thread
+    for layer_src, layer_dst in zip(src, dst):
+        for b_src, b_dst in zip(blocks, target):
+            if b_dst != 23:
+                assert torch.equal(layer_src[b_src], layer_dst[b_dst])
