@@ -25,8 +25,8 @@ On a CPU the staged path scatters into (and gathers from) host tensors instead o
 GPU: that is CI's configuration of the path (``page_path: staged``), and it adds a host copy the
 GPU path does not make. ``--diagnose`` also times the load with its device copies left out (not
 the product: it tells the host half's speed from what the device copies beside it cost).
-``--run-mib 0 8`` measures the load reading one page per ``preadv`` and up to 8 MiB of adjacent
-pages per ``preadv`` (the default) side by side, for each thread count. Each
+``--run-mib 0 8`` measures the load reading one page per ``preadv`` (the default) and up to 8 MiB
+of adjacent pages per ``preadv`` side by side, for each thread count. Each
 figure is the best of ``--repeat`` rounds (the host work is
 CPU-bound and the machine may be shared); the median is printed beside it. Beside each, the
 process's CPU time per GiB (all threads, median of the rounds): on a shared machine the wall time

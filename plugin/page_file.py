@@ -1,21 +1,26 @@
-"""Reading stored pages from the store's data file with ``preadv``, many pages per call.
+"""Reading stored pages from the store's data file with ``preadv``, one page or a run per call.
 
 A fresh worker has never touched the store's map: copying a checkout's gigabytes out of it takes
 a page fault every few pages, where ``pread`` copies from the page cache with the GIL released.
-One call per page still costs each page a round of Python work under the GIL (a numpy view to
-find its address, a ``preadv`` call and its list), and with 8 or more copy threads that, not the
-bytes, is what stopped a load from scaling. LMDB keeps each large value in overflow pages, and
-the values written in one commit usually lie one after another in the file, a header and the
-tail of a 4 KiB page apart. So a run of such pages is read with one ``preadv`` whose iovecs
-alternate between the pages' rows and a scratch buffer that takes the bytes between them.
-Pages out of order, far apart, or outside the file keep a ``pread`` each (or, failing that, a
-copy from the map), which is never wrong, only slower.
+Each page still costs a round of Python work under the GIL, which the copy threads and the
+thread that launches the device copies take turns at. Two things cut it:
+
+- the data pointer of each page's numpy view is read without ``__array_interface__`` or
+  ``.ctypes`` (each builds an object per call, and cost more than the view itself);
+- LMDB keeps each large value in overflow pages, and the values written in one commit usually
+  lie one after another in the file, a header and the tail of a 4 KiB page apart, so a run of
+  such pages can be read with one ``preadv`` whose iovecs alternate between the pages' rows and
+  a scratch buffer that takes the bytes between them (``run_bytes``; off by default, see
+  ``RUN_BYTES``). Pages out of order, far apart, or outside the file keep a ``pread`` each (or,
+  failing that, a copy from the map), which is never wrong, only slower.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,11 +30,13 @@ __all__ = ["PageFile", "iov_max", "plan_runs"]
 #: Pages at most this far apart in the file share a ``preadv``: the bytes between two values of
 #: one commit are LMDB's 16-byte overflow header and the unused tail of the last 4 KiB page.
 RUN_GAP_BYTES = 64 << 10
-#: Page bytes per ``preadv`` at most. A thread checks a run's pages after the call, so a longer
-#: run means fewer calls (and GIL hand-offs) but pages that have left the core's L2 cache by then:
-#: on a 2-core x86-64 VM, one thread hashed 8-10% slower after runs of 2-64 pages than right
-#: after each page's own ``pread``. 0 (or less than two pages) reads every page on its own.
-RUN_BYTES = 8 << 20
+#: Page bytes per ``preadv`` at most; 0 (or less than two pages), the default, reads every page
+#: on its own. A run saves a call and a GIL hand-off per page, but its pages are checked only
+#: once the call has read them all: on a 2-core x86-64 VM a load of 1 MiB pages took 8-10% more
+#: CPU time with runs of 2 to 16 MiB than with one ``pread`` per page hashed at once, and no run
+#: size won. Where the GIL rather than CPU time limits a load (many copy threads), runs may pay:
+#: ``bench/page_path_bench.py --run-mib 0 8`` measures both.
+RUN_BYTES = 0
 
 
 def iov_max() -> int:
@@ -42,6 +49,31 @@ def iov_max() -> int:
 
 
 IOV_MAX = iov_max()
+
+
+def _data_pointers() -> Callable[[list[np.ndarray]], list[int]]:
+    """How this interpreter reads arrays' data pointers, cheaply where it can.
+
+    ``__array_interface__`` and ``.ctypes.data`` build a dict or an object per call, about 6 us
+    on a 2-core x86-64 VM where the numpy view itself costs 1 us: per page, under the GIL. On
+    CPython, ``id`` is an object's address, and numpy keeps an array's data pointer as the first
+    field after the object header (the ``PyArray_DATA`` that compiled extensions inline, so its
+    place is fixed); that read is checked once here against ``__array_interface__``, and any
+    other interpreter takes the portable way.
+    """
+    portable: Callable[[list[np.ndarray]], list[int]] = (
+        lambda arrays: [a.__array_interface__["data"][0] for a in arrays])
+    if sys.implementation.name != "cpython":
+        return portable
+    at, head = ctypes.c_void_p.from_address, object.__basicsize__
+    probe = np.arange(16, dtype=np.uint8)[5:]
+    if at(id(probe) + head).value != probe.__array_interface__["data"][0]:
+        return portable
+    # The caller holds ``arrays``: each is alive while its pointer is read.
+    return lambda arrays: [at(id(a) + head).value for a in arrays]
+
+
+_pointers = _data_pointers()
 
 
 def plan_runs(offsets: Sequence[int], page_bytes: int, *, gap_bytes: int = RUN_GAP_BYTES,
@@ -87,15 +119,12 @@ class PageFile:
     max_iov: int = IOV_MAX
 
     def offsets(self, views: Sequence[memoryview]) -> list[int] | None:
-        """Each view's offset in the file (negative: not in it); None when there is no file.
-
-        One numpy view per page, read through ``__array_interface__``: about half the cost of
-        the ``.ctypes.data`` it replaced, and the only per-page Python work before the reads.
-        """
+        """Each view's offset in the file (negative: not in it); None when there is no file."""
         if self.fd is None or self.map_base is None:
             return None
         base, view_of, u8 = self.map_base, np.frombuffer, np.uint8
-        return [view_of(v, u8).__array_interface__["data"][0] - base for v in views]
+        arrays = [view_of(v, u8) for v in views]
+        return [address - base for address in _pointers(arrays)]
 
     def read_one(self, row: np.ndarray, offset: int) -> bool:
         """``pread`` one page at ``offset`` into ``row``; False when it must come from the map."""

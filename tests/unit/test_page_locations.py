@@ -18,6 +18,7 @@ from processfork.store.mapping import file_map_base
 
 PAGE = 1 << 16
 PREADV = os.preadv
+RUNS = 8 << 20  # bytes of pages per preadv where a test reads runs (the default reads none)
 
 
 def _pages(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -123,20 +124,22 @@ def test_runs_join_pages_that_follow_each_other_closely():
     # 0-2 adjacent with gaps of 10, 0 and 10; 3 goes back (out of order); 4 is far after 3;
     # 5 is not in the file; 6-7 adjacent again.
     offsets = [1000, 1110, 1210, 500, 500 + p + 70_000, -1, 9000, 9100]
-    assert plan_runs(offsets, p, gap_bytes=64 << 10) == [
+    assert plan_runs(offsets, p, gap_bytes=64 << 10, run_bytes=RUNS) == [
         (0, 3), (3, 4), (4, 5), (5, 6), (6, 8)]
     # A gap of exactly the bound still joins; one byte more does not.
-    assert plan_runs([0, p + 64, 2 * p + 129], p, gap_bytes=64) == [(0, 2), (2, 3)]
+    assert plan_runs([0, p + 64, 2 * p + 129], p, gap_bytes=64, run_bytes=RUNS) == [
+        (0, 2), (2, 3)]
 
 
 def test_runs_respect_the_iovec_and_byte_limits():
     p = 100
     gapped = [i * (p + 8) for i in range(10)]  # every page after the first needs 2 buffers
-    assert plan_runs(gapped, p, max_iov=5) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert plan_runs(gapped, p, max_iov=5, run_bytes=RUNS) == [(0, 3), (3, 6), (6, 9), (9, 10)]
     dense = [i * p for i in range(10)]  # no gaps: one buffer a page
-    assert plan_runs(dense, p, max_iov=4) == [(0, 4), (4, 8), (8, 10)]
+    assert plan_runs(dense, p, max_iov=4, run_bytes=RUNS) == [(0, 4), (4, 8), (8, 10)]
     assert plan_runs(dense, p, run_bytes=3 * p) == [(0, 3), (3, 6), (6, 9), (9, 10)]
     assert plan_runs(dense, p, run_bytes=p) == [(i, i + 1) for i in range(10)]
+    assert plan_runs(dense, p) == [(i, i + 1) for i in range(10)]  # the default: no runs
     assert plan_runs([], p) == []
 
 
@@ -166,7 +169,7 @@ def _read_runs(store: Store, digests: list[bytes], monkeypatch, *, copies=(), ba
         try:
             views = [memoryview(bytes(v)) if i in copies else v for i, v in enumerate(views)]
             rows = [np.zeros(len(v), dtype=np.uint8) for v in views]
-            done = list(PageFile(fd, base, **limits).read_pages(rows, views))
+            done = list(PageFile(fd, base, **{"run_bytes": RUNS, **limits}).read_pages(rows, views))
             assert [i for lo, hi in done for i in range(lo, hi)] == list(range(len(views)))
             return rows, done
         finally:
@@ -216,3 +219,13 @@ def test_a_run_that_reads_short_is_read_page_by_page(tmp_path, monkeypatch):
         rows, spy, _ = _read_runs(store, digests, monkeypatch, fail_runs=True)
     assert all(np.array_equal(row, page) for row, page in zip(rows, pages))
     assert [n for n, _ in spy.calls] == [9, 1, 1, 1, 1, 1]
+
+
+def test_offsets_are_where_each_view_starts(tmp_path):
+    """The cheap data-pointer read agrees with numpy's own interface, views of one buffer at
+    odd places included."""
+    buffer = np.arange(1 << 12, dtype=np.uint8)
+    views = [memoryview(buffer[i : i + 64]) for i in (0, 1, 7, 4000)]
+    base = buffer.__array_interface__["data"][0]
+    assert PageFile(0, base).offsets(views) == [0, 1, 7, 4000]
+    assert PageFile(0, base + 10).offsets(views[:1]) == [-10]

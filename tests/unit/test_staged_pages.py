@@ -29,10 +29,10 @@ def _layers(device: str, *, zero: bool = False) -> list[torch.Tensor]:
 
 
 def _path(layers: list[torch.Tensor], *, chunk_blocks: int, threads: int = 3,
-          verify: bool = True) -> StagedPagePath:
+          verify: bool = True, run_bytes: int = page_file.RUN_BYTES) -> StagedPagePath:
     codec = codec_for("FLASH_ATTN", layers, head_dim=D)
     return StagedPagePath(codec, verify=verify, staging_bytes=4 * chunk_blocks * 2 * codec.page_bytes,
-                          slots=4, threads=threads)
+                          slots=4, threads=threads, run_bytes=run_bytes)
 
 
 def _save(path: StagedPagePath, store: Store, blocks: list[int], tail: int | None = None
@@ -49,8 +49,10 @@ def _save(path: StagedPagePath, store: Store, blocks: list[int], tail: int | Non
     return digests, calls
 
 
+@pytest.mark.parametrize("run_bytes", [page_file.RUN_BYTES, 1 << 20])
 @pytest.mark.parametrize("device", DEVICES)
-def test_save_then_load_moves_exactly_those_blocks_through_many_chunks(tmp_path, device):
+def test_save_then_load_moves_exactly_those_blocks_through_many_chunks(tmp_path, device,
+                                                                       run_bytes):
     src = _layers(device)
     blocks = [37, 2, 5, 11, 0, 23, 30, 8, 19, 1, 3]  # 11 blocks in chunks of 3: 4 chunks
     with Store(tmp_path / "store") as store:
@@ -64,7 +66,7 @@ def test_save_then_load_moves_exactly_those_blocks_through_many_chunks(tmp_path,
         assert len(digests) == 2 * len(blocks)
         dst = _layers(device, zero=True)
         target = [4, 9, 12, 13, 14, 15, 16, 17, 18, 20, 39]
-        loader = _path(dst, chunk_blocks=2)
+        loader = _path(dst, chunk_blocks=2, run_bytes=run_bytes)
         outcome = loader.load(store, target, digests, ["job"] * len(target))
         if device == "cuda":
             torch.cuda.synchronize()
@@ -211,7 +213,7 @@ def test_a_corrupt_page_inside_a_run_fails_its_block_only(tmp_path, monkeypatch)
                         lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at))
     with Store(tmp_path / "store") as store:
         dst = _layers("cpu", zero=True)
-        loader = _path(dst, chunk_blocks=10, threads=2)
+        loader = _path(dst, chunk_blocks=10, threads=2, run_bytes=1 << 20)
         target = list(range(20, 30))
         outcome = loader.load(store, target, digests, ["a"] * 3 + ["b"] + ["a"] * 6)
         loader.close()
