@@ -125,6 +125,12 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # First of the step's hooks: vLLM may start loads after the forward pass.
+        if self._worker is not None and isinstance(connector_metadata, StepPlan):
+            self._worker.begin_step(connector_metadata)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
         plan = self._connector_metadata
@@ -241,7 +247,8 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
         plan = self._scheduler.build_step_plan(scheduler_output)
-        return ProcessForkMetadata(loads=plan.loads, saves=plan.saves)
+        return ProcessForkMetadata(loads=plan.loads, saves=plan.saves,
+                                   fresh_blocks=plan.fresh_blocks)
 
     def request_finished(
         self, request: Request, block_ids: list[int]

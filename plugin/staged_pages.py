@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -97,10 +97,11 @@ class _Slot:
 class _SavedChunk:
     """One chunk of a save between its copy to the host and its commit."""
 
-    rows: np.ndarray  # its pages, in its slot
+    rows: np.ndarray | None  # its pages, in its slot; None: named from memory, not copied
     blocks: int
     last: bool
     digests: list[bytes]
+    ids: list[int] = field(default_factory=list)  # its blocks
     hashed: Future[list[bool]] = field(default_factory=Future)  # which pages are stored already
     released: Future[None] = field(default_factory=Future)  # the slot's bytes are not needed
     committed: Future[None] = field(default_factory=Future)
@@ -119,9 +120,16 @@ class StagedPagePath:
         threads: int | None = None,
         tier: HostTier | None = None,
         run_bytes: int = RUN_BYTES,
+        remember: bool = False,
     ):
         self.codec = codec
         self.run_bytes = run_bytes  # page bytes read per ``preadv`` at most (``page_file.py``)
+        # Which pages each block holds, for blocks this path saved or loaded (and verified) and
+        # nobody has written since: a later save of such a block names its pages without a
+        # device copy or a hash. ``forget`` must be told of every block an engine step writes
+        # afresh (plugin/scheduler_side.py ``fresh_blocks``), before the step's saves.
+        self.remember = remember
+        self._known: dict[int, tuple[bytes, bytes]] = {}
         self.verify = verify
         self.page_bytes = codec.page_bytes
         self.cuda = codec.device.type == "cuda"
@@ -181,16 +189,29 @@ class StagedPagePath:
         queued ahead of whatever the engine's stream runs next. A missing page fails the whole
         transfer (raised); a corrupt one fails its block only.
         """
+        self.forget(block_ids)
+        outcome = None
         if self.tier is not None:
             outcome = self._load_through_tier(store, block_ids, digests, jobs)
-            if outcome is not None:
-                return outcome
-        return store.with_page_locations(
-            list(digests),
-            lambda views, base, path: self._load_views(
-                block_ids, views, digests, jobs, self._source(path, base)
-            ),
-        )
+        if outcome is None:
+            outcome = store.with_page_locations(
+                list(digests),
+                lambda views, base, path: self._load_views(
+                    block_ids, views, digests, jobs, self._source(path, base)
+                ),
+            )
+        if self.remember and self.verify:
+            for i, block in enumerate(block_ids):
+                if block not in outcome.bad_blocks:
+                    self._known[block] = (bytes(digests[2 * i]), bytes(digests[2 * i + 1]))
+        return outcome
+
+    def forget(self, block_ids: Iterable[int]) -> None:
+        """The blocks' contents are about to change: stop naming their pages from memory."""
+        if self._known:
+            drop = self._known.pop
+            for block in block_ids:
+                drop(block, None)
 
     def _source(self, path: str, map_base: int | None) -> PageFile:
         return PageFile(self._file(path), map_base, run_bytes=self.run_bytes)
@@ -445,7 +466,8 @@ class StagedPagePath:
 
     # -- saves -----------------------------------------------------------------------------
     def save(self, block_ids: Sequence[int], valid_in_last: int | None, commit: Commit,
-             present: Callable[[list[bytes]], list[bool]] | None = None) -> None:
+             present: Callable[[list[bytes]], list[bool]] | None = None,
+             reused: Callable[[int], None] | None = None) -> int:
         """Gather blocks chunk by chunk and hand each chunk's hashed pages to ``commit``.
 
         ``commit`` runs on one writer thread, in chunk order (consecutive chunks that are ready
@@ -460,28 +482,46 @@ class StagedPagePath:
         ``present(digests)`` (the store's page lookup) lets a chunk whose pages are all stored
         already hand ``commit`` digests only and free its slot once it is hashed: the writer
         then takes many such chunks per commit instead of holding four slots behind the disk.
+        With ``present`` given, runs of blocks whose pages this path remembers (and the store
+        still holds) are not copied or hashed at all: their chunks carry digests only.
+
+        Returns how many blocks were named from memory, and tells ``reused`` that count before
+        the first commit (whose ``commit`` may record it with the save's last pages).
         """
-        chunks = [list(block_ids[i : i + self.chunk_blocks])
-                  for i in range(0, len(block_ids), self.chunk_blocks)]
+        known = self._recall(block_ids, valid_in_last, present)
+        if reused is not None:
+            reused(sum(1 for k in known if k is not None))
+        chunks = self._save_chunks(len(block_ids), known)
         if not chunks:
-            return
-        if self._stream is not None:
+            return 0
+        if self._stream is not None and not all(k is not None for k in known):
             # The blocks were computed by work queued on the engine's stream.
             self._stream.wait_stream(torch.cuda.current_stream(self.codec.device))
         pending: list[_SavedChunk] = []
+        copied = 0
         try:
-            for c, ids in enumerate(chunks):
-                slot = self._slots[c % len(self._slots)]
+            for lo, hi in chunks:
+                ids = list(block_ids[lo:hi])
+                last = hi == len(block_ids)
+                if known[lo] is not None:
+                    chunk = self._recalled_chunk(ids, last, known[lo:hi])
+                    pending.append(chunk)
+                    with self._lock:
+                        self._ready.append(chunk)
+                    self._writer.submit(self._commit_ready, commit)
+                    continue
+                slot = self._slots[copied % len(self._slots)]
+                copied += 1
                 if slot.busy is not None:
                     slot.busy.result()  # its pages are hashed, and written if any were new
                     slot.busy = None
                 self._from_blocks(slot, ids)
-                last = c == len(chunks) - 1
                 if last and valid_in_last is not None:
                     if slot.done is not None:
                         slot.done.synchronize()
                     self.codec.mask_tail(slot.host[len(ids) - 1], valid_in_last)
                 chunk = self._hash_in_pool(slot, len(ids), last, present)
+                chunk.ids = ids
                 slot.busy = chunk.released
                 pending.append(chunk)
                 with self._lock:
@@ -498,6 +538,62 @@ class StagedPagePath:
                 slot.busy = None
             if errors:
                 raise errors[0]
+        self._remember_saved(pending, valid_in_last)
+        return sum(chunk.blocks for chunk in pending if chunk.rows is None)
+
+    def _recall(self, block_ids: Sequence[int], valid_in_last: int | None,
+                present: Callable[[list[bytes]], list[bool]] | None,
+                ) -> list[tuple[bytes, bytes] | None]:
+        """Each block's remembered pages, where the store still holds both (one lookup for
+        all: a snapshot it deleted may have been collected since); None for the rest."""
+        if not self.remember or present is None or not self._known:
+            return [None] * len(block_ids)
+        known = [self._known.get(block) for block in block_ids]
+        if valid_in_last is not None and known:
+            known[-1] = None  # a partial block is stored masked; the engine's block is not
+        flat = [d for pair in known if pair is not None for d in pair]
+        if not flat:
+            return known
+        stored = iter(present(flat))
+        return [pair if pair is not None and all([next(stored), next(stored)]) else None
+                for pair in known]
+
+    def _save_chunks(self, n: int, known: list[tuple[bytes, bytes] | None]
+                     ) -> list[tuple[int, int]]:
+        """Block ranges in save order: each run of remembered blocks whole, the other runs cut
+        into chunks of one staging slot."""
+        chunks: list[tuple[int, int]] = []
+        lo = 0
+        while lo < n:
+            hi = lo + 1
+            if known[lo] is not None:
+                while hi < n and known[hi] is not None:
+                    hi += 1
+            else:
+                while hi < n and known[hi] is None and hi - lo < self.chunk_blocks:
+                    hi += 1
+            chunks.append((lo, hi))
+            lo = hi
+        return chunks
+
+    def _recalled_chunk(self, ids: list[int], last: bool,
+                        known: list[tuple[bytes, bytes] | None]) -> _SavedChunk:
+        digests = [d for pair in known if pair is not None for d in pair]
+        chunk = _SavedChunk(None, len(ids), last, digests, ids=ids)
+        chunk.hashed.set_result([True] * len(digests))
+        chunk.released.set_result(None)
+        return chunk
+
+    def _remember_saved(self, chunks: list[_SavedChunk], valid_in_last: int | None) -> None:
+        if not self.remember:
+            return
+        for chunk in chunks:
+            if chunk.rows is None:
+                continue
+            for j, block in enumerate(chunk.ids):
+                if chunk.last and valid_in_last is not None and j == len(chunk.ids) - 1:
+                    continue  # stored masked: its page is not the block's bytes
+                self._known[block] = (chunk.digests[2 * j], chunk.digests[2 * j + 1])
 
     def _from_blocks(self, slot: _Slot, ids: list[int]) -> None:
         n = len(ids)
@@ -576,6 +672,9 @@ class StagedPagePath:
             items: PageItems = []
             for chunk in batch:
                 stored = chunk.hashed.result()
+                if chunk.rows is None:
+                    items += [(d, None) for d in chunk.digests]
+                    continue
                 items += [(d, None if there else memoryview(row))
                           for d, there, row in zip(chunk.digests, stored, chunk.rows)]
             commit(items, sum(chunk.blocks for chunk in batch),

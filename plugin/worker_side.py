@@ -76,6 +76,8 @@ class _JobStats:
     blocks: int = 0
     new_blocks: int = 0
     bytes_written: int = 0
+    #: Blocks whose pages the engine named from memory, without copying or hashing them.
+    reused_blocks: int = 0
     final: bool = False
     error: JobError | None = None
     error_recorded: bool = False  # the record with `error` is in the store
@@ -100,6 +102,7 @@ class _JobStats:
             blocks=self.blocks,
             new_blocks=self.new_blocks,
             bytes_written=self.bytes_written,
+            reused_blocks=self.reused_blocks,
             pages=pages,
             error=self.error,
         )
@@ -226,7 +229,7 @@ class WorkerSide:
             kwargs = {} if self.staging_mib is None else {"staging_bytes": self.staging_mib * MiB}
             self._staged = StagedPagePath(
                 self.codec, verify=self.verify_loads, threads=self.copy_threads,
-                tier=self._open_tier(), **kwargs
+                tier=self._open_tier(), remember=len(self.kv_groups or []) <= 1, **kwargs
             )
             logger.info(
                 "processfork: staged page path, %d MiB of %s staging in chunks of %d blocks, "
@@ -272,6 +275,14 @@ class WorkerSide:
         return tier
 
     # --- loads ------------------------------------------------------------------
+    def begin_step(self, plan: StepPlan) -> None:
+        """Forget the pages of the blocks this step writes or loads afresh, before any of the
+        step's saves can name them from memory (plugin/staged_pages.py)."""
+        if self._staged is not None and (plan.fresh_blocks or plan.loads):
+            self._staged.forget(plan.fresh_blocks)
+            for job in plan.loads:
+                self._staged.forget(job.block_ids)
+
     def start_load(self, plan: StepPlan) -> None:
         """Start this step's loads; on CPU they complete layer by layer during the forward pass."""
         self._finish_loads()  # a previous step's ticket whose errors were never collected
@@ -499,8 +510,11 @@ class WorkerSide:
                         blocks,
                     )
 
+                def reused(blocks: int) -> None:
+                    stats.reused_blocks += blocks
+
                 self._staged.save(job.block_ids, job.valid_in_last, commit,
-                                  present=self.store.has_pages)
+                                  present=self.store.has_pages, reused=reused)
             else:
                 stats.add(
                     self.store.put_pages_from(2 * n, self._page_source(job), pin=job.job, meta=meta),
