@@ -32,7 +32,7 @@ __all__ = ["PageFile", "iov_max", "plan_runs"]
 RUN_GAP_BYTES = 64 << 10
 #: Page bytes per ``preadv`` at most; 0 (or less than two pages), the default, reads every page
 #: on its own. A run saves a call and a GIL hand-off per page, but its pages are checked only
-#: once the call has read them all: on a 2-core x86-64 VM a load of 1 MiB pages took 8-10% more
+#: once the call has read them all: on a 2-core x86-64 VM a load of 1 MiB pages took 6-10% more
 #: CPU time with runs of 2 to 16 MiB than with one ``pread`` per page hashed at once, and no run
 #: size won. Where the GIL rather than CPU time limits a load (many copy threads), runs may pay:
 #: ``bench/page_path_bench.py --run-mib 0 8`` measures both.
@@ -82,9 +82,11 @@ def plan_runs(offsets: Sequence[int], page_bytes: int, *, gap_bytes: int = RUN_G
 
     A page joins the run before it when it starts after that run's last page ends, at most
     ``gap_bytes`` later, and the run then stays within ``run_bytes`` bytes of pages and
-    ``max_iov`` buffers (a page, plus a scratch buffer for a gap). A negative offset (a page that is not in
-    the file) is a run of its own. Every index is in exactly one run, in order.
+    ``max_iov`` buffers (a page, plus a scratch buffer for a gap). A negative offset (a page
+    that is not in the file) is a run of its own. Every index is in exactly one run, in order.
     """
+    if run_bytes < 2 * page_bytes:
+        return [(i, i + 1) for i in range(len(offsets))]
     runs: list[tuple[int, int]] = []
     if not offsets:
         return runs
@@ -146,6 +148,12 @@ class PageFile:
                 yield i, i + 1
             return
         page_bytes = rows[0].nbytes if len(rows) else 0
+        if self.run_bytes < 2 * page_bytes:  # no runs: skip planning them
+            for i, offset in enumerate(offsets):
+                if not self.read_one(rows[i], offset):
+                    np.copyto(rows[i], np.frombuffer(views[i], dtype=np.uint8))
+                yield i, i + 1
+            return
         for lo, hi in plan_runs(offsets, page_bytes, gap_bytes=self.gap_bytes,
                                 run_bytes=self.run_bytes, max_iov=self.max_iov):
             if hi - lo == 1 or not self._read_run(rows, offsets, lo, hi):

@@ -205,7 +205,11 @@ def test_runs_broken_by_order_distance_or_a_page_outside_the_file(tmp_path, monk
         digests = [a[i] for i in order] + b
         expected = [first[i] for i in order] + second
         rows, spy, runs = _read_runs(store, digests, monkeypatch, copies={8})
+        alone, one_each, singles = _read_runs(store, digests, monkeypatch, copies={8},
+                                              run_bytes=0)
     assert all(np.array_equal(row, page) for row, page in zip(rows, expected))
+    assert all(np.array_equal(row, page) for row, page in zip(alone, expected))
+    assert singles == [(i, i + 1) for i in range(12)] and all(n == 1 for n, _ in one_each.calls)
     # 0-2 adjacent; 3 (a4) skips a page, 4 (a3) goes back, 5 (a5) skips one; the second commit
     # is far from the first; 8 is a copy in memory, between 6-7 and 9-11.
     assert runs == [(0, 3), (3, 4), (4, 5), (5, 6), (6, 8), (8, 9), (9, 12)]
