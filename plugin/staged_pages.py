@@ -458,7 +458,8 @@ class StagedPagePath:
 
     # -- saves -----------------------------------------------------------------------------
     def save(self, block_ids: Sequence[int], valid_in_last: int | None, commit: Commit,
-             present: Callable[[list[bytes]], list[bool]] | None = None) -> None:
+             present: Callable[[list[bytes]], list[bool]] | None = None,
+             mask: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
         """Gather blocks chunk by chunk and hand each chunk's hashed pages to ``commit``.
 
         ``commit`` runs on one writer thread, in chunk order (consecutive chunks that are ready
@@ -473,6 +474,9 @@ class StagedPagePath:
         ``present(digests)`` (the store's page lookup) lets a chunk whose pages are all stored
         already hand ``commit`` digests only and free its slot once it is hashed: the writer
         then takes many such chunks per commit instead of holding four slots behind the disk.
+
+        ``mask(k_page, v_page)`` zeroes, in place and before hashing, what a block's pages must
+        not keep (the padding of a Mamba state block), so they hash as the direct path's do.
         """
         chunks = [list(block_ids[i : i + self.chunk_blocks])
                   for i in range(0, len(block_ids), self.chunk_blocks)]
@@ -490,10 +494,14 @@ class StagedPagePath:
                     slot.busy = None
                 self._from_blocks(slot, ids)
                 last = c == len(chunks) - 1
-                if last and valid_in_last is not None:
-                    if slot.done is not None:
-                        slot.done.synchronize()
-                    self.codec.mask_tail(slot.host[len(ids) - 1], valid_in_last)
+                tail = valid_in_last if last else None
+                if (tail is not None or mask is not None) and slot.done is not None:
+                    slot.done.synchronize()
+                if tail is not None:
+                    self.codec.mask_tail(slot.host[len(ids) - 1], tail)
+                if mask is not None:
+                    for i in range(len(ids)):
+                        mask(slot.rows[2 * i], slot.rows[2 * i + 1])
                 chunk = self._hash_in_pool(slot, len(ids), last, present)
                 slot.busy = chunk.released
                 pending.append(chunk)
