@@ -154,8 +154,9 @@ class WorkerSide:
 
     # --- setup ----------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        # A state group's layers (Mamba) are byte views into the attention layers' tensors:
-        # pages are made of the attention tensors, and a state block is a block of them.
+        # A state group's layers (Mamba) are views into the attention layers' tensors (a byte
+        # view of each layer's blocks, or, in some vLLM versions, a list of one view per state
+        # tensor): pages are made of the attention tensors, and a state block is a block of them.
         state_groups = {g: set(spec["layers"]) for g, spec in enumerate(self.kv_groups or [])
                         if spec.get("kind") == MAMBA}
         state_layers = set().union(*state_groups.values())
