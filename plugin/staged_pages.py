@@ -467,7 +467,8 @@ class StagedPagePath:
     # -- saves -----------------------------------------------------------------------------
     def save(self, block_ids: Sequence[int], valid_in_last: int | None, commit: Commit,
              present: Callable[[list[bytes]], list[bool]] | None = None,
-             reused: Callable[[int], None] | None = None) -> int:
+             reused: Callable[[int], None] | None = None,
+             mask: Callable[[np.ndarray, np.ndarray], None] | None = None) -> int:
         """Gather blocks chunk by chunk and hand each chunk's hashed pages to ``commit``.
 
         ``commit`` runs on one writer thread, in chunk order (consecutive chunks that are ready
@@ -484,6 +485,9 @@ class StagedPagePath:
         then takes many such chunks per commit instead of holding four slots behind the disk.
         With ``present`` given, runs of blocks whose pages this path remembers (and the store
         still holds) are not copied or hashed at all: their chunks carry digests only.
+
+        ``mask(k_page, v_page)`` zeroes, in place and before hashing, what a block's pages must
+        not keep (the padding of a Mamba state block), so they hash as the direct path's do.
 
         Returns how many blocks were named from memory, and tells ``reused`` that count before
         the first commit (whose ``commit`` may record it with the save's last pages).
@@ -516,10 +520,14 @@ class StagedPagePath:
                     slot.busy.result()  # its pages are hashed, and written if any were new
                     slot.busy = None
                 self._from_blocks(slot, ids)
-                if last and valid_in_last is not None:
-                    if slot.done is not None:
-                        slot.done.synchronize()
-                    self.codec.mask_tail(slot.host[len(ids) - 1], valid_in_last)
+                tail = valid_in_last if last else None
+                if (tail is not None or mask is not None) and slot.done is not None:
+                    slot.done.synchronize()
+                if tail is not None:
+                    self.codec.mask_tail(slot.host[len(ids) - 1], tail)
+                if mask is not None:
+                    for i in range(len(ids)):
+                        mask(slot.rows[2 * i], slot.rows[2 * i + 1])
                 chunk = self._hash_in_pool(slot, len(ids), last, present)
                 chunk.ids = ids
                 slot.busy = chunk.released

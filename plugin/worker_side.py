@@ -57,7 +57,7 @@ from .loader import LoadItem, LoadTicket, PipelinedLoader
 from .page_writer import PageWriter, QueuedPages
 from .prefix_lookup import is_restore_job
 from .staged_pages import MiB, StagedPagePath
-from .state_pages import StateMask, state_mask
+from .state_pages import StateMask, StateViews, state_layer_tensors, state_mask
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -157,8 +157,9 @@ class WorkerSide:
 
     # --- setup ----------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        # A state group's layers (Mamba) are byte views into the attention layers' tensors:
-        # pages are made of the attention tensors, and a state block is a block of them.
+        # A state group's layers (Mamba) are views into the attention layers' tensors (a byte
+        # view of each layer's blocks, or, in some vLLM versions, a list of one view per state
+        # tensor): pages are made of the attention tensors, and a state block is a block of them.
         state_groups = {g: set(spec["layers"]) for g, spec in enumerate(self.kv_groups or [])
                         if spec.get("kind") == MAMBA}
         state_layers = set().union(*state_groups.values())
@@ -189,16 +190,23 @@ class WorkerSide:
                               page_bytes=self.codec.page_bytes, pid=os.getpid())
         self.store.meta_put(engine_meta_key(self.engine_id), record.to_json())
         ptrs = {t.data_ptr(): i for i, t in enumerate(layers)}
-        self.layer_index = {n: ptrs.get(t.data_ptr(), -1) for n, t in kv_caches.items()}
+        self.layer_index = {n: ptrs.get(_first_tensor(t).data_ptr(), -1)
+                            for n, t in kv_caches.items()}
+        # The padding of each state group's blocks, zeroed by saves on either page path.
+        layout = GroupLayout.from_fingerprint(self.kv_groups)
+        for group, layer_ids in state_groups.items():
+            views = [t for n, t in states.items() if _layer_number(n) in layer_ids]
+            size = layout.groups[group].state_bytes()
+            sizes = sorted({_state_bytes(t) for t in views})
+            if sizes != [size]:
+                # The pages would keep a part of the state, or zero a part of it.
+                raise ValueError(
+                    f"processfork: Mamba group {group} registers states of {sizes} bytes, "
+                    f"its spec says {size}"
+                )
+            self._state_masks[group] = state_mask(layers, self.codec.k_views,
+                                                  self.codec.v_views, views)
         direct = self.codec.device.type == "cpu" and self.page_path != "staged"
-        if state_groups and not direct:
-            # Saving a state positionally in its step, and masking its padding, were verified
-            # on vLLM 0.32's CPU backend only; GPU engines move pages through the staged path.
-            raise ValueError(
-                "processfork: models with a Mamba (state) KV-cache group are supported on the "
-                f"CPU backend's direct page path only (this engine: {self.codec.device.type}, "
-                f"page_path {self.page_path!r})"
-            )
         if direct:
             if self.host_tier_mib:
                 logger.warning("processfork: host_tier_mib is ignored: the host tier serves the "
@@ -208,18 +216,6 @@ class WorkerSide:
             buf = np.empty((2, self.codec.page_bytes), dtype=np.uint8)
             self._page_buf = buf
             self._page_row = torch.from_numpy(buf).view(g.dtype).view(2, g.num_layers, -1)
-            layout = GroupLayout.from_fingerprint(self.kv_groups)
-            for group, layer_ids in state_groups.items():
-                views = [t for n, t in states.items() if _layer_number(n) in layer_ids]
-                size = layout.groups[group].state_bytes()
-                if any(t[0].numel() * t.element_size() != size for t in views):
-                    # The pages would keep a part of the state, or zero a part of it.
-                    raise ValueError(
-                        f"processfork: Mamba group {group} registers states of "
-                        f"{sorted({t[0].numel() * t.element_size() for t in views})} bytes, "
-                        f"its spec says {size}"
-                    )
-                self._state_masks[group] = state_mask(layers, self._views.k, self._views.v, views)
             if self.pipelined_loads:
                 self._loader = PipelinedLoader(
                     self.store, self._views, verify=self.verify_loads,
@@ -513,8 +509,10 @@ class WorkerSide:
                 def reused(blocks: int) -> None:
                     stats.reused_blocks += blocks
 
+                state = None if job.state_group is None else self._state_masks[job.state_group]
                 self._staged.save(job.block_ids, job.valid_in_last, commit,
-                                  present=self.store.has_pages, reused=reused)
+                                  present=self.store.has_pages, reused=reused,
+                                  mask=None if state is None else state.apply)
             else:
                 stats.add(
                     self.store.put_pages_from(2 * n, self._page_source(job), pin=job.job, meta=meta),
@@ -606,6 +604,17 @@ class WorkerSide:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def _first_tensor(value: torch.Tensor | StateViews) -> torch.Tensor:
+    """A layer's KV tensor, or the first of a Mamba layer's state tensors (some vLLM versions
+    register those as a list)."""
+    return state_layer_tensors(value)[0]
+
+
+def _state_bytes(views: StateViews) -> int:
+    """Bytes of one block of a Mamba layer's state, over all of its state tensors."""
+    return sum(t[0].numel() * t.element_size() for t in state_layer_tensors(views))
 
 
 def _layer_number(name: str) -> int:
