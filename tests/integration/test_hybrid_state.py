@@ -31,13 +31,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import EAGER, MODELS_DIR
-from pf_http import PF, cached_tokens, complete, damage_page, get, pf, random_tokens
+from conftest import EAGER, model_server
+from pf_http import (
+    PF,
+    cached_tokens,
+    complete,
+    damage_page,
+    extended_snapshot,
+    get,
+    pf,
+    random_tokens,
+    warm_snapshots,
+)
 from processfork.plugin.kv_groups import MAMBA, GroupLayout
 from processfork.plugin.launch_plan import kv_transfer_config
 from processfork.store import Store
 
-from processfork_dev.model_builder import HYBRID, build_model
+from processfork_dev.model_builder import HYBRID
 
 pytestmark = pytest.mark.integration
 
@@ -71,30 +81,17 @@ class Before:
 
 @pytest.fixture(scope="module")
 def hybrid_server(start_server, tmp_path_factory):
-    live = start_server(build_model(MODELS_DIR / "tiny-hybrid", HYBRID),
-                        store=tmp_path_factory.mktemp("pf-store-hybrid"),
-                        extra_args=(*HYBRID_ARGS, *EAGER))  # compared only with itself
-    yield live
-    live.stop()
+    # Compared only with itself: eager mode starts sooner.
+    yield from model_server(start_server, tmp_path_factory, "tiny-hybrid", HYBRID, (*HYBRID_ARGS, *EAGER))
 
 
 @pytest.fixture(scope="module")
 def before(hybrid_server) -> Before:
     out = Before()
-    for i, length in enumerate(LENGTHS):
-        prompt = random_tokens(8000 + i, length)
-        out.prompts[length] = prompt
-        complete(hybrid_server, prompt, max_tokens=12, logprobs=5)
-        out.warm[length] = complete(hybrid_server, prompt, max_tokens=12, logprobs=5)
-        assert cached_tokens(out.warm[length]) == (length - 1) // BLOCK * BLOCK
-        out.snapshots[length] = pf(hybrid_server, "snapshot",
-                                   {"name": f"hy/{length}", "token_ids": prompt})
-    base = random_tokens(8100, RESTORED)
-    out.snapshots[RESTORED] = pf(hybrid_server, "snapshot",
-                                 {"name": "hy/extended", "token_ids": base})
-    out.extended = base + random_tokens(8101, EXTRA)
-    out.extended_warm = complete(hybrid_server, out.extended, max_tokens=12, logprobs=5)
-    assert cached_tokens(out.extended_warm) == RESTORED // BLOCK * BLOCK
+    out.prompts, out.warm, out.snapshots = warm_snapshots(hybrid_server, LENGTHS, seed=8000,
+                                                          prefix="hy", block=BLOCK)
+    base, out.snapshots[RESTORED], out.extended, out.extended_warm = extended_snapshot(
+        hybrid_server, seed=8100, name="hy/extended", length=RESTORED, extra=EXTRA, block=BLOCK)
     # Shares one block with the snapshot, then differs: the state after that block is not
     # stored (only the state at the snapshot's split point is).
     out.diverging = base[: BLOCK + 3] + random_tokens(8102, 60)
