@@ -173,7 +173,8 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         # Sending: a finished session turn whose sliding-window blocks vLLM kept for us (freed
         # once the save has copied them). Asynchronous loads (under async scheduling) finish in
-        # the step that runs them. The finished ids let the worker forget jobs.
+        # the step that runs them. The finished ids let the worker forget jobs. vLLM 0.30 and
+        # later ask get_transfer_results, whose default reads this.
         if self._worker is None:
             return None, None
         self._worker.forget_requests(finished_req_ids)
