@@ -22,8 +22,8 @@ import torch
 
 __all__ = ["StateMask", "state_layer_tensors", "state_mask"]
 
-#: What vLLM registers for one Mamba layer: one byte view of its blocks (vLLM 0.32), or one view
-#: per state tensor (convolution window, SSM state) in their own dtypes.
+#: What vLLM registers for one Mamba layer: one byte view of its blocks (vLLM 0.27 and later), or
+#: one view per state tensor (convolution window, SSM state) in their own dtypes (vLLM 0.26).
 StateViews = torch.Tensor | Sequence[torch.Tensor]
 
 
