@@ -43,6 +43,7 @@ from pf_http import (
     extended_snapshot,
     get,
     pf,
+    post,
     random_tokens,
     wait_for_ref,
     warm_snapshots,
@@ -50,6 +51,7 @@ from pf_http import (
 from processfork.plugin.kv_groups import MAMBA, GroupLayout
 from processfork.plugin.launch_plan import kv_transfer_config
 from processfork.store import Store
+from processfork.store.sessions import SessionTurn, TurnGroup
 
 from processfork_dev.model_builder import HYBRID
 
@@ -318,6 +320,35 @@ def test_a_state_a_decode_step_reached_restores_like_a_cold_prefill(hybrid_serve
     assert restored_lp["tokens"] == cold_lp["tokens"]
     assert max(abs(a - b) for a, b in zip(restored_lp["token_logprobs"],
                                           cold_lp["token_logprobs"])) <= 1e-4
+
+
+def test_a_turn_that_stores_no_state_is_never_resumed_from(hybrid_server, before):
+    """A turn whose state at its split point the engine never held (a split inside a prefill
+    chunk: not on this engine, whose chunks end on block boundaries) stores none, as written
+    here from the last turn's attention pages. Neither a checkout nor a restore resumes from
+    its attention blocks alone."""
+    layout = _groups(hybrid_server)
+    last = before.turns[-1]
+    with Store(hybrid_server.store) as store:
+        manifest = store.get_snapshot(last["cid"])
+        [seq] = manifest.sequences
+        tokens = list(store.get_tokens(seq.tokens))
+        whole = seq.paged_tokens // BLOCK
+        store.commit_turn(SessionTurn(
+            ref="sessions/hy-nostate", tokens=tokens, base=last["cid"], base_seq=0,
+            base_blocks=0, pages=[], fingerprint=manifest.fingerprint,
+            paged_tokens=seq.paged_tokens, cache_salt="hy-nostate",
+            groups=[TurnGroup(whole, 0, [], state=True) if spec.kind == MAMBA
+                    else TurnGroup(0, whole, []) for spec in layout.groups]))
+        assert [i.kind for i in store.fsck()] == []
+    response = post(hybrid_server, f"{PF}/checkout", {"cid": "sessions/hy-nostate"})
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["type"] == "pages_not_stored"
+    # The same salt: the prefix index of that partition holds this turn alone.
+    out = complete(hybrid_server, tokens + random_tokens(8720, EXTRA), max_tokens=4,
+                   cache_salt="hy-nostate")
+    assert not (out.get("kv_transfer_params") or {}).get("processfork", {}).get("loaded_tokens")
+    assert cached_tokens(out) == 0
 
 
 def test_the_next_session_turn_restores_the_last_one_like_a_warm_hit(hybrid_server, before):

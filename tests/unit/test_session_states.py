@@ -169,7 +169,7 @@ def test_a_turn_resumed_on_a_boundary_saves_the_state_it_resumed_from():
     turn.release(finish)
 
 
-def test_a_turn_takes_the_state_from_its_base_only_when_it_holds_none():
+def test_a_turn_names_the_state_its_base_stores_at_its_split():
     base = PrefixHit(cid="sha256:" + "0" * 64, seq=0, blocks=2)
     turn = _Turn(base=base)
     turn.run(40, 41, chunk=40)  # never held the state at 32 on its own
@@ -177,6 +177,12 @@ def test_a_turn_takes_the_state_from_its_base_only_when_it_holds_none():
     state, full = finish.groups
     assert (state.first, state.base_blocks, state.end, finish.saves) == (1, 1, 2, [])
     assert (full.base_blocks, full.end) == (2, 2)
+    turn.release(finish)
+    # Also when the turn holds that state itself: the base's page is named, nothing is saved.
+    turn = _Turn(base=base)
+    turn.run(40, 41, chunk=BS)
+    finish = turn.finish(41, base_ranges=[(1, 2), (0, 2)])
+    assert (finish.groups[0].base_blocks, finish.saves) == (1, [])
     turn.release(finish)
     # A base whose state is at another split point gives nothing.
     turn = _Turn(base=base)
