@@ -99,7 +99,8 @@ def plan_group_step(state: SessionState, layout: GroupLayout, block_size: int, p
                     req_id: str, num_prompt: int, computed_before: int,
                     computed: int) -> list[SaveJob]:
     """This step's saves of a session request's full-attention groups (the blocks complete
-    after it), and the holds of its sliding-window groups' blocks (see the module's doc)."""
+    after it), and the holds of its sliding-window groups' blocks and of its state groups'
+    states at block boundaries (see the module's doc)."""
     assert state.group_ids is not None and state.held is not None
     saves: list[SaveJob] = []
     null = pool.null_block.block_id
