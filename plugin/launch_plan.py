@@ -93,12 +93,15 @@ def kv_transfer_config(
     *,
     auto_restore: bool = True,
     remote: str | None = None,
+    host_tier_mib: int = 0,
 ) -> dict:
     extra: dict = {"store": str(store)}
     if not auto_restore:
         extra["auto_restore"] = False
     if remote is not None:
         extra["remote"] = remote
+    if host_tier_mib > 0:
+        extra["host_tier_mib"] = int(host_tier_mib)
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": connector_module,
@@ -218,6 +221,7 @@ def build_plan(
     cpu: bool | None = None,
     auto_restore: bool = True,
     remote: str | None = None,
+    host_tier_mib: int = 0,
 ) -> LaunchPlan:
     """Decide the vLLM arguments and environment for serving ``model``.
 
@@ -234,7 +238,7 @@ def build_plan(
     if "--kv-transfer-config" not in given:
         config = kv_transfer_config(
             store_path, connector_module or DEFAULT_CONNECTOR_MODULE, auto_restore=auto_restore,
-            remote=remote,
+            remote=remote, host_tier_mib=host_tier_mib,
         )
         args += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
     if "--enable-prefix-caching" not in given:

@@ -143,3 +143,22 @@ def test_pf_serve_rejects_too_many_threads():
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "--threads" in result.stderr
+
+
+def test_host_tier_reaches_the_connector_config_of_a_gpu_plan():
+    plan = build_plan("m", [], store="/tmp/s", env={}, cpu=False, host_tier_mib=16 * 1024)
+    assert _kv_config(plan.vllm_args)["kv_connector_extra_config"]["host_tier_mib"] == 16384
+    plain = build_plan("m", [], store="/tmp/s", env={}, cpu=False)
+    assert "host_tier_mib" not in _kv_config(plain.vllm_args)["kv_connector_extra_config"]
+
+
+def test_pf_serve_host_tier_is_ignored_with_a_warning_on_the_cpu_build(tmp_path):
+    # This suite runs on vLLM's CPU build, where pages go straight into the KV blocks.
+    result = _pf("serve", "m", "--host-tier", "2", "--print-command",
+                 env={"PF_STORE": str(tmp_path / "store")})
+    assert result.returncode == 0, result.stderr
+    assert "--host-tier" in result.stderr
+    extra = _kv_config(shlex.split(result.stdout))["kv_connector_extra_config"]
+    assert "host_tier_mib" not in extra
+    bad = _pf("serve", "m", "--host-tier", "-1", "--print-command")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
