@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from processfork.store import Manifest, SnapshotSequence, Store, StoreError, documents
-from processfork.store.manifest import PageGroup
+from processfork.store.manifest import FORMAT_HEADS, PageGroup
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import SamplingParams
@@ -364,6 +364,14 @@ class Control:
         """This engine's record, if it can load `manifest`'s pages; else 409 naming the first
         fingerprint field that differs."""
         record = await self.engine_record()
+        if manifest.format == FORMAT_HEADS:
+            # Pages of one KV head: the engine's page paths load whole-block pages only.
+            raise ApiError(
+                409,
+                "incompatible_snapshot",
+                f"snapshot {cid[:19]} stores pages of one KV head ({FORMAT_HEADS}), which "
+                "this engine does not load",
+            )
         mismatch = record.fingerprint.first_mismatch(manifest.fingerprint)
         if mismatch is not None:
             field = mismatch.field
