@@ -1,5 +1,5 @@
-"""Pages of one KV head (format v4): which heads a tensor-parallel rank holds, and the
-rearrangement between a codec's staged whole-block pages and per-head pages.
+"""Pages of one KV head (format v4): the rearrangement between a codec's staged whole-block
+pages and per-head pages (which heads a rank holds: ``tp_ranks``).
 
 A rank of an engine at TP size M holds only some KV heads of every block, so no rank can write
 or read a whole-block page; pages of one head each are what every TP size shares
@@ -10,57 +10,11 @@ tensors, so the codecs and their staging stay as they are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .codec import PageCodec
 
-__all__ = ["RankHeads", "join_heads", "split_heads"]
-
-
-@dataclass(frozen=True)
-class RankHeads:
-    """The model's KV heads that rank ``rank`` of ``tp_size`` holds, as vLLM shards them: a
-    contiguous share of ``total // tp_size`` heads, or, past one rank per head, a replica of
-    head ``rank // (tp_size // total)``."""
-
-    total: int
-    tp_size: int
-    rank: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.tp_size:
-            raise ValueError(f"rank {self.rank} is not one of {self.tp_size} ranks")
-        if self.total % self.tp_size and self.tp_size % self.total:
-            raise ValueError(f"{self.total} KV heads do not split evenly over "
-                             f"{self.tp_size} ranks")
-
-    @property
-    def replicas(self) -> int:
-        """Ranks that hold each head: 1 unless heads are replicated."""
-        return max(1, self.tp_size // self.total)
-
-    @property
-    def first(self) -> int:
-        if self.replicas > 1:
-            return self.rank // self.replicas
-        return self.rank * (self.total // self.tp_size)
-
-    @property
-    def count(self) -> int:
-        return 1 if self.replicas > 1 else self.total // self.tp_size
-
-    @property
-    def writes(self) -> bool:
-        """Whether this rank saves its heads: replicas compute the same bytes, so the first
-        replica of each head saves it and the others only load."""
-        return self.rank % self.replicas == 0
-
-    def entries(self, block: int) -> range:
-        """This rank's entries of a v4 page table among the ``block``-th stored block's."""
-        start = block * self.total + self.first
-        return range(start, start + self.count)
+__all__ = ["join_heads", "split_heads"]
 
 
 def _per_head(codec: PageCodec, staged: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from processfork.plugin.codec import CpuAttnCodec, PageGeometry, StackedKVCodec
-from processfork.plugin.head_pages import RankHeads, join_heads, split_heads
+from processfork.plugin.head_pages import join_heads, split_heads
+from processfork.plugin.tp_ranks import RankHeads
 
 L, B, H, N, D = 3, 10, 4, 16, 8
 BLOCKS = [7, 2, 5]
