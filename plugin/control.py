@@ -364,15 +364,9 @@ class Control:
         """This engine's record, if it can load `manifest`'s pages; else 409 naming the first
         fingerprint field that differs."""
         record = await self.engine_record()
-        if manifest.format == FORMAT_HEADS:
-            # Pages of one KV head: the engine's page paths load whole-block pages only.
-            raise ApiError(
-                409,
-                "incompatible_snapshot",
-                f"snapshot {cid[:19]} stores pages of one KV head ({FORMAT_HEADS}), which "
-                "this engine does not load",
-            )
-        mismatch = record.fingerprint.first_mismatch(manifest.fingerprint)
+        # Pages of one KV head load at any TP size whose engine holds the same bytes per head.
+        mismatch = record.fingerprint.first_mismatch(manifest.fingerprint,
+                                                     any_tp=manifest.format == FORMAT_HEADS)
         if mismatch is not None:
             field = mismatch.field
             raise ApiError(

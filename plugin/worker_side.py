@@ -32,6 +32,7 @@ from .block_views import BlockViews
 from .codec import PageCodec, blocks_axis_of, codec_for
 from .engine_info import engine_fingerprint, layer_order
 from .fingerprint import Fingerprint
+from .head_pages import join_heads
 from .host_tier import (
     TMPFS,
     HostTier,
@@ -58,6 +59,7 @@ from .page_writer import PageWriter, QueuedPages
 from .prefix_lookup import is_restore_job
 from .staged_pages import MiB, StagedPagePath
 from .state_pages import StateMask, state_mask
+from .tp_ranks import RankHeads
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -144,6 +146,7 @@ class WorkerSide:
         self._writer: PageWriter | None = None
         self._released: set[str] = set()  # finished requests whose held blocks are copied
         self._state_masks: dict[int, StateMask] = {}  # per state (Mamba) group: its padding
+        self.rank_heads: RankHeads | None = None  # the model's KV heads this rank holds
 
     @property
     def store(self) -> Store:
@@ -182,6 +185,9 @@ class WorkerSide:
             )
         self.fingerprint = engine_fingerprint(self.vllm_config, self.codec, backend=backend, isa=isa,
                                               kv_groups=self.kv_groups)
+        parallel = self.vllm_config.parallel_config
+        self.rank_heads = RankHeads(self.fingerprint.num_kv_heads,
+                                    parallel.tensor_parallel_size, _tp_rank(parallel))
         record = EngineRecord(self.fingerprint, num_blocks=self.codec.geometry.num_blocks,
                               page_bytes=self.codec.page_bytes, pid=os.getpid())
         self.store.meta_put(engine_meta_key(self.engine_id), record.to_json())
@@ -317,6 +323,9 @@ class WorkerSide:
         ]
         if tokens_digest(covered) != job.tokens_digest:
             raise ValueError(f"request tokens differ from snapshot {job.cid[:19]}, sequence {job.seq}")
+        if seq.heads is not None:
+            self._load_heads(job, seq)
+            return []
         # A sliding-window group stores the blocks from its window on: `first` is the first one.
         first, group_pages = seq.group_pages(job.group)
         start = job.first_block - first
@@ -343,6 +352,32 @@ class WorkerSide:
             gone = set(missing)
             items = [item for i, item in enumerate(items) if i not in gone]
         return items
+
+    def _load_heads(self, job: LoadJob, seq: Any) -> None:
+        """A sequence of pages of one KV head (format v4): this rank's heads of each block,
+        joined into whole-block pages of its own tensors and copied in now, before the forward
+        pass. Any missing or damaged page fails the job's every block."""
+        assert self.codec is not None and self.rank_heads is not None
+        heads, g = self.rank_heads, self.codec.geometry
+        if seq.heads != heads.total:
+            raise ValueError(f"snapshot {job.cid[:19]} has pages of {seq.heads} KV heads, this "
+                             f"engine {heads.total}")
+        n = len(job.block_ids)
+        first, pairs = seq.group_pages(job.group)
+        start = job.first_block - first
+        blocks = len(pairs) // seq.heads
+        if start < 0 or start + n > blocks:
+            raise ValueError(f"snapshot {job.cid} holds {max(0, blocks - max(start, 0))} of {n} "
+                             "blocks")
+        # Entry `b * heads + h` of the group's pairs is head h of its b-th stored block.
+        digests = [bytes.fromhex(d) for i in range(n) for e in heads.entries(start + i)
+                   for d in pairs[e]]
+        staged = torch.empty((n, heads.count, 2, g.num_layers, g.elems_per_layer // g.num_kv_heads),
+                             dtype=g.dtype)
+        flat = staged.view(torch.uint8).numpy().reshape(-1)
+        self.store.read_pages_into(digests, flat, self.codec.page_bytes // g.num_kv_heads,
+                                   verify=self.verify_loads)
+        self.codec.scatter(job.block_ids, join_heads(self.codec, staged))
 
     def _load_staged(self, items: list[LoadItem]) -> None:
         """Through the staging slots (GPU): the device work is queued ahead of the forward pass."""
@@ -592,6 +627,15 @@ class WorkerSide:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def _tp_rank(parallel: Any) -> int:
+    """This worker's tensor-parallel rank (0 without tensor parallelism)."""
+    if parallel.tensor_parallel_size == 1:
+        return 0
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return int(get_tensor_model_parallel_rank())
 
 
 def _layer_number(name: str) -> int:

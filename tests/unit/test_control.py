@@ -230,18 +230,3 @@ def test_the_engine_client_stand_in_ends_aborted_requests_like_vllm(engine):
     assert engine.finished["r1"].finish_reason == "abort"
     engine.assert_no_leaks()
 
-
-def test_a_snapshot_of_pages_of_one_kv_head_is_409_before_the_engine_runs(engine, control, store):
-    from processfork.store import Manifest, SnapshotSequence
-    from processfork.store.manifest import FORMAT_HEADS
-
-    stored = store.get_snapshot(_snapshot(control, "s", token_ids=tokens(40)).cid)
-    seq = stored.sequences[0]  # the same pages, read as one head each of a 1-head model
-    heads = Manifest(format=FORMAT_HEADS, name="heads", fingerprint=stored.fingerprint,
-                     sequences=[SnapshotSequence(seq.tokens, seq.pages, heads=1)])
-    store.write_snapshot(heads, ref="heads")
-    before = set(engine.added)
-    with pytest.raises(ApiError) as err:
-        _checkout(control, "heads")
-    assert err.value.status == 409 and "pages of one KV head" in err.value.message
-    assert set(engine.added) == before
