@@ -88,10 +88,13 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
         self._worker = None
         self._saved_plan: StepPlan | None = None
         layout = GroupLayout.from_kv_cache_config(kv_cache_config)
-        if vllm_config.parallel_config.tensor_parallel_size != 1:
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        if tp > 1 and config.sessions:
+            # A session turn's windows are saved after its request ends, as whole-block pages;
+            # the ranks of a tensor-parallel engine save pages of one KV head in the step.
             raise ValueError(
-                "ProcessForkConnector supports tensor_parallel_size=1 only "
-                f"(got {vllm_config.parallel_config.tensor_parallel_size})"
+                f"ProcessForkConnector: sessions are not supported at tensor_parallel_size={tp} "
+                'yet; set "sessions": false in kv_connector_extra_config'
             )
         if role == KVConnectorRole.SCHEDULER:
             from .scheduler_side import SchedulerSide

@@ -169,6 +169,9 @@ class Control:
     async def snapshot(self, body: SnapshotBody) -> SnapshotResponse:
         t0 = time.perf_counter()
         record = await self.engine_record()
+        if record.fingerprint.tp_size > 1:
+            raise ApiError(409, "not_supported", "snapshots of a tensor-parallel engine are not "
+                           f"supported yet (tp_size={record.fingerprint.tp_size})")
         seqs = await self._sequences_for(body)
         for tokens in seqs:
             self._check_length(tokens)

@@ -32,7 +32,7 @@ from .block_views import BlockViews
 from .codec import PageCodec, blocks_axis_of, codec_for
 from .engine_info import engine_fingerprint, layer_order
 from .fingerprint import Fingerprint
-from .head_pages import join_heads
+from .head_pages import join_heads, split_heads
 from .host_tier import (
     TMPFS,
     HostTier,
@@ -59,7 +59,7 @@ from .page_writer import PageWriter, QueuedPages
 from .prefix_lookup import is_restore_job
 from .staged_pages import MiB, StagedPagePath
 from .state_pages import StateMask, state_mask
-from .tp_ranks import RankHeads
+from .tp_ranks import RankHeads, rank_job_meta_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -83,11 +83,13 @@ class _JobStats:
     error_recorded: bool = False  # the record with `error` is in the store
     digests: list[bytes] = field(default_factory=list)  # K, V of every saved block, in order
 
-    def add(self, result: PutResult, blocks: int) -> None:
-        new = result.new
+    def add(self, result: PutResult, blocks: int, heads: int = 1) -> None:
+        """``heads`` page pairs per block: a block is new when any of its pages is."""
+        new, per_block = result.new, 2 * heads
         self.digests += result.digests
         self.blocks += blocks
-        self.new_blocks += sum(1 for i in range(0, len(new), 2) if new[i] or new[i + 1])
+        self.new_blocks += sum(1 for i in range(0, len(new), per_block)
+                               if any(new[i : i + per_block]))
         self.bytes_written += result.bytes_written
 
     def record(self) -> JobRecord:
@@ -194,6 +196,8 @@ class WorkerSide:
         ptrs = {t.data_ptr(): i for i, t in enumerate(layers)}
         self.layer_index = {n: ptrs.get(t.data_ptr(), -1) for n, t in kv_caches.items()}
         direct = self.codec.device.type == "cpu" and self.page_path != "staged"
+        if self.rank_heads.tp_size > 1:
+            _check_tensor_parallel(direct, bool(state_groups), self.host_tier_mib)
         if state_groups and not direct:
             # Saving a state positionally in its step, and masking its padding, were verified
             # on vLLM 0.32's CPU backend only; GPU engines move pages through the staged path.
@@ -482,6 +486,8 @@ class WorkerSide:
         the page writer's thread, with the job's record (see ``page_writer``). Whole blocks
         only: a session turn stores no partial block."""
         assert self.codec is not None and job.valid_in_last is None
+        if self.head_pages:
+            raise ValueError("session turns are not saved at tensor_parallel_size > 1")
         if not job.block_ids:
             return
         n = len(job.block_ids)
@@ -511,19 +517,34 @@ class WorkerSide:
 
         self.writer.submit(QueuedPages(job.job, pages, meta, failed))
 
+    @property
+    def head_pages(self) -> bool:
+        """Whether saves write pages of one KV head (format v4): a rank of a tensor-parallel
+        engine holds only some heads of every block."""
+        return self.rank_heads is not None and self.rank_heads.tp_size > 1
+
+    def _job_key(self, job: str) -> str:
+        """Where this worker records its part of a save job: each rank of a tensor-parallel
+        engine under its own key (plugin/tp_ranks.py)."""
+        rank = self.rank_heads.rank if self.rank_heads is not None else 0
+        return rank_job_meta_key(job, rank)
+
     def _save(self, job: SaveJob) -> None:
         assert self.codec is not None
         stats = self._stats.setdefault(job.job, _JobStats(req_id=job.req_id))
-        if stats.error is None and job.block_ids:
+        # A replica of a head that another rank saves writes no pages, only its final record.
+        writes = self.rank_heads is None or self.rank_heads.writes
+        if stats.error is None and job.block_ids and writes:
             n = len(job.block_ids)
+            heads = self.rank_heads.count if self.head_pages else 1
             # The final save commits the job's record together with its pages (one durable
             # commit instead of two); a transaction that reruns recomputes it from scratch.
             meta = None
             if job.final:
                 def meta(result: PutResult) -> dict[str, Any]:
                     done = replace(stats, final=True, digests=list(stats.digests))
-                    done.add(result, len(result.digests) // 2)
-                    return {job_meta_key(job.job): done.record().to_json()}
+                    done.add(result, len(result.digests) // (2 * heads), heads)
+                    return {self._job_key(job.job): done.record().to_json()}
             if self._staged is not None:
                 def commit(items: list[tuple[bytes, memoryview | None]], blocks: int,
                            last: bool) -> None:
@@ -536,6 +557,9 @@ class WorkerSide:
 
                 self._staged.save(job.block_ids, job.valid_in_last, commit,
                                   present=self.store.has_pages)
+            elif self.head_pages:
+                stats.add(self.store.put_pages_from(2 * n * heads, self._head_page_source(job),
+                                                    pin=job.job, meta=meta), n, heads)
             else:
                 stats.add(
                     self.store.put_pages_from(2 * n, self._page_source(job), pin=job.job, meta=meta),
@@ -547,9 +571,9 @@ class WorkerSide:
         if job.final:
             stats.final = True
             if stats.error_recorded:
-                self._update_record(job.job, stats.record())
+                self._update_record(self._job_key(job.job), stats.record())
             else:
-                self.store.meta_put(job_meta_key(job.job), stats.record().to_json())
+                self.store.meta_put(self._job_key(job.job), stats.record().to_json())
             self._stats.pop(job.job, None)
 
     def _page_source(self, job: SaveJob) -> Callable[[int], np.ndarray]:
@@ -571,32 +595,50 @@ class WorkerSide:
 
         return page
 
+    def _head_page_source(self, job: SaveJob) -> Callable[[int], np.ndarray]:
+        """Pages of one KV head of a save (format v4), block by block: each block's whole-block
+        pages are gathered as for ``_page_source`` and cut into this rank's heads, K then V of
+        each head in head order, as a v4 page table lists them."""
+        assert self._page_row is not None and self.codec is not None
+        whole, codec = self._page_source(job), self.codec
+        row, heads = self._page_row, self.rank_heads.count if self.rank_heads else 1
+        current: list[Any] = [-1, None]  # the block cut last, and its [heads * 2, bytes] pages
+
+        def page(i: int) -> np.ndarray:
+            block, j = divmod(i, 2 * heads)
+            if current[0] != block:
+                whole(2 * block)  # fills the two-page buffer `row` views
+                cut = split_heads(codec, row.unsqueeze(0))
+                current[:] = [block, cut.view(torch.uint8).numpy().reshape(2 * heads, -1)]
+            return current[1][j]
+
+        return page
+
     def _fail_save(self, job: SaveJob, exc: Exception) -> None:
         """Record the failure at once; the job's later saves are skipped (see _save)."""
         stats = self._stats.setdefault(job.job, _JobStats(req_id=job.req_id))
         stats.error = JobError.of(exc)
-        stats.error_recorded = self._record(job.job, stats.record())
+        stats.error_recorded = self._record(job.job, stats.record(), self._job_key(job.job))
 
     def _fail_load(self, job: str, error: JobError) -> None:
         self._record(job, JobRecord(error=error))
 
-    def _record(self, job: str, record: JobRecord) -> bool:
+    def _record(self, job: str, record: JobRecord, key: str | None = None) -> bool:
         if is_restore_job(job):
             return False  # nobody waits for a transparent restore: its failure is only logged
         try:
-            self.store.meta_put(job_meta_key(job), record.to_json())
+            self.store.meta_put(key or job_meta_key(job), record.to_json())
             return True
         except Exception:  # the store itself is failing; the log line before this remains
             logger.exception("processfork: could not record failure of job %s", job)
             return False
 
-    def _update_record(self, job: str, record: JobRecord) -> None:
+    def _update_record(self, key: str, record: JobRecord) -> None:
         """Rewrite a failed job's record only while it exists. The API server reads a failure
         as soon as it is recorded, aborts the request and deletes the record; an engine step
         already under way may still run the job's final save, which must not leave behind a
         record that nothing reads any more. The error is on record already: a failure here
         is only logged."""
-        key = job_meta_key(job)
 
         def run(txn: Any) -> None:
             if meta_get(txn, self.store.dbs, key) is not None:
@@ -605,7 +647,7 @@ class WorkerSide:
         try:
             self.store.env.write(run)
         except Exception:  # the record written at the failure remains
-            logger.exception("processfork: could not update the record of failed job %s", job)
+            logger.exception("processfork: could not update the failed job record %s", key)
 
     def forget_requests(self, req_ids: set[str]) -> None:
         """Drop the progress of jobs whose requests finished: a save that failed, or was
@@ -636,6 +678,20 @@ def _tp_rank(parallel: Any) -> int:
     from vllm.distributed import get_tensor_model_parallel_rank
 
     return int(get_tensor_model_parallel_rank())
+
+
+def _check_tensor_parallel(direct: bool, state_groups: bool, host_tier_mib: int) -> None:
+    """Refuse, at start, what a rank of a tensor-parallel engine cannot save or load yet:
+    pages of one KV head move only through the CPU backend's direct page path."""
+    if not direct:
+        raise ValueError("processfork: at tensor_parallel_size > 1 pages move through the CPU "
+                         "backend's direct page path only (set page_path to auto or direct)")
+    if state_groups:
+        raise ValueError("processfork: models with a Mamba (state) KV-cache group are not "
+                         "supported at tensor_parallel_size > 1")
+    if host_tier_mib:
+        raise ValueError("processfork: the host tier is not supported at "
+                         "tensor_parallel_size > 1 (set host_tier_mib to 0)")
 
 
 def _layer_number(name: str) -> int:
