@@ -7,6 +7,8 @@ a TP-2 engine sees of its share."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from engine_harness import (
@@ -18,11 +20,15 @@ from engine_harness import (
     PAGE_PATHS,
     Engine,
     blocks_of,
+    control_for,
+    take_snapshot,
     tokens,
 )
+from processfork.plugin.api_models import CheckoutBody
 from processfork.plugin.jobs import JobRecord, SaveJob
 from processfork.plugin.tp_ranks import RankHeads, gather_ranks, rank_job_meta_key
 from processfork.store import Store
+from processfork.store.manifest import FORMAT_HEADS
 
 
 def _record(engine: Engine, job: str, rank: int) -> JobRecord | None:
@@ -135,3 +141,45 @@ def test_a_rank_refuses_what_it_cannot_save_yet(direct, states, tier, message):
     with pytest.raises(ValueError, match=message):
         _check_tensor_parallel(direct, states, tier)
     _check_tensor_parallel(True, False, 0)  # the CPU backend's direct path, no states, no tier
+
+
+def test_a_snapshot_of_two_ranks_is_one_v4_manifest_of_every_head(make_engine):
+    """The API server gathers the ranks' records into a page table of every KV head, drops
+    every rank's record with the snapshot, and the snapshot checks out into both ranks."""
+    engine: Engine = make_engine(worker_extra=PAGE_PATHS["direct"], tp_size=2)
+    seq = tokens(100)
+    cid = take_snapshot(engine, "s", seq)
+    with Store(engine.store_path) as store:
+        m = store.get_snapshot(cid)
+        assert m.format == FORMAT_HEADS and m.fingerprint["tp_size"] == 2
+        s = m.sequences[0]
+        assert s.heads == 2 * KV_HEADS and s.num_blocks == blocks_of(100)
+        # Rank 1's heads hold the same bytes as rank 0's here: the same tensors back both.
+        for pairs in s.block_pages():
+            assert pairs[:KV_HEADS] == pairs[KV_HEADS:]
+        assert store.meta_items("job:") == {}
+    engine.forget_cache()
+    out = asyncio.run(_checkout(engine, cid))
+    assert out.tokens_loaded == 96
+    rid = engine.add(seq)
+    engine.run(rid)
+    assert engine.holds(rid, seq)
+
+
+def test_a_child_snapshot_of_two_ranks_reuses_its_parents_head_pages(make_engine):
+    engine: Engine = make_engine(worker_extra=PAGE_PATHS["direct"], tp_size=2)
+    seq = tokens(100)
+    parent = take_snapshot(engine, "s", seq[:64])
+    child = take_snapshot(engine, "s", seq)
+    with Store(engine.store_path) as store:
+        p, c = (store.get_snapshot(x).sequences[0] for x in (parent, child))
+        assert store.get_snapshot(child).parents == [parent]
+        assert c.pages[: len(p.pages)] == p.pages and c.num_blocks == blocks_of(100)
+
+
+async def _checkout(engine: Engine, cid: str):
+    control = control_for(engine)
+    try:
+        return await control.checkout(CheckoutBody(cid=cid))
+    finally:
+        control.close()
