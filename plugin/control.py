@@ -48,7 +48,7 @@ from .jobs import (
 from .kv_groups import GroupLayout, group_job, manifest_format
 from .tp_ranks import gather_ranks, rank_job_meta_key
 
-__all__ = ["Control", "elapsed_ms"]
+__all__ = ["Control", "Ranks", "elapsed_ms"]
 
 
 @dataclass
@@ -60,7 +60,7 @@ class _SeqOutcome:
 
 
 @dataclass(frozen=True)
-class _Ranks:
+class Ranks:
     """The tensor-parallel ranks whose records make one save job, and the model's KV heads
     (None at TP size 1: whole-block pages, one record under the job's key)."""
 
@@ -68,7 +68,7 @@ class _Ranks:
     heads: int | None = None
 
     @classmethod
-    def of(cls, record: EngineRecord) -> _Ranks:
+    def of(cls, record: EngineRecord) -> Ranks:
         fp = record.fingerprint
         return cls(fp.tp_size, fp.num_kv_heads) if fp.tp_size > 1 else cls()
 
@@ -192,7 +192,7 @@ class Control:
     async def snapshot(self, body: SnapshotBody) -> SnapshotResponse:
         t0 = time.perf_counter()
         record = await self.engine_record()
-        ranks = _Ranks.of(record)
+        ranks = Ranks.of(record)
         seqs = await self._sequences_for(body)
         for tokens in seqs:
             self._check_length(tokens)
@@ -269,11 +269,12 @@ class Control:
             ms=elapsed_ms(t0),
         )
 
-    def _forget_jobs(self, jobs: list[str], group_jobs: list[str], ranks: _Ranks) -> None:
+    def _forget_jobs(self, jobs: list[str], group_jobs: list[str],
+                     ranks: Ranks | None = None) -> None:
         """After a failed snapshot: drop the workers' job records and the pins, so gc may
         reclaim what was written. (A committed snapshot drops them in its own transaction.)"""
         for job in group_jobs:
-            for key in ranks.keys(job):
+            for key in (ranks or Ranks()).keys(job):
                 self.store.meta_delete(key)
             self.store.drop_pin(job)
         for job in jobs:
@@ -285,11 +286,11 @@ class Control:
         tokens: list[int],
         parent_seqs: list[tuple[list[int], list[tuple[str, str]]]],
         layout: GroupLayout | None = None,
-        ranks: _Ranks | None = None,
+        ranks: Ranks | None = None,
     ) -> _SeqOutcome:
         """Run one sequence through the engine with a snapshot job; collect its pages."""
         bs = self.block_size
-        ranks = ranks or _Ranks()
+        ranks = ranks or Ranks()
         per = ranks.pairs_per_block
         reuse: list[tuple[str, str]] = []
         for ptoks, ppages in parent_seqs:
@@ -336,7 +337,7 @@ class Control:
             )
         return _SeqOutcome(pages, record.new_blocks, record.bytes_written)
 
-    async def _saved(self, job: str, ranks: _Ranks | None = None) -> JobRecord:
+    async def _saved(self, job: str, ranks: Ranks | None = None) -> JobRecord:
         """A save job's final record; 507 or 500 when it failed or left none."""
         record = await self._job_record(job, ranks)
         if record is None or not record.succeeded:
@@ -348,7 +349,7 @@ class Control:
         return record
 
     async def _group_outcome(self, job: str, tokens: list[int], layout: GroupLayout,
-                             ranks: _Ranks | None = None) -> _SeqOutcome:
+                             ranks: Ranks | None = None) -> _SeqOutcome:
         """Each KV-cache group's saved pages, one group after the other, with the blocks each
         group stores (plugin/kv_groups.py)."""
         pages: list[tuple[str, str]] = []
@@ -368,7 +369,7 @@ class Control:
             bytes_written += record.bytes_written
         return _SeqOutcome(pages, new_blocks, bytes_written, groups)
 
-    async def _job_record(self, job: str, ranks: _Ranks | None = None) -> JobRecord | None:
+    async def _job_record(self, job: str, ranks: Ranks | None = None) -> JobRecord | None:
         """A job's record; a save of a tensor-parallel engine's ranks gathered into one."""
         if ranks is None or ranks.heads is None:
             raw = await self._run(self.store.meta_get, job_meta_key(job))
@@ -378,7 +379,7 @@ class Control:
                             ranks.heads)
 
     async def _end_when_saved(self, job: str, run: asyncio.Future, request_id: str,
-                              ranks: _Ranks | None = None) -> None:
+                              ranks: Ranks | None = None) -> None:
         """Return when the snapshot request ends, ending it as soon as its save is recorded.
 
         When the prefix cache holds every block to save, the worker saves them without a

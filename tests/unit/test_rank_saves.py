@@ -8,6 +8,7 @@ a TP-2 engine sees of its share."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from engine_harness import (
     Engine,
     blocks_of,
     control_for,
+    damage_page,
     take_snapshot,
     tokens,
 )
@@ -28,7 +30,7 @@ from processfork.plugin.api_models import CheckoutBody
 from processfork.plugin.jobs import JobRecord, SaveJob
 from processfork.plugin.tp_ranks import RankHeads, gather_ranks, rank_job_meta_key
 from processfork.store import Store
-from processfork.store.manifest import FORMAT_HEADS
+from processfork.store.manifest import FORMAT, FORMAT_HEADS
 
 
 def _record(engine: Engine, job: str, rank: int) -> JobRecord | None:
@@ -183,3 +185,46 @@ async def _checkout(engine: Engine, cid: str):
         return await control.checkout(CheckoutBody(cid=cid))
     finally:
         control.close()
+
+
+def test_a_damaged_page_of_a_tp2_snapshot_is_recomputed_by_both_ranks(make_engine):
+    from processfork.plugin.repair import repair_snapshot
+
+    engine: Engine = make_engine(worker_extra=PAGE_PATHS["direct"], tp_size=2)
+    seq = tokens(100)
+    cid = take_snapshot(engine, "s", seq)
+    with Store(engine.store_path) as store:
+        pages = store.get_snapshot(cid).sequences[0].pages
+        damage_page(store, pages[KV_HEADS + 1][0])  # block 0, a head of rank 1
+    engine.forget_cache()
+    control = control_for(engine)
+    try:
+        out = asyncio.run(repair_snapshot(control, cid))
+    finally:
+        control.close()
+    assert out.result == "restored" and out.recomputed_sequences == 1
+    with Store(engine.store_path) as store:
+        assert store.find_damage(cid).intact
+        assert store.meta_items("job:") == {}
+
+
+def test_a_tp2_engine_does_not_repair_whole_block_pages(make_engine):
+    from processfork.plugin.api_errors import ApiError
+    from processfork.plugin.repair import repair_snapshot
+
+    engine: Engine = make_engine(worker_extra=PAGE_PATHS["direct"], tp_size=2)
+    with Store(engine.store_path) as store:
+        cid = take_snapshot(engine, "s", tokens(100))
+        m = store.get_snapshot(cid)
+        seq = m.sequences[0]
+        whole = dataclasses.replace(m, format=FORMAT, name="whole", sequences=[
+            dataclasses.replace(seq, pages=seq.pages[::2 * KV_HEADS], heads=None)])
+        bad = store.write_snapshot(whole)
+        damage_page(store, whole.sequences[0].pages[0][0])
+    control = control_for(engine)
+    try:
+        with pytest.raises(ApiError) as err:
+            asyncio.run(repair_snapshot(control, bad))
+    finally:
+        control.close()
+    assert err.value.status == 409 and "whole-block pages" in err.value.message
