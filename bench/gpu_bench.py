@@ -28,8 +28,9 @@ budget that prefills every prompt in one pass, ``VLLM_SERVER_DEV_MODE=1`` for
 (e) one pinned host-to-device copy of the prompt's KV bytes (CUDA events, best of 5).
 
 Also: a snapshot of a resident context (no forward pass) in GB/s against a pinned device-to-host
-copy, into an empty and into a warm store (every page present), and the checkout's restore rate
-(bytes over (c) - (d)) against (e). Raw numbers: ``$PF_BENCH_DIR`` (default ``.bench/gpu``).
+copy, into an empty and into a warm store (every page present: the same context snapshotted
+again, whose blocks the engine names from memory, ``reused_pages``), and the checkout's restore
+rate (bytes over (c) - (d)) against (e). Raw numbers: ``$PF_BENCH_DIR`` (default ``.bench/gpu``).
 """
 
 from __future__ import annotations
@@ -286,8 +287,11 @@ def part_ours(setup: Setup) -> None:
             t, again = srv.post(f"{PF}/snapshot", {"name": f"bench/{n}-again", "token_ids": prompt})
             check(again["new_pages"] == 0, f"{n}: warm-store snapshot wrote pages")
             r["snapshot_warm_store"] = t
+            # Blocks the engine named from memory (it saved them in the snapshot before).
+            r["snapshot_warm_store_reused"] = again.get("reused_pages", 0)
             log(f"{n}: cold {median(r['cold']) * 1e3:.0f} ms, warm {median(r['warm']) * 1e3:.0f} ms,"
-                f" snapshot {t * 1e3:.0f} ms (warm store) / {r['snapshot'] * 1e3:.0f} ms")
+                f" snapshot {t * 1e3:.0f} ms (warm store, {r['snapshot_warm_store_reused']} of "
+                f"{snap['num_pages']} blocks named from memory) / {r['snapshot'] * 1e3:.0f} ms")
             res[n] = r
         srv.restart()  # a fresh engine: the GPU cache is empty; the store is in the page cache
         if setup.tier_gib:

@@ -1,6 +1,7 @@
 """The host side of the staged page path, against bare memcpy, xxh3 and pread of the same bytes.
 
-    python bench/page_path_bench.py [--gib 2] [--threads N ...] [--repeat 5] [--json FILE]
+    python bench/page_path_bench.py [--gib 2] [--threads N ...] [--run-mib M ...] [--repeat 5]
+        [--json FILE]
 
 No vLLM: the KV cache has Llama-3-8B's shape (32 layers, 8 KV heads of 128, block 16, bf16:
 1 MiB pages), on the GPU in vLLM's FlashAttention layout (logical ``[B, H, N, 2D]``, physically
@@ -23,9 +24,14 @@ No vLLM: the KV cache has Llama-3-8B's shape (32 layers, 8 KV heads of 128, bloc
 On a CPU the staged path scatters into (and gathers from) host tensors instead of copying to a
 GPU: that is CI's configuration of the path (``page_path: staged``), and it adds a host copy the
 GPU path does not make. ``--diagnose`` also times the load with its device copies left out (not
-the product: it tells the host half's speed from what the device copies beside it cost). Each
+the product: it tells the host half's speed from what the device copies beside it cost).
+``--run-mib 0 8`` measures the load reading one page per ``preadv`` (the default) and up to 8 MiB
+of adjacent pages per ``preadv`` side by side, for each thread count. Each
 figure is the best of ``--repeat`` rounds (the host work is
-CPU-bound and the machine may be shared); the median is printed beside it.
+CPU-bound and the machine may be shared); the median is printed beside it. Beside each, the
+process's CPU time per GiB (all threads, median of the rounds): on a shared machine the wall time
+carries whatever else runs, while the CPU seconds a load costs are what a host with more idle
+cores turns into speed.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import numpy as np
 import torch
 import xxhash
 from processfork.plugin.codec import PageCodec, codec_for
+from processfork.plugin.page_file import RUN_BYTES
 from processfork.plugin.staged_pages import StagedPagePath, default_copy_threads
 from processfork.store import Store, page_digest
 
@@ -194,7 +201,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     order = rng.permutation(2 * n).tolist()
     saved, targets = order[:n], order[n:]
     results: dict[str, Any] = {"device": device, "bytes": nbytes, "page_bytes": page_bytes,
-                               "machine": machine(device), "threads": {}}
+                               "machine": machine(device), "threads": {}, "cpu_s": {}}
     with Store(work / "store") as store:
         digests: list[bytes] = []
 
@@ -221,22 +228,28 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         if device == "cuda":
             results["copies"] = copy_seconds(nbytes, cuda=True)
     for threads in opts.threads:
-        results["threads"][threads] = rounds(opts, work / "store", codec, device, threads,
-                                             saved, targets, digests, host_rows, data_file,
-                                             offsets)
+        for run_mib in opts.run_mib or [None]:
+            label = f"{threads} threads" + (f", runs of {run_mib:g} MiB" if opts.run_mib else "")
+            run_bytes = RUN_BYTES if run_mib is None else int(run_mib * (1 << 20))
+            results["threads"][label], results["cpu_s"][label] = rounds(
+                opts, work / "store", codec, device, threads, run_bytes, saved, targets, digests,
+                host_rows, data_file, offsets)
     shutil.rmtree(work, ignore_errors=True)
     return results
 
 
 def rounds(opts: argparse.Namespace, path: Path, codec: PageCodec, device: str, threads: int,
-           saved: list[int], targets: list[int], digests: list[bytes], host_rows: np.ndarray,
-           data_file: str, offsets: list[int]) -> dict[str, list[float]]:
-    verified = StagedPagePath(codec, verify=True, threads=threads)
-    unverified = StagedPagePath(codec, verify=False, threads=threads)
+           run_bytes: int, saved: list[int], targets: list[int], digests: list[bytes], host_rows: np.ndarray,
+           data_file: str, offsets: list[int]
+           ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall seconds and the process's CPU seconds of every round of every measure."""
+    verified = StagedPagePath(codec, verify=True, threads=threads, run_bytes=run_bytes)
+    unverified = StagedPagePath(codec, verify=False, threads=threads, run_bytes=run_bytes)
     ceilings = Ceilings(host_rows, len(verified._slots) * 2 * verified.chunk_blocks, data_file,
                         offsets, threads)
     jobs = ["bench"] * len(targets)
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
 
     def warm_save(store: Store) -> None:
         new = [0]
@@ -266,7 +279,7 @@ def rounds(opts: argparse.Namespace, path: Path, codec: PageCodec, device: str, 
     if opts.diagnose:
         # Not the product: the load with its device copies left out, to tell the host half's
         # own speed from what running beside the device copies costs it.
-        host_only = StagedPagePath(codec, verify=True, threads=threads)
+        host_only = StagedPagePath(codec, verify=True, threads=threads, run_bytes=run_bytes)
         host_only._to_blocks = lambda slot, ids: None  # type: ignore[method-assign]
         measures["diagnose: load, host half"] = lambda s: load(host_only, s)
     # Every measure opens the store afresh (the only handle, so a new map), as a fresh engine
@@ -279,12 +292,14 @@ def rounds(opts: argparse.Namespace, path: Path, codec: PageCodec, device: str, 
             with Store(path) as fresh:
                 if name == "load, map in use":
                     fn(fresh)
+                started = time.process_time()
                 times.setdefault(name, []).append(
                     synced(device, lambda fn=fn, fresh=fresh: fn(fresh))[0])
+                cpu.setdefault(name, []).append(time.process_time() - started)
     for staged in (verified, unverified, *([host_only] if opts.diagnose else [])):
         staged.close()
     ceilings.close()
-    return times
+    return times, cpu
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -307,16 +322,19 @@ def machine(device: str) -> dict[str, Any]:
 def report(results: dict[str, Any]) -> None:
     nbytes = results["bytes"]
     copies = results.get("copies", {})
-    for threads, times in results["threads"].items():
-        print(f"\n{nbytes / GiB:.2f} GiB, {threads} threads, {results['device']} "
+    for label, times in results["threads"].items():
+        print(f"\n{nbytes / GiB:.2f} GiB, {label}, {results['device']} "
               f"({results['machine'].get('cpu', '?')}, {results['machine']['cpus']} CPUs): "
-              "GB/s best (median)")
+              "GB/s best (median), CPU s/GiB (median)")
         rates = {k: (nbytes / min(v) / 1e9, nbytes / statistics.median(v) / 1e9)
                  for k, v in times.items()}
         for key, value in copies.items():
             rates[f"pinned {key.upper()}"] = (nbytes / value / 1e9, nbytes / value / 1e9)
+        cpu = results.get("cpu_s", {}).get(label, {})
         for name, (best, med) in rates.items():
-            print(f"  {name:<18} {best:7.2f} ({med:6.2f})")
+            per_gib = (f"   {statistics.median(cpu[name]) * GiB / nbytes:6.3f}"
+                       if name in cpu else "")
+            print(f"  {name:<18} {best:7.2f} ({med:6.2f}){per_gib}")
         memcpy, xxh = rates["memcpy"][0], rates["xxh3"][0]
         print(f"  load / memcpy {rates['load'][0] / memcpy:.2f}, load / pread+xxh3 "
               f"{rates['load'][0] / rates['pread+xxh3'][0]:.2f}, warm save / xxh3 "
@@ -330,6 +348,9 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=2.0, help="bytes of pages in the store")
     parser.add_argument("--threads", type=int, nargs="+", default=[default_copy_threads()],
                         help="copy threads of the staged path (default: its own default)")
+    parser.add_argument("--run-mib", type=float, nargs="+", default=None,
+                        help="page MiB per preadv of the load, each measured in turn (0: one page "
+                             "per call; default: the path's own)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--work", default=str(REPO / ".bench" / "page_path"))

@@ -189,6 +189,9 @@ class SnapshotResponse(Reply):
     #: Blocks of which a page was not in the store before.
     new_pages: int
     bytes_written: int
+    #: Blocks the engine named without copying them out: it had saved or loaded their pages
+    #: and has not written the blocks since (GPU engines, and CPU ones on the staged path).
+    reused_pages: int = 0
     ms: float
 
 

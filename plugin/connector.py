@@ -128,6 +128,12 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # First of the step's hooks: vLLM may start loads after the forward pass.
+        if self._worker is not None and isinstance(connector_metadata, StepPlan):
+            self._worker.begin_step(connector_metadata)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
         plan = self._connector_metadata
@@ -170,7 +176,8 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         # Sending: a finished session turn whose sliding-window blocks vLLM kept for us (freed
         # once the save has copied them). Asynchronous loads (under async scheduling) finish in
-        # the step that runs them. The finished ids let the worker forget jobs.
+        # the step that runs them. The finished ids let the worker forget jobs. vLLM 0.30 and
+        # later ask get_transfer_results, whose default reads this.
         if self._worker is None:
             return None, None
         self._worker.forget_requests(finished_req_ids)
@@ -244,7 +251,8 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
         plan = self._scheduler.build_step_plan(scheduler_output)
-        return ProcessForkMetadata(loads=plan.loads, saves=plan.saves)
+        return ProcessForkMetadata(loads=plan.loads, saves=plan.saves,
+                                   fresh_blocks=plan.fresh_blocks)
 
     def request_finished(
         self, request: Request, block_ids: list[int]

@@ -57,6 +57,7 @@ class _SeqOutcome:
     new_blocks: int
     bytes_written: int
     groups: list[PageGroup] | None = None  # several KV-cache groups: their blocks in `pages`
+    reused_blocks: int = 0  # named by the engine from memory, not copied out
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,7 @@ class Control:
             num_pages=sum(s.num_blocks for s in sequences),
             new_pages=sum(o.new_blocks for o in outcomes),
             bytes_written=sum(o.bytes_written for o in outcomes),
+            reused_pages=sum(o.reused_blocks for o in outcomes),
             ms=elapsed_ms(t0),
         )
 
@@ -335,7 +337,8 @@ class Control:
             raise ApiError(
                 500, "snapshot_failed", f"engine saved {len(pages) // per} of {expected} blocks"
             )
-        return _SeqOutcome(pages, record.new_blocks, record.bytes_written)
+        return _SeqOutcome(pages, record.new_blocks, record.bytes_written,
+                           reused_blocks=record.reused_blocks)
 
     async def _saved(self, job: str, ranks: Ranks | None = None) -> JobRecord:
         """A save job's final record; 507 or 500 when it failed or left none."""

@@ -237,6 +237,9 @@ class JobRecord:
     blocks: int = 0
     new_blocks: int = 0
     bytes_written: int = 0
+    #: Blocks of the save whose pages the engine named from memory (it had saved or loaded
+    #: them and has not written them since), without copying or hashing them.
+    reused_blocks: int = 0
     #: The saved ``(K, V)`` page digests in block order; only in a final record without error.
     pages: list[tuple[str, str]] = field(default_factory=list)
     error: JobError | None = None
@@ -257,6 +260,8 @@ class JobRecord:
             "new_blocks": self.new_blocks,
             "bytes_written": self.bytes_written,
         }
+        if self.reused_blocks:
+            out["reused_blocks"] = self.reused_blocks
         if self.error is not None:
             out["error"] = self.error.to_json()
         elif self.pages:
@@ -271,6 +276,7 @@ class JobRecord:
             blocks=int(data.get("blocks", 0)),
             new_blocks=int(data.get("new_blocks", 0)),
             bytes_written=int(data.get("bytes_written", 0)),
+            reused_blocks=int(data.get("reused_blocks", 0)),
             pages=[(str(k), str(v)) for k, v in data.get("pages", [])],
             error=JobError.from_json(error) if isinstance(error, dict) else None,
         )
@@ -384,3 +390,6 @@ class StepPlan:
 
     loads: list[LoadJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
+    #: Blocks this step's forward pass writes afresh (allocated for tokens no cache holds):
+    #: whatever the worker remembers about their pages is void from this step on.
+    fresh_blocks: list[int] = field(default_factory=list)

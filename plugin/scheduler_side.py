@@ -492,6 +492,8 @@ class SchedulerSide:
         self._pending_loads = []
         self._resident_saves = []
         self._finish_saves = []
+        if not self.grouped:
+            plan.fresh_blocks = fresh_blocks(scheduler_output, self.block_size)
         if self._sessions:
             self._plan_sessions(plan, scheduler_output)
         if not self._snapshots:
@@ -845,6 +847,26 @@ class _HasBlocks(Protocol):
 
 
 S = TypeVar("S", bound=_HasBlocks)
+
+
+def fresh_blocks(scheduler_output: SchedulerOutput, block_size: int) -> list[int]:
+    """The blocks this step's forward pass writes afresh, of a model with one KV-cache group.
+
+    A new request's blocks past its computed prefix (the blocks of a prefix-cache hit, or of
+    a load, keep their contents); every block a running request is given; every block of a
+    request resumed after preemption (its table is rebuilt, prefix hits included: forgetting
+    too much only costs a copy). A block vLLM hands out was freed before, so what the worker
+    saved from it or loaded into it earlier no longer holds.
+    """
+    fresh: list[int] = []
+    for new_req in scheduler_output.scheduled_new_reqs:
+        ids = new_req.block_ids[0] if new_req.block_ids else []
+        fresh += ids[new_req.num_computed_tokens // block_size :]
+    cached = scheduler_output.scheduled_cached_reqs
+    for new_ids in cached.new_block_ids:
+        if new_ids:
+            fresh += new_ids[0]
+    return fresh
 
 
 def _track_blocks(scheduler_output: SchedulerOutput, states: dict[str, S]

@@ -138,7 +138,7 @@ class SessionCommitter:
         """Drop the pins and records of a turn that will not be committed (aborted)."""
         if steps:
             with self._lock:
-                self._pending.append(self._pool.submit(self._drop, steps))
+                self._pending.append(self._pool.submit(self._discard, steps))
 
     def flush(self) -> None:
         """Wait for every commit submitted so far."""
@@ -234,6 +234,17 @@ class SessionCommitter:
                                    f"{RECORD_WAIT_S:.0f} s")
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+    def _discard(self, steps: list[str]) -> None:
+        """Drop an aborted turn's saves once the worker has written them: its page writer may
+        still hold a step's pages, and would otherwise pin them after the drop (until gc finds
+        the pin stale)."""
+        for step in steps:
+            try:
+                self._wait_for_record(step)
+            except RuntimeError:
+                pass  # never written (the worker stopped): nothing will come to drop
+        self._drop(steps)
 
     def _drop(self, steps: list[str]) -> None:
         for step in steps:

@@ -10,8 +10,9 @@ is what made a 32K-token checkout of an 8B model take 3.3 s for 4 GiB. Here inst
 - a transfer is cut into chunks of one slot; chunks flow through the slots in turn, so the host
   work on one chunk (memcpy from the memory map, xxh3 of the pages) overlaps the device work on
   the previous ones (host-to-device copy, scatter into the blocks);
-- host work is spread over a thread pool: pages are read with ``pread`` from the store's data
-  file (the page cache) straight into the pinned chunk, and xxhash verifies them there; both
+- host work is spread over a thread pool: pages are read with ``preadv`` from the store's data
+  file (the page cache) straight into the pinned chunk (``page_file.py``; optionally a run of
+  pages that lie one after another in the file per call), and xxhash verifies them there; both
   release the GIL;
 - device work runs on a side stream and is ordered against the engine's stream with stream
   waits, never with a host synchronisation per page or chunk: the forward pass that reads the
@@ -30,7 +31,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -41,6 +42,7 @@ from processfork.store import Store, page_digest
 
 from .codec import PageCodec
 from .host_tier import HostTier
+from .page_file import RUN_BYTES, PageFile
 
 __all__ = ["LoadOutcome", "StagedPagePath", "default_copy_threads"]
 
@@ -82,31 +84,6 @@ class LoadOutcome:
         self.failures.setdefault(job, message)
 
 
-@dataclass(frozen=True)
-class _PageFile:
-    """The store's data file, for reading pages with ``pread`` instead of through the map.
-
-    A fresh worker has never touched the store's map: copying a checkout's gigabytes out of it
-    takes a page fault every few pages, where ``pread`` copies from the page cache in one call
-    per page, with the GIL released.
-    """
-
-    fd: int | None
-    map_base: int | None  # None: the map could not be located, every page is copied from it
-
-    def read_into(self, row: np.ndarray, view: memoryview) -> bool:
-        """Read the page ``view`` shows into ``row``; False when it must be copied from the map."""
-        if self.fd is None or self.map_base is None:
-            return False
-        offset = np.frombuffer(view, dtype=np.uint8).ctypes.data - self.map_base
-        if offset < 0:
-            return False
-        try:
-            return os.preadv(self.fd, [row], offset) == row.nbytes
-        except OSError:
-            return False
-
-
 @dataclass
 class _Slot:
     host: torch.Tensor  # [chunk, 2, layers, elems]: pinned on a GPU
@@ -120,10 +97,11 @@ class _Slot:
 class _SavedChunk:
     """One chunk of a save between its copy to the host and its commit."""
 
-    rows: np.ndarray  # its pages, in its slot
+    rows: np.ndarray | None  # its pages, in its slot; None: named from memory, not copied
     blocks: int
     last: bool
     digests: list[bytes]
+    ids: list[int] = field(default_factory=list)  # its blocks
     hashed: Future[list[bool]] = field(default_factory=Future)  # which pages are stored already
     released: Future[None] = field(default_factory=Future)  # the slot's bytes are not needed
     committed: Future[None] = field(default_factory=Future)
@@ -141,8 +119,17 @@ class StagedPagePath:
         slots: int = DEFAULT_SLOTS,
         threads: int | None = None,
         tier: HostTier | None = None,
+        run_bytes: int = RUN_BYTES,
+        remember: bool = False,
     ):
         self.codec = codec
+        self.run_bytes = run_bytes  # page bytes read per ``preadv`` at most (``page_file.py``)
+        # Which pages each block holds, for blocks this path saved or loaded (and verified) and
+        # nobody has written since: a later save of such a block names its pages without a
+        # device copy or a hash. ``forget`` must be told of every block an engine step writes
+        # afresh (plugin/scheduler_side.py ``fresh_blocks``), before the step's saves.
+        self.remember = remember
+        self._known: dict[int, tuple[bytes, bytes]] = {}
         self.verify = verify
         self.page_bytes = codec.page_bytes
         self.cuda = codec.device.type == "cuda"
@@ -202,16 +189,32 @@ class StagedPagePath:
         queued ahead of whatever the engine's stream runs next. A missing page fails the whole
         transfer (raised); a corrupt one fails its block only.
         """
+        self.forget(block_ids)
+        outcome = None
         if self.tier is not None:
             outcome = self._load_through_tier(store, block_ids, digests, jobs)
-            if outcome is not None:
-                return outcome
-        return store.with_page_locations(
-            list(digests),
-            lambda views, base, path: self._load_views(
-                block_ids, views, digests, jobs, _PageFile(self._file(path), base)
-            ),
-        )
+        if outcome is None:
+            outcome = store.with_page_locations(
+                list(digests),
+                lambda views, base, path: self._load_views(
+                    block_ids, views, digests, jobs, self._source(path, base)
+                ),
+            )
+        if self.remember and self.verify:
+            for i, block in enumerate(block_ids):
+                if block not in outcome.bad_blocks:
+                    self._known[block] = (bytes(digests[2 * i]), bytes(digests[2 * i + 1]))
+        return outcome
+
+    def forget(self, block_ids: Iterable[int]) -> None:
+        """The blocks' contents are about to change: stop naming their pages from memory."""
+        if self._known:
+            drop = self._known.pop
+            for block in block_ids:
+                drop(block, None)
+
+    def _source(self, path: str, map_base: int | None) -> PageFile:
+        return PageFile(self._file(path), map_base, run_bytes=self.run_bytes)
 
     def _file(self, path: str) -> int | None:
         fd = self._fds.get(path)
@@ -224,7 +227,7 @@ class StagedPagePath:
 
     def _load_views(
         self, block_ids: Sequence[int], views: list[memoryview], digests: Sequence[bytes],
-        jobs: Sequence[str], source: _PageFile,
+        jobs: Sequence[str], source: PageFile,
     ) -> LoadOutcome:
         for view in views:
             if len(view) != self.page_bytes:
@@ -273,18 +276,18 @@ class StagedPagePath:
         return outcome
 
     def _submit_fill(self, rows: np.ndarray, views: list[memoryview], digests: Sequence[bytes],
-                     source: _PageFile) -> list[Future[list[int]]]:
+                     source: PageFile) -> list[Future[list[int]]]:
         """Copy pages into ``rows`` (and check them) in threads: one future per slice, each
         giving the indexes of the blocks whose pages do not match their digests."""
+        verify = self.verify
 
         def part(lo: int, hi: int) -> list[int]:
             bad: list[int] = []
-            for i in range(lo, hi):
-                row = rows[i]
-                if not source.read_into(row, views[i]):
-                    np.copyto(row, np.frombuffer(views[i], dtype=np.uint8))
-                if self.verify and page_digest(row) != digests[i] and i // 2 not in bad:
-                    bad.append(i // 2)
+            for a, b in source.read_pages(rows[lo:hi], views[lo:hi]):
+                if verify:
+                    for i in range(lo + a, lo + b):
+                        if page_digest(rows[i]) != digests[i] and i // 2 not in bad:
+                            bad.append(i // 2)
             return bad
 
         return self._submit_slices(len(views), part)
@@ -309,7 +312,7 @@ class StagedPagePath:
         """Copy every page to the GPU straight from the host tier; None when it cannot hold them.
 
         Pages the tier lacks are first read from the store into free tier slots (the same
-        ``pread`` the staging slots get, so a miss costs what a load without the tier costs and
+        ``preadv`` the staging slots get, so a miss costs what a load without the tier costs and
         leaves the page in the tier). A chunk's device copy waits only for its own reads; pages
         already in the tier are copied at once and checked in the threads meanwhile.
         """
@@ -333,7 +336,7 @@ class StagedPagePath:
                     [digests[i] for i in missing],
                     lambda views, base, path: self._copy_from_tier(
                         block_ids, placed, digests, jobs, missing, views,
-                        _PageFile(self._file(path), base)),
+                        self._source(path, base)),
                 )
             else:
                 result = self._copy_from_tier(block_ids, placed, digests, jobs, [], [], None)
@@ -352,7 +355,7 @@ class StagedPagePath:
     def _copy_from_tier(
         self, block_ids: Sequence[int], slots: list[int], digests: Sequence[bytes],
         jobs: Sequence[str], missing: list[int], views: list[memoryview],
-        source: _PageFile | None,
+        source: PageFile | None,
     ) -> tuple[LoadOutcome, set[int]]:
         """The load's outcome, and the indexes of the pages that did not match their digests."""
         tier = self.tier
@@ -370,17 +373,22 @@ class StagedPagePath:
         starts = list(range(0, len(block_ids), step))
         chunk_pages = [range(2 * s, min(2 * (s + step), len(digests))) for s in starts]
 
-        def fill(pages: list[int]) -> list[int]:
-            """Read the pages the tier lacked into their slots, check the rest: bad pages."""
+        def check(pages: list[int], rows: Sequence[np.ndarray], lo: int, hi: int) -> list[int]:
+            return [pages[j] for j in range(lo, hi) if page_digest(rows[j]) != digests[pages[j]]]
+
+        def read(pages: list[int]) -> list[int]:
+            """Read pages the tier lacked into their slots and check them: the bad ones."""
+            assert source is not None
+            rows = [tier.rows[slots[i]] for i in pages]
             bad: list[int] = []
-            for i in pages:
-                row = tier.rows[slots[i]]
-                view = read_from.get(i)
-                if view is not None and not (source and source.read_into(row, view)):
-                    np.copyto(row, np.frombuffer(view, dtype=np.uint8))
-                if self.verify and page_digest(row) != digests[i]:
-                    bad.append(i)
+            for lo, hi in source.read_pages(rows, [read_from[i] for i in pages]):
+                if self.verify:
+                    bad += check(pages, rows, lo, hi)
             return bad
+
+        def verify(pages: list[int]) -> list[int]:
+            """Check pages that were in the tier already: the bad ones."""
+            return check(pages, [tier.rows[slots[i]] for i in pages], 0, len(pages))
 
         # Per chunk: the reads it waits for first, then the checks of pages already in the tier,
         # which nothing waits for until the end.
@@ -389,8 +397,8 @@ class StagedPagePath:
         for pages in chunk_pages:
             absent = [i for i in pages if i in read_from]
             present = [i for i in pages if i not in read_from] if self.verify else []
-            reads.append(self._submit_pages(absent, fill))
-            checks += self._submit_pages(present, fill)
+            reads.append(self._submit_pages(absent, read))
+            checks += self._submit_pages(present, verify)
         try:
             for c, start in enumerate(starts):
                 for future in reads[c]:
@@ -458,7 +466,9 @@ class StagedPagePath:
 
     # -- saves -----------------------------------------------------------------------------
     def save(self, block_ids: Sequence[int], valid_in_last: int | None, commit: Commit,
-             present: Callable[[list[bytes]], list[bool]] | None = None) -> None:
+             present: Callable[[list[bytes]], list[bool]] | None = None,
+             reused: Callable[[int], None] | None = None,
+             mask: Callable[[np.ndarray, np.ndarray], None] | None = None) -> int:
         """Gather blocks chunk by chunk and hand each chunk's hashed pages to ``commit``.
 
         ``commit`` runs on one writer thread, in chunk order (consecutive chunks that are ready
@@ -473,28 +483,53 @@ class StagedPagePath:
         ``present(digests)`` (the store's page lookup) lets a chunk whose pages are all stored
         already hand ``commit`` digests only and free its slot once it is hashed: the writer
         then takes many such chunks per commit instead of holding four slots behind the disk.
+        With ``present`` given, runs of blocks whose pages this path remembers (and the store
+        still holds) are not copied or hashed at all: their chunks carry digests only.
+
+        ``mask(k_page, v_page)`` zeroes, in place and before hashing, what a block's pages must
+        not keep (the padding of a Mamba state block), so they hash as the direct path's do.
+
+        Returns how many blocks were named from memory, and tells ``reused`` that count before
+        the first commit (whose ``commit`` may record it with the save's last pages).
         """
-        chunks = [list(block_ids[i : i + self.chunk_blocks])
-                  for i in range(0, len(block_ids), self.chunk_blocks)]
+        known = self._recall(block_ids, valid_in_last, present)
+        if reused is not None:
+            reused(sum(1 for k in known if k is not None))
+        chunks = self._save_chunks(len(block_ids), known)
         if not chunks:
-            return
-        if self._stream is not None:
+            return 0
+        if self._stream is not None and not all(k is not None for k in known):
             # The blocks were computed by work queued on the engine's stream.
             self._stream.wait_stream(torch.cuda.current_stream(self.codec.device))
         pending: list[_SavedChunk] = []
+        copied = 0
         try:
-            for c, ids in enumerate(chunks):
-                slot = self._slots[c % len(self._slots)]
+            for lo, hi in chunks:
+                ids = list(block_ids[lo:hi])
+                last = hi == len(block_ids)
+                if known[lo] is not None:
+                    chunk = self._recalled_chunk(ids, last, known[lo:hi])
+                    pending.append(chunk)
+                    with self._lock:
+                        self._ready.append(chunk)
+                    self._writer.submit(self._commit_ready, commit)
+                    continue
+                slot = self._slots[copied % len(self._slots)]
+                copied += 1
                 if slot.busy is not None:
                     slot.busy.result()  # its pages are hashed, and written if any were new
                     slot.busy = None
                 self._from_blocks(slot, ids)
-                last = c == len(chunks) - 1
-                if last and valid_in_last is not None:
-                    if slot.done is not None:
-                        slot.done.synchronize()
-                    self.codec.mask_tail(slot.host[len(ids) - 1], valid_in_last)
+                tail = valid_in_last if last else None
+                if (tail is not None or mask is not None) and slot.done is not None:
+                    slot.done.synchronize()
+                if tail is not None:
+                    self.codec.mask_tail(slot.host[len(ids) - 1], tail)
+                if mask is not None:
+                    for i in range(len(ids)):
+                        mask(slot.rows[2 * i], slot.rows[2 * i + 1])
                 chunk = self._hash_in_pool(slot, len(ids), last, present)
+                chunk.ids = ids
                 slot.busy = chunk.released
                 pending.append(chunk)
                 with self._lock:
@@ -511,6 +546,62 @@ class StagedPagePath:
                 slot.busy = None
             if errors:
                 raise errors[0]
+        self._remember_saved(pending, valid_in_last)
+        return sum(chunk.blocks for chunk in pending if chunk.rows is None)
+
+    def _recall(self, block_ids: Sequence[int], valid_in_last: int | None,
+                present: Callable[[list[bytes]], list[bool]] | None,
+                ) -> list[tuple[bytes, bytes] | None]:
+        """Each block's remembered pages, where the store still holds both (one lookup for
+        all: a snapshot it deleted may have been collected since); None for the rest."""
+        if not self.remember or present is None or not self._known:
+            return [None] * len(block_ids)
+        known = [self._known.get(block) for block in block_ids]
+        if valid_in_last is not None and known:
+            known[-1] = None  # a partial block is stored masked; the engine's block is not
+        flat = [d for pair in known if pair is not None for d in pair]
+        if not flat:
+            return known
+        stored = iter(present(flat))
+        return [pair if pair is not None and all([next(stored), next(stored)]) else None
+                for pair in known]
+
+    def _save_chunks(self, n: int, known: list[tuple[bytes, bytes] | None]
+                     ) -> list[tuple[int, int]]:
+        """Block ranges in save order: each run of remembered blocks whole, the other runs cut
+        into chunks of one staging slot."""
+        chunks: list[tuple[int, int]] = []
+        lo = 0
+        while lo < n:
+            hi = lo + 1
+            if known[lo] is not None:
+                while hi < n and known[hi] is not None:
+                    hi += 1
+            else:
+                while hi < n and known[hi] is None and hi - lo < self.chunk_blocks:
+                    hi += 1
+            chunks.append((lo, hi))
+            lo = hi
+        return chunks
+
+    def _recalled_chunk(self, ids: list[int], last: bool,
+                        known: list[tuple[bytes, bytes] | None]) -> _SavedChunk:
+        digests = [d for pair in known if pair is not None for d in pair]
+        chunk = _SavedChunk(None, len(ids), last, digests, ids=ids)
+        chunk.hashed.set_result([True] * len(digests))
+        chunk.released.set_result(None)
+        return chunk
+
+    def _remember_saved(self, chunks: list[_SavedChunk], valid_in_last: int | None) -> None:
+        if not self.remember:
+            return
+        for chunk in chunks:
+            if chunk.rows is None:
+                continue
+            for j, block in enumerate(chunk.ids):
+                if chunk.last and valid_in_last is not None and j == len(chunk.ids) - 1:
+                    continue  # stored masked: its page is not the block's bytes
+                self._known[block] = (chunk.digests[2 * j], chunk.digests[2 * j + 1])
 
     def _from_blocks(self, slot: _Slot, ids: list[int]) -> None:
         n = len(ids)
@@ -589,6 +680,9 @@ class StagedPagePath:
             items: PageItems = []
             for chunk in batch:
                 stored = chunk.hashed.result()
+                if chunk.rows is None:
+                    items += [(d, None) for d in chunk.digests]
+                    continue
                 items += [(d, None if there else memoryview(row))
                           for d, there, row in zip(chunk.digests, stored, chunk.rows)]
             commit(items, sum(chunk.blocks for chunk in batch),

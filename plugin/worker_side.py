@@ -58,7 +58,7 @@ from .loader import LoadItem, LoadTicket, PipelinedLoader
 from .page_writer import PageWriter, QueuedPages
 from .prefix_lookup import is_restore_job
 from .staged_pages import MiB, StagedPagePath
-from .state_pages import StateMask, state_mask
+from .state_pages import StateMask, StateViews, state_layer_tensors, state_mask
 from .tp_ranks import RankHeads, rank_job_meta_key
 
 if TYPE_CHECKING:
@@ -78,6 +78,8 @@ class _JobStats:
     blocks: int = 0
     new_blocks: int = 0
     bytes_written: int = 0
+    #: Blocks whose pages the engine named from memory, without copying or hashing them.
+    reused_blocks: int = 0
     final: bool = False
     error: JobError | None = None
     error_recorded: bool = False  # the record with `error` is in the store
@@ -104,6 +106,7 @@ class _JobStats:
             blocks=self.blocks,
             new_blocks=self.new_blocks,
             bytes_written=self.bytes_written,
+            reused_blocks=self.reused_blocks,
             pages=pages,
             error=self.error,
         )
@@ -159,8 +162,9 @@ class WorkerSide:
 
     # --- setup ----------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        # A state group's layers (Mamba) are byte views into the attention layers' tensors:
-        # pages are made of the attention tensors, and a state block is a block of them.
+        # A state group's layers (Mamba) are views into the attention layers' tensors (a byte
+        # view of each layer's blocks, or, in some vLLM versions, a list of one view per state
+        # tensor): pages are made of the attention tensors, and a state block is a block of them.
         state_groups = {g: set(spec["layers"]) for g, spec in enumerate(self.kv_groups or [])
                         if spec.get("kind") == MAMBA}
         state_layers = set().union(*state_groups.values())
@@ -194,18 +198,25 @@ class WorkerSide:
                               page_bytes=self.codec.page_bytes, pid=os.getpid())
         self.store.meta_put(engine_meta_key(self.engine_id), record.to_json())
         ptrs = {t.data_ptr(): i for i, t in enumerate(layers)}
-        self.layer_index = {n: ptrs.get(t.data_ptr(), -1) for n, t in kv_caches.items()}
+        self.layer_index = {n: ptrs.get(_first_tensor(t).data_ptr(), -1)
+                            for n, t in kv_caches.items()}
+        # The padding of each state group's blocks, zeroed by saves on either page path.
+        layout = GroupLayout.from_fingerprint(self.kv_groups)
+        for group, layer_ids in state_groups.items():
+            views = [t for n, t in states.items() if _layer_number(n) in layer_ids]
+            size = layout.groups[group].state_bytes()
+            sizes = sorted({_state_bytes(t) for t in views})
+            if sizes != [size]:
+                # The pages would keep a part of the state, or zero a part of it.
+                raise ValueError(
+                    f"processfork: Mamba group {group} registers states of {sizes} bytes, "
+                    f"its spec says {size}"
+                )
+            self._state_masks[group] = state_mask(layers, self.codec.k_views,
+                                                  self.codec.v_views, views)
         direct = self.codec.device.type == "cpu" and self.page_path != "staged"
         if self.rank_heads.tp_size > 1:
             _check_tensor_parallel(direct, bool(state_groups), self.host_tier_mib)
-        if state_groups and not direct:
-            # Saving a state positionally in its step, and masking its padding, were verified
-            # on vLLM 0.32's CPU backend only; GPU engines move pages through the staged path.
-            raise ValueError(
-                "processfork: models with a Mamba (state) KV-cache group are supported on the "
-                f"CPU backend's direct page path only (this engine: {self.codec.device.type}, "
-                f"page_path {self.page_path!r})"
-            )
         if direct:
             if self.host_tier_mib:
                 logger.warning("processfork: host_tier_mib is ignored: the host tier serves the "
@@ -215,18 +226,6 @@ class WorkerSide:
             buf = np.empty((2, self.codec.page_bytes), dtype=np.uint8)
             self._page_buf = buf
             self._page_row = torch.from_numpy(buf).view(g.dtype).view(2, g.num_layers, -1)
-            layout = GroupLayout.from_fingerprint(self.kv_groups)
-            for group, layer_ids in state_groups.items():
-                views = [t for n, t in states.items() if _layer_number(n) in layer_ids]
-                size = layout.groups[group].state_bytes()
-                if any(t[0].numel() * t.element_size() != size for t in views):
-                    # The pages would keep a part of the state, or zero a part of it.
-                    raise ValueError(
-                        f"processfork: Mamba group {group} registers states of "
-                        f"{sorted({t[0].numel() * t.element_size() for t in views})} bytes, "
-                        f"its spec says {size}"
-                    )
-                self._state_masks[group] = state_mask(layers, self._views.k, self._views.v, views)
             if self.pipelined_loads:
                 self._loader = PipelinedLoader(
                     self.store, self._views, verify=self.verify_loads,
@@ -236,7 +235,7 @@ class WorkerSide:
             kwargs = {} if self.staging_mib is None else {"staging_bytes": self.staging_mib * MiB}
             self._staged = StagedPagePath(
                 self.codec, verify=self.verify_loads, threads=self.copy_threads,
-                tier=self._open_tier(), **kwargs
+                tier=self._open_tier(), remember=len(self.kv_groups or []) <= 1, **kwargs
             )
             logger.info(
                 "processfork: staged page path, %d MiB of %s staging in chunks of %d blocks, "
@@ -282,6 +281,14 @@ class WorkerSide:
         return tier
 
     # --- loads ------------------------------------------------------------------
+    def begin_step(self, plan: StepPlan) -> None:
+        """Forget the pages of the blocks this step writes or loads afresh, before any of the
+        step's saves can name them from memory (plugin/staged_pages.py)."""
+        if self._staged is not None and (plan.fresh_blocks or plan.loads):
+            self._staged.forget(plan.fresh_blocks)
+            for job in plan.loads:
+                self._staged.forget(job.block_ids)
+
     def start_load(self, plan: StepPlan) -> None:
         """Start this step's loads; on CPU they complete layer by layer during the forward pass."""
         self._finish_loads()  # a previous step's ticket whose errors were never collected
@@ -555,8 +562,13 @@ class WorkerSide:
                         blocks,
                     )
 
+                def reused(blocks: int) -> None:
+                    stats.reused_blocks += blocks
+
+                state = None if job.state_group is None else self._state_masks[job.state_group]
                 self._staged.save(job.block_ids, job.valid_in_last, commit,
-                                  present=self.store.has_pages)
+                                  present=self.store.has_pages, reused=reused,
+                                  mask=None if state is None else state.apply)
             elif self.head_pages:
                 stats.add(self.store.put_pages_from(2 * n * heads, self._head_page_source(job),
                                                     pin=job.job, meta=meta), n, heads)
@@ -692,6 +704,17 @@ def _check_tensor_parallel(direct: bool, state_groups: bool, host_tier_mib: int)
     if host_tier_mib:
         raise ValueError("processfork: the host tier is not supported at "
                          "tensor_parallel_size > 1 (set host_tier_mib to 0)")
+
+
+def _first_tensor(value: torch.Tensor | StateViews) -> torch.Tensor:
+    """A layer's KV tensor, or the first of a Mamba layer's state tensors (some vLLM versions
+    register those as a list)."""
+    return state_layer_tensors(value)[0]
+
+
+def _state_bytes(views: StateViews) -> int:
+    """Bytes of one block of a Mamba layer's state, over all of its state tensors."""
+    return sum(t[0].numel() * t.element_size() for t in state_layer_tensors(views))
 
 
 def _layer_number(name: str) -> int:

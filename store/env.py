@@ -146,7 +146,10 @@ class Env:
             "map_size": max(map_size or DEFAULT_MAP_SIZE, size),
             "subdir": True,
             "readonly": not self.writable,
-            "metasync": True,
+            # MDB_NOMETASYNC: a commit syncs its data pages, then writes its meta page without a
+            # sync; `write` syncs that meta page before it returns unless its caller defers it
+            # (durable=False). Never MDB_NOSYNC, which can corrupt the file in a system crash.
+            "metasync": False,
             "sync": True,
             "writemap": False,  # a full disk must be an error at commit, not SIGBUS on a mapped write
             "max_dbs": MAX_DBS,
@@ -268,11 +271,21 @@ class Env:
             except lmdb.Error as exc:
                 raise self.translate(exc) from exc
 
-    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+    def write(self, fn: Callable[[lmdb.Transaction], T], *, durable: bool = True) -> T:
         """Run `fn` in one write transaction and commit; rerun it whole after map growth.
 
         `fn` must build all its results inside the call: a retry discards the first attempt.
         Values read in `fn` are zero-copy memoryviews, valid only inside it.
+
+        The environment runs with MDB_NOMETASYNC: LMDB's commit makes the transaction's data
+        pages durable, then writes the meta page that publishes them without waiting for it.
+        A durable write (the default) then syncs the file, so it returns only once the commit
+        is on disk, as with LMDB's default mode, at the same two syncs. `durable=False` skips
+        that second sync, for bulk writes that nothing refers to yet (a fetch's pages, under
+        its pin): other processes see the commit at once and a killed process loses nothing; a
+        system crash can undo the last such commit (the next commit's first sync flushes its
+        meta page), never damage an earlier one, since a meta page reaches the disk only after
+        the pages it names. The caller's next durable write makes them durable too.
         """
         if not self.writable:
             raise ReadOnlyStore(self.path)
@@ -287,6 +300,8 @@ class Env:
                         try:
                             result = fn(txn)
                             txn.commit()
+                            if durable:
+                                self.env.sync(True)
                             return result
                         except lmdb.MapFullError:
                             raise _Retry("grow") from None

@@ -3,7 +3,9 @@
 Every object is verified against its address as it arrives. Pages and blobs go in under one pin
 (so a concurrent gc keeps them); then ONE write transaction writes the manifests, parents first,
 moves the refs and drops the pin. A fetch that dies leaves no manifest and no ref, only pinned
-objects of an exited writer, which the next `pf gc` reclaims.
+objects of an exited writer, which the next `pf gc` reclaims. The objects' commits skip the sync
+of their meta page (Env.write, durable=False); the manifests' durable commit makes them durable
+with it, so no ref ever names an object a system crash could lose.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
 __all__ = ["FetchResult", "fetch", "tracking_ref", "update_refs"]
 
 Progress = Callable[[str, int, int], None]
+#: The least a commit of fetched pages waits for (unless the downloads end or wait for room):
+#: each commit costs a sync of fixed latency, worth paying for a few MiB at least.
+BATCH_MIN = 16 << 20
 
 
 def tracking_ref(remote_name: str, ref: str) -> str:
@@ -196,7 +201,7 @@ def _fetch_blobs(
                 _objects.put_blob(txn, env.dbs, bytes.fromhex(key), data, t)
             _objects.pin_extend(txn, env.dbs, pin, [bytes.fromhex(k) for k in fetched], t)
 
-        env.write(run)
+        env.write(run, durable=False)  # made durable by _commit, before anything names them
         result.blobs = len(fetched)
         result.bytes += sum(len(d) for d in fetched.values())
     out = {k: fetched[k] for k in tables if k in fetched}
@@ -231,11 +236,14 @@ def _fetch_pages(
             _objects.put_pages(txn, env.dbs, items, t)
             _objects.pin_extend(txn, env.dbs, pin, [d for d, _ in items], t)
 
-        env.write(run)
+        env.write(run, durable=False)  # made durable by _commit, before anything names them
 
-    # The store's durable commits overlap the downloads: each commits, in one transaction,
-    # the pages that arrived during the one before.
-    for batch in remote.read_batches(((KIND_PAGE, k) for k in want), progress=progress):
+    # The store's commits overlap the downloads: each commits, in one transaction, the pages
+    # that arrived during the one before (at least BATCH_MIN of them, unless the downloads
+    # end or wait for room), with one sync; _commit's makes them all durable.
+    for batch in remote.read_batches(
+        ((KIND_PAGE, k) for k in want), min_bytes=BATCH_MIN, progress=progress
+    ):
         write([(bytes.fromhex(key), data) for _, key, data in batch])
         result.pages += len(batch)
         result.bytes += sum(len(data) for _, _, data in batch)

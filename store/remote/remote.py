@@ -187,12 +187,15 @@ class Remote:
         wanted: Iterable[tuple[str, str]],
         *,
         max_bytes: int = FEED_BYTES,
+        min_bytes: int = 0,
         progress: Progress | None = None,
     ) -> Iterator[list[tuple[str, str, bytes]]]:
         """Yield the wanted objects as `(kind, key, bytes)`, verified, in batches: each batch is
         what arrived while the caller handled the previous one (at least one object, at most
         `max_bytes` unless one object is bigger). A caller that commits each batch to a store
         thus commits bigger batches, with fewer syncs, exactly when its writes fall behind.
+        With `min_bytes`, a batch also waits until that much has arrived (or a range read
+        ends, or the reads wait for room), so no sync is spent on a trickle.
 
         Objects of one pack that lie close together come in one range read, streamed: each
         object is handed over as soon as its bytes arrive, while the range reads (several in
@@ -217,7 +220,7 @@ class Remote:
             left, done = len(ranges), 0
             while left:
                 batch = []
-                for item in feed.get_many(max_bytes):
+                for item in feed.get_many(max_bytes, min_bytes):
                     if item is _RANGE_DONE:
                         left -= 1
                     elif isinstance(item, BaseException):

@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 
 from processfork_dev.live_server import LiveServer
-from processfork_dev.model_builder import build_tiny_llama
+from processfork_dev.model_builder import build_model, build_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(os.environ.get("PF_TEST_MODELS", REPO_ROOT / ".models"))
@@ -133,6 +133,16 @@ def start_server(
     yield start
     for live in reversed(started):
         live.stop()
+
+
+def model_server(start_server: Callable[..., LiveServer], tmp_path_factory: pytest.TempPathFactory,
+                 name: str, spec: Any, extra_args: Sequence[str]) -> Iterator[LiveServer]:
+    """A module's own server of model ``spec`` (built once into ``MODELS_DIR/name``) on a fresh
+    store, stopped when the module is done so that its cores go back to the other tests."""
+    live = start_server(build_model(MODELS_DIR / name, spec),
+                        store=tmp_path_factory.mktemp(f"pf-store-{name}"), extra_args=extra_args)
+    yield live
+    live.stop()
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,35 @@ def random_tokens(seed: int, n: int, vocab: int = 1024, low: int = 300) -> list[
     return [rng.randrange(low, vocab) for _ in range(n)]
 
 
+def warm_snapshots(server: Any, lengths: Any, *, seed: int, prefix: str, block: int,
+                   ) -> tuple[dict[int, list[int]], dict[int, Any], dict[int, dict[str, Any]]]:
+    """For each length: a random prompt (seeds from ``seed`` on), computed once, then its warm
+    prefix hit (12 greedy tokens with logprobs, the reference a restore must equal) and a
+    snapshot of it named ``prefix/length``."""
+    prompts, warm, snapshots = {}, {}, {}
+    for i, length in enumerate(lengths):
+        prompt = prompts[length] = random_tokens(seed + i, length)
+        complete(server, prompt, max_tokens=12, logprobs=5)
+        warm[length] = complete(server, prompt, max_tokens=12, logprobs=5)
+        assert cached_tokens(warm[length]) == (length - 1) // block * block
+        snapshots[length] = pf(server, "snapshot",
+                               {"name": f"{prefix}/{length}", "token_ids": prompt})
+    return prompts, warm, snapshots
+
+
+def extended_snapshot(server: Any, *, seed: int, name: str, length: int, extra: int,
+                      block: int) -> tuple[list[int], dict[str, Any], list[int], Any]:
+    """A snapshot ``name`` of a random prompt of ``length`` tokens, then the warm prefix hit of
+    that prompt extended by ``extra`` tokens: the reference for a restore of a request that
+    extends a snapshot. Returns the prompt, the snapshot, the extended prompt and its hit."""
+    base = random_tokens(seed, length)
+    snapshot = pf(server, "snapshot", {"name": name, "token_ids": base})
+    extended = base + random_tokens(seed + 1, extra)
+    warm = complete(server, extended, max_tokens=12, logprobs=5)
+    assert cached_tokens(warm) == length // block * block
+    return base, snapshot, extended, warm
+
+
 def metric(server: Any, name: str) -> float:
     """Sum of a Prometheus counter over its label sets, from the server's /metrics."""
     text = httpx.get(f"{server.base_url}/metrics", timeout=30, trust_env=False).text

@@ -12,6 +12,13 @@ the prefix cache holds its first block and the state after it, while one that sh
 prefix short of the stored state computes; repair recomputes a damaged state page. One server,
 one restart.
 
+The same model on the staged page path (the one every GPU engine takes; here through vLLM's CPU
+backend, with staging slots of one block and a host tier): a second server on the same store,
+no restart. Its snapshot of a prompt stores the very pages (the state's too) that the direct
+path stored; it checks out and transparently restores snapshots the direct path took, bit for bit
+like the direct engine's warm prefix hit; the direct engine checks out its snapshot like its own
+warm hit; and it repairs a damaged state page.
+
 vLLM 0.32's CPU backend serves the model with prefix caching only in prefill chunks of at most
 one block (``--max-num-batched-tokens`` 128 = the block size; longer chunks fail inside vLLM's
 Mamba2 kernel).
@@ -19,16 +26,28 @@ Mamba2 kernel).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import EAGER, MODELS_DIR
-from pf_http import PF, cached_tokens, complete, damage_page, get, pf, random_tokens
+from conftest import EAGER, model_server
+from pf_http import (
+    PF,
+    cached_tokens,
+    complete,
+    damage_page,
+    extended_snapshot,
+    get,
+    pf,
+    random_tokens,
+    warm_snapshots,
+)
 from processfork.plugin.kv_groups import MAMBA, GroupLayout
+from processfork.plugin.launch_plan import kv_transfer_config
 from processfork.store import Store
 
-from processfork_dev.model_builder import HYBRID, build_model
+from processfork_dev.model_builder import HYBRID
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +60,7 @@ HYBRID_ARGS = ("--block-size", str(BLOCK), "--max-num-batched-tokens", str(BLOCK
 LENGTHS = (3 * BLOCK + 17, BLOCK + 40, 60)
 RESTORED = 2 * BLOCK + 50  # a snapshot a client request extends by EXTRA tokens after the restart
 EXTRA = 20
+CROSS = 3 * BLOCK + 50  # snapshotted cold by both page paths: the same pages
 
 
 @dataclass
@@ -54,35 +74,24 @@ class Before:
     partial: list[int] = field(default_factory=list)
     partial_warm: dict[str, Any] = field(default_factory=dict)
     repair: dict[str, Any] = field(default_factory=dict)
+    cross: list[int] = field(default_factory=list)
+    cross_snapshot: dict[str, Any] = field(default_factory=dict)
     log: str = ""
 
 
 @pytest.fixture(scope="module")
 def hybrid_server(start_server, tmp_path_factory):
-    live = start_server(build_model(MODELS_DIR / "tiny-hybrid", HYBRID),
-                        store=tmp_path_factory.mktemp("pf-store-hybrid"),
-                        extra_args=(*HYBRID_ARGS, *EAGER))  # compared only with itself
-    yield live
-    live.stop()
+    # Compared only with itself: eager mode starts sooner.
+    yield from model_server(start_server, tmp_path_factory, "tiny-hybrid", HYBRID, (*HYBRID_ARGS, *EAGER))
 
 
 @pytest.fixture(scope="module")
 def before(hybrid_server) -> Before:
     out = Before()
-    for i, length in enumerate(LENGTHS):
-        prompt = random_tokens(8000 + i, length)
-        out.prompts[length] = prompt
-        complete(hybrid_server, prompt, max_tokens=12, logprobs=5)
-        out.warm[length] = complete(hybrid_server, prompt, max_tokens=12, logprobs=5)
-        assert cached_tokens(out.warm[length]) == (length - 1) // BLOCK * BLOCK
-        out.snapshots[length] = pf(hybrid_server, "snapshot",
-                                   {"name": f"hy/{length}", "token_ids": prompt})
-    base = random_tokens(8100, RESTORED)
-    out.snapshots[RESTORED] = pf(hybrid_server, "snapshot",
-                                 {"name": "hy/extended", "token_ids": base})
-    out.extended = base + random_tokens(8101, EXTRA)
-    out.extended_warm = complete(hybrid_server, out.extended, max_tokens=12, logprobs=5)
-    assert cached_tokens(out.extended_warm) == RESTORED // BLOCK * BLOCK
+    out.prompts, out.warm, out.snapshots = warm_snapshots(hybrid_server, LENGTHS, seed=8000,
+                                                          prefix="hy", block=BLOCK)
+    base, out.snapshots[RESTORED], out.extended, out.extended_warm = extended_snapshot(
+        hybrid_server, seed=8100, name="hy/extended", length=RESTORED, extra=EXTRA, block=BLOCK)
     # Shares one block with the snapshot, then differs: the state after that block is not
     # stored (only the state at the snapshot's split point is).
     out.diverging = base[: BLOCK + 3] + random_tokens(8102, 60)
@@ -95,6 +104,8 @@ def before(hybrid_server) -> Before:
     assert cached_tokens(out.partial_warm) == 3 * BLOCK
     out.repair = pf(hybrid_server, "snapshot",
                     {"name": "hy/repair", "token_ids": random_tokens(8300, 2 * BLOCK + 30)})
+    out.cross = random_tokens(8400, CROSS)
+    out.cross_snapshot = pf(hybrid_server, "snapshot", {"name": "hy/cross", "token_ids": out.cross})
     out.log = hybrid_server.log_path.read_text(errors="replace") if hybrid_server.log_path else ""
     hybrid_server.restart()
     return out
@@ -195,3 +206,109 @@ def test_repair_recomputes_a_damaged_state_and_attention_page(hybrid_server, bef
 
 def test_session_turns_are_off_for_a_state_model(before):
     assert "no session commits: this model has a per-sequence state" in before.log
+
+
+# -- the staged page path ------------------------------------------------------------------------
+@dataclass
+class Staged:
+    cross: dict[str, Any] = field(default_factory=dict)
+    own: list[int] = field(default_factory=list)
+    own_snapshot: dict[str, Any] = field(default_factory=dict)
+    own_warm: dict[str, Any] = field(default_factory=dict)
+    repair: dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def staged_server(start_server, hybrid_server, before, tmp_path_factory):
+    """The hybrid model on the staged page path, on the direct server's store: staging slots of
+    one block (a K and V page of this model are 256 KiB), so a save or load of several blocks
+    runs in several chunks, and a host tier that loads go through."""
+    config = kv_transfer_config(hybrid_server.store)
+    config["kv_connector_extra_config"].update({
+        "page_path": "staged", "staging_mib": 1, "copy_threads": 2, "host_tier_mib": 16,
+        "host_tier_dir": str(tmp_path_factory.mktemp("pf-tier-hybrid")),
+    })
+    live = start_server(hybrid_server.model, store=hybrid_server.store,
+                        extra_args=(*HYBRID_ARGS, *EAGER, "--kv-transfer-config",
+                                    json.dumps(config)))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def staged(staged_server, before) -> Staged:
+    """Snapshots on the staged engine, taken before any client request could load a stored
+    prefix into its cache, so it computes what it saves."""
+    out = Staged()
+    out.cross = pf(staged_server, "snapshot", {"name": "st/cross", "token_ids": before.cross})
+    out.own = random_tokens(8500, 2 * BLOCK + 90)
+    out.own_snapshot = pf(staged_server, "snapshot", {"name": "st/own", "token_ids": out.own})
+    out.own_warm = complete(staged_server, out.own, max_tokens=12, logprobs=5)
+    assert cached_tokens(out.own_warm) == 2 * BLOCK
+    out.repair = pf(staged_server, "snapshot",
+                    {"name": "st/repair", "token_ids": random_tokens(8600, 2 * BLOCK + 30)})
+    return out
+
+
+def test_the_staged_engine_has_the_direct_engines_fingerprint(hybrid_server, staged_server,
+                                                              staged):
+    log = staged_server.log_path.read_text(errors="replace")
+    assert "staged page path" in log and "chunks of 1 blocks" in log and "host tier" in log
+    fingerprints = [get(s, f"{PF}/status").json()["engine"]["fingerprint"]
+                    for s in (hybrid_server, staged_server)]
+    assert fingerprints[0] == fingerprints[1]  # the page path is not part of what it computes
+    assert any(g["kind"] == MAMBA for g in fingerprints[1]["kv_groups"])
+
+
+def test_both_page_paths_store_the_same_pages_for_the_same_tokens(hybrid_server, before, staged):
+    """The state page too: its padding is zeroed alike, so the pages are content-addressed
+    alike and the staged save wrote no page of its own."""
+    with Store(hybrid_server.store, readonly=True) as store:
+        direct = store.get_snapshot(before.cross_snapshot["cid"]).sequences[0]
+        via_slots = store.get_snapshot(staged.cross["cid"]).sequences[0]
+    assert via_slots.groups == direct.groups and any(g.state for g in direct.groups)
+    assert via_slots.pages == direct.pages
+    assert staged.cross["new_pages"] == 0 and staged.cross["num_pages"] == len(direct.pages)
+
+
+def test_the_staged_path_checks_out_the_direct_paths_snapshot_like_its_warm_hit(
+    staged_server, before, staged
+):
+    length = LENGTHS[0]
+    split = (length - 1) // BLOCK * BLOCK
+    checkout = pf(staged_server, "checkout", {"cid": f"hy/{length}"})
+    assert checkout["tokens_loaded"] == split and checkout["tokens_already_resident"] == 0
+    restored = complete(staged_server, before.prompts[length], max_tokens=12, logprobs=5)
+    assert cached_tokens(restored) == split
+    assert restored["choices"][0]["logprobs"] == before.warm[length]["choices"][0]["logprobs"]
+
+
+def test_the_staged_path_restores_a_stored_prefix_by_itself(staged_server, before, staged):
+    restored = complete(staged_server, before.extended, max_tokens=12, logprobs=5)
+    split = RESTORED // BLOCK * BLOCK
+    assert restored["kv_transfer_params"]["processfork"]["loaded_tokens"] == split
+    assert cached_tokens(restored) == split
+    assert restored["choices"][0]["logprobs"] == before.extended_warm["choices"][0]["logprobs"]
+
+
+def test_the_direct_path_checks_out_the_staged_paths_snapshot(hybrid_server, staged):
+    checkout = pf(hybrid_server, "checkout", {"cid": "st/own"})
+    assert checkout["tokens_loaded"] == 2 * BLOCK and checkout["tokens_already_resident"] == 0
+    restored = complete(hybrid_server, staged.own, max_tokens=12, logprobs=5)
+    assert cached_tokens(restored) == 2 * BLOCK
+    assert restored["choices"][0]["logprobs"] == staged.own_warm["choices"][0]["logprobs"]
+
+
+def test_the_staged_path_repairs_a_damaged_state_page(staged_server, staged):
+    cid = staged.repair["cid"]
+    with Store(staged_server.store, readonly=True) as store:
+        seq = store.get_snapshot(cid).sequences[0]
+    state = next(g for g, spec in enumerate(seq.groups) if spec.state)
+    damage_page(staged_server.store, seq.group_pages(state)[1][0][0])
+    result = pf(staged_server, "repair", {"cid": "st/repair"})
+    assert result["damaged_pages"] == 1 and result["recomputed_sequences"] == 1
+    repaired = result.get("new_cid") or cid
+    with Store(staged_server.store, readonly=True) as store:
+        assert store.get_ref("st/repair") == repaired
+        assert store.find_damage(repaired).intact
+        assert store.get_snapshot(repaired).sequences[0].groups == seq.groups

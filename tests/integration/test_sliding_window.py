@@ -17,22 +17,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import EAGER, MODELS_DIR, SESSION_SERVER_ARGS
+from conftest import EAGER, SESSION_SERVER_ARGS, model_server
 from pf_http import (
     PF,
     cached_tokens,
     complete,
     damage_page,
+    extended_snapshot,
     get,
     pf,
     post,
     random_tokens,
     wait_for_ref,
+    warm_snapshots,
 )
 from processfork.plugin.kv_groups import GroupLayout
 from processfork.store import Manifest, Store
 
-from processfork_dev.model_builder import SLIDING, build_model
+from processfork_dev.model_builder import SLIDING
 
 pytestmark = pytest.mark.integration
 
@@ -76,29 +78,17 @@ def _turn(server, prompt: list[int]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def sw_server(start_server, tmp_path_factory):
-    live = start_server(build_model(MODELS_DIR / "tiny-sliding", SLIDING),
-                        store=tmp_path_factory.mktemp("pf-store-sw"),
-                        extra_args=(*SESSION_SERVER_ARGS, *EAGER))  # compared only with itself
-    yield live
-    live.stop()
+    # Compared only with itself: eager mode starts sooner.
+    yield from model_server(start_server, tmp_path_factory, "tiny-sliding", SLIDING, (*SESSION_SERVER_ARGS, *EAGER))
 
 
 @pytest.fixture(scope="module")
 def before(sw_server) -> Before:
     out = Before()
-    for i, length in enumerate(LENGTHS):
-        prompt = random_tokens(7000 + i, length)
-        out.prompts[length] = prompt
-        complete(sw_server, prompt, max_tokens=12, logprobs=5)
-        out.warm[length] = complete(sw_server, prompt, max_tokens=12, logprobs=5)
-        assert cached_tokens(out.warm[length]) == (length - 1) // BLOCK * BLOCK
-        out.snapshots[length] = pf(sw_server, "snapshot",
-                                   {"name": f"sw/{length}", "token_ids": prompt})
-    base = random_tokens(7100, RESTORED)
-    out.snapshots[RESTORED] = pf(sw_server, "snapshot", {"name": "sw/extended", "token_ids": base})
-    out.extended = base + random_tokens(7101, EXTRA)
-    out.extended_warm = complete(sw_server, out.extended, max_tokens=12, logprobs=5)
-    assert cached_tokens(out.extended_warm) == RESTORED // BLOCK * BLOCK
+    out.prompts, out.warm, out.snapshots = warm_snapshots(sw_server, LENGTHS, seed=7000,
+                                                          prefix="sw", block=BLOCK)
+    base, out.snapshots[RESTORED], out.extended, out.extended_warm = extended_snapshot(
+        sw_server, seed=7100, name="sw/extended", length=RESTORED, extra=EXTRA, block=BLOCK)
     # Shares 4 blocks with the snapshot, then differs: the window group stored none of them.
     out.diverging = base[: 4 * BLOCK + 3] + random_tokens(7102, 60)
     # A session: two turns, each prompt the last one's tokens and output and a new message,

@@ -60,6 +60,17 @@ def test_staged_pages_equal_the_direct_paths_pages(server, pf_store, staged):
     assert _pages(staged.store, via_slots["cid"]) == _pages(pf_store, direct["cid"])
 
 
+def test_a_second_snapshot_of_resident_blocks_copies_nothing(staged):
+    """The engine remembers the pages it saved; nothing has written those blocks since, so the
+    second snapshot names them without copying (only the partial last block is copied again)."""
+    tokens = random_tokens(8400, COMPUTED)
+    first = pf(staged, "snapshot", {"name": "again/1", "token_ids": tokens})
+    again = pf(staged, "snapshot", {"name": "again/2", "token_ids": tokens})
+    assert first["reused_pages"] == 0
+    assert again["reused_pages"] == COMPUTED // BLOCK and again["new_pages"] == 0
+    assert _pages(staged.store, again["cid"]) == _pages(staged.store, first["cid"])
+
+
 def test_staged_checkout_after_restart_matches_a_warm_hit(staged):
     computed = random_tokens(8200, COMPUTED)
     resident = random_tokens(8300, RESIDENT)

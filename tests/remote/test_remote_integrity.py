@@ -238,3 +238,66 @@ def test_a_push_killed_at_random_points_leaves_the_remote_consistent(
         assert final.list_refs()["main"] == head
         assert content(final, head) == content(a, head)
         assert list(final.fsck()) == []
+
+
+# A pull that stops once its pages are committed (not yet durable: see Env.write) and before the
+# transaction that makes them durable and writes the manifests and refs.
+STALLED_PULLER = """
+import sys, time
+from processfork.store import Store
+from processfork.store.remote import fetch as fetch_module, open_remote
+
+def stall(*args, **kwargs):
+    print("pages committed", flush=True)
+    time.sleep(600)
+
+fetch_module._commit = stall
+store = Store(sys.argv[1])
+fetch_module.fetch(store.env, open_remote(sys.argv[2], env=store.env), remote_name="origin")
+"""
+
+
+def test_a_pull_killed_after_its_page_commits_leaves_the_store_as_it_was(
+    tmp_path: Path, remote_url: str
+) -> None:
+    """SIGKILL after every page of a pull is committed, before the durable commit that names
+    them: the earlier snapshot is whole, no ref or manifest names the new one, the killed pull's
+    pin holds its pages until gc drops it (its owner is dead) and reclaims them; a pull then
+    completes."""
+    with Store(tmp_path / "a") as a:
+        old = make_snapshot(a, "main", tokens=range(64), page_size=64 << 10)
+        push(a.env, open_remote(remote_url, env=a.env), {"main": old})
+    with _clone(remote_url, tmp_path / "b") as b:
+        before = content(b, old)
+    with Store(tmp_path / "a") as a:
+        new = make_snapshot(a, "main", parents=[old], tokens=range(320), page_size=64 << 10)
+        push(a.env, open_remote(remote_url, env=a.env), {"main": new})
+        expected = content(a, new)
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_PULLER, str(tmp_path / "b"), remote_url],
+                            env=env, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == b"pages committed\n"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with Store(tmp_path / "b") as b:
+        assert not b.has_snapshot(new)
+        assert b.get_ref(tracking_ref("origin", "main")) == old
+        assert content(b, old) == before
+        assert list(b.fsck()) == []
+        pins = b.list_pins()
+        assert len(pins) == 1
+        (pin,) = pins.values()
+        assert pin is not None and pin.owner_dead()
+        # The new snapshot's token array and page table, then the pages of its 20 new blocks
+        pages = [d for d, held in zip(pin.digests, b.has_pages(pin.digests)) if held]
+        assert len(pages) == 2 * 20
+        assert all(b.has_blob(d) for d in pin.digests if d not in pages)
+        assert len(pin.digests) == len(pages) + 2
+        stats = b.gc(prune=0)
+        assert stats.removed_pins == 1 and stats.removed_pages == len(pages)
+        result = fetch(b.env, open_remote(remote_url, env=b.env), remote_name="origin")
+        update_refs(b.env, result.refs, message="pull")
+        assert b.get_ref("main") == new and content(b, new) == expected
+        assert content(b, old) == before and list(b.fsck()) == []

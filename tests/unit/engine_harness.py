@@ -441,6 +441,9 @@ class Engine:
         assert self.pool.reset_prefix_cache(), "requests still hold blocks"
         self.kv.buffer.fill_(-7.0)
         self.steps.clear()
+        staged = self.worker_side._staged
+        if staged is not None:  # a restarted worker remembers no block's pages
+            staged.forget(range(self.kv.num_blocks))
 
     def holds(self, request_id: str, tokens: list[int], blocks: int | None = None) -> bool:
         """Whether the request's first ``blocks`` blocks (default: every full one) hold

@@ -97,3 +97,57 @@ def test_a_closed_feed_stops_its_producers() -> None:
     assert len(errors) == 1
     with pytest.raises(FeedClosed):
         feed.put("third", 1)
+
+
+def _get_many_in_thread(feed: Feed, max_bytes: int, min_bytes: int) -> tuple[threading.Thread, list]:
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(feed.get_many(max_bytes, min_bytes)))
+    thread.start()
+    return thread, got
+
+
+def test_a_consumer_with_a_minimum_waits_for_that_much() -> None:
+    feed = Feed(64 * MiB)
+    feed.put("a", MiB)
+    thread, got = _get_many_in_thread(feed, 64 * MiB, 3 * MiB)
+    time.sleep(0.2)
+    assert got == []  # 1 MiB of the 3 it waits for
+    feed.put("b", MiB)
+    time.sleep(0.2)
+    assert got == []
+    feed.put("c", MiB)
+    thread.join(10)
+    assert got == [["a", "b", "c"]]
+
+
+def test_a_marker_or_an_error_ends_the_wait_for_the_minimum() -> None:
+    feed = Feed(64 * MiB)
+    feed.put("a", MiB)
+    thread, got = _get_many_in_thread(feed, 64 * MiB, 32 * MiB)
+    time.sleep(0.1)
+    error = RuntimeError("range read failed")
+    feed.put_last(error)
+    thread.join(10)
+    assert got == [["a", error]]
+    # An empty object is data, not a marker: it does not end the wait.
+    feed.put("empty", 0)
+    thread, got = _get_many_in_thread(feed, 64 * MiB, 32 * MiB)
+    time.sleep(0.2)
+    assert got == []
+    feed.put_last("done")
+    thread.join(10)
+    assert got == [["empty", "done"]]
+
+
+def test_a_producer_waiting_for_room_ends_the_wait_for_the_minimum() -> None:
+    """An object too big for what is left of the limit would never arrive while the consumer
+    waits for its minimum: the consumer takes what is there instead of deadlocking."""
+    feed = Feed(4 * MiB)
+    feed.put("small", MiB)
+    producer = threading.Thread(target=lambda: feed.put("big", 4 * MiB))
+    producer.start()
+    thread, got = _get_many_in_thread(feed, 64 * MiB, 3 * MiB)
+    thread.join(10)
+    assert got == [["small"]]
+    producer.join(10)
+    assert feed.get_many(64 * MiB) == ["big"]

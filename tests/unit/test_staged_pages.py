@@ -7,8 +7,12 @@ corrupt page fails its block only, and a partial last block is saved with its ta
 
 from __future__ import annotations
 
+import itertools
+import os
+
 import pytest
 import torch
+from processfork.plugin import page_file
 from processfork.plugin.codec import codec_for
 from processfork.plugin.staged_pages import StagedPagePath
 from processfork.store import MissingObject, PutResult, Store, page_digest
@@ -25,14 +29,15 @@ def _layers(device: str, *, zero: bool = False) -> list[torch.Tensor]:
 
 
 def _path(layers: list[torch.Tensor], *, chunk_blocks: int, threads: int = 3,
-          verify: bool = True) -> StagedPagePath:
+          verify: bool = True, run_bytes: int = page_file.RUN_BYTES,
+          remember: bool = False) -> StagedPagePath:
     codec = codec_for("FLASH_ATTN", layers, head_dim=D)
     return StagedPagePath(codec, verify=verify, staging_bytes=4 * chunk_blocks * 2 * codec.page_bytes,
-                          slots=4, threads=threads)
+                          slots=4, threads=threads, run_bytes=run_bytes, remember=remember)
 
 
-def _save(path: StagedPagePath, store: Store, blocks: list[int], tail: int | None = None
-          ) -> tuple[list[bytes], list[tuple[int, bool]]]:
+def _save(path: StagedPagePath, store: Store, blocks: list[int], tail: int | None = None,
+          present=None) -> tuple[list[bytes], list[tuple[int, bool]]]:
     digests: list[bytes] = []
     calls: list[tuple[int, bool]] = []
 
@@ -41,12 +46,14 @@ def _save(path: StagedPagePath, store: Store, blocks: list[int], tail: int | Non
         digests.extend(result.digests)
         calls.append((n, last))
 
-    path.save(blocks, tail, commit)
+    path.reused = path.save(blocks, tail, commit, present=present)
     return digests, calls
 
 
+@pytest.mark.parametrize("run_bytes", [page_file.RUN_BYTES, 1 << 20])
 @pytest.mark.parametrize("device", DEVICES)
-def test_save_then_load_moves_exactly_those_blocks_through_many_chunks(tmp_path, device):
+def test_save_then_load_moves_exactly_those_blocks_through_many_chunks(tmp_path, device,
+                                                                       run_bytes):
     src = _layers(device)
     blocks = [37, 2, 5, 11, 0, 23, 30, 8, 19, 1, 3]  # 11 blocks in chunks of 3: 4 chunks
     with Store(tmp_path / "store") as store:
@@ -60,7 +67,7 @@ def test_save_then_load_moves_exactly_those_blocks_through_many_chunks(tmp_path,
         assert len(digests) == 2 * len(blocks)
         dst = _layers(device, zero=True)
         target = [4, 9, 12, 13, 14, 15, 16, 17, 18, 20, 39]
-        loader = _path(dst, chunk_blocks=2)
+        loader = _path(dst, chunk_blocks=2, run_bytes=run_bytes)
         outcome = loader.load(store, target, digests, ["job"] * len(target))
         if device == "cuda":
             torch.cuda.synchronize()
@@ -103,6 +110,19 @@ def test_partial_last_block_is_saved_with_its_tail_zeroed(tmp_path, device):
     assert k[:, :, valid:].abs().sum() == 0  # slots past the sequence's end: zero, every layer
 
 
+def _damage(store_path, digest: bytes) -> None:
+    """Damage one stored page in place, as a bad disk would: rewrite the LMDB value's bytes."""
+    import lmdb
+
+    env = lmdb.open(str(store_path), max_dbs=32, lock=False)
+    pages = env.open_db(b"pages", create=False)
+    with env.begin(write=True, db=pages) as txn:
+        value = bytearray(txn.get(digest))
+        value[0] ^= 0xFF
+        txn.put(digest, bytes(value))
+    env.close()
+
+
 def test_verify_catches_a_page_whose_bytes_do_not_match_its_digest(tmp_path):
     src = _layers("cpu")
     blocks = [1, 2, 3, 4, 5]
@@ -110,16 +130,7 @@ def test_verify_catches_a_page_whose_bytes_do_not_match_its_digest(tmp_path):
         path = _path(src, chunk_blocks=2)
         digests, _ = _save(path, store, blocks)
         path.close()
-    # Damage one stored page in place, as a bad disk would: rewrite the LMDB value's bytes.
-    import lmdb
-
-    env = lmdb.open(str(tmp_path / "store"), max_dbs=32, lock=False)
-    pages = env.open_db(b"pages", create=False)
-    with env.begin(write=True, db=pages) as txn:
-        value = bytearray(txn.get(digests[5]))
-        value[0] ^= 0xFF
-        txn.put(digests[5], bytes(value))
-    env.close()
+    _damage(tmp_path / "store", digests[5])
     with Store(tmp_path / "store") as store:
         dst = _layers("cpu", zero=True)
         loader = _path(dst, chunk_blocks=2)
@@ -179,4 +190,145 @@ def test_chunks_already_stored_are_committed_as_digests_and_free_their_slots(tmp
         with pytest.raises(MissingObject):
             path.save([11], None, lambda items, n, last: store.put_pages_hashed(items),
                       present=vanished)
+        path.close()
+
+
+def test_a_corrupt_page_inside_a_run_fails_its_block_only(tmp_path, monkeypatch):
+    """Pages saved in one commit lie one after another and are read many per ``preadv``; a bad
+    disk's damage to one of them, in place, still fails that page's block alone."""
+    src = _layers("cpu")
+    blocks = list(range(10))
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=10)
+        digests, _ = _save(path, store, blocks)
+        path.close()
+        offsets = store.with_page_locations(
+            digests, lambda views, base, _: page_file.PageFile(0, base).offsets(views))
+        page_bytes = path.page_bytes
+    # in order, a small gap apart
+    assert all(0 <= b - a - page_bytes < 1 << 16 for a, b in itertools.pairwise(offsets))
+    data = os.open(tmp_path / "store" / "data.mdb", os.O_RDWR)
+    try:
+        os.pwrite(data, b"\xff\x00\xff", offsets[7] + 100)  # block 3's V page
+    finally:
+        os.close(data)
+    calls: list[int] = []
+    real = os.preadv
+    monkeypatch.setattr(page_file.os, "preadv",
+                        lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at))
+    with Store(tmp_path / "store") as store:
+        dst = _layers("cpu", zero=True)
+        loader = _path(dst, chunk_blocks=10, threads=2, run_bytes=1 << 20)
+        target = list(range(20, 30))
+        outcome = loader.load(store, target, digests, ["a"] * 3 + ["b"] + ["a"] * 6)
+        loader.close()
+    assert outcome.bad_blocks == {23} and set(outcome.failures) == {"b"}
+    assert len(calls) == 2 and all(n > 2 for n in calls)  # one run per thread
+    for layer_src, layer_dst in zip(src, dst):
+        for b_src, b_dst in zip(blocks, target):
+            if b_dst != 23:
+                assert torch.equal(layer_src[b_src], layer_dst[b_dst])
+
+
+# -- blocks remembered from earlier saves and loads ------------------------------------------
+def _digests_of(layers: list[torch.Tensor], blocks: list[int]) -> list[bytes]:
+    """The pages the path would store for the blocks as they are now."""
+    fresh = _path(layers, chunk_blocks=2)
+    seen: list[bytes] = []
+    fresh.save(blocks, None, lambda items, n, last: seen.extend(d for d, _ in items))
+    fresh.close()
+    return seen
+
+
+def test_a_remembered_block_is_named_without_a_copy_until_it_is_forgotten(tmp_path):
+    """The second save of the same blocks copies nothing: it names the pages the first one
+    stored, even though the blocks changed (the engine would have said so: here it did not).
+    Once told, the path copies the changed blocks again and names the rest from memory."""
+    src = _layers("cpu")
+    blocks = [7, 3, 9, 12, 1, 30, 31]  # chunks of 2: copied runs are cut, remembered ones not
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=2, remember=True)
+        first, _ = _save(path, store, blocks, present=store.has_pages)
+        assert path.reused == 0
+        for layer in src:
+            layer[[9, 30]] += 1  # what a forward pass writing blocks 9 and 30 afresh does
+        again, calls = _save(path, store, blocks, present=store.has_pages)
+        assert path.reused == len(blocks) and again == first  # memory, not the blocks' bytes
+        assert calls[-1][1] and sum(n for n, _ in calls) == len(blocks)
+        path.forget([9, 30])
+        third, _ = _save(path, store, blocks, present=store.has_pages)
+        assert path.reused == len(blocks) - 2
+        assert third == _digests_of(src, blocks) != first
+        assert store.has_pages(third) == [True] * len(third)
+        path.close()
+
+
+def test_nothing_is_named_from_memory_without_a_store_lookup_or_when_not_remembering(tmp_path):
+    src = _layers("cpu")
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=2, remember=True)
+        _save(path, store, [1, 2, 3], present=store.has_pages)
+        _save(path, store, [1, 2, 3])  # no lookup: a writer that must have every page's bytes
+        assert path.reused == 0
+        path.close()
+        forgetful = _path(src, chunk_blocks=2)
+        _save(forgetful, store, [1, 2, 3], present=store.has_pages)
+        _save(forgetful, store, [1, 2, 3], present=store.has_pages)
+        assert forgetful.reused == 0
+        forgetful.close()
+
+
+def test_a_page_the_store_lost_and_a_partial_last_block_are_copied_again(tmp_path):
+    src = _layers("cpu")
+    blocks = [4, 5, 6, 7]
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=2, remember=True)
+        first, _ = _save(path, store, blocks, present=store.has_pages)
+        lost = first[2]  # block 5's K page: a snapshot deleted, its pages collected
+
+        def present(digests):
+            return [d != lost and there for d, there in zip(digests, store.has_pages(digests))]
+
+        _save(path, store, blocks, present=present)
+        assert path.reused == 3
+        # A partial last block is stored with its tail zeroed; the engine's block is not that.
+        _, _ = _save(path, store, blocks, tail=5, present=store.has_pages)
+        assert path.reused == 3
+        masked, _ = _save(path, store, blocks, tail=5, present=store.has_pages)
+        assert path.reused == 3 and masked[:6] == first[:6] and masked[6:] != first[6:]
+        path.close()
+
+
+def test_loaded_blocks_are_remembered_only_when_their_pages_were_verified(tmp_path):
+    src = _layers("cpu")
+    blocks = [1, 2, 3, 4]
+    with Store(tmp_path / "store") as store:
+        saver = _path(src, chunk_blocks=2)
+        digests, _ = _save(saver, store, blocks)
+        saver.close()
+    _damage(tmp_path / "store", digests[3])  # block index 1's V page: its load fails
+    with Store(tmp_path / "store") as store:
+        for verify, expected in ((True, 3), (False, 0)):
+            dst = _layers("cpu", zero=True)
+            loader = _path(dst, chunk_blocks=2, remember=True, verify=verify)
+            outcome = loader.load(store, [20, 21, 22, 23], digests, ["job"] * 4)
+            assert outcome.bad_blocks == ({21} if verify else set())
+            loaded, _ = _save(loader, store, [20, 21, 22, 23], present=store.has_pages)
+            assert loader.reused == expected
+            if verify:  # the failed block's bytes are copied: what it holds, not what it was sent
+                assert loaded[:2] == digests[:2] and loaded[4:] == digests[4:]
+                assert loaded[2:4] == _digests_of(dst, [21])
+            loader.close()
+
+
+def test_a_load_into_remembered_blocks_replaces_what_they_held(tmp_path):
+    src = _layers("cpu")
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=2, remember=True)
+        _save(path, store, [1, 2], present=store.has_pages)
+        second, _ = _save(path, store, [3, 4], present=store.has_pages)
+        path.load(store, [1, 2], second, ["job", "job"])  # blocks 1, 2 now hold 3's and 4's pages
+        again, _ = _save(path, store, [1, 2], present=store.has_pages)
+        assert path.reused == 2 and again == second
+        assert _digests_of(src, [1, 2]) == second
         path.close()

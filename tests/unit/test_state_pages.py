@@ -66,3 +66,30 @@ def test_a_state_that_does_not_sit_in_the_blocks_is_refused():
     strided = layers[0].view(torch.int8).view(BLOCKS // 2, -1)[:, :64]
     with pytest.raises(ValueError, match="bytes apart"):
         state_mask(layers, views.k, views.v, [strided])
+
+
+def test_the_mask_reads_tensors_as_well_as_byte_views():
+    """The staged path (and a GPU) hands the codec's tensors, in their own dtype, and some vLLM
+    versions register a layer's state as one tensor per state, each in its own dtype: the
+    padding found is the same."""
+    layers = _layers()
+    views = _views(layers)
+    size = layers[0][0].numel() * 4 // 2 + 100
+    from_bytes = state_mask(layers, views.k, views.v, [_state_view(t, size) for t in layers])
+    per_state = [[t.view(BLOCKS, -1)[:, :40], t.view(BLOCKS, -1)[:, 40 : size // 4]]
+                 for t in layers]
+    from_tensors = state_mask(layers, [t[..., :HEAD_DIM] for t in layers],
+                              [t[..., HEAD_DIM:] for t in layers], per_state)
+    assert np.array_equal(from_tensors.k_pad, from_bytes.k_pad)
+    assert np.array_equal(from_tensors.v_pad, from_bytes.v_pad)
+
+
+def test_a_state_the_pages_do_not_hold_whole_is_refused():
+    """K and V views that leave out part of each block (here the last head's V): a state
+    reaching there would be saved in part."""
+    layers = _layers()
+    k = [t[:, :, :, :HEAD_DIM] for t in layers]
+    v = [t[:, : HEADS - 1, :, HEAD_DIM:] for t in layers]
+    whole = layers[0][0].numel() * 4
+    with pytest.raises(ValueError, match="outside the K and V"):
+        state_mask(layers, k, v, [_state_view(layers[0], whole)])

@@ -160,35 +160,67 @@ def test_the_worker_publishes_its_engine_fingerprint(engine):
     assert record["page_bytes"] == LAYERS * KV_HEADS * BLOCK * HEAD_DIM * 4
 
 
-def _state_worker(vllm_config, tmp_path, page_path: str, state_shape: list[int]):
+def _state_worker(vllm_config, tmp_path, page_path: str, state_shape: list[int],
+                  view_bytes: int = 1000, split: int | None = None):
     """A worker whose engine has a Mamba group (model layer 2) beside attention (layers 0, 1):
-    the state layer's KV is a byte view into layer 1's tensor, as vLLM registers it."""
+    the state layer's KV is a byte view into layer 1's tensor, as vLLM 0.32 registers it, or
+    (``split``: the byte where the second one starts) two float32 views, one per state tensor,
+    as other vLLM versions register a Mamba layer's convolution window and SSM state."""
     from engine_harness import FakeKVCache
     from processfork.plugin.worker_side import WorkerSide
 
-    vllm_config.kv_transfer_config.kv_connector_extra_config = {"store": str(tmp_path / "s")}
-    groups = [{"kind": "mamba", "layers": [2], "state": [{"dtype": "float32", "shape": state_shape}]},
+    store = tmp_path / f"s-{page_path}"
+    vllm_config.kv_transfer_config.kv_connector_extra_config = {"store": str(store)}
+    shapes = [state_shape] if split is None else [[split // 4], [(view_bytes - split) // 4]]
+    groups = [{"kind": "mamba", "layers": [2],
+               "state": [{"dtype": "float32", "shape": shape} for shape in shapes]},
               {"kind": "full_attention", "layers": [0, 1]}]
-    worker = WorkerSide(vllm_config, str(tmp_path / "s"), verify_loads=True, page_path=page_path,
+    worker = WorkerSide(vllm_config, str(store), verify_loads=True, page_path=page_path,
                         kv_groups=groups)
     kv = FakeKVCache(8)
     block = kv.layers[LAYER_NAMES[1]].view(torch.int8).view(8, -1)
-    caches = {**kv.layers, "model.layers.2.mixer": block[:, :1000].view(8, 1, 1, 1000)}
-    return worker, caches
+    if split is None:
+        state = block[:, :view_bytes].view(8, 1, 1, view_bytes)
+    else:  # as vLLM's as_strided views: a block's page apart, each in its own dtype
+        floats = kv.layers[LAYER_NAMES[1]].view(8, -1)
+        state = [floats[:, : split // 4], floats[:, split // 4 : view_bytes // 4]]
+    return worker, {**kv.layers, "model.layers.2.mixer": state}, kv
 
 
-def test_a_state_group_needs_the_direct_page_path(vllm_config, tmp_path):
-    worker, caches = _state_worker(vllm_config, tmp_path, "staged", [250])
-    with pytest.raises(ValueError, match="direct page path only"):
-        worker.register_kv_caches(caches)
+@pytest.mark.parametrize("path", ["direct", "staged"])
+@pytest.mark.parametrize("split", [None, 400], ids=["byte-view", "per-tensor-views"])
+def test_a_state_block_is_saved_with_its_padding_zeroed_on_either_page_path(
+    vllm_config, tmp_path, path, split
+):
+    """1200 state bytes: all of head 0's K of the block and the start of its V. The pages hold
+    them where a gather puts them, and zeros elsewhere, whichever page path copies them."""
+    from processfork.plugin.jobs import SaveJob, StepPlan
+
+    worker, caches, kv = _state_worker(vllm_config, tmp_path, path, [300], 1200, split)
+    worker.register_kv_caches(caches)
+    kv.buffer[:, 3].copy_(torch.randn(kv.buffer[:, 3].shape))
+    expected = kv.buffer.clone()
+    expected[:, 3].zero_()
+    state_bytes = kv.buffer[1, 3].view(torch.int8).view(-1)[:1200]
+    expected[1, 3].view(torch.int8).view(-1)[:1200].copy_(state_bytes)
+    worker.save(StepPlan(saves=[SaveJob(job="s", req_id="r", first_block=3, block_ids=[3],
+                                        final=True, state_group=0)]))
+    with Store(tmp_path / f"s-{path}") as store:
+        record = JobRecord.from_json(store.meta_get(job_meta_key("s")))
+        [(k, v)] = record.pages
+        pages = [bytes(store.get_page(bytes.fromhex(d))) for d in (k, v)]
+    kv.buffer.copy_(expected)  # the pages of the block with everything but the state zeroed
+    staged = worker.codec.gather([3], worker.codec.new_staging(1))
     worker.shutdown()
+    assert pages == [staged[0, i].view(torch.int8).numpy().tobytes() for i in (0, 1)]
+    assert any(pages[0]) and any(pages[1])  # the state spans K and V
 
 
 def test_a_state_view_of_another_size_than_the_spec_is_refused(vllm_config, tmp_path):
-    worker, caches = _state_worker(vllm_config, tmp_path, "direct", [300])
+    worker, caches, _ = _state_worker(vllm_config, tmp_path, "direct", [300])
     with pytest.raises(ValueError, match=r"states of \[1000\] bytes, its spec says 1200"):
         worker.register_kv_caches(caches)
     worker.shutdown()
-    worker, caches = _state_worker(vllm_config, tmp_path, "direct", [250])
+    worker, caches, _ = _state_worker(vllm_config, tmp_path, "staged", [250])
     worker.register_kv_caches(caches)  # 250 float32 values: the view's 1000 bytes
     worker.shutdown()
