@@ -15,6 +15,7 @@ Enable it with::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+logger = logging.getLogger("processfork.plugin.connector")
 
 __all__ = ["ProcessForkConnector", "ProcessForkMetadata"]
 
@@ -89,19 +92,16 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
         self._saved_plan: StepPlan | None = None
         layout = GroupLayout.from_kv_cache_config(kv_cache_config)
         tp = vllm_config.parallel_config.tensor_parallel_size
-        if tp > 1 and config.sessions:
-            # A session turn's windows are saved after its request ends, as whole-block pages;
-            # the ranks of a tensor-parallel engine save pages of one KV head in the step.
-            raise ValueError(
-                f"ProcessForkConnector: sessions are not supported at tensor_parallel_size={tp} "
-                'yet; set "sessions": false in kv_connector_extra_config'
-            )
+        sessions = config.sessions_at(tp)
+        if tp > 1 and config.sessions is None and role == KVConnectorRole.SCHEDULER:
+            logger.info("processfork: sessions are off at tensor_parallel_size=%d (not "
+                        "supported yet); snapshots, checkouts and transparent restores work", tp)
         if role == KVConnectorRole.SCHEDULER:
             from .scheduler_side import SchedulerSide
 
             self._scheduler = SchedulerSide(
                 vllm_config, kv_cache_config, store_path=self.store_path,
-                auto_restore=config.auto_restore, sessions=config.sessions,
+                auto_restore=config.auto_restore, sessions=sessions,
                 session_prefix=config.session_prefix, remote=config.remote,
                 remote_refresh_s=config.remote_refresh_s,
             )

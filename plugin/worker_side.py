@@ -697,7 +697,8 @@ def _check_tensor_parallel(direct: bool, state_groups: bool, host_tier_mib: int)
     pages of one KV head move only through the CPU backend's direct page path."""
     if not direct:
         raise ValueError("processfork: at tensor_parallel_size > 1 pages move through the CPU "
-                         "backend's direct page path only (set page_path to auto or direct)")
+                         "backend's direct page path only: GPU engines, and page_path staged, "
+                         "are not supported at tensor_parallel_size > 1 yet")
     if state_groups:
         raise ValueError("processfork: models with a Mamba (state) KV-cache group are not "
                          "supported at tensor_parallel_size > 1")

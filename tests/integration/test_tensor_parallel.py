@@ -25,8 +25,7 @@ LENGTH = 10 * BLOCK + 7
 @pytest.fixture
 def tp2_server(tiny_model: Path, tmp_path: Path):
     store = tmp_path / "store"
-    config = kv_transfer_config(store, DEFAULT_CONNECTOR_MODULE)
-    config["kv_connector_extra_config"]["sessions"] = False  # not supported at TP > 1 yet
+    config = kv_transfer_config(store, DEFAULT_CONNECTOR_MODULE)  # sessions off by default
     live = LiveServer(
         model=tiny_model, store=store, log_dir=tmp_path,
         extra_args=(*DEFAULT_ARGS, *EAGER, "--tensor-parallel-size", "2",

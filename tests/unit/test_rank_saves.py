@@ -110,23 +110,42 @@ def test_a_session_turn_is_not_saved_by_a_rank(make_engine):
         worker._save_background(SaveJob(job="t", req_id="r", first_block=0, block_ids=[1], background=True))
 
 
-def test_a_tensor_parallel_engine_refuses_sessions_at_start(vllm_config, tmp_path):
+@pytest.mark.parametrize("sessions", [None, False, True])
+def test_sessions_are_off_at_tensor_parallel_sizes_unless_asked_for(vllm_config, tmp_path,
+                                                                    sessions):
+    """A TP-2 engine starts with sessions unset (they are off) or off; only asking for them is
+    refused. At TP size 1 they stay on unless turned off."""
     from processfork.plugin.connector import ProcessForkConnector
+    from processfork.plugin.connector_config import ConnectorConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
+    extra_config = {"store": str(tmp_path)}
+    if sessions is not None:
+        extra_config["sessions"] = sessions
+    config = ConnectorConfig.from_extra(extra_config)
+    assert config.sessions_at(1) is (sessions is not False)
     parallel = vllm_config.parallel_config
     extra = vllm_config.kv_transfer_config.kv_connector_extra_config
     tp = parallel.tensor_parallel_size
     try:
         parallel.tensor_parallel_size = 2
-        vllm_config.kv_transfer_config.kv_connector_extra_config = {"store": str(tmp_path)}
+        vllm_config.kv_transfer_config.kv_connector_extra_config = extra_config
         spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_DIM,
                                  dtype=torch.float32)
-        config = KVCacheConfig(num_blocks=8, kv_cache_tensors=[],
-                               kv_cache_groups=[KVCacheGroupSpec(list(LAYER_NAMES), spec)])
-        with pytest.raises(ValueError, match='sessions are not supported at tensor_parallel_size=2'):
-            ProcessForkConnector(vllm_config, KVConnectorRole.WORKER, config)
+        kv_config = KVCacheConfig(num_blocks=8, kv_cache_tensors=[],
+                                  kv_cache_groups=[KVCacheGroupSpec(list(LAYER_NAMES), spec)])
+        if sessions:
+            with pytest.raises(ValueError, match='sessions are not supported at '
+                               'tensor_parallel_size=2; remove "sessions": true'):
+                config.sessions_at(2)
+            with pytest.raises(ValueError, match="tensor_parallel_size=2"):
+                ProcessForkConnector(vllm_config, KVConnectorRole.SCHEDULER, kv_config)
+        else:
+            assert config.sessions_at(2) is False
+            connector = ProcessForkConnector(vllm_config, KVConnectorRole.SCHEDULER, kv_config)
+            assert connector._scheduler is not None and connector._scheduler.committer is None
+            connector.shutdown()
     finally:
         parallel.tensor_parallel_size = tp
         vllm_config.kv_transfer_config.kv_connector_extra_config = extra
