@@ -31,6 +31,7 @@ from .api_models import (
     SnapshotResponse,
 )
 from .connector_config import ConnectorConfig
+from .fingerprint import loads_at_any_tp
 from .jobs import (
     CaptureOp,
     CaptureReply,
@@ -406,9 +407,10 @@ class Control:
         """This engine's record, if it can load `manifest`'s pages; else 409 naming the first
         fingerprint field that differs."""
         record = await self.engine_record()
-        # Pages of one KV head load at any TP size whose engine holds the same bytes per head.
-        mismatch = record.fingerprint.first_mismatch(manifest.fingerprint,
-                                                     any_tp=manifest.format == FORMAT_HEADS)
+        # Pages of one KV head, and a TP-1 engine's whole-block pages, load at any TP size whose
+        # engine holds the same bytes per head.
+        mismatch = record.fingerprint.first_mismatch(
+            manifest.fingerprint, any_tp=loads_at_any_tp(manifest.format, manifest.fingerprint))
         if mismatch is not None:
             field = mismatch.field
             raise ApiError(
@@ -489,7 +491,9 @@ class Control:
         def accept(manifests: dict[str, dict[str, Any]]) -> None:
             parents = {p for d in manifests.values() for p in d.get("parents") or []}
             for cid, d in manifests.items():
-                mismatch = record.fingerprint.first_mismatch(d.get("fingerprint") or {})
+                stored = d.get("fingerprint") or {}
+                mismatch = record.fingerprint.first_mismatch(
+                    stored, any_tp=loads_at_any_tp(d.get("format"), stored))
                 if cid not in parents and mismatch is not None:
                     raise ApiError(
                         409,

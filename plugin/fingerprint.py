@@ -8,6 +8,8 @@ difference, naming it.
 Pages of one KV head each (format v4) have the same bytes at every tensor-parallel size: for
 them the TP size is recorded, not required, and between two TP sizes the thread count is not
 either (the reduction order differs anyway, so such a restore is close, not bit-identical).
+Whole-block pages of a TP-1 engine hold every head of a block, so they load at any TP size too:
+each rank takes its own heads' rows of every page (``loads_at_any_tp``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "Mismatch",
     "config_hash",
     "describe_groups",
+    "loads_at_any_tp",
 ]
 
 #: Compared in this order; the first differing field is the one reported. ``device`` is
@@ -51,6 +54,15 @@ FINGERPRINT_FIELDS: tuple[str, ...] = (
 #: head is loaded at another TP size.
 HEAD_PAGE_FIELDS: tuple[str, ...] = tuple(f for f in FINGERPRINT_FIELDS
                                           if f not in ("tp_size", "threads"))
+
+
+def loads_at_any_tp(manifest_format: Any, stored: Mapping[str, Any]) -> bool:
+    """Whether a snapshot's pages load at a TP size other than the one that wrote them: pages of
+    one KV head (format v4) always do, and whole-block pages do when a TP-1 engine wrote them,
+    since each holds every head of its block."""
+    from processfork.store.manifest import FORMAT_HEADS
+
+    return manifest_format == FORMAT_HEADS or stored.get("tp_size") == 1
 
 
 @dataclass(frozen=True)
@@ -108,8 +120,9 @@ class Fingerprint:
     def first_mismatch(self, stored: Mapping[str, Any], *,
                        any_tp: bool = False) -> Mismatch | None:
         """The first field in which a snapshot's stored fingerprint differs from this one; a field
-        the snapshot lacks differs. ``any_tp``: the snapshot's pages hold one KV head each, so
-        another TP size (and with it another thread count) is no mismatch."""
+        the snapshot lacks differs. ``any_tp``: the snapshot's pages load at any TP size
+        (``loads_at_any_tp``), so another TP size (and with it another thread count) is no
+        mismatch."""
         fields = FINGERPRINT_FIELDS
         if any_tp and stored.get("tp_size") != self.tp_size:
             fields = HEAD_PAGE_FIELDS

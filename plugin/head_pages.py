@@ -14,19 +14,21 @@ import torch
 
 from .codec import PageCodec
 
-__all__ = ["join_heads", "split_heads"]
+__all__ = ["join_heads", "rank_share", "split_heads"]
 
 
-def _per_head(codec: PageCodec, staged: torch.Tensor) -> torch.Tensor:
+def _per_head(codec: PageCodec, staged: torch.Tensor, heads: int | None = None) -> torch.Tensor:
     """``[..., layers, elems]`` as ``[..., layers, heads, elems of one head]`` (a copy when the
-    layout's head axis is not the outer one)."""
+    layout's head axis is not the outer one). ``heads``: the pages hold that many heads, not the
+    codec's own (whole-block pages of every head of the model)."""
     g = codec.geometry
+    heads = g.num_kv_heads if heads is None else heads
     lead = staged.shape[:-1]
     if codec.head_axis == 0:
-        return staged.reshape(*lead, g.num_kv_heads, -1)
+        return staged.reshape(*lead, heads, -1)
     if codec.head_axis == 1:  # one block is [tokens, heads, head_dim]
-        x = staged.reshape(*lead, g.block_size, g.num_kv_heads, g.head_dim)
-        return x.transpose(-3, -2).reshape(*lead, g.num_kv_heads, -1)
+        x = staged.reshape(*lead, g.block_size, heads, g.head_dim)
+        return x.transpose(-3, -2).reshape(*lead, heads, -1)
     raise ValueError(f"no per-head pages for head axis {codec.head_axis} ({codec.layout})")
 
 
@@ -50,3 +52,15 @@ def join_heads(codec: PageCodec, heads: torch.Tensor) -> torch.Tensor:
     elif codec.head_axis != 0:
         raise ValueError(f"no per-head pages for head axis {codec.head_axis} ({codec.layout})")
     return x.reshape(n, 2, g.num_layers, g.elems_per_layer).contiguous()
+
+
+def rank_share(codec: PageCodec, whole: torch.Tensor, total: int, first: int) -> torch.Tensor:
+    """Whole-block pages of all ``total`` KV heads of the model ``[n, 2, layers, elems of every
+    head]`` (a TP-1 engine's, format v3) as the staged pages of this rank's heads ``first ..
+    first + count - 1``, ready for the codec's scatter: the same permutation as a v4 load, after
+    taking the rank's rows of each page."""
+    count = codec.geometry.num_kv_heads
+    if not 0 <= first <= total - count:
+        raise ValueError(f"heads {first}..{first + count - 1} are not among {total}")
+    rows = _per_head(codec, whole, total)[..., first : first + count, :]
+    return join_heads(codec, rows.permute(0, 3, 1, 2, 4))

@@ -32,7 +32,7 @@ from .block_views import BlockViews
 from .codec import PageCodec, blocks_axis_of, codec_for
 from .engine_info import engine_fingerprint, layer_order
 from .fingerprint import Fingerprint
-from .head_pages import join_heads, split_heads
+from .head_pages import join_heads, rank_share, split_heads
 from .host_tier import (
     TMPFS,
     HostTier,
@@ -337,6 +337,9 @@ class WorkerSide:
         if seq.heads is not None:
             self._load_heads(job, seq)
             return []
+        if self.head_pages:
+            self._load_rank_share(job, seq)
+            return []
         # A sliding-window group stores the blocks from its window on: `first` is the first one.
         first, group_pages = seq.group_pages(job.group)
         start = job.first_block - first
@@ -389,6 +392,27 @@ class WorkerSide:
         self.store.read_pages_into(digests, flat, self.codec.page_bytes // g.num_kv_heads,
                                    verify=self.verify_loads)
         self.codec.scatter(job.block_ids, join_heads(self.codec, staged))
+
+    def _load_rank_share(self, job: LoadJob, seq: Any) -> None:
+        """Whole-block pages (format v3, a TP-1 engine's) at a rank of a tensor-parallel engine:
+        each page is read whole and checked against its digest, and the rank copies in its own
+        heads' rows, now, before the forward pass. Any missing or damaged page fails the job's
+        every block."""
+        assert self.codec is not None and self.rank_heads is not None
+        heads, g = self.rank_heads, self.codec.geometry
+        n = len(job.block_ids)
+        first, group_pages = seq.group_pages(job.group)
+        start = job.first_block - first
+        pages = group_pages[start : start + n] if start >= 0 else []
+        if len(pages) != n:
+            raise ValueError(f"snapshot {job.cid} holds {len(pages)} of {n} blocks")
+        page_bytes = self.codec.page_bytes // g.num_kv_heads * heads.total
+        whole = torch.empty((n, 2, g.num_layers, page_bytes // g.num_layers // g.dtype.itemsize),
+                            dtype=g.dtype)
+        self.store.read_pages_into([bytes.fromhex(d) for pair in pages for d in pair],
+                                   whole.view(torch.uint8).numpy().reshape(-1), page_bytes,
+                                   verify=self.verify_loads)
+        self.codec.scatter(job.block_ids, rank_share(self.codec, whole, heads.total, heads.first))
 
     def _load_staged(self, items: list[LoadItem]) -> None:
         """Through the staging slots (GPU): the device work is queued ahead of the forward pass."""

@@ -13,9 +13,10 @@ from processfork.plugin.fingerprint import (
     HEAD_PAGE_FIELDS,
     Fingerprint,
     Mismatch,
+    loads_at_any_tp,
 )
 from processfork.store import Manifest, SnapshotSequence, Store
-from processfork.store.manifest import FORMAT_HEADS
+from processfork.store.manifest import FORMAT, FORMAT_GROUPED, FORMAT_HEADS
 from test_cli_support import pf
 
 TP1 = Fingerprint(
@@ -24,6 +25,17 @@ TP1 = Fingerprint(
     num_kv_heads=4, num_layers=2, threads=2, tp_size=1, vllm_version="0.32.0",
 )
 TP2 = dataclasses.replace(TP1, tp_size=2, threads=1)
+
+
+def test_which_snapshots_load_at_another_tp_size():
+    """Pages of one head at any TP size; whole-block pages only when a TP-1 engine wrote them
+    (each rank takes its heads' rows); whole-block pages of one rank's share never."""
+    assert loads_at_any_tp(FORMAT_HEADS, TP2.to_json())
+    assert loads_at_any_tp(FORMAT, TP1.to_json()) and loads_at_any_tp(FORMAT_GROUPED, TP1.to_json())
+    assert not loads_at_any_tp(FORMAT, TP2.to_json())
+    assert not loads_at_any_tp(FORMAT, {})  # no TP size recorded: only an equal one loads
+    assert TP2.first_mismatch(TP1.to_json(), any_tp=loads_at_any_tp(FORMAT, TP1.to_json())) \
+        is None
 
 
 def test_pages_of_one_head_load_across_tp_sizes_when_the_bytes_per_head_match():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from processfork.plugin.codec import CpuAttnCodec, PageGeometry, StackedKVCodec
-from processfork.plugin.head_pages import join_heads, split_heads
+from processfork.plugin.head_pages import join_heads, rank_share, split_heads
 from processfork.plugin.tp_ranks import RankHeads
 
 L, B, H, N, D = 3, 10, 4, 16, 8
@@ -83,3 +83,26 @@ def test_a_ranks_head_pages_are_the_tp1_engines_pages_of_the_same_heads(layout, 
         for got, want in zip(target.layers, codec.layers):
             assert torch.equal(got[[0, 1, 2]] if layout == "cpu_attn" else got[:, [0, 1, 2]],
                                want[BLOCKS] if layout == "cpu_attn" else want[:, BLOCKS])
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_a_rank_loads_its_heads_from_the_tp1_engines_whole_block_pages(layout, tp):
+    """Whole-block pages of a TP-1 engine (format v3), read whole by every rank: each rank's
+    blocks end up holding the TP-1 engine's rows of its own heads (replicas at TP 8)."""
+    make, share, codec_of = LAYOUTS[layout]
+    model = make()
+    tp1 = codec_of(model)
+    whole = tp1.gather(BLOCKS, tp1.new_staging(len(BLOCKS)))
+    for rank in range(tp):
+        heads = RankHeads(H, tp, rank)
+        lo, hi = heads.first, heads.first + heads.count
+        target = codec_of([torch.zeros_like(share(t, lo, hi)) for t in model])
+        target.scatter([0, 1, 2], rank_share(target, whole, H, heads.first))
+        for got, want in zip(target.layers, model):
+            if layout == "cpu_attn":
+                assert torch.equal(got[[0, 1, 2]], want[BLOCKS][:, lo:hi])
+            else:
+                assert torch.equal(got[:, [0, 1, 2]], want[:, BLOCKS][:, :, :, lo:hi])
+    with pytest.raises(ValueError, match="not among"):
+        rank_share(codec_of([share(t, 0, 2) for t in model]), whole, H, 3)
