@@ -38,7 +38,8 @@ def serve(
     threads: Annotated[
         int | None,
         typer.Option("--threads", metavar="N", show_default="all cores but one",
-                     help="CPU backend: worker threads, pinned to the first N cores."),
+                     help="CPU backend: worker threads, pinned to the first N cores (shared out between "
+                     "tensor-parallel ranks)."),
     ] = None,
     no_auto_restore: Annotated[
         bool,

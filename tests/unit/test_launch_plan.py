@@ -84,6 +84,35 @@ def test_frontend_is_kept_off_the_worker_cores():
     assert build_plan("m", [], store="/tmp/s", env={}, cpu=False).frontend_cpus is None
 
 
+@pytest.mark.parametrize(("cores", "args", "threads", "bind", "frontend"), [
+    # Each rank gets its share of the cores a TP-1 worker would have; the rest are the frontend's.
+    (8, ["--tensor-parallel-size", "2"], None, "0-2|3-5", [6, 7]),
+    (8, ["-tp", "2"], 4, "0-1|2-3", [4, 5, 6, 7]),
+    (8, ["--tensor-parallel-size=4"], None, "0|1|2|3", [4, 5, 6, 7]),
+    # Two ranks on two cores: one core each, the frontend shares them.
+    (2, ["--tensor-parallel-size", "2"], None, "0|1", None),
+    (4, ["--tensor-parallel-size", "1"], None, "0-2", [3]),
+])
+def test_each_tensor_parallel_rank_gets_its_own_cores(monkeypatch, cores, args, threads, bind,
+                                                      frontend):
+    monkeypatch.setattr(launch_plan, "_allowed_cpus", lambda: list(range(cores)))
+    plan = _plan(*args, threads=threads)
+    assert plan.env["VLLM_CPU_OMP_THREADS_BIND"] == bind
+    assert plan.frontend_cpus == frontend
+
+
+@pytest.mark.parametrize(("cores", "args", "threads", "message"), [
+    (2, ["--tensor-parallel-size", "4"], None, "needs a core per rank"),
+    (8, ["--tensor-parallel-size", "2"], 1, "needs a core per rank"),
+    (8, ["--tensor-parallel-size", "two"], None, "positive integer"),
+])
+def test_a_tensor_parallel_size_without_a_core_per_rank_is_refused(monkeypatch, cores, args,
+                                                                    threads, message):
+    monkeypatch.setattr(launch_plan, "_allowed_cpus", lambda: list(range(cores)))
+    with pytest.raises(ValueError, match=message):
+        _plan(*args, threads=threads)
+
+
 def test_frontend_affinity_reaches_the_server_process():
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
