@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install demo test test-unit test-integration test-slow test-gpu bench lint clean
+.PHONY: install demo test test-unit test-integration test-slow test-tp test-gpu bench lint clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ test-integration: install
 # pushes killed at random points.
 test-slow: install
 	$(PY) -m pytest tests -q -m slow
+
+# A real CPU engine at tensor-parallel size 2 (its two ranks bound to cores 0 and 1).
+test-tp: install
+	$(PY) -m pytest tests/integration -q -m tp
 
 # Every CPU benchmark, in turn; each prints its tables of ratios and writes raw numbers under
 # .bench/. `make bench QUICK=1` is the short run (tiny model, smaller sizes: a few minutes; its

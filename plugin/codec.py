@@ -59,6 +59,9 @@ class PageCodec:
     """
 
     layout: str = "abstract"
+    #: KV-head axis inside one block's K / V view: a page of one head (format v4) holds that
+    #: head's slice of each layer's view.
+    head_axis: int = 0
     #: token axis inside one block's [heads, ...] K / V view; None = unknown, no masking.
     k_token_axis: int | None = None
     v_token_axis: int | None = None
@@ -224,6 +227,7 @@ class StackedKVCodec(PageCodec):
     """
 
     layout = "stacked_kv/2BNHD"
+    head_axis = 1
     k_token_axis = 0
     v_token_axis = 0
 

@@ -15,6 +15,7 @@ Enable it with::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+logger = logging.getLogger("processfork.plugin.connector")
 
 __all__ = ["ProcessForkConnector", "ProcessForkMetadata"]
 
@@ -88,17 +91,17 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
         self._worker = None
         self._saved_plan: StepPlan | None = None
         layout = GroupLayout.from_kv_cache_config(kv_cache_config)
-        if vllm_config.parallel_config.tensor_parallel_size != 1:
-            raise ValueError(
-                "ProcessForkConnector supports tensor_parallel_size=1 only "
-                f"(got {vllm_config.parallel_config.tensor_parallel_size})"
-            )
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        sessions = config.sessions_at(tp)
+        if tp > 1 and config.sessions is None and role == KVConnectorRole.SCHEDULER:
+            logger.info("processfork: sessions are off at tensor_parallel_size=%d (not "
+                        "supported yet); snapshots, checkouts and transparent restores work", tp)
         if role == KVConnectorRole.SCHEDULER:
             from .scheduler_side import SchedulerSide
 
             self._scheduler = SchedulerSide(
                 vllm_config, kv_cache_config, store_path=self.store_path,
-                auto_restore=config.auto_restore, sessions=config.sessions,
+                auto_restore=config.auto_restore, sessions=sessions,
                 session_prefix=config.session_prefix, remote=config.remote,
                 remote_refresh_s=config.remote_refresh_s,
             )

@@ -27,6 +27,11 @@ def _flag(extra: dict[str, Any], name: str, default: bool = True) -> bool:
     return default if value is None else str(value).lower() not in ("0", "false", "no")
 
 
+def _optional_flag(extra: dict[str, Any], name: str) -> bool | None:
+    """A flag the user may leave unset, where unset means "the default for this engine"."""
+    return None if extra.get(name) is None else _flag(extra, name)
+
+
 def _positive_int(extra: dict[str, Any], name: str) -> int | None:
     value = extra.get(name)
     if value is None:
@@ -60,7 +65,8 @@ class ConnectorConfig:
     #: Load a client request's stored prefix from the store on a prefix-cache miss.
     auto_restore: bool = True
     #: Commit each turn of a request that names a session to the ref ``<session_prefix>NAME``.
-    sessions: bool = True
+    #: None (unset): on at TP size 1, off above it (``sessions_at``).
+    sessions: bool | None = None
     session_prefix: str = "sessions/"
     #: A remote (s3://BUCKET/PREFIX) a checkout, or a transparent restore, fetches snapshots
     #: the store lacks from (`pf serve --remote`).
@@ -82,8 +88,22 @@ class ConnectorConfig:
             host_tier_mib=_count(extra, "host_tier_mib"),
             host_tier_dir=os.path.expanduser(str(extra.get("host_tier_dir") or "/dev/shm")),
             auto_restore=_flag(extra, "auto_restore"),
-            sessions=_flag(extra, "sessions"),
+            sessions=_optional_flag(extra, "sessions"),
             session_prefix=str(extra.get("session_prefix") or "sessions/"),
             remote=str(extra["remote"]) if extra.get("remote") else None,
             remote_refresh_s=_positive_int(extra, "remote_refresh_s") or 30,
         )
+
+    def sessions_at(self, tp_size: int) -> bool:
+        """Whether session turns are committed on an engine of ``tp_size`` ranks. A turn's
+        windows are saved after its request ends as whole-block pages, which no rank of a
+        tensor-parallel engine holds: sessions are off there unless asked for, and asking is an
+        error, not a server that silently commits nothing."""
+        if tp_size == 1:
+            return self.sessions is not False
+        if self.sessions:
+            raise ValueError(
+                f"ProcessForkConnector: sessions are not supported at tensor_parallel_size="
+                f'{tp_size}; remove "sessions": true from kv_connector_extra_config'
+            )
+        return False

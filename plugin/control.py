@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from processfork.store import Manifest, SnapshotSequence, Store, StoreError, documents
-from processfork.store.manifest import PageGroup
+from processfork.store.manifest import FORMAT_HEADS, PageGroup
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import SamplingParams
@@ -31,6 +31,7 @@ from .api_models import (
     SnapshotResponse,
 )
 from .connector_config import ConnectorConfig
+from .fingerprint import loads_at_any_tp
 from .jobs import (
     CaptureOp,
     CaptureReply,
@@ -46,8 +47,9 @@ from .jobs import (
     params_for,
 )
 from .kv_groups import GroupLayout, group_job, manifest_format
+from .tp_ranks import gather_ranks, rank_job_meta_key
 
-__all__ = ["Control", "elapsed_ms"]
+__all__ = ["Control", "Ranks", "elapsed_ms"]
 
 
 @dataclass
@@ -57,6 +59,28 @@ class _SeqOutcome:
     bytes_written: int
     groups: list[PageGroup] | None = None  # several KV-cache groups: their blocks in `pages`
     reused_blocks: int = 0  # named by the engine from memory, not copied out
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The tensor-parallel ranks whose records make one save job, and the model's KV heads
+    (None at TP size 1: whole-block pages, one record under the job's key)."""
+
+    tp_size: int = 1
+    heads: int | None = None
+
+    @classmethod
+    def of(cls, record: EngineRecord) -> Ranks:
+        fp = record.fingerprint
+        return cls(fp.tp_size, fp.num_kv_heads) if fp.tp_size > 1 else cls()
+
+    @property
+    def pairs_per_block(self) -> int:
+        return 1 if self.heads is None else self.heads
+
+    def keys(self, job: str) -> list[str]:
+        """Where each rank records its part of ``job`` (plugin/tp_ranks.py)."""
+        return [rank_job_meta_key(job, r) for r in range(self.tp_size)]
 
 
 class Control:
@@ -170,6 +194,7 @@ class Control:
     async def snapshot(self, body: SnapshotBody) -> SnapshotResponse:
         t0 = time.perf_counter()
         record = await self.engine_record()
+        ranks = Ranks.of(record)
         seqs = await self._sequences_for(body)
         for tokens in seqs:
             self._check_length(tokens)
@@ -184,7 +209,9 @@ class Control:
                   if record.fingerprint.kv_groups is not None else None)
         if parent_cid and layout is None:
             parent = await self._run(self.store.get_snapshot, parent_cid)
-            if record.fingerprint.first_mismatch(parent.fingerprint) is None:
+            # Pages are reused only as they are: whole-block pages, or pages of one KV head.
+            if (record.fingerprint.first_mismatch(parent.fingerprint) is None
+                    and (parent.format == FORMAT_HEADS) == (ranks.heads is not None)):
                 for seq in parent.sequences:
                     toks = await self._run(self.store.get_tokens, seq.tokens)
                     parent_seqs.append((list(toks), list(seq.pages)))
@@ -200,14 +227,15 @@ class Control:
         )
         try:
             outcomes = await asyncio.gather(
-                *(self._snapshot_sequence(job, t, parent_seqs, layout)
+                *(self._snapshot_sequence(job, t, parent_seqs, layout, ranks)
                   for job, t in zip(jobs, seqs))
             )
             refs = await token_refs
-            sequences = [SnapshotSequence(tokens=r, pages=o.pages, groups=o.groups)
+            sequences = [SnapshotSequence(tokens=r, pages=o.pages, groups=o.groups,
+                                          heads=ranks.heads)
                          for r, o in zip(refs, outcomes)]
             manifest = Manifest(
-                format=manifest_format(layout),
+                format=FORMAT_HEADS if ranks.heads is not None else manifest_format(layout),
                 name=body.name,
                 parents=[parent_cid] if parent_cid else [],
                 fingerprint=record.fingerprint.to_json(),
@@ -225,11 +253,11 @@ class Control:
                     f"{sum(len(t) for t in seqs)} tokens"
                 ),
                 drop_pins=[*group_jobs, *token_pins],
-                drop_meta=[job_meta_key(job) for job in group_jobs],
+                drop_meta=[k for job in group_jobs for k in ranks.keys(job)],
             )
         except BaseException:
             await asyncio.gather(token_refs, return_exceptions=True)
-            await self._run(self._forget_jobs, jobs, group_jobs)
+            await self._run(self._forget_jobs, jobs, group_jobs, ranks)
             raise
         return SnapshotResponse(
             cid=cid,
@@ -237,18 +265,20 @@ class Control:
             parents=manifest.parents,
             num_sequences=len(sequences),
             num_tokens=manifest.num_tokens,
-            num_pages=sum(len(s.pages) for s in sequences),
+            num_pages=sum(s.num_blocks for s in sequences),
             new_pages=sum(o.new_blocks for o in outcomes),
             bytes_written=sum(o.bytes_written for o in outcomes),
             reused_pages=sum(o.reused_blocks for o in outcomes),
             ms=elapsed_ms(t0),
         )
 
-    def _forget_jobs(self, jobs: list[str], group_jobs: list[str]) -> None:
+    def _forget_jobs(self, jobs: list[str], group_jobs: list[str],
+                     ranks: Ranks | None = None) -> None:
         """After a failed snapshot: drop the workers' job records and the pins, so gc may
         reclaim what was written. (A committed snapshot drops them in its own transaction.)"""
         for job in group_jobs:
-            self.store.meta_delete(job_meta_key(job))
+            for key in (ranks or Ranks()).keys(job):
+                self.store.meta_delete(key)
             self.store.drop_pin(job)
         for job in jobs:
             self.store.drop_pin(_tokens_pin(job))
@@ -259,15 +289,18 @@ class Control:
         tokens: list[int],
         parent_seqs: list[tuple[list[int], list[tuple[str, str]]]],
         layout: GroupLayout | None = None,
+        ranks: Ranks | None = None,
     ) -> _SeqOutcome:
         """Run one sequence through the engine with a snapshot job; collect its pages."""
         bs = self.block_size
+        ranks = ranks or Ranks()
+        per = ranks.pairs_per_block
         reuse: list[tuple[str, str]] = []
         for ptoks, ppages in parent_seqs:
             common = _common_prefix(ptoks, tokens)
-            blocks = min(common // bs, len(ppages))
-            if blocks > len(reuse):
-                reuse = ppages[:blocks]
+            blocks = min(common // bs, len(ppages) // per)
+            if blocks * per > len(reuse):
+                reuse = ppages[: blocks * per]
         # vLLM computes at least one token of every request and reuses only whole blocks from its
         # prefix cache, so a resident sequence that ends on a block boundary would have its whole
         # last block recomputed (a block of queries over the entire context). One extra token
@@ -282,7 +315,7 @@ class Control:
         request_id = f"pf-snapshot-{uuid.uuid4().hex[:12]}"
         run = asyncio.ensure_future(self._generate_one(
             prompt,
-            SnapshotOp(job, skip_blocks=len(reuse), num_tokens=len(tokens)),
+            SnapshotOp(job, skip_blocks=len(reuse) // per, num_tokens=len(tokens)),
             "snapshot",
             request_id,
         ))
@@ -290,27 +323,27 @@ class Control:
             # Several KV-cache groups: the worker saves them in group order, so the last group's
             # record settles last; reading the others before it could miss theirs.
             watched = job if layout is None else group_job(job, len(layout.groups) - 1)
-            await self._end_when_saved(watched, run, request_id)
+            await self._end_when_saved(watched, run, request_id, ranks)
         except BaseException:
             run.cancel()
             raise
         await run
         if layout is not None:
-            return await self._group_outcome(job, tokens, layout)
-        record = await self._saved(job)
+            return await self._group_outcome(job, tokens, layout, ranks)
+        record = await self._saved(job, ranks)
         # The worker's final record lists the saved pages in block order (a pin is a set).
         pages = reuse + record.pages
         expected = -(-len(tokens) // bs)
-        if len(pages) != expected:
+        if len(pages) != expected * per:
             raise ApiError(
-                500, "snapshot_failed", f"engine saved {len(pages)} of {expected} blocks"
+                500, "snapshot_failed", f"engine saved {len(pages) // per} of {expected} blocks"
             )
         return _SeqOutcome(pages, record.new_blocks, record.bytes_written,
                            reused_blocks=record.reused_blocks)
 
-    async def _saved(self, job: str) -> JobRecord:
+    async def _saved(self, job: str, ranks: Ranks | None = None) -> JobRecord:
         """A save job's final record; 507 or 500 when it failed or left none."""
-        record = await self._job_record(job)
+        record = await self._job_record(job, ranks)
         if record is None or not record.succeeded:
             err = record.error if record is not None else None
             if err is not None and err.kind is JobErrorKind.STORE_FULL:
@@ -319,8 +352,8 @@ class Control:
             raise ApiError(500, "snapshot_failed", f"the engine did not save the sequence{detail}")
         return record
 
-    async def _group_outcome(self, job: str, tokens: list[int],
-                             layout: GroupLayout) -> _SeqOutcome:
+    async def _group_outcome(self, job: str, tokens: list[int], layout: GroupLayout,
+                             ranks: Ranks | None = None) -> _SeqOutcome:
         """Each KV-cache group's saved pages, one group after the other, with the blocks each
         group stores (plugin/kv_groups.py)."""
         pages: list[tuple[str, str]] = []
@@ -328,22 +361,29 @@ class Control:
         new_blocks = bytes_written = 0
         ranges = layout.stored_ranges(len(tokens), self.block_size)
         for g, (first, end) in enumerate(ranges):
-            record = await self._saved(group_job(job, g))
-            if len(record.pages) != end - first:
+            record = await self._saved(group_job(job, g), ranks)
+            per = ranks.pairs_per_block if ranks is not None else 1
+            if len(record.pages) != (end - first) * per:
                 raise ApiError(500, "snapshot_failed",
-                               f"engine saved {len(record.pages)} of {end - first} blocks of "
-                               f"KV-cache group {g}")
+                               f"engine saved {len(record.pages) // per} of {end - first} "
+                               f"blocks of KV-cache group {g}")
             pages += record.pages
             groups.append(PageGroup(first, end - first, layout.groups[g].is_state))
             new_blocks += record.new_blocks
             bytes_written += record.bytes_written
         return _SeqOutcome(pages, new_blocks, bytes_written, groups)
 
-    async def _job_record(self, job: str) -> JobRecord | None:
-        raw = await self._run(self.store.meta_get, job_meta_key(job))
-        return None if raw is None else JobRecord.from_json(raw)
+    async def _job_record(self, job: str, ranks: Ranks | None = None) -> JobRecord | None:
+        """A job's record; a save of a tensor-parallel engine's ranks gathered into one."""
+        if ranks is None or ranks.heads is None:
+            raw = await self._run(self.store.meta_get, job_meta_key(job))
+            return None if raw is None else JobRecord.from_json(raw)
+        raws = await self._run(lambda: [self.store.meta_get(k) for k in ranks.keys(job)])
+        return gather_ranks([None if r is None else JobRecord.from_json(r) for r in raws],
+                            ranks.heads)
 
-    async def _end_when_saved(self, job: str, run: asyncio.Future, request_id: str) -> None:
+    async def _end_when_saved(self, job: str, run: asyncio.Future, request_id: str,
+                              ranks: Ranks | None = None) -> None:
         """Return when the snapshot request ends, ending it as soon as its save is recorded.
 
         When the prefix cache holds every block to save, the worker saves them without a
@@ -358,7 +398,7 @@ class Control:
             done, _ = await asyncio.wait({run}, timeout=delay)
             if done:
                 return
-            record = await self._job_record(job)
+            record = await self._job_record(job, ranks)
             if record is not None and record.settled:
                 await self.engine.abort(request_id)
                 return
@@ -367,7 +407,10 @@ class Control:
         """This engine's record, if it can load `manifest`'s pages; else 409 naming the first
         fingerprint field that differs."""
         record = await self.engine_record()
-        mismatch = record.fingerprint.first_mismatch(manifest.fingerprint)
+        # Pages of one KV head, and a TP-1 engine's whole-block pages, load at any TP size whose
+        # engine holds the same bytes per head.
+        mismatch = record.fingerprint.first_mismatch(
+            manifest.fingerprint, any_tp=loads_at_any_tp(manifest.format, manifest.fingerprint))
         if mismatch is not None:
             field = mismatch.field
             raise ApiError(
@@ -454,7 +497,9 @@ class Control:
         def accept(manifests: dict[str, dict[str, Any]]) -> None:
             parents = {p for d in manifests.values() for p in d.get("parents") or []}
             for cid, d in manifests.items():
-                mismatch = record.fingerprint.first_mismatch(d.get("fingerprint") or {})
+                stored = d.get("fingerprint") or {}
+                mismatch = record.fingerprint.first_mismatch(
+                    stored, any_tp=loads_at_any_tp(d.get("format"), stored))
                 if cid not in parents and mismatch is not None:
                     raise ApiError(
                         409,

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from .codec import PageCodec
 
-__all__ = ["engine_fingerprint", "layer_order"]
+__all__ = ["engine_fingerprint", "layer_order", "model_kv_heads"]
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -40,6 +40,16 @@ def layer_order(kv_caches: dict[str, torch.Tensor]) -> list[str]:
         seen.add(ident)
         names.append(name)
     return names
+
+
+def model_kv_heads(vllm_config: VllmConfig, rank_heads: int) -> int:
+    """The model's KV heads, which the fingerprint records at every TP size: pages of one KV
+    head are named by the model's head index. A rank of a tensor-parallel engine holds only
+    its share (or, past one rank per head, a replica of one), and a TP-1 engine holds all of
+    them, so its tensors say it without asking the model config."""
+    if vllm_config.parallel_config.tensor_parallel_size == 1:
+        return rank_heads
+    return int(vllm_config.model_config.get_total_num_kv_heads())
 
 
 def engine_fingerprint(
@@ -68,7 +78,7 @@ def engine_fingerprint(
         block_size=geo.block_size,
         kv_dtype=str(geo.dtype).removeprefix("torch."),
         num_layers=geo.num_layers,
-        num_kv_heads=geo.num_kv_heads,
+        num_kv_heads=model_kv_heads(vllm_config, geo.num_kv_heads),
         head_dim=geo.head_dim,
         layout=codec.layout,
         tp_size=parallel.tensor_parallel_size,

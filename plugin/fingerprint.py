@@ -4,6 +4,12 @@ A page is raw bytes in one engine's layout.  Loading it into an engine that diff
 in any of these fields would not fail loudly; it would silently compute garbage (or
 lose bit-exactness).  So checkout compares every field and refuses on the first
 difference, naming it.
+
+Pages of one KV head each (format v4) have the same bytes at every tensor-parallel size: for
+them the TP size is recorded, not required, and between two TP sizes the thread count is not
+either (the reduction order differs anyway, so such a restore is close, not bit-identical).
+Whole-block pages of a TP-1 engine hold every head of a block, so they load at any TP size too:
+each rank takes its own heads' rows of every page (``loads_at_any_tp``).
 """
 
 from __future__ import annotations
@@ -15,7 +21,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FINGERPRINT_FIELDS", "Fingerprint", "Mismatch", "config_hash", "describe_groups"]
+__all__ = [
+    "FINGERPRINT_FIELDS",
+    "HEAD_PAGE_FIELDS",
+    "Fingerprint",
+    "Mismatch",
+    "config_hash",
+    "describe_groups",
+    "loads_at_any_tp",
+]
 
 #: Compared in this order; the first differing field is the one reported. ``device`` is
 #: recorded but not compared: ``backend`` and ``layout`` already say what it decides.
@@ -36,6 +50,19 @@ FINGERPRINT_FIELDS: tuple[str, ...] = (
     "threads",
     "vllm_version",
 )
+#: What decides the bytes of one KV head's page: compared when a snapshot of pages of one KV
+#: head is loaded at another TP size.
+HEAD_PAGE_FIELDS: tuple[str, ...] = tuple(f for f in FINGERPRINT_FIELDS
+                                          if f not in ("tp_size", "threads"))
+
+
+def loads_at_any_tp(manifest_format: Any, stored: Mapping[str, Any]) -> bool:
+    """Whether a snapshot's pages load at a TP size other than the one that wrote them: pages of
+    one KV head (format v4) always do, and whole-block pages do when a TP-1 engine wrote them,
+    since each holds every head of its block."""
+    from processfork.store.manifest import FORMAT_HEADS
+
+    return manifest_format == FORMAT_HEADS or stored.get("tp_size") == 1
 
 
 @dataclass(frozen=True)
@@ -67,6 +94,7 @@ class Fingerprint:
     #: vLLM's served model name.
     model: str
     model_config_hash: str
+    #: The model's KV heads, not one rank's share: pages of one head name them by this index.
     num_kv_heads: int
     num_layers: int
     #: The worker's compute threads on a CPU; None on a GPU.
@@ -89,10 +117,16 @@ class Fingerprint:
         return cls(**{f.name: data[f.name] if f.name in data or f.default is dataclasses.MISSING
                       else f.default for f in dataclasses.fields(cls)})
 
-    def first_mismatch(self, stored: Mapping[str, Any]) -> Mismatch | None:
+    def first_mismatch(self, stored: Mapping[str, Any], *,
+                       any_tp: bool = False) -> Mismatch | None:
         """The first field in which a snapshot's stored fingerprint differs from this one; a field
-        the snapshot lacks differs."""
-        for name in FINGERPRINT_FIELDS:
+        the snapshot lacks differs. ``any_tp``: the snapshot's pages load at any TP size
+        (``loads_at_any_tp``), so another TP size (and with it another thread count) is no
+        mismatch."""
+        fields = FINGERPRINT_FIELDS
+        if any_tp and stored.get("tp_size") != self.tp_size:
+            fields = HEAD_PAGE_FIELDS
+        for name in fields:
             if stored.get(name) != getattr(self, name):
                 if name == "kv_groups":  # say it in words: `None` would name nothing
                     return Mismatch(name, describe_groups(stored.get(name)),

@@ -215,13 +215,18 @@ class GroupLayout:
 
 def _state_group(index: int, spec: Any, layers: tuple[int, ...]) -> GroupSpec:
     """A Mamba group, when its blocks are states at block boundaries that a prefix hit reads
-    (prefix caching on: the ``align`` cache mode) and no speculative blocks trail them."""
+    (prefix caching on: the ``align`` cache mode) and no speculative blocks trail them.
+
+    vLLM 0.26 on CUDA picks its ``all`` mode for some hybrid models when prefix caching is on
+    (every block keeps a state, blocks sized to the Mamba kernel's chunks); ``align`` is then
+    one flag away, and is the only mode vLLM 0.32 has, so it is the one mode supported."""
     mode = getattr(spec, "mamba_cache_mode", None)
     if mode != "align" or getattr(spec, "num_speculative_blocks", 0):
         raise UnsupportedGroups(
             f"ProcessForkConnector cannot snapshot Mamba KV-cache group {index} (layers "
             f"{list(layers)}): it needs prefix caching on (the 'align' Mamba cache mode, got "
-            f"{mode!r}) and no speculative decoding"
+            f"{mode!r}) and no speculative decoding; start vLLM with --enable-prefix-caching "
+            "--mamba-cache-mode align"
         )
     state = tuple((tuple(int(n) for n in shape), str(dtype).removeprefix("torch."))
                   for shape, dtype in zip(spec.shapes, spec.dtypes))

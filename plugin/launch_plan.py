@@ -8,7 +8,8 @@ run the same configuration:
 - ``--kv-transfer-config`` loads ``ProcessForkConnector`` with the store path;
 - ``--enable-prefix-caching``, because checkout hands restored pages to vLLM's prefix cache;
 - on the CPU backend: block size 32, an explicit KV cache size, and worker threads pinned to
-  fixed cores (thread count changes float rounding, so it must not drift between runs).
+  fixed cores (thread count changes float rounding, so it must not drift between runs), one
+  share of them per tensor-parallel rank.
 
 User arguments are passed through untouched: an option the user gives replaces our default
 instead of being appended after it. The plan runs ``python -m processfork.plugin.launcher serve
@@ -39,6 +40,7 @@ __all__ = [
     "option_names",
     "option_value",
     "pinned_cpus",
+    "rank_cpus",
 ]
 
 DEFAULT_CONNECTOR_MODULE = "processfork.plugin.connector"
@@ -93,12 +95,15 @@ def kv_transfer_config(
     *,
     auto_restore: bool = True,
     remote: str | None = None,
+    host_tier_mib: int = 0,
 ) -> dict:
     extra: dict = {"store": str(store)}
     if not auto_restore:
         extra["auto_restore"] = False
     if remote is not None:
         extra["remote"] = remote
+    if host_tier_mib > 0:
+        extra["host_tier_mib"] = int(host_tier_mib)
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": connector_module,
@@ -129,6 +134,37 @@ def pinned_cpus(threads: int | None) -> list[int]:
     if threads < 1 or threads > len(allowed):
         raise ValueError(f"--threads must be between 1 and {len(allowed)}, got {threads}")
     return allowed[:threads]
+
+
+def rank_cpus(threads: int | None, tp_size: int = 1) -> list[list[int]]:
+    """The cores of each tensor-parallel rank's OpenMP threads: ``pinned_cpus`` split into
+    ``tp_size`` contiguous shares (vLLM's CPU backend takes one list per rank, ``0-3|4-7``).
+
+    Every rank needs a core of its own, so when leaving one core to the frontend would leave
+    fewer cores than ranks (two ranks on two cores), the ranks take every allowed core.
+    """
+    if tp_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be at least 1, got {tp_size}")
+    cpus = pinned_cpus(threads)
+    if tp_size == 1:
+        return [cpus]
+    if len(cpus) < tp_size and threads is None:
+        cpus = _allowed_cpus()
+    if len(cpus) < tp_size:
+        raise ValueError(f"--tensor-parallel-size {tp_size} needs a core per rank on the CPU "
+                         f"backend; {len(cpus)} {'is' if len(cpus) == 1 else 'are'} available")
+    share = len(cpus) // tp_size
+    return [cpus[r * share : (r + 1) * share] for r in range(tp_size)]
+
+
+def _tp_size(args: Sequence[str]) -> int:
+    """The ``--tensor-parallel-size`` (or ``-tp``) the user gave; 1 when none."""
+    value = option_value(args, "--tensor-parallel-size") or option_value(args, "-tp")
+    if value is None:
+        return 1
+    if not value.isdigit():
+        raise ValueError(f"--tensor-parallel-size must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _cpu_list(cpus: Sequence[int]) -> str:
@@ -218,6 +254,7 @@ def build_plan(
     cpu: bool | None = None,
     auto_restore: bool = True,
     remote: str | None = None,
+    host_tier_mib: int = 0,
 ) -> LaunchPlan:
     """Decide the vLLM arguments and environment for serving ``model``.
 
@@ -234,7 +271,7 @@ def build_plan(
     if "--kv-transfer-config" not in given:
         config = kv_transfer_config(
             store_path, connector_module or DEFAULT_CONNECTOR_MODULE, auto_restore=auto_restore,
-            remote=remote,
+            remote=remote, host_tier_mib=host_tier_mib,
         )
         args += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
     if "--enable-prefix-caching" not in given:
@@ -250,8 +287,9 @@ def build_plan(
     frontend_cpus: list[int] | None = None
     if cpu:
         if threads is not None or "VLLM_CPU_OMP_THREADS_BIND" not in base_env:
-            worker_cpus = pinned_cpus(threads)
-            plan_env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(worker_cpus)
+            ranks = rank_cpus(threads, _tp_size(extra))
+            plan_env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(_cpu_list(r) for r in ranks)
+            worker_cpus = [c for r in ranks for c in r]
             frontend_cpus = [c for c in _allowed_cpus() if c not in worker_cpus] or None
         if "VLLM_CPU_KVCACHE_SPACE" not in base_env and "--kv-cache-memory-bytes" not in given:
             plan_env["VLLM_CPU_KVCACHE_SPACE"] = str(DEFAULT_KVCACHE_GIB)

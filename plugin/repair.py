@@ -29,11 +29,11 @@ import uuid
 from typing import TYPE_CHECKING, Any, Literal
 
 from processfork.store import Manifest, SnapshotSequence
+from processfork.store.manifest import FORMAT_HEADS
 
 from .api_errors import ApiError
 from .api_models import RepairResponse
-from .control import elapsed_ms
-from .jobs import job_meta_key
+from .control import Ranks, elapsed_ms
 from .kv_groups import GroupLayout, group_job, manifest_format
 
 if TYPE_CHECKING:
@@ -62,6 +62,14 @@ async def repair_snapshot(control: Control, rev: str) -> RepairResponse:
     record = await control.require_compatible(cid, manifest)
     layout = (GroupLayout.from_fingerprint(record.fingerprint.kv_groups)
               if record.fingerprint.kv_groups is not None else None)
+    ranks = Ranks.of(record)
+    if (manifest.format == FORMAT_HEADS) != (ranks.heads is not None):
+        # Recomputed pages must be of the snapshot's kind to take the damaged ones' place.
+        kind = "pages of one KV head" if manifest.format == FORMAT_HEADS else "whole-block pages"
+        raise ApiError(409, "incompatible_snapshot",
+                       f"snapshot {cid[:19]} holds {kind}, which this engine at "
+                       f"tp_size={record.fingerprint.tp_size} does not write; repair it on an "
+                       f"engine at tp_size={manifest.fingerprint.get('tp_size')}")
     cleared = await control._run(store.clear_damaged_pages, damage.pages)
 
     def recomputed(result: Literal["restored", "replaced"], **replacement: Any) -> RepairResponse:
@@ -82,17 +90,17 @@ async def repair_snapshot(control: Control, rev: str) -> RepairResponse:
             jobs.append(job)
             group_jobs += [group_job(job, g) for g in
                            range(len(layout.groups) if layout is not None else 1)]
-            outcome = await control._snapshot_sequence(job, tokens, [], layout)
+            outcome = await control._snapshot_sequence(job, tokens, [], layout, ranks)
             sequences[index] = SnapshotSequence(tokens=seq.tokens, pages=outcome.pages,
-                                                groups=outcome.groups)
+                                                groups=outcome.groups, heads=ranks.heads)
         after = await control._run(store.find_damage, cid)
         if after.intact:
-            await control._run(control._forget_jobs, jobs, group_jobs)
+            await control._run(control._forget_jobs, jobs, group_jobs, ranks)
             return recomputed("restored")
         # The copy takes the damaged snapshot's place in history (same parents, fork and name);
         # the damaged one stays in the reflogs until they expire, then gc removes it.
         copy = Manifest(
-            format=manifest_format(layout),
+            format=FORMAT_HEADS if ranks.heads is not None else manifest_format(layout),
             name=manifest.name,
             parents=list(manifest.parents),
             fork=manifest.fork,
@@ -105,10 +113,10 @@ async def repair_snapshot(control: Control, rev: str) -> RepairResponse:
                 replaces=cid,
                 message=f"recomputed {len(after.pages)} damaged page(s) of {cid[:19]}",
                 drop_pins=group_jobs,
-                drop_meta=[job_meta_key(job) for job in group_jobs],
+                drop_meta=[k for job in group_jobs for k in ranks.keys(job)],
             )
         )
     except BaseException:
-        await control._run(control._forget_jobs, jobs, group_jobs)
+        await control._run(control._forget_jobs, jobs, group_jobs, ranks)
         raise
     return recomputed("replaced", new_cid=new_cid, moved_refs=moved)

@@ -32,6 +32,7 @@ from .block_views import BlockViews
 from .codec import PageCodec, blocks_axis_of, codec_for
 from .engine_info import engine_fingerprint, layer_order
 from .fingerprint import Fingerprint
+from .head_pages import join_heads, rank_share, split_heads
 from .host_tier import (
     TMPFS,
     HostTier,
@@ -58,6 +59,7 @@ from .page_writer import PageWriter, QueuedPages
 from .prefix_lookup import is_restore_job
 from .staged_pages import MiB, StagedPagePath
 from .state_pages import StateMask, StateViews, state_layer_tensors, state_mask
+from .tp_ranks import RankHeads, rank_job_meta_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -83,11 +85,13 @@ class _JobStats:
     error_recorded: bool = False  # the record with `error` is in the store
     digests: list[bytes] = field(default_factory=list)  # K, V of every saved block, in order
 
-    def add(self, result: PutResult, blocks: int) -> None:
-        new = result.new
+    def add(self, result: PutResult, blocks: int, heads: int = 1) -> None:
+        """``heads`` page pairs per block: a block is new when any of its pages is."""
+        new, per_block = result.new, 2 * heads
         self.digests += result.digests
         self.blocks += blocks
-        self.new_blocks += sum(1 for i in range(0, len(new), 2) if new[i] or new[i + 1])
+        self.new_blocks += sum(1 for i in range(0, len(new), per_block)
+                               if any(new[i : i + per_block]))
         self.bytes_written += result.bytes_written
 
     def record(self) -> JobRecord:
@@ -147,6 +151,7 @@ class WorkerSide:
         self._writer: PageWriter | None = None
         self._released: set[str] = set()  # finished requests whose held blocks are copied
         self._state_masks: dict[int, StateMask] = {}  # per state (Mamba) group: its padding
+        self.rank_heads: RankHeads | None = None  # the model's KV heads this rank holds
 
     @property
     def store(self) -> Store:
@@ -186,6 +191,9 @@ class WorkerSide:
             )
         self.fingerprint = engine_fingerprint(self.vllm_config, self.codec, backend=backend, isa=isa,
                                               kv_groups=self.kv_groups)
+        parallel = self.vllm_config.parallel_config
+        self.rank_heads = RankHeads(self.fingerprint.num_kv_heads,
+                                    parallel.tensor_parallel_size, _tp_rank(parallel))
         record = EngineRecord(self.fingerprint, num_blocks=self.codec.geometry.num_blocks,
                               page_bytes=self.codec.page_bytes, pid=os.getpid())
         self.store.meta_put(engine_meta_key(self.engine_id), record.to_json())
@@ -207,6 +215,8 @@ class WorkerSide:
             self._state_masks[group] = state_mask(layers, self.codec.k_views,
                                                   self.codec.v_views, views)
         direct = self.codec.device.type == "cpu" and self.page_path != "staged"
+        if self.rank_heads.tp_size > 1:
+            _check_tensor_parallel(direct, bool(state_groups), self.host_tier_mib)
         if direct:
             if self.host_tier_mib:
                 logger.warning("processfork: host_tier_mib is ignored: the host tier serves the "
@@ -324,6 +334,12 @@ class WorkerSide:
         ]
         if tokens_digest(covered) != job.tokens_digest:
             raise ValueError(f"request tokens differ from snapshot {job.cid[:19]}, sequence {job.seq}")
+        if seq.heads is not None:
+            self._load_heads(job, seq)
+            return []
+        if self.head_pages:
+            self._load_rank_share(job, seq)
+            return []
         # A sliding-window group stores the blocks from its window on: `first` is the first one.
         first, group_pages = seq.group_pages(job.group)
         start = job.first_block - first
@@ -350,6 +366,53 @@ class WorkerSide:
             gone = set(missing)
             items = [item for i, item in enumerate(items) if i not in gone]
         return items
+
+    def _load_heads(self, job: LoadJob, seq: Any) -> None:
+        """A sequence of pages of one KV head (format v4): this rank's heads of each block,
+        joined into whole-block pages of its own tensors and copied in now, before the forward
+        pass. Any missing or damaged page fails the job's every block."""
+        assert self.codec is not None and self.rank_heads is not None
+        heads, g = self.rank_heads, self.codec.geometry
+        if seq.heads != heads.total:
+            raise ValueError(f"snapshot {job.cid[:19]} has pages of {seq.heads} KV heads, this "
+                             f"engine {heads.total}")
+        n = len(job.block_ids)
+        first, pairs = seq.group_pages(job.group)
+        start = job.first_block - first
+        blocks = len(pairs) // seq.heads
+        if start < 0 or start + n > blocks:
+            raise ValueError(f"snapshot {job.cid} holds {max(0, blocks - max(start, 0))} of {n} "
+                             "blocks")
+        # Entry `b * heads + h` of the group's pairs is head h of its b-th stored block.
+        digests = [bytes.fromhex(d) for i in range(n) for e in heads.entries(start + i)
+                   for d in pairs[e]]
+        staged = torch.empty((n, heads.count, 2, g.num_layers, g.elems_per_layer // g.num_kv_heads),
+                             dtype=g.dtype)
+        flat = staged.view(torch.uint8).numpy().reshape(-1)
+        self.store.read_pages_into(digests, flat, self.codec.page_bytes // g.num_kv_heads,
+                                   verify=self.verify_loads)
+        self.codec.scatter(job.block_ids, join_heads(self.codec, staged))
+
+    def _load_rank_share(self, job: LoadJob, seq: Any) -> None:
+        """Whole-block pages (format v3, a TP-1 engine's) at a rank of a tensor-parallel engine:
+        each page is read whole and checked against its digest, and the rank copies in its own
+        heads' rows, now, before the forward pass. Any missing or damaged page fails the job's
+        every block."""
+        assert self.codec is not None and self.rank_heads is not None
+        heads, g = self.rank_heads, self.codec.geometry
+        n = len(job.block_ids)
+        first, group_pages = seq.group_pages(job.group)
+        start = job.first_block - first
+        pages = group_pages[start : start + n] if start >= 0 else []
+        if len(pages) != n:
+            raise ValueError(f"snapshot {job.cid} holds {len(pages)} of {n} blocks")
+        page_bytes = self.codec.page_bytes // g.num_kv_heads * heads.total
+        whole = torch.empty((n, 2, g.num_layers, page_bytes // g.num_layers // g.dtype.itemsize),
+                            dtype=g.dtype)
+        self.store.read_pages_into([bytes.fromhex(d) for pair in pages for d in pair],
+                                   whole.view(torch.uint8).numpy().reshape(-1), page_bytes,
+                                   verify=self.verify_loads)
+        self.codec.scatter(job.block_ids, rank_share(self.codec, whole, heads.total, heads.first))
 
     def _load_staged(self, items: list[LoadItem]) -> None:
         """Through the staging slots (GPU): the device work is queued ahead of the forward pass."""
@@ -454,6 +517,8 @@ class WorkerSide:
         the page writer's thread, with the job's record (see ``page_writer``). Whole blocks
         only: a session turn stores no partial block."""
         assert self.codec is not None and job.valid_in_last is None
+        if self.head_pages:
+            raise ValueError("session turns are not saved at tensor_parallel_size > 1")
         if not job.block_ids:
             return
         n = len(job.block_ids)
@@ -488,19 +553,34 @@ class WorkerSide:
 
         self.writer.submit(QueuedPages(job.job, pages, meta, failed))
 
+    @property
+    def head_pages(self) -> bool:
+        """Whether saves write pages of one KV head (format v4): a rank of a tensor-parallel
+        engine holds only some heads of every block."""
+        return self.rank_heads is not None and self.rank_heads.tp_size > 1
+
+    def _job_key(self, job: str) -> str:
+        """Where this worker records its part of a save job: each rank of a tensor-parallel
+        engine under its own key (plugin/tp_ranks.py)."""
+        rank = self.rank_heads.rank if self.rank_heads is not None else 0
+        return rank_job_meta_key(job, rank)
+
     def _save(self, job: SaveJob) -> None:
         assert self.codec is not None
         stats = self._stats.setdefault(job.job, _JobStats(req_id=job.req_id))
-        if stats.error is None and job.block_ids:
+        # A replica of a head that another rank saves writes no pages, only its final record.
+        writes = self.rank_heads is None or self.rank_heads.writes
+        if stats.error is None and job.block_ids and writes:
             n = len(job.block_ids)
+            heads = self.rank_heads.count if self.head_pages else 1
             # The final save commits the job's record together with its pages (one durable
             # commit instead of two); a transaction that reruns recomputes it from scratch.
             meta = None
             if job.final:
                 def meta(result: PutResult) -> dict[str, Any]:
                     done = replace(stats, final=True, digests=list(stats.digests))
-                    done.add(result, len(result.digests) // 2)
-                    return {job_meta_key(job.job): done.record().to_json()}
+                    done.add(result, len(result.digests) // (2 * heads), heads)
+                    return {self._job_key(job.job): done.record().to_json()}
             if self._staged is not None:
                 def commit(items: list[tuple[bytes, memoryview | None]], blocks: int,
                            last: bool) -> None:
@@ -518,6 +598,9 @@ class WorkerSide:
                 self._staged.save(job.block_ids, job.valid_in_last, commit,
                                   present=self.store.has_pages, reused=reused,
                                   mask=None if state is None else state.apply)
+            elif self.head_pages:
+                stats.add(self.store.put_pages_from(2 * n * heads, self._head_page_source(job),
+                                                    pin=job.job, meta=meta), n, heads)
             else:
                 stats.add(
                     self.store.put_pages_from(2 * n, self._page_source(job), pin=job.job, meta=meta),
@@ -529,9 +612,9 @@ class WorkerSide:
         if job.final:
             stats.final = True
             if stats.error_recorded:
-                self._update_record(job.job, stats.record())
+                self._update_record(self._job_key(job.job), stats.record())
             else:
-                self.store.meta_put(job_meta_key(job.job), stats.record().to_json())
+                self.store.meta_put(self._job_key(job.job), stats.record().to_json())
             self._stats.pop(job.job, None)
 
     def _page_source(self, job: SaveJob) -> Callable[[int], np.ndarray]:
@@ -553,32 +636,50 @@ class WorkerSide:
 
         return page
 
+    def _head_page_source(self, job: SaveJob) -> Callable[[int], np.ndarray]:
+        """Pages of one KV head of a save (format v4), block by block: each block's whole-block
+        pages are gathered as for ``_page_source`` and cut into this rank's heads, K then V of
+        each head in head order, as a v4 page table lists them."""
+        assert self._page_row is not None and self.codec is not None
+        whole, codec = self._page_source(job), self.codec
+        row, heads = self._page_row, self.rank_heads.count if self.rank_heads else 1
+        current: list[Any] = [-1, None]  # the block cut last, and its [heads * 2, bytes] pages
+
+        def page(i: int) -> np.ndarray:
+            block, j = divmod(i, 2 * heads)
+            if current[0] != block:
+                whole(2 * block)  # fills the two-page buffer `row` views
+                cut = split_heads(codec, row.unsqueeze(0))
+                current[:] = [block, cut.view(torch.uint8).numpy().reshape(2 * heads, -1)]
+            return current[1][j]
+
+        return page
+
     def _fail_save(self, job: SaveJob, exc: Exception) -> None:
         """Record the failure at once; the job's later saves are skipped (see _save)."""
         stats = self._stats.setdefault(job.job, _JobStats(req_id=job.req_id))
         stats.error = JobError.of(exc)
-        stats.error_recorded = self._record(job.job, stats.record())
+        stats.error_recorded = self._record(job.job, stats.record(), self._job_key(job.job))
 
     def _fail_load(self, job: str, error: JobError) -> None:
         self._record(job, JobRecord(error=error))
 
-    def _record(self, job: str, record: JobRecord) -> bool:
+    def _record(self, job: str, record: JobRecord, key: str | None = None) -> bool:
         if is_restore_job(job):
             return False  # nobody waits for a transparent restore: its failure is only logged
         try:
-            self.store.meta_put(job_meta_key(job), record.to_json())
+            self.store.meta_put(key or job_meta_key(job), record.to_json())
             return True
         except Exception:  # the store itself is failing; the log line before this remains
             logger.exception("processfork: could not record failure of job %s", job)
             return False
 
-    def _update_record(self, job: str, record: JobRecord) -> None:
+    def _update_record(self, key: str, record: JobRecord) -> None:
         """Rewrite a failed job's record only while it exists. The API server reads a failure
         as soon as it is recorded, aborts the request and deletes the record; an engine step
         already under way may still run the job's final save, which must not leave behind a
         record that nothing reads any more. The error is on record already: a failure here
         is only logged."""
-        key = job_meta_key(job)
 
         def run(txn: Any) -> None:
             if meta_get(txn, self.store.dbs, key) is not None:
@@ -587,7 +688,7 @@ class WorkerSide:
         try:
             self.store.env.write(run)
         except Exception:  # the record written at the failure remains
-            logger.exception("processfork: could not update the record of failed job %s", job)
+            logger.exception("processfork: could not update the failed job record %s", key)
 
     def forget_requests(self, req_ids: set[str]) -> None:
         """Drop the progress of jobs whose requests finished: a save that failed, or was
@@ -609,6 +710,30 @@ class WorkerSide:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def _tp_rank(parallel: Any) -> int:
+    """This worker's tensor-parallel rank (0 without tensor parallelism)."""
+    if parallel.tensor_parallel_size == 1:
+        return 0
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return int(get_tensor_model_parallel_rank())
+
+
+def _check_tensor_parallel(direct: bool, state_groups: bool, host_tier_mib: int) -> None:
+    """Refuse, at start, what a rank of a tensor-parallel engine cannot save or load yet:
+    pages of one KV head move only through the CPU backend's direct page path."""
+    if not direct:
+        raise ValueError("processfork: at tensor_parallel_size > 1 pages move through the CPU "
+                         "backend's direct page path only: GPU engines, and page_path staged, "
+                         "are not supported at tensor_parallel_size > 1 yet")
+    if state_groups:
+        raise ValueError("processfork: models with a Mamba (state) KV-cache group are not "
+                         "supported at tensor_parallel_size > 1")
+    if host_tier_mib:
+        raise ValueError("processfork: the host tier is not supported at "
+                         "tensor_parallel_size > 1 (set host_tier_mib to 0)")
 
 
 def _first_tensor(value: torch.Tensor | StateViews) -> torch.Tensor:

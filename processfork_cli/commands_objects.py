@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from processfork.store import documents
+from processfork.store.manifest import FORMAT_HEADS
 from rich.text import Text
 
 from processfork_cli.options import (
@@ -67,7 +68,7 @@ def _render_show(out: Output, doc: dict[str, Any]) -> None:
         ("parents", "\n".join(doc["parents"]) or "(none: a root)"),
         ("fork", f"child {fork['index']} of {fork['of']} (0-based)" if fork else "-"),
         ("created", human_time(doc["created"])),
-        ("format", f"{doc['format']} (the page layout; see docs/format.md)"),
+        ("format", f"{doc['format']} ({_format_note(doc['format'])}; see docs/format.md)"),
         ("tokens", f"{human_count(doc['num_tokens'])} in {doc['num_sequences']} sequence(s)"),
         (
             "pages",
@@ -103,7 +104,15 @@ def _blocks_cell(seq: dict[str, Any]) -> str:
     return f"{blocks} + {tail} tokens unsaved" if tail else blocks
 
 
+def _format_note(fmt: str) -> str:
+    if fmt == FORMAT_HEADS:
+        return "the page layout: one KV head per page, for any TP size"
+    return "the page layout"
+
+
 def _fingerprint_value(key: str, value: Any) -> str:
+    if key == "tp_size":
+        return f"{value} (tensor-parallel ranks of the engine that computed the pages)"
     if key == "batch_invariant":
         return ("True: computed with batch-invariant kernels" if value else
                 "False: restores match a warm hit under the same batch conditions")

@@ -23,6 +23,7 @@ Examples:
   pf serve ./models/llama --threads 4 --max-model-len 16384
   pf serve ./models/llama --block-size 64 --print-command   # print, do not run
   pf serve ./models/llama --remote origin   # fetch from origin what the store lacks
+  pf serve ./models/llama --host-tier 16    # GPU: keep 16 GiB of pages in host memory
 """
 
 
@@ -37,7 +38,8 @@ def serve(
     threads: Annotated[
         int | None,
         typer.Option("--threads", metavar="N", show_default="all cores but one",
-                     help="CPU backend: worker threads, pinned to the first N cores."),
+                     help="CPU backend: worker threads, pinned to the first N cores (shared out between "
+                     "tensor-parallel ranks)."),
     ] = None,
     no_auto_restore: Annotated[
         bool,
@@ -49,6 +51,13 @@ def serve(
         typer.Option("--remote", metavar="REMOTE",
                      help="A remote (name or s3:// URL) that checkouts and transparent "
                      "restores fetch snapshots the store lacks from."),
+    ] = None,
+    host_tier: Annotated[
+        float | None,
+        typer.Option("--host-tier", metavar="GIB", min=0.0,
+                     help="GPU engines: host memory (GiB, in /dev/shm) that keeps recently "
+                     "saved and loaded pages, so checkouts copy them to the GPU directly; it "
+                     "outlives the server."),
     ] = None,
     print_command: Annotated[
         bool,
@@ -75,11 +84,15 @@ def serve(
     cpu = is_cpu_build()
     if threads is not None and not cpu:
         out.warn("--threads applies to the CPU backend only; ignored")
+    tier_mib = round(host_tier * 1024) if host_tier else 0
+    if tier_mib and cpu:
+        out.warn("--host-tier applies to GPU engines (the staged page path) only; ignored")
+        tier_mib = 0
     try:
         plan = build_plan(
             model, extra, store=s.resolved_store_path, threads=threads if cpu else None,
             connector_module=connector_module, cpu=cpu, auto_restore=not no_auto_restore,
-            remote=remote_url,
+            remote=remote_url, host_tier_mib=tier_mib,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -97,12 +97,12 @@ def snapshot_doc(
     for seq in manifest.sequences:
         pages = {_hex(d) for pair in seq.pages for d in pair}
         all_pages |= pages
-        num_blocks += len(seq.pages)
+        num_blocks += seq.num_blocks
         sequences.append(
             {
                 "tokens": int(seq.tokens.count),
                 "token_digest": _hex(seq.tokens.digest),
-                "blocks": len(seq.pages),
+                "blocks": seq.num_blocks,
                 "pages": len(pages),
                 # A session turn's partial last block has no page: a checkout recomputes it.
                 "unsaved_tail_tokens": int(seq.tokens.count - seq.tokens_with_pages),

@@ -51,10 +51,11 @@ T = TypeVar("T")
 #: has no page (session turns). A store is created as version 1 and becomes version 2 in the
 #: transaction that writes its first such manifest, so a store of other snapshots stays readable
 #: by releases that know version 1 only. Version 3 adds manifests whose groups hold a
-#: per-sequence state (Mamba layers), likewise raised by the first such manifest.
-FORMAT_VERSION = 3
+#: per-sequence state (Mamba layers), likewise raised by the first such manifest. Version 4 adds
+#: manifests whose pages hold one KV head each (any tensor-parallel size), likewise.
+FORMAT_VERSION = 4
 #: Versions of the format record this code reads.
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, 4)
 DB_NAMES = ("pages", "blobs", "snapshots", "refs", "reflog", "meta", "pins", "journal")
 DEFAULT_MAP_SIZE = 1 << 30
 MAX_MAP_SIZE = 1 << 44

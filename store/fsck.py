@@ -234,6 +234,7 @@ def _check_sequence(
             f"blocks of {block_size}",
         )
     needed = math.ceil(paged / block_size) if sized else None
+    heads = s.get("heads", 1)  # page pairs per block: one per KV head in a v4 manifest
     if needed is not None and "groups" in s:
         # Each KV-cache group stores a run of blocks that ends with the sequence's last block;
         # a state group the one state at the split point (the last whole block before the last
@@ -250,11 +251,13 @@ def _check_sequence(
                 f"{where}: {paged} tokens end at block {needed} of {block_size}, its "
                 f"groups end at {ends}",
             )
-    elif needed is not None and needed != tab["count"]:
+    elif needed is not None and needed * heads != tab["count"]:
         yield FsckIssue(
             "bad-block-count",
             cid,
-            f"{where}: {paged} tokens need {needed} blocks of {block_size}, found {tab['count']}",
+            f"{where}: {paged} tokens need {needed} blocks of {block_size}, found "
+            f"{tab['count'] // heads}" + (f" ({tab['count']} page pairs of {heads} heads)"
+                                          if heads > 1 else ""),
         )
     if not present[tab["digest"]] or not blobs.set_key(bytes.fromhex(tab["digest"])):
         return
@@ -268,7 +271,7 @@ def _check_sequence(
         elif not pages.set_key(key):
             missing.add(key.hex())
             users.add(key, cid)
-            yield FsckIssue("missing-page", key.hex(), f"block {i // 32} of {where}")
+            yield FsckIssue("missing-page", key.hex(), f"block {i // 32 // heads} of {where}")
 
 
 def _check_refs(txn: lmdb.Transaction, dbs: dict[str, Any]) -> Iterator[FsckIssue]:

@@ -53,6 +53,7 @@ __all__ = ["GcStats", "gc"]
 
 SWEEP_CHUNK = 50_000  # deletions per write transaction: bounded writer stalls, few commits
 JOB_RECORD_PREFIX = b"job:"  # meta key of a job's record; the job's pin is named by the job id
+RANK_RECORD_INFIX = b".r"  # `job:<id>.r<rank>`: the part of a job that a TP rank > 0 saved
 Progress = Callable[[str, int, int], None]
 
 
@@ -281,6 +282,7 @@ def gc(
                     # commits with its last pages: once the writer has exited, nothing will
                     # read that record (format.md, "meta: job records").
                     txn.delete(JOB_RECORD_PREFIX + name.encode("utf-8"), db=dbs["meta"])
+                    _delete_rank_records(txn, dbs, name)
                 for key in found.expired_reflog:
                     txn.delete(key, db=dbs["reflog"])
         marked = {"snapshots": mark.snapshots, "pages": mark.pages, "blobs": mark.blobs}
@@ -345,3 +347,20 @@ def gc(
     total.reachable_blobs = len(mark.blobs)
     total.seconds = time.perf_counter() - start
     return total
+
+
+def _delete_rank_records(txn: lmdb.Transaction, dbs: dict[str, Any], pin: str) -> None:
+    """Delete the records ``job:<pin>.r<rank>`` of a tensor-parallel engine's other ranks, which
+    share the job's pin (format.md, "meta: job records")."""
+    prefix = JOB_RECORD_PREFIX + pin.encode("utf-8") + RANK_RECORD_INFIX
+    cur = txn.cursor(db=dbs["meta"])
+    keys = []
+    if cur.set_range(prefix):
+        for key in cur.iternext(keys=True, values=False):
+            if not bytes(key).startswith(prefix):
+                break
+            keys.append(bytes(key))
+    for key in keys:
+        rank = key[len(prefix):]
+        if rank.isdigit():
+            txn.delete(key, db=dbs["meta"])

@@ -15,6 +15,11 @@ block, the state at the sequence's split point, marked `state` in a manifest of 
 `FORMAT_STATE`, which stores that know no states refuse (docs/format.md). A session turn's sequence
 may leave its partial last block without a page (`paged_tokens`): its page table then simply ends
 one block early.
+
+A manifest of the format `FORMAT_HEADS` stores one K page and one V page per block and per KV head
+(`heads` pairs per block in its page tables): an engine that runs its attention over several
+tensor-parallel ranks holds only some heads of every block, and pages of one head each let every
+rank save and load its own heads, whatever the TP size of the engine that wrote them.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
     "FORMAT",
     "FORMATS",
     "FORMAT_GROUPED",
+    "FORMAT_HEADS",
     "FORMAT_STATE",
     "GROUPED_FORMATS",
     "ForkInfo",
@@ -58,10 +64,14 @@ FORMAT = "paged-batchinvariant-v1"
 FORMAT_GROUPED = "paged-batchinvariant-v2"
 #: Grouped manifests of which some group holds a per-sequence state (a Mamba group).
 FORMAT_STATE = "paged-batchinvariant-v3"
-FORMATS = (FORMAT, FORMAT_GROUPED, FORMAT_STATE)
+#: Manifests whose pages hold one KV head each (``heads`` page pairs per block), whatever the
+#: tensor-parallel size of the engine that wrote them; their sequences may have groups.
+FORMAT_HEADS = "paged-batchinvariant-v4"
+FORMATS = (FORMAT, FORMAT_GROUPED, FORMAT_STATE, FORMAT_HEADS)
+#: Formats whose sequences always have groups (a v4 sequence may or may not).
 GROUPED_FORMATS = (FORMAT_GROUPED, FORMAT_STATE)
-_TABLE_ENTRY = 32  # bytes per block in a page table: 16-byte K digest + 16-byte V digest
-_OPTIONAL = {"groups", "paged_tokens"}  # sequence fields only some manifests have
+_TABLE_ENTRY = 32  # bytes per entry in a page table: 16-byte K digest + 16-byte V digest
+_OPTIONAL = {"groups", "heads", "paged_tokens"}  # sequence fields only some manifests have
 
 
 class InvalidManifest(StoreError, ValueError):
@@ -183,6 +193,12 @@ def _parse_groups(value: Any) -> list[PageGroup]:
     return [PageGroup.from_dict(g) for g in value]
 
 
+def _check_heads(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidManifest(f"sequence.heads must be a positive integer, got {value!r}")
+    return value
+
+
 def _check_paged(value: Any, count: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < count:
         raise InvalidManifest(f"sequence.paged_tokens must be an integer from 0 to below its "
@@ -201,17 +217,38 @@ class SnapshotSequence:
     the engine computed but stores no page for its partial last block (a checkout never loads
     it, and the next turn stores that block whole): it then says how many leading tokens, whole
     blocks only, have pages.
+
+    ``heads`` is None when a page pair holds every KV head of its block (formats v1-v3). In a
+    `paged-batchinvariant-v4` manifest it is the model's KV head count, and ``pages`` holds
+    ``heads`` pairs per block, head by head: entry ``b * heads + h`` is head ``h`` of the
+    ``b``-th stored block.
     """
 
     tokens: TokenRef
     pages: list[tuple[str, str]] = field(default_factory=list)
     groups: list[PageGroup] | None = None
     paged_tokens: int | None = None
+    heads: int | None = None
 
     @property
     def tokens_with_pages(self) -> int:
         """The leading tokens whose blocks have pages."""
         return self.tokens.count if self.paged_tokens is None else self.paged_tokens
+
+    @property
+    def pairs_per_block(self) -> int:
+        """Page pairs per stored block: one, or one per KV head."""
+        return 1 if self.heads is None else self.heads
+
+    @property
+    def num_blocks(self) -> int:
+        """Stored blocks, over every group."""
+        return len(self.pages) // self.pairs_per_block
+
+    def block_pages(self) -> list[list[tuple[str, str]]]:
+        """The page pairs of each stored block, in page-table order (one pair per head)."""
+        n = self.pairs_per_block
+        return [self.pages[i : i + n] for i in range(0, len(self.pages), n)]
 
     def validate(self) -> None:
         if not isinstance(self.tokens, TokenRef):
@@ -224,17 +261,22 @@ class SnapshotSequence:
                 raise InvalidManifest(f"a page entry is a [k, v] pair, got {pair!r}")
             _check_hex(pair[0], "page digest")
             _check_hex(pair[1], "page digest")
+        if self.heads is not None:
+            _check_heads(self.heads)
+            if len(self.pages) % self.heads:
+                raise InvalidManifest(f"{len(self.pages)} page pairs are not whole blocks of "
+                                      f"{self.heads} heads")
         if self.groups is not None:
             groups = _parse_groups([g.to_dict() for g in self.groups])
-            if sum(g.count for g in groups) != len(self.pages):
+            if sum(g.count for g in groups) != self.num_blocks:
                 raise InvalidManifest(
                     f"the groups count {sum(g.count for g in groups)} blocks, the sequence "
-                    f"has {len(self.pages)}"
+                    f"has {self.num_blocks}"
                 )
 
     def group_pages(self, group: int) -> tuple[int, list[tuple[str, str]]]:
         """Group ``group``'s first stored block and its pages (group 0 of an ungrouped
-        sequence: every block)."""
+        sequence: every block), ``pairs_per_block`` pairs per block."""
         if self.groups is None:
             if group != 0:
                 raise InvalidManifest(f"the sequence has one KV-cache group, not {group + 1}")
@@ -242,9 +284,10 @@ class SnapshotSequence:
         if not 0 <= group < len(self.groups):
             raise InvalidManifest(f"the sequence has {len(self.groups)} KV-cache groups, "
                                   f"not {group + 1}")
-        start = sum(g.count for g in self.groups[:group])
+        n = self.pairs_per_block
+        start = sum(g.count for g in self.groups[:group]) * n
         g = self.groups[group]
-        return g.first, self.pages[start : start + g.count]
+        return g.first, self.pages[start : start + g.count * n]
 
     def page_table(self) -> bytes:
         return encode_page_table(self.pages)
@@ -256,6 +299,8 @@ class SnapshotSequence:
             out["groups"] = [g.to_dict() for g in self.groups]
         if self.paged_tokens is not None:
             out["paged_tokens"] = self.paged_tokens
+        if self.heads is not None:
+            out["heads"] = self.heads
         return out
 
     @classmethod
@@ -266,7 +311,7 @@ class SnapshotSequence:
             raise InvalidManifest("sequence.pages must be a list of [k, v] pairs")
         groups = _parse_groups(d["groups"]) if "groups" in d else None
         seq = cls(TokenRef.from_dict(d["tokens"]), [tuple(p) for p in d["pages"]], groups,  # type: ignore[misc]
-                  d.get("paged_tokens"))
+                  d.get("paged_tokens"), d.get("heads"))
         seq.validate()
         return seq
 
@@ -304,7 +349,10 @@ class Manifest:
     @property
     def store_version(self) -> int:
         """The store format version a store holding this manifest declares: 2 for a grouped
-        manifest or a sequence whose tail has no page, which version-1 readers would misread."""
+        manifest or a sequence whose tail has no page, which version-1 readers would misread;
+        3 for states; 4 for pages of one KV head."""
+        if self.format == FORMAT_HEADS:
+            return 4
         if self.format == FORMAT_STATE:
             return 3
         if self.format == FORMAT_GROUPED or any(s.paged_tokens is not None
@@ -341,10 +389,18 @@ class Manifest:
         if not isinstance(self.sequences, list):
             raise InvalidManifest("sequences must be a list")
         grouped = self.format in GROUPED_FORMATS
+        per_head = self.format == FORMAT_HEADS
         for seq in self.sequences:
             if not isinstance(seq, SnapshotSequence):
                 raise InvalidManifest("sequences must hold SnapshotSequence objects")
             seq.validate()
+            if (seq.heads is not None) != per_head:
+                raise InvalidManifest(f"sequences have heads in {FORMAT_HEADS} manifests only, "
+                                      "and there always")
+            if per_head:
+                if seq.groups is not None and any(g.state for g in seq.groups):
+                    raise InvalidManifest(f"state groups belong in {FORMAT_STATE} manifests only")
+                continue
             if (seq.groups is not None) != grouped:
                 raise InvalidManifest(
                     f"a {self.format} manifest's sequences "
@@ -378,6 +434,8 @@ class Manifest:
                 stored["groups"] = [g.to_dict() for g in s.groups]
             if s.paged_tokens is not None:
                 stored["paged_tokens"] = s.paged_tokens
+            if s.heads is not None:
+                stored["heads"] = s.heads
             d["sequences"].append(stored)
         return d
 
@@ -420,7 +478,7 @@ class Manifest:
                 )
             groups = _parse_groups(s["groups"]) if "groups" in s else None
             sequences.append(SnapshotSequence(TokenRef.from_dict(s["tokens"]), pages, groups,
-                                              s.get("paged_tokens")))
+                                              s.get("paged_tokens"), s.get("heads")))
         return cls(**head, sequences=sequences)
 
 
@@ -457,16 +515,28 @@ def stored_sequences(d: Mapping[str, Any]) -> list[dict[str, Any]]:
     seqs = d.get("sequences")
     if not isinstance(seqs, list):
         raise InvalidManifest("sequences must be a list")
+    per_head = d.get("format") == FORMAT_HEADS
     grouped = d.get("format") in GROUPED_FORMATS
     keys = {"tokens", "pages", "groups"} if grouped else {"tokens", "pages"}
+    if per_head:
+        keys = {"tokens", "pages", "heads"}
+    optional = {"paged_tokens", "groups"} if per_head else {"paged_tokens"}
     for s in seqs:
-        if not isinstance(s, Mapping) or set(s) - {"paged_tokens"} != keys:
+        if not isinstance(s, Mapping) or set(s) - optional != keys:
             raise InvalidManifest(f"a stored sequence is {{{', '.join(sorted(keys))}}} "
-                                  "(and paged_tokens when its tail has no page)")
+                                  f"(and {' or '.join(sorted(optional))} where it has them)")
         tokens = TokenRef.from_dict(s["tokens"], "tokens")
         TokenRef.from_dict(s["pages"], "pages")
+        heads = _check_heads(s["heads"]) if per_head else 1
+        if s["pages"]["count"] % heads:
+            raise InvalidManifest(f"a page table of {s['pages']['count']} entries is not whole "
+                                  f"blocks of {heads} heads")
         if "paged_tokens" in s:
             _check_paged(s["paged_tokens"], tokens.count)
-        if grouped and sum(g.count for g in _parse_groups(s["groups"])) != s["pages"]["count"]:
-            raise InvalidManifest("a sequence's groups do not add up to its page table")
+        if "groups" in s:
+            groups = _parse_groups(s["groups"])
+            if per_head and any(g.state for g in groups):
+                raise InvalidManifest(f"state groups belong in {FORMAT_STATE} manifests only")
+            if sum(g.count for g in groups) * heads != s["pages"]["count"]:
+                raise InvalidManifest("a sequence's groups do not add up to its page table")
     return seqs  # type: ignore[return-value]

@@ -25,12 +25,13 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from processfork.plugin.tp_ranks import RankHeads
 
 BLOCK = 16
 LAYERS = 2
@@ -199,7 +200,11 @@ class Engine:
         num_blocks: int = 64,
         max_num_batched_tokens: int = 256,
         worker_extra: dict[str, Any] | None = None,
+        tp_size: int = 1,
     ):
+        """``tp_size`` > 1: the engine poses as that many tensor-parallel ranks of a model of
+        ``KV_HEADS * tp_size`` KV heads, each rank a worker of its own over the same tensors
+        (so every rank's heads hold the bytes the fake forward pass writes)."""
         from processfork.plugin.connector import ProcessForkConnector
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
         from vllm.utils.hashing import sha256
@@ -244,8 +249,15 @@ class Engine:
         self.connector = self.scheduler.connector
         assert isinstance(self.connector, ProcessForkConnector)
         self.kv = FakeKVCache(num_blocks)
-        self.worker = ProcessForkConnector(cfg, KVConnectorRole.WORKER, kv_cache_config)
-        self.worker.register_kv_caches(self.kv.layers)
+        self.workers = [ProcessForkConnector(cfg, KVConnectorRole.WORKER, kv_cache_config)
+                        for _ in range(tp_size)]
+        for rank, worker in enumerate(self.workers):
+            worker.register_kv_caches(self.kv.layers)
+            if tp_size > 1:
+                worker._worker.rank_heads = RankHeads(KV_HEADS * tp_size, tp_size, rank)
+        self.worker = self.workers[0]
+        if tp_size > 1:
+            _record_tp(store_path, cfg.kv_transfer_config.engine_id, tp_size)
         init_none_hash(sha256)
         self._hasher = get_request_block_hasher(BLOCK, sha256)
         self.auth: str = cfg.kv_transfer_config.engine_id
@@ -322,21 +334,28 @@ class Engine:
 
         out = self.scheduler.schedule()
         # The worker hooks in the order of vLLM's KVConnectorModelRunnerMixin.
-        worker = self.worker
-        worker.bind_connector_metadata(out.kv_connector_metadata)
-        if out.has_sync_kv_loads:
-            worker.start_load_kv(None)  # type: ignore[arg-type]
+        workers = self.workers
+        for worker in workers:
+            worker.bind_connector_metadata(out.kv_connector_metadata)
+            if out.has_sync_kv_loads:
+                worker.start_load_kv(None)  # type: ignore[arg-type]
         if self.before_forward is not None:
             self.before_forward(out)
         for layer, name in enumerate(LAYER_NAMES):
-            worker.wait_for_layer_load(name)
+            for worker in workers:
+                worker.wait_for_layer_load(name)
             self._forward_layer(out, layer)
-        if not out.has_sync_kv_loads:
-            worker.start_load_kv(None)  # type: ignore[arg-type]
-        worker.wait_for_save()
-        transfers = worker.get_transfer_results(out.finished_req_ids)
-        invalid = worker.get_block_ids_with_load_errors()
-        worker.clear_connector_metadata()
+        invalid: set[int] = set()
+        for worker in workers:
+            if not out.has_sync_kv_loads:
+                worker.start_load_kv(None)  # type: ignore[arg-type]
+            worker.wait_for_save()
+            # vLLM reports what the first rank reports of sending, and every rank's load errors.
+            rank_transfers = worker.get_transfer_results(out.finished_req_ids)
+            if worker is self.worker:
+                transfers = rank_transfers
+            invalid |= worker.get_block_ids_with_load_errors()
+            worker.clear_connector_metadata()
 
         req_ids = list(out.num_scheduled_tokens)
         sampled = []
@@ -457,7 +476,22 @@ class Engine:
         return self.worker._worker
 
     def close(self) -> None:
-        self.worker.shutdown()
+        for worker in self.workers:
+            worker.shutdown()
+
+
+def _record_tp(store_path: Path, engine_id: str, tp_size: int) -> None:
+    """The engine's record as a TP-``tp_size`` engine's workers write it: its TP size and the
+    model's KV heads, not one rank's share."""
+    from processfork.plugin.jobs import EngineRecord, engine_meta_key
+    from processfork.store import Store
+
+    with Store(str(store_path)) as store:
+        record = EngineRecord.from_json(store.meta_get(engine_meta_key(engine_id)))
+        fingerprint = replace(record.fingerprint, tp_size=tp_size,
+                              num_kv_heads=KV_HEADS * tp_size)
+        store.meta_put(engine_meta_key(engine_id), replace(record, fingerprint=fingerprint)
+                       .to_json())
 
 
 # --- the part of vLLM's EngineClient that Control uses ----------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,9 @@ def test_help_defers_markdown_and_tracebacks_until_used(tmp_path: Path, args: li
     help page, which opens no store, without logging), and its Markdown and Traceback still work,
     as the real classes, when something uses them."""
     env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "NO_COLOR": "1",
-           "PF_STORE": str(tmp_path / "none")}
+           "PF_STORE": str(tmp_path / "none"),
+           # The code under test, where it is not the installed copy.
+           **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}}
     done = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
                           env=env, timeout=120, check=False)
     assert done.returncode == 0, done.stderr

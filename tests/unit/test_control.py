@@ -229,3 +229,4 @@ def test_the_engine_client_stand_in_ends_aborted_requests_like_vllm(engine):
     assert final.finished and final.kv_transfer_params is None
     assert engine.finished["r1"].finish_reason == "abort"
     engine.assert_no_leaks()
+

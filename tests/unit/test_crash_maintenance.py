@@ -296,8 +296,9 @@ def test_gc_killed_mid_sweep_leaves_a_consistent_store(gc_store, tmp_path, proce
 
 def test_gc_drops_the_job_record_of_a_killed_writer(tmp_path):
     """A server killed after a snapshot job's last save and before the commit leaves the job's
-    pin and its final record (`job:<id>`), which commit in one transaction. gc drops both; the
-    record of a live writer's job and other meta records stay."""
+    pin and its final record (`job:<id>`), which commit in one transaction. gc drops both, and
+    the record another tensor-parallel rank wrote for the job (`job:<id>.r1`); the records of a
+    live writer's job and other meta records stay."""
     path = tmp_path / "store"
     dead, live = "a" * 32, "b" * 32
 
@@ -312,16 +313,19 @@ def test_gc_drops_the_job_record_of_a_killed_writer(tmp_path):
         "with Store(sys.argv[1]) as s:\n"
         "    s.put_pages([os.urandom(256), os.urandom(256)], pin=sys.argv[2],\n"
         "                meta=lambda r: {'job:' + sys.argv[2]: {'final': True, 'blocks': 1}})\n"
+        "    s.meta_put('job:' + sys.argv[2] + '.r1', {'final': True, 'blocks': 1})\n"
     )
     subprocess.run([sys.executable, "-c", writer, str(path), dead], check=True)
     with Store(path) as store:
         store.put_pages(random_pages(2), pin=live, meta=lambda r: {f"job:{live}": record(r)})
+        store.meta_put(f"job:{live}.r1", {"final": True, "blocks": 1})
         store.meta_put("engine:0", {"model": "test"})
         assert store.list_pins()[dead].owner_dead()
         stats = store.gc(prune="now")
         assert (stats.removed_pins, stats.removed_pages) == (1, 2)
         assert set(store.list_pins()) == {live}
-        assert set(store.meta_items()) == {"format", f"job:{live}", "engine:0"}
+        assert set(store.meta_items()) == {"format", f"job:{live}", f"job:{live}.r1",
+                                           "engine:0"}
         assert list(store.fsck()) == []
 
 

@@ -84,6 +84,35 @@ def test_frontend_is_kept_off_the_worker_cores():
     assert build_plan("m", [], store="/tmp/s", env={}, cpu=False).frontend_cpus is None
 
 
+@pytest.mark.parametrize(("cores", "args", "threads", "bind", "frontend"), [
+    # Each rank gets its share of the cores a TP-1 worker would have; the rest are the frontend's.
+    (8, ["--tensor-parallel-size", "2"], None, "0-2|3-5", [6, 7]),
+    (8, ["-tp", "2"], 4, "0-1|2-3", [4, 5, 6, 7]),
+    (8, ["--tensor-parallel-size=4"], None, "0|1|2|3", [4, 5, 6, 7]),
+    # Two ranks on two cores: one core each, the frontend shares them.
+    (2, ["--tensor-parallel-size", "2"], None, "0|1", None),
+    (4, ["--tensor-parallel-size", "1"], None, "0-2", [3]),
+])
+def test_each_tensor_parallel_rank_gets_its_own_cores(monkeypatch, cores, args, threads, bind,
+                                                      frontend):
+    monkeypatch.setattr(launch_plan, "_allowed_cpus", lambda: list(range(cores)))
+    plan = _plan(*args, threads=threads)
+    assert plan.env["VLLM_CPU_OMP_THREADS_BIND"] == bind
+    assert plan.frontend_cpus == frontend
+
+
+@pytest.mark.parametrize(("cores", "args", "threads", "message"), [
+    (2, ["--tensor-parallel-size", "4"], None, "needs a core per rank"),
+    (8, ["--tensor-parallel-size", "2"], 1, "needs a core per rank"),
+    (8, ["--tensor-parallel-size", "two"], None, "positive integer"),
+])
+def test_a_tensor_parallel_size_without_a_core_per_rank_is_refused(monkeypatch, cores, args,
+                                                                    threads, message):
+    monkeypatch.setattr(launch_plan, "_allowed_cpus", lambda: list(range(cores)))
+    with pytest.raises(ValueError, match=message):
+        _plan(*args, threads=threads)
+
+
 def test_frontend_affinity_reaches_the_server_process():
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
@@ -143,3 +172,22 @@ def test_pf_serve_rejects_too_many_threads():
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "--threads" in result.stderr
+
+
+def test_host_tier_reaches_the_connector_config_of_a_gpu_plan():
+    plan = build_plan("m", [], store="/tmp/s", env={}, cpu=False, host_tier_mib=16 * 1024)
+    assert _kv_config(plan.vllm_args)["kv_connector_extra_config"]["host_tier_mib"] == 16384
+    plain = build_plan("m", [], store="/tmp/s", env={}, cpu=False)
+    assert "host_tier_mib" not in _kv_config(plain.vllm_args)["kv_connector_extra_config"]
+
+
+def test_pf_serve_host_tier_is_ignored_with_a_warning_on_the_cpu_build(tmp_path):
+    # This suite runs on vLLM's CPU build, where pages go straight into the KV blocks.
+    result = _pf("serve", "m", "--host-tier", "2", "--print-command",
+                 env={"PF_STORE": str(tmp_path / "store")})
+    assert result.returncode == 0, result.stderr
+    assert "--host-tier" in result.stderr
+    extra = _kv_config(shlex.split(result.stdout))["kv_connector_extra_config"]
+    assert "host_tier_mib" not in extra
+    bad = _pf("serve", "m", "--host-tier", "-1", "--print-command")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr

@@ -225,9 +225,9 @@ def test_format_record_is_written_and_checked(tmp_path):
     assert record["format"] == "paged-batchinvariant-v1" and record["version"] == 1
     assert record["created"].endswith("Z")
     with env.begin(write=True) as txn:
-        txn.put(b"format", json.dumps({**record, "version": 4}).encode(), db=meta)
+        txn.put(b"format", json.dumps({**record, "version": 5}).encode(), db=meta)
     env.close()
-    with pytest.raises(UnsupportedFormat, match="version 4"):
+    with pytest.raises(UnsupportedFormat, match="version 5"):
         Store(path)
     with pytest.raises(UnsupportedFormat):
         Store(path, readonly=True)
