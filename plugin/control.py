@@ -473,6 +473,12 @@ class Control:
             raise ApiError(409, "pages_not_stored",
                            f"sequence {index} of snapshot {cid[:19]} has pages for its first "
                            f"{stored} blocks, but a checkout of its {count} tokens loads {needed}")
+        if needed and any(g.state and not g.count for g in seq.groups or ()):
+            # A session turn whose state the engine never held on its own stores none: its
+            # attention blocks without the state at the split point would resume wrongly.
+            raise ApiError(409, "pages_not_stored",
+                           f"sequence {index} of snapshot {cid[:19]} stores no state at its "
+                           f"split point ({needed * self.block_size} tokens)")
 
     async def _resolve_or_fetch(self, rev: str) -> str:
         """The cid `rev` names. With a remote (`pf serve --remote`), a full cid or a ref the

@@ -178,6 +178,21 @@ class GroupLayout:
             for g in data
         ))
 
+    def resume_blocks(self, stored: Sequence[Any], blocks: int, block_size: int) -> int:
+        """How many of a stored sequence's first ``blocks`` blocks a request can resume after,
+        given what each group stores (``stored``: each group's ``first`` and ``count``):
+        ``blocks``, or fewer where a state group holds the state at an earlier split point (a
+        session turn that ends on a block boundary stores the state a block before its end);
+        0 where some group lacks what a request resuming there reads."""
+        for part, spec in zip(stored, self.groups, strict=True):
+            if spec.is_state and part.count == 1 and part.first + 1 < blocks:
+                blocks = part.first + 1
+        split = blocks * block_size
+        if all(spec.stores_split(part.first, part.count, split, block_size)
+               for part, spec in zip(stored, self.groups)):
+            return blocks
+        return 0
+
     def stored_ranges(self, num_tokens: int, block_size: int) -> list[tuple[int, int]]:
         """Per group, the blocks ``[first, end)`` a snapshot of ``num_tokens`` tokens stores.
 

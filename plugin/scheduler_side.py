@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from vllm.logger import init_logger
@@ -34,7 +34,13 @@ from .jobs import (
 from .kv_groups import FULL_ATTENTION, GroupLayout, group_job
 from .prefix_lookup import RESTORE_JOB_PREFIX, PrefixLookup
 from .remote_restore import PENDING, RemoteRestorer
-from .session_groups import finish_groups, let_go, plan_group_step, start_groups
+from .session_groups import (
+    finish_groups,
+    hold_offered,
+    let_go,
+    plan_group_step,
+    start_groups,
+)
 from .sessions import DEFAULT_PREFIX, SessionCommitter, SessionState, TurnSpec, session_ref
 
 if TYPE_CHECKING:
@@ -148,10 +154,8 @@ class SchedulerSide:
         if store_path is not None and (auto_restore or sessions):
             self.lookup = PrefixLookup(store_path, self.auth, self.block_size)
         if sessions and self.layout.has_state:
-            logger.warning("processfork: no session commits: this model has a per-sequence "
-                           "state (Mamba) group, which session turns do not store yet; "
-                           "snapshots, checkouts and transparent restores work")
-            sessions = False
+            logger.info("processfork: session turns store each turn's state (Mamba) at its "
+                        "split point, from the block the engine holds it in")
         if sessions and self.lookup is not None:
             self.committer = SessionCommitter(self.lookup.store, session_prefix)
         # Transparent restores through the remote (plugin/remote_restore.py): request id -> the
@@ -309,7 +313,7 @@ class SchedulerSide:
             )
             if hit is not None and self.grouped:
                 hit = self._window_stored(hit)
-            if hit is None:
+            if hit is None or hit.blocks <= first:
                 if state is not None:
                     state.local_tokens = num_computed_tokens
                 return 0
@@ -326,7 +330,9 @@ class SchedulerSide:
         """A stored prefix of a model with several KV-cache groups, if every group stored the
         blocks a request resuming after it reads; else None, and the request computes. A
         sliding-window group keeps only the window of its own sequence's end, so a request that
-        shares a prefix well short of that end finds none of its window there."""
+        shares a prefix well short of that end finds none of its window there. A state group
+        stores the state at one split point only: a hit that runs past it resumes there (a
+        session turn that ends on a block boundary stores the state a block before its end)."""
         assert self.lookup is not None
         try:
             groups = self._manifest(hit.cid).sequences[hit.seq].groups
@@ -335,11 +341,8 @@ class SchedulerSide:
             return None
         if groups is None or len(groups) != len(self.layout.groups):
             return None
-        split = hit.blocks * self.block_size
-        for stored, spec in zip(groups, self.layout.groups):
-            if not spec.stores_split(stored.first, stored.count, split, self.block_size):
-                return None
-        return hit
+        blocks = self.layout.resume_blocks(groups, hit.blocks, self.block_size)
+        return replace(hit, blocks=blocks) if blocks else None
 
     def _save_resident(self, request: Request) -> bool:
         """Plan a save that needs no forward pass, when the prefix cache holds every block.
@@ -507,6 +510,8 @@ class SchedulerSide:
         """Hand the worker every block of a session request (prompt or output) that becomes
         complete in this step, under a job of the step's own."""
         scheduled = scheduler_output.num_scheduled_tokens
+        if self.layout.has_state:
+            self._hold_offered(scheduler_output)
         for req_id, state, computed_before in _track_blocks(scheduler_output, self._sessions):
             request = self._live.get(req_id)
             if request is None:
@@ -528,6 +533,16 @@ class SchedulerSide:
                                       final=True, background=True))
             state.steps.append(job)
             state.next_block = end
+
+    def _hold_offered(self, scheduler_output: SchedulerOutput) -> None:
+        """Hold the boundary states vLLM hands over for session requests (0.32 and later;
+        ``plugin/session_groups.py`` says why)."""
+        block_state = getattr(scheduler_output, "kv_connector_block_state", None)
+        offers = getattr(block_state, "boundary_state_offloads", None) or {}
+        for req_id, offered in offers.items():
+            state = self._sessions.get(req_id)
+            if state is not None and state.held is not None and self._block_pool is not None:
+                hold_offered(state, self.layout, self.block_size, self._block_pool, offered)
 
     def _plan_save(
         self,

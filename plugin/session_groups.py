@@ -17,6 +17,25 @@ still read one of them. So:
 - when the request finishes, the window's blocks that the turn's stored prefix (its base) does
   not hold are handed to the worker in the next step, from the request's blocks (vLLM keeps them
   until the worker reports them copied) or from the held ones, which are let go then.
+
+A state group (Mamba, vLLM's ``align`` mode) stores one block: the state at the turn's split
+point. Its block table holds the state after exactly ``(p + 1) * block_size`` tokens in slot
+``p`` once a step's computation ends on that boundary (a prefill chunk ends there, or a decode
+step computes its last token); the next step copies it into the next slot and computes on from
+there, so the block keeps that state, and vLLM frees it when the step after that is scheduled.
+A request admitted with a prefix hit (or a load) on a boundary has the state there in the hit's
+block. So:
+
+- in each step that ends on a boundary, or starts on one after an admission, the block that
+  holds the state there is *held*: the two latest such states, as the turn's split point is the
+  last boundary before its last computed token, one block earlier when that token ends a block.
+  So is each boundary state vLLM hands a connector by its block (vLLM 0.32 and later:
+  ``kv_connector_block_state.boundary_state_offloads``), which names the state an engine that
+  prefills several blocks in one step exports at the prompt's last boundary inside the chunk;
+- when the request finishes, the held state at the split point is handed to the worker in the
+  next step (or the base's, when the stored prefix holds that very state). A state the engine
+  never held on its own (a prefill chunk that ran past the split point: vLLM keeps no state
+  inside a chunk) is not stored: the turn's state group says so, and no restore resumes from it.
 """
 
 from __future__ import annotations
@@ -33,8 +52,8 @@ if TYPE_CHECKING:
 
     from .sessions import SessionState
 
-__all__ = ["GroupFinish", "TurnGroupSpec", "finish_groups", "let_go", "plan_group_step",
-           "start_groups", "step_job"]
+__all__ = ["GroupFinish", "TurnGroupSpec", "finish_groups", "hold_offered", "let_go",
+           "plan_group_step", "start_groups", "step_job"]
 
 logger = logging.getLogger("processfork.plugin.sessions")
 
@@ -49,6 +68,7 @@ class TurnGroupSpec:
     base_blocks: int
     end: int
     steps: list[str]
+    state: bool = False  # a state group: at most one block, the state at the split point
 
 
 @dataclass
@@ -79,7 +99,8 @@ def plan_group_step(state: SessionState, layout: GroupLayout, block_size: int, p
                     req_id: str, num_prompt: int, computed_before: int,
                     computed: int) -> list[SaveJob]:
     """This step's saves of a session request's full-attention groups (the blocks complete
-    after it), and the holds of its sliding-window groups' blocks (see the module's doc)."""
+    after it), and the holds of its sliding-window groups' blocks and of its state groups'
+    states at block boundaries (see the module's doc)."""
     assert state.group_ids is not None and state.held is not None
     saves: list[SaveJob] = []
     null = pool.null_block.block_id
@@ -90,6 +111,9 @@ def plan_group_step(state: SessionState, layout: GroupLayout, block_size: int, p
     split = (earliest - 1) // block_size * block_size
     for g, spec in enumerate(layout.groups):
         table = state.group_ids[g]
+        if spec.is_state:
+            _hold_states(state, g, table, pool, block_size, computed_before, computed)
+            continue
         if spec.kind == FULL_ATTENTION:
             start, end = state.group_next[g], min(whole, len(table))
             if end <= start:
@@ -121,6 +145,81 @@ def plan_group_step(state: SessionState, layout: GroupLayout, block_size: int, p
     return saves
 
 
+def _hold_states(state: SessionState, g: int, table: list[int], pool: BlockPool,
+                 block_size: int, computed_before: int, computed: int) -> None:
+    """Hold the blocks of a state group that hold the state at a block boundary in this step:
+    the boundary the step starts on (the hit's block, after an admission; held already when an
+    earlier step ended there) and the one it ends on (the running block, which holds that state
+    once the step's forward pass is done). Only the two latest states are kept."""
+    assert state.held is not None
+    null = pool.null_block.block_id
+    for tokens in (computed_before, computed):
+        slot = tokens // block_size - 1
+        if tokens % block_size or slot < 0 or (g, slot) in state.held or slot >= len(table):
+            continue
+        if table[slot] == null:  # never expected: the request holds the state it resumes from
+            continue
+        block = pool.blocks[table[slot]]
+        if block.ref_cnt <= 0:  # freed already: no longer the request's
+            continue
+        pool.touch([block])
+        state.held[(g, slot)] = block
+    _keep_latest(state, g, pool)
+
+
+def _keep_latest(state: SessionState, g: int, pool: BlockPool) -> None:
+    """Let go of every held state of group ``g`` but the two latest: the turn's split point is
+    the latest boundary it reached, or the one before when its last token ends a block."""
+    assert state.held is not None
+    for key in sorted(k for k in state.held if k[0] == g)[:-2]:
+        let_go(pool, [state.held.pop(key)])
+
+
+def hold_offered(state: SessionState, layout: GroupLayout, block_size: int, pool: BlockPool,
+                 offers: list[tuple[int, int, int]]) -> None:
+    """Hold the boundary states vLLM hands over for a session request: ``(group, block id,
+    tokens)``, the block holding the state after exactly ``tokens`` tokens, committed by the
+    step that offers it. vLLM does not keep it for the request, so it is held as soon as it is
+    offered, before any later step can give it to another request."""
+    assert state.held is not None
+    for g, block_id, tokens in offers:
+        if g >= len(layout.groups) or not layout.groups[g].is_state:
+            continue
+        if tokens <= 0 or tokens % block_size:
+            continue  # a state inside a block: no split point of a turn
+        key = (g, tokens // block_size - 1)
+        old = state.held.get(key)
+        if old is not None and old.block_id == block_id:
+            continue
+        block = pool.blocks[block_id]
+        pool.touch([block])
+        if old is not None:
+            let_go(pool, [old])  # vLLM's hand-off names the block exactly
+        state.held[key] = block
+        _keep_latest(state, g, pool)
+
+
+def _state_group(state: SessionState, g: int, first: int, end: int, req_id: str,
+                 base_state: tuple[int, int] | None) -> tuple[TurnGroupSpec, SaveJob | None, Any]:
+    """A finished turn's state group: the state at its split point (slot ``first``), from the
+    base when the stored prefix holds that very state, else from the held block (saved in the
+    next step); none when the engine never held it (``first == end``, nothing stored)."""
+    assert state.held is not None
+    if end == 0:  # the split point is 0: there is no state to store
+        return TurnGroupSpec(0, 0, 0, [], state=True), None, None
+    if base_state == (first, end):
+        return TurnGroupSpec(first, 1, end, [], state=True), None, None
+    held = state.held.get((g, first))
+    if held is None:
+        logger.info("processfork: session %s: the engine never held the state after block %d "
+                    "on its own; the turn stores no state", state.ref, end - 1)
+        return TurnGroupSpec(end, 0, end, [], state=True), None, None
+    job = step_job(state.job, g, first)
+    save = SaveJob(job=job, req_id=req_id, first_block=first, block_ids=[held.block_id],
+                   final=True, background=True, release=True, state_group=g)
+    return TurnGroupSpec(first, 0, end, [job], state=True), save, held
+
+
 def finish_groups(state: SessionState, layout: GroupLayout, block_size: int, pool: BlockPool,
                   req_id: str, count: int, block_ids: tuple[list[int], ...] | None,
                   base_ranges: list[tuple[int, int]] | None) -> GroupFinish | None:
@@ -139,6 +238,14 @@ def finish_groups(state: SessionState, layout: GroupLayout, block_size: int, poo
     for g, spec in enumerate(layout.groups):
         if spec.kind == FULL_ATTENTION:
             groups.append(TurnGroupSpec(0, base, whole, list(state.group_steps[g])))
+            continue
+        if spec.is_state:
+            stored = base_ranges[g] if base_ranges is not None and base >= ranges[g][1] else None
+            group, save, held = _state_group(state, g, *ranges[g], req_id, stored)
+            groups.append(group)
+            if save is not None:
+                saves.append(save)
+                copied.append(held)
             continue
         first = min(ranges[g][0], whole)
         reuse = 0

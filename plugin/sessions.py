@@ -172,7 +172,7 @@ class SessionCommitter:
                         raise RuntimeError(
                             f"KV-cache group {g}: {part.base_blocks + len(saved)} blocks for its "
                             f"blocks {part.first}-{part.end - 1}")
-                    groups.append(TurnGroup(part.first, part.base_blocks, saved))
+                    groups.append(TurnGroup(part.first, part.base_blocks, saved, part.state))
                 saved_blocks = sum(len(g.pages) for g in groups)
             else:
                 pages = self._pages_of(spec.steps)

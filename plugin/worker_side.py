@@ -523,6 +523,8 @@ class WorkerSide:
             return
         n = len(job.block_ids)
         pages: list[tuple[bytes | None, Any]] = []
+        # A state block's padding is zeroed before it is hashed, as in any save of one.
+        state = None if job.state_group is None else self._state_masks[job.state_group]
         if self._staged is not None:
             def keep(items: list[tuple[bytes, memoryview | None]], blocks: int,
                      last: bool) -> None:
@@ -530,12 +532,15 @@ class WorkerSide:
 
             # Every page copied, none left to the store's copy: the write comes later, when a
             # page seen in the store now may have been collected.
-            self._staged.save(job.block_ids, None, keep)
+            self._staged.save(job.block_ids, None, keep,
+                              mask=None if state is None else state.apply)
         else:
             assert self._views is not None
             out = np.empty((2 * n, self.codec.page_bytes), dtype=np.uint8)
             for i, block in enumerate(job.block_ids):
                 self._views.gather(block, out[2 * i], out[2 * i + 1])
+                if state is not None:
+                    state.apply(out[2 * i], out[2 * i + 1])
             pages = [(None, out[i]) for i in range(2 * n)]
 
         def meta(result: PutResult) -> dict[str, Any]:

@@ -237,11 +237,13 @@ def _check_sequence(
     heads = s.get("heads", 1)  # page pairs per block: one per KV head in a v4 manifest
     if needed is not None and "groups" in s:
         # Each KV-cache group stores a run of blocks that ends with the sequence's last block;
-        # a state group the one state at the split point, the block before the last one.
-        split = (paged - 1) // block_size if paged else 0
+        # a state group the one state at the split point (the last whole block before the last
+        # token), or none: a session turn whose state the engine never held on its own.
+        split = (tok["count"] - 1) // block_size if tok["count"] else 0
         ends = [g["first"] + g["count"] for g in s["groups"]]
         wanted = [(split if g.get("state") else needed) for g in s["groups"]]
-        states_ok = all(g["count"] == (1 if split else 0) for g in s["groups"] if g.get("state"))
+        states_ok = all(g["count"] in ((0, 1) if split else (0,))
+                        for g in s["groups"] if g.get("state"))
         if ends != wanted or not states_ok:
             yield FsckIssue(
                 "bad-block-count",

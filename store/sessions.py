@@ -8,7 +8,8 @@ otherwise the turn starts a new line of history, and the reflog says so.
 
 A model with several KV-cache groups commits a grouped manifest: per group, a run of blocks
 whose first ones may be pages of the same group of the stored prefix, the others saved by the
-engine (a sliding-window group stores only its window, docs/format.md).
+engine (a sliding-window group stores only its window, a state group the one state at the
+split point, or none: docs/format.md).
 
 Everything happens in ONE write transaction, like `write_snapshot`: the token blob, the page
 table, the manifest, its index entries, the ref (compare-and-swap against what the transaction
@@ -31,6 +32,7 @@ from processfork.store.errors import MissingObject
 from processfork.store.manifest import (
     FORMAT,
     FORMAT_GROUPED,
+    FORMAT_STATE,
     InvalidManifest,
     Manifest,
     PageGroup,
@@ -96,6 +98,8 @@ class TurnGroup:
     first: int
     base_blocks: int
     pages: list[tuple[str, str]]
+    #: A state group (its one block, if any, the state at the split point: docs/format.md).
+    state: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,7 @@ def commit_turn(env: Env, turn: SessionTurn, *, now: float | None = None) -> Tur
                 new_line = True
         _objects.put_blob(txn, dbs, token_digest, token_bytes, t_us)
         manifest = Manifest(
-            format=FORMAT if groups is None else FORMAT_GROUPED,
+            format=_format(groups),
             name=turn.ref,
             parents=[parent] if parent else [],
             fingerprint=dict(turn.fingerprint),
@@ -194,6 +198,13 @@ def commit_turn(env: Env, turn: SessionTurn, *, now: float | None = None) -> Tur
 
     return env.write(run)
 
+
+
+def _format(groups: Sequence[PageGroup] | None) -> str:
+    """One group, several, or several of which one keeps a per-sequence state."""
+    if groups is None:
+        return FORMAT
+    return FORMAT_STATE if any(g.state for g in groups) else FORMAT_GROUPED
 
 
 def _turn_pages(txn: lmdb.Transaction, dbs: dict[str, Any], turn: SessionTurn
@@ -225,5 +236,5 @@ def _turn_pages(txn: lmdb.Transaction, dbs: dict[str, Any], turn: SessionTurn
             taken = list(stored[at : at + part.base_blocks])
         taken += part.pages
         pages += taken
-        groups.append(PageGroup(part.first, len(taken)))
+        groups.append(PageGroup(part.first, len(taken), part.state))
     return pages, groups

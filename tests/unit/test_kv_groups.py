@@ -13,6 +13,7 @@ from processfork.plugin.kv_groups import (
     UnsupportedGroups,
     group_job,
 )
+from processfork.store.manifest import PageGroup
 from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheConfig,
@@ -92,6 +93,22 @@ def test_a_state_group_stores_the_state_at_the_split_point():
     assert state.stores_split(8, 1, 288, 32)
     assert not state.stores_split(8, 1, 256, 32)  # only the state at 288 is stored
     assert not state.stores_split(0, 0, 0, 32)
+
+
+def test_a_stored_prefix_resumes_where_its_state_is():
+    layout = GroupLayout.from_fingerprint([
+        {"kind": "mamba", "layers": [0], "state": [{"dtype": "float32", "shape": [4]}]},
+        {"kind": "full_attention", "layers": [1]},
+    ])
+    stored = [PageGroup(8, 1, True), PageGroup(0, 10)]
+    assert layout.resume_blocks(stored, 9, 32) == 9  # the state at 288: where it resumes
+    # A request that shares all 10 blocks (a session turn ending on a block boundary stores
+    # the state a block before its end) resumes at the state's split point.
+    assert layout.resume_blocks(stored, 10, 32) == 9
+    # One that shares fewer blocks than the state's split finds no state there.
+    assert layout.resume_blocks(stored, 5, 32) == 0
+    # A turn whose state was never held stores none: nothing to resume from.
+    assert layout.resume_blocks([PageGroup(9, 0, True), PageGroup(0, 10)], 10, 32) == 0
 
 
 def test_group_jobs_keep_the_snapshot_job_for_group_zero():

@@ -189,11 +189,13 @@ def _state_worker(vllm_config, tmp_path, page_path: str, state_shape: list[int],
 
 @pytest.mark.parametrize("path", ["direct", "staged"])
 @pytest.mark.parametrize("split", [None, 400], ids=["byte-view", "per-tensor-views"])
+@pytest.mark.parametrize("background", [False, True], ids=["snapshot", "session-turn"])
 def test_a_state_block_is_saved_with_its_padding_zeroed_on_either_page_path(
-    vllm_config, tmp_path, path, split
+    vllm_config, tmp_path, path, split, background
 ):
     """1200 state bytes: all of head 0's K of the block and the start of its V. The pages hold
-    them where a gather puts them, and zeros elsewhere, whichever page path copies them."""
+    them where a gather puts them, and zeros elsewhere, whichever page path copies them, in a
+    snapshot's save or in a session turn's (copied in the step, written by the page writer)."""
     from processfork.plugin.jobs import SaveJob, StepPlan
 
     worker, caches, kv = _state_worker(vllm_config, tmp_path, path, [300], 1200, split)
@@ -204,7 +206,8 @@ def test_a_state_block_is_saved_with_its_padding_zeroed_on_either_page_path(
     state_bytes = kv.buffer[1, 3].view(torch.int8).view(-1)[:1200]
     expected[1, 3].view(torch.int8).view(-1)[:1200].copy_(state_bytes)
     worker.save(StepPlan(saves=[SaveJob(job="s", req_id="r", first_block=3, block_ids=[3],
-                                        final=True, state_group=0)]))
+                                        final=True, state_group=0, background=background)]))
+    worker.writer.flush()
     with Store(tmp_path / f"s-{path}") as store:
         record = JobRecord.from_json(store.meta_get(job_meta_key("s")))
         [(k, v)] = record.pages
