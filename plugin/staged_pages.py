@@ -41,6 +41,7 @@ import torch
 from processfork.store import Store, page_digest
 
 from .codec import PageCodec
+from .head_pages import split_heads
 from .host_tier import HostTier
 from .page_file import RUN_BYTES, PageFile
 
@@ -129,7 +130,8 @@ class StagedPagePath:
         # device copy or a hash. ``forget`` must be told of every block an engine step writes
         # afresh (plugin/scheduler_side.py ``fresh_blocks``), before the step's saves.
         self.remember = remember
-        self._known: dict[int, tuple[bytes, bytes]] = {}
+        # K, V of a whole block; K, V of each head in head order for pages of one KV head.
+        self._known: dict[int, tuple[bytes, ...]] = {}
         self.verify = verify
         self.page_bytes = codec.page_bytes
         self.cuda = codec.device.type == "cuda"
@@ -468,7 +470,8 @@ class StagedPagePath:
     def save(self, block_ids: Sequence[int], valid_in_last: int | None, commit: Commit,
              present: Callable[[list[bytes]], list[bool]] | None = None,
              reused: Callable[[int], None] | None = None,
-             mask: Callable[[np.ndarray, np.ndarray], None] | None = None) -> int:
+             mask: Callable[[np.ndarray, np.ndarray], None] | None = None,
+             heads: int = 0) -> int:
         """Gather blocks chunk by chunk and hand each chunk's hashed pages to ``commit``.
 
         ``commit`` runs on one writer thread, in chunk order (consecutive chunks that are ready
@@ -489,10 +492,18 @@ class StagedPagePath:
         ``mask(k_page, v_page)`` zeroes, in place and before hashing, what a block's pages must
         not keep (the padding of a Mamba state block), so they hash as the direct path's do.
 
+        ``heads`` > 0: pages of one KV head (format v4) of a tensor-parallel rank's ``heads``
+        heads, K then V of each head of each block, as ``head_pages.split_heads`` cuts them. The
+        cut is a permutation of the chunk's staged bytes done where they are gathered (on the
+        device before the copy to the host on a GPU), so the slot's rows hold the head pages.
+
         Returns how many blocks were named from memory, and tells ``reused`` that count before
         the first commit (whose ``commit`` may record it with the save's last pages).
         """
-        known = self._recall(block_ids, valid_in_last, present)
+        if heads and (mask is not None or self.tier is not None):
+            # Neither is cut into heads: the connector refuses both at TP > 1 at start.
+            raise ValueError("pages of one KV head are saved without a state mask or host tier")
+        known = self._recall(block_ids, valid_in_last, present, 2 * max(1, heads))
         if reused is not None:
             reused(sum(1 for k in known if k is not None))
         chunks = self._save_chunks(len(block_ids), known)
@@ -519,16 +530,21 @@ class StagedPagePath:
                 if slot.busy is not None:
                     slot.busy.result()  # its pages are hashed, and written if any were new
                     slot.busy = None
-                self._from_blocks(slot, ids)
                 tail = valid_in_last if last else None
-                if (tail is not None or mask is not None) and slot.done is not None:
-                    slot.done.synchronize()
-                if tail is not None:
+                if heads:
+                    self._from_blocks_by_head(slot, ids, tail)
+                else:
+                    self._from_blocks(slot, ids)
+                if tail is not None and not heads:
+                    if slot.done is not None:
+                        slot.done.synchronize()
                     self.codec.mask_tail(slot.host[len(ids) - 1], tail)
                 if mask is not None:
+                    if slot.done is not None:
+                        slot.done.synchronize()
                     for i in range(len(ids)):
                         mask(slot.rows[2 * i], slot.rows[2 * i + 1])
-                chunk = self._hash_in_pool(slot, len(ids), last, present)
+                chunk = self._hash_in_pool(slot, len(ids), last, present, max(1, heads))
                 chunk.ids = ids
                 slot.busy = chunk.released
                 pending.append(chunk)
@@ -550,23 +566,27 @@ class StagedPagePath:
         return sum(chunk.blocks for chunk in pending if chunk.rows is None)
 
     def _recall(self, block_ids: Sequence[int], valid_in_last: int | None,
-                present: Callable[[list[bytes]], list[bool]] | None,
-                ) -> list[tuple[bytes, bytes] | None]:
-        """Each block's remembered pages, where the store still holds both (one lookup for
-        all: a snapshot it deleted may have been collected since); None for the rest."""
+                present: Callable[[list[bytes]], list[bool]] | None, per_block: int = 2,
+                ) -> list[tuple[bytes, ...] | None]:
+        """Each block's remembered pages, where the store still holds them all (one lookup for
+        all: a snapshot it deleted may have been collected since); None for the rest, and for
+        blocks remembered as another number of pages than ``per_block``."""
         if not self.remember or present is None or not self._known:
             return [None] * len(block_ids)
         known = [self._known.get(block) for block in block_ids]
+        known = [pages if pages is not None and len(pages) == per_block else None
+                 for pages in known]
         if valid_in_last is not None and known:
             known[-1] = None  # a partial block is stored masked; the engine's block is not
         flat = [d for pair in known if pair is not None for d in pair]
         if not flat:
             return known
         stored = iter(present(flat))
-        return [pair if pair is not None and all([next(stored), next(stored)]) else None
-                for pair in known]
+        held = [None if pages is None else [next(stored) for _ in pages] for pages in known]
+        return [pages if flags is not None and all(flags) else None
+                for pages, flags in zip(known, held)]
 
-    def _save_chunks(self, n: int, known: list[tuple[bytes, bytes] | None]
+    def _save_chunks(self, n: int, known: list[tuple[bytes, ...] | None]
                      ) -> list[tuple[int, int]]:
         """Block ranges in save order: each run of remembered blocks whole, the other runs cut
         into chunks of one staging slot."""
@@ -585,7 +605,7 @@ class StagedPagePath:
         return chunks
 
     def _recalled_chunk(self, ids: list[int], last: bool,
-                        known: list[tuple[bytes, bytes] | None]) -> _SavedChunk:
+                        known: list[tuple[bytes, ...] | None]) -> _SavedChunk:
         digests = [d for pair in known if pair is not None for d in pair]
         chunk = _SavedChunk(None, len(ids), last, digests, ids=ids)
         chunk.hashed.set_result([True] * len(digests))
@@ -598,10 +618,11 @@ class StagedPagePath:
         for chunk in chunks:
             if chunk.rows is None:
                 continue
+            per = len(chunk.digests) // len(chunk.ids)  # 2, or 2 per head
             for j, block in enumerate(chunk.ids):
                 if chunk.last and valid_in_last is not None and j == len(chunk.ids) - 1:
                     continue  # stored masked: its page is not the block's bytes
-                self._known[block] = (chunk.digests[2 * j], chunk.digests[2 * j + 1])
+                self._known[block] = tuple(chunk.digests[per * j : per * (j + 1)])
 
     def _from_blocks(self, slot: _Slot, ids: list[int]) -> None:
         n = len(ids)
@@ -615,14 +636,35 @@ class StagedPagePath:
             slot.host[:n].copy_(dev, non_blocking=True)
             slot.done = self._record(slot.done)
 
+    def _from_blocks_by_head(self, slot: _Slot, ids: list[int], tail: int | None) -> None:
+        """``_from_blocks`` for pages of one KV head: the gathered blocks' tail masked and cut
+        into heads before they reach the host rows (the slot's bytes, in head-page order)."""
+        n = len(ids)
+        if self._stream is None:
+            staged = self.codec.gather(ids, slot.host[:n])
+            if tail is not None:
+                self.codec.mask_tail(staged[n - 1], tail)
+            slot.host[:n].view(-1).copy_(split_heads(self.codec, staged).view(-1))
+            return
+        assert slot.device is not None
+        with torch.cuda.stream(self._stream):
+            dev = slot.device[:n]
+            self.codec.gather_on_device(self._index(ids), dev)
+            if tail is not None:
+                self.codec.mask_tail(dev[n - 1], tail)
+            slot.host[:n].view(-1).copy_(split_heads(self.codec, dev).view(-1), non_blocking=True)
+            slot.done = self._record(slot.done)
+
     def _hash_in_pool(
         self, slot: _Slot, n: int, last: bool,
-        present: Callable[[list[bytes]], list[bool]] | None,
+        present: Callable[[list[bytes]], list[bool]] | None, heads: int = 1,
     ) -> _SavedChunk:
         """Hash a chunk's pages in the pool, each slice once the chunk's copy to the host is
-        done; the slice that ends last looks the digests up in the store."""
-        rows = slot.rows[: 2 * n]
-        chunk = _SavedChunk(rows, n, last, [b""] * (2 * n))
+        done; the slice that ends last looks the digests up in the store. ``heads`` > 1: the
+        rows are pages of one KV head, ``heads`` of them per whole-block page."""
+        rows = slot.rows[: 2 * n].reshape(2 * n * heads, -1)
+        count = len(rows)
+        chunk = _SavedChunk(rows, n, last, [b""] * count)
         copied = slot.done  # not recorded again before the slot is released
 
         def part(lo: int, hi: int) -> None:
@@ -633,7 +675,7 @@ class StagedPagePath:
             if self.tier is not None:
                 self._keep_in_tier(rows, chunk.digests, lo, hi)
 
-        parts = self._submit_slices(2 * n, part)
+        parts = self._submit_slices(count, part)
         left = [len(parts)]
 
         def settle(_: Future[None]) -> None:
@@ -644,7 +686,7 @@ class StagedPagePath:
             try:
                 for future in parts:
                     future.result()
-                stored = present(chunk.digests) if present is not None else [False] * (2 * n)
+                stored = present(chunk.digests) if present is not None else [False] * count
             except BaseException as exc:  # noqa: BLE001 - raised by the writer and by save
                 chunk.hashed.set_exception(exc)
                 chunk.released.set_exception(exc)

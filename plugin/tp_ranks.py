@@ -101,4 +101,6 @@ def gather_ranks(records: Sequence[JobRecord | None], total_heads: int) -> JobRe
         # A block is new when any of its heads' pages was: at least the most any rank saw.
         new_blocks=max(r.new_blocks for _, r in writers),
         bytes_written=sum(r.bytes_written for r in done),
+        # A block is named from memory, not copied, only where every rank named its heads so.
+        reused_blocks=min(r.reused_blocks for _, r in writers),
     )

@@ -216,7 +216,7 @@ class WorkerSide:
                                                   self.codec.v_views, views)
         direct = self.codec.device.type == "cpu" and self.page_path != "staged"
         if self.rank_heads.tp_size > 1:
-            _check_tensor_parallel(direct, bool(state_groups), self.host_tier_mib)
+            _check_tensor_parallel(bool(state_groups), self.host_tier_mib)
         if direct:
             if self.host_tier_mib:
                 logger.warning("processfork: host_tier_mib is ignored: the host tier serves the "
@@ -588,7 +588,7 @@ class WorkerSide:
                         self.store.put_pages_hashed(
                             items, pin=job.job, meta=meta if last else None
                         ),
-                        blocks,
+                        blocks, heads,
                     )
 
                 def reused(blocks: int) -> None:
@@ -597,7 +597,8 @@ class WorkerSide:
                 state = None if job.state_group is None else self._state_masks[job.state_group]
                 self._staged.save(job.block_ids, job.valid_in_last, commit,
                                   present=self.store.has_pages, reused=reused,
-                                  mask=None if state is None else state.apply)
+                                  mask=None if state is None else state.apply,
+                                  heads=heads if self.head_pages else 0)
             elif self.head_pages:
                 stats.add(self.store.put_pages_from(2 * n * heads, self._head_page_source(job),
                                                     pin=job.job, meta=meta), n, heads)
@@ -721,13 +722,12 @@ def _tp_rank(parallel: Any) -> int:
     return int(get_tensor_model_parallel_rank())
 
 
-def _check_tensor_parallel(direct: bool, state_groups: bool, host_tier_mib: int) -> None:
-    """Refuse, at start, what a rank of a tensor-parallel engine cannot save or load yet:
-    pages of one KV head move only through the CPU backend's direct page path."""
-    if not direct:
-        raise ValueError("processfork: at tensor_parallel_size > 1 pages move through the CPU "
-                         "backend's direct page path only: GPU engines, and page_path staged, "
-                         "are not supported at tensor_parallel_size > 1 yet")
+def _check_tensor_parallel(state_groups: bool, host_tier_mib: int) -> None:
+    """Refuse, at start, what a rank of a tensor-parallel engine cannot save or load yet. Both
+    page paths save and load pages of one KV head. The host tier stays refused: its file is one
+    per store and page size (host_tier.tier_file_path), so the ranks, whose shares have the
+    same page size, would claim the same file, and its loads copy whole-block pages into the
+    blocks where a rank must join pages of one head first."""
     if state_groups:
         raise ValueError("processfork: models with a Mamba (state) KV-cache group are not "
                          "supported at tensor_parallel_size > 1")

@@ -62,8 +62,9 @@ def _tp1_snapshot(engine: Engine, seq: list[int]) -> tuple[str, str]:
     return cid, whole
 
 
-def test_a_tp1_snapshot_checks_out_into_the_ranks_of_a_tp2_engine(make_engine):
-    engine: Engine = make_engine(worker_extra=PAGE_PATHS["direct"], tp_size=2)
+@pytest.mark.parametrize("path", ["direct", "staged"])
+def test_a_tp1_snapshot_checks_out_into_the_ranks_of_a_tp2_engine(make_engine, path):
+    engine: Engine = make_engine(worker_extra=PAGE_PATHS[path], tp_size=2)
     seq = tokens(100)
     _, whole = _tp1_snapshot(engine, seq)
     engine.forget_cache()
@@ -81,8 +82,9 @@ def test_a_tp1_snapshot_checks_out_into_the_ranks_of_a_tp2_engine(make_engine):
     engine.assert_no_leaks()
 
 
-def test_the_ranks_load_exactly_the_blocks_a_tp1_snapshot_holds(make_engine):
-    engine: Engine = make_engine(worker_extra=PAGE_PATHS["direct"], tp_size=2)
+@pytest.mark.parametrize("path", ["direct", "staged"])
+def test_the_ranks_load_exactly_the_blocks_a_tp1_snapshot_holds(make_engine, path):
+    engine: Engine = make_engine(worker_extra=PAGE_PATHS[path], tp_size=2)
     seq = tokens(200)
     _, whole = _tp1_snapshot(engine, seq)
     engine.forget_cache()
@@ -93,10 +95,11 @@ def test_the_ranks_load_exactly_the_blocks_a_tp1_snapshot_holds(make_engine):
     assert engine.holds(rid, seq)
 
 
-def test_a_damaged_whole_block_page_fails_the_ranks_blocks(make_engine):
+@pytest.mark.parametrize("path", ["direct", "staged"])
+def test_a_damaged_whole_block_page_fails_the_ranks_blocks(make_engine, path):
     """A rank reads every page whole, so a page is checked against its digest before any of
     its rows is used, even the rows of heads another rank holds."""
-    engine: Engine = make_engine(worker_extra=PAGE_PATHS["direct"], tp_size=2)
+    engine: Engine = make_engine(worker_extra=PAGE_PATHS[path], tp_size=2)
     seq = tokens(100)
     _, whole = _tp1_snapshot(engine, seq)
     with Store(engine.store_path) as store:

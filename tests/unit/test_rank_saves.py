@@ -151,23 +151,23 @@ def test_sessions_are_off_at_tensor_parallel_sizes_unless_asked_for(vllm_config,
         vllm_config.kv_transfer_config.kv_connector_extra_config = extra
 
 
-@pytest.mark.parametrize(("direct", "states", "tier", "message"), [
-    (False, False, 0, "direct page path only"),
-    (True, True, 0, "Mamba"),
-    (True, False, 64, "host tier"),
+@pytest.mark.parametrize(("states", "tier", "message"), [
+    (True, 0, "Mamba"),
+    (False, 64, "host tier"),
 ])
-def test_a_rank_refuses_what_it_cannot_save_yet(direct, states, tier, message):
+def test_a_rank_refuses_what_it_cannot_save_yet(states, tier, message):
     from processfork.plugin.worker_side import _check_tensor_parallel
 
     with pytest.raises(ValueError, match=message):
-        _check_tensor_parallel(direct, states, tier)
-    _check_tensor_parallel(True, False, 0)  # the CPU backend's direct path, no states, no tier
+        _check_tensor_parallel(states, tier)
+    _check_tensor_parallel(False, 0)  # either page path, no states, no tier
 
 
-def test_a_snapshot_of_two_ranks_is_one_v4_manifest_of_every_head(make_engine):
+@pytest.mark.parametrize("path", ["direct", "staged"])
+def test_a_snapshot_of_two_ranks_is_one_v4_manifest_of_every_head(make_engine, path):
     """The API server gathers the ranks' records into a page table of every KV head, drops
     every rank's record with the snapshot, and the snapshot checks out into both ranks."""
-    engine: Engine = make_engine(worker_extra=PAGE_PATHS["direct"], tp_size=2)
+    engine: Engine = make_engine(worker_extra=PAGE_PATHS[path], tp_size=2)
     seq = tokens(100)
     cid = take_snapshot(engine, "s", seq)
     with Store(engine.store_path) as store:
@@ -187,8 +187,9 @@ def test_a_snapshot_of_two_ranks_is_one_v4_manifest_of_every_head(make_engine):
     assert engine.holds(rid, seq)
 
 
-def test_a_child_snapshot_of_two_ranks_reuses_its_parents_head_pages(make_engine):
-    engine: Engine = make_engine(worker_extra=PAGE_PATHS["direct"], tp_size=2)
+@pytest.mark.parametrize("path", ["direct", "staged"])
+def test_a_child_snapshot_of_two_ranks_reuses_its_parents_head_pages(make_engine, path):
+    engine: Engine = make_engine(worker_extra=PAGE_PATHS[path], tp_size=2)
     seq = tokens(100)
     parent = take_snapshot(engine, "s", seq[:64])
     child = take_snapshot(engine, "s", seq)

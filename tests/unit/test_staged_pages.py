@@ -14,6 +14,7 @@ import pytest
 import torch
 from processfork.plugin import page_file
 from processfork.plugin.codec import codec_for
+from processfork.plugin.head_pages import split_heads
 from processfork.plugin.staged_pages import StagedPagePath
 from processfork.store import MissingObject, PutResult, Store, page_digest
 
@@ -93,6 +94,40 @@ def test_pages_are_the_same_bytes_as_the_codecs_own_gather(tmp_path, device):
         digests, _ = _save(path, store, blocks)
         path.close()
     assert digests == [page_digest(r) for r in rows]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pages_of_one_kv_head_are_the_codecs_gather_cut_into_heads(tmp_path, device):
+    """A tensor-parallel rank's save (``heads``): K then V of each head of each block, cut from
+    the staged bytes after the tail of a partial last block is zeroed, in chunks that split
+    the save between blocks; and the rank remembers every head's pages of a full block."""
+    src = _layers(device)
+    blocks, valid = [3, 1, 4, 15, 9], 7
+    codec = codec_for("FLASH_ATTN", src, head_dim=D)
+    staging = codec.gather(blocks, codec.new_staging(len(blocks)))
+    codec.mask_tail(staging[-1], valid)
+    rows = split_heads(codec, staging).view(torch.uint8).numpy().reshape(2 * H * len(blocks), -1)
+    digests: list[bytes] = []
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=2, remember=True)
+
+        def commit(items, n, last):
+            digests.extend(store.put_pages_hashed(items, pin="job").digests)
+
+        path.save(blocks, valid, commit, present=store.has_pages, heads=H)
+        assert digests == [page_digest(r) for r in rows]
+        assert all(len(store.get_page(d)) == codec.page_bytes // H for d in digests)
+        again: list[bytes] = []
+
+        def commit_again(items, n, last):
+            again.extend(store.put_pages_hashed(items, pin="job").digests)
+
+        # Every full block named from memory; the partial one copied and cut again.
+        assert path.save(blocks, valid, commit_again, present=store.has_pages, heads=H) == 4
+        # Remembered as head pages: a save of whole-block pages copies them again.
+        assert path.save(blocks[:2], None, commit_again, present=store.has_pages) == 0
+        path.close()
+    assert again[: len(digests)] == digests
 
 
 @pytest.mark.parametrize("device", DEVICES)
