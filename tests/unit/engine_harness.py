@@ -548,16 +548,20 @@ def control_for(engine: Engine, **options: Any) -> Any:
     return Control(InProcessEngine(engine, **options), str(engine.store_path), engine.auth)
 
 
-def take_snapshot(engine: Engine, name: str, token_ids: list[int], **body: Any) -> str:
-    """Snapshot one sequence through the control plane; its cid."""
+def snapshot_reply(engine: Engine, name: str, token_ids: list[int], **body: Any) -> Any:
+    """Snapshot one sequence through the control plane; the route's whole response."""
     from processfork.plugin.api_models import SnapshotBody
 
     control = control_for(engine)
     try:
-        reply = asyncio.run(control.snapshot(SnapshotBody(name=name, token_ids=token_ids, **body)))
+        return asyncio.run(control.snapshot(SnapshotBody(name=name, token_ids=token_ids, **body)))
     finally:
         control.close()
-    return reply.cid
+
+
+def take_snapshot(engine: Engine, name: str, token_ids: list[int], **body: Any) -> str:
+    """Snapshot one sequence through the control plane; its cid."""
+    return snapshot_reply(engine, name, token_ids, **body).cid
 
 
 def page_digests(store: Any, cid: str, seq: int = 0) -> list[tuple[str, str]]:

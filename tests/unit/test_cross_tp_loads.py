@@ -165,13 +165,7 @@ def test_a_tp2_engine_computes_a_prompt_that_extends_a_tp1_snapshot(make_engine)
     _, whole = _tp1_snapshot(engine, seq)
     with Store(engine.store_path) as store:
         _keep_only(store, whole)
-    engine.forget_cache()
-    longer = [*seq[:96], *tokens(40, seed=4)]
-    rid = engine.add(longer)
-    step = engine.step()
-    assert _loads(step) == [] and step.scheduled[rid] == len(longer)
-    engine.run(rid)
-    assert engine.holds(rid, longer)
+    _computes_an_extension_of(engine, seq)
 
 
 def test_a_tp1_engine_computes_a_prompt_that_extends_a_tp2_snapshot(make_engine):
@@ -193,6 +187,11 @@ def test_a_tp1_engine_computes_a_prompt_that_extends_a_tp2_snapshot(make_engine)
             fingerprint={**m.fingerprint, "tp_size": 2, "threads": m.fingerprint["threads"] + 1},
             sequences=[SnapshotSequence(m.sequences[0].tokens, pairs, heads=KV_HEADS)]))
         _keep_only(store, heads)
+    _computes_an_extension_of(engine, seq)
+
+
+def _computes_an_extension_of(engine: Engine, seq: list[int]) -> None:
+    """A prompt extending ``seq``'s first 96 tokens loads nothing: the engine computes it all."""
     engine.forget_cache()
     longer = [*seq[:96], *tokens(40, seed=4)]
     rid = engine.add(longer)

@@ -9,21 +9,10 @@ sequences again and again, and every snapshot must still name exactly the pages 
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from engine_harness import BLOCK, PAGE_PATHS, Engine, control_for, page_digests, tokens
-from processfork.plugin.api_models import SnapshotBody
+from engine_harness import BLOCK, PAGE_PATHS, Engine, page_digests, snapshot_reply, tokens
 from processfork.plugin.worker_side import WorkerSide
 from processfork.store import Store
-
-
-def _snapshot(engine: Engine, name: str, seq: list[int]):
-    control = control_for(engine)
-    try:
-        return asyncio.run(control.snapshot(SnapshotBody(name=name, token_ids=seq)))
-    finally:
-        control.close()
 
 
 def _pages(engine: Engine, cid: str) -> list[tuple[str, str]]:
@@ -42,7 +31,7 @@ def test_snapshots_name_the_pages_their_tokens_have_while_blocks_change_hands(
             for name, seed in (("a", 1), ("b", 2), ("c", 3), ("d", 4))}
     # What each sequence's pages are, from an engine that copies every page.
     reference = make_engine(num_blocks=64)
-    expected = {name: _pages(reference, _snapshot(reference, f"ref/{name}", seq).cid)
+    expected = {name: _pages(reference, snapshot_reply(reference, f"ref/{name}", seq).cid)
                 for name, seq in seqs.items()}
     reference.close()
     if not told:
@@ -50,14 +39,14 @@ def test_snapshots_name_the_pages_their_tokens_have_while_blocks_change_hands(
 
     # 24 blocks: two sequences of 8 blocks and a completion fit; more evicts the oldest.
     engine = make_engine(num_blocks=24, worker_extra=PAGE_PATHS["staged"])
-    first = _snapshot(engine, "a/1", seqs["a"])
+    first = snapshot_reply(engine, "a/1", seqs["a"])
     assert first.reused_pages == 0 and _pages(engine, first.cid) == expected["a"]
-    again = _snapshot(engine, "a/2", seqs["a"])  # resident: every full block named from memory
+    again = snapshot_reply(engine, "a/2", seqs["a"])  # resident: every full block named from memory
     assert again.reused_pages == 7 and _pages(engine, again.cid) == expected["a"]
     reused, wrong = 0, []
     for round_ in range(2):
         for i, name in enumerate(("b", "a", "c", "a", "d", "b")):
-            reply = _snapshot(engine, f"{name}/r{round_}/{i}", seqs[name])
+            reply = snapshot_reply(engine, f"{name}/r{round_}/{i}", seqs[name])
             if _pages(engine, reply.cid) != expected[name]:
                 wrong.append((round_, i, name))
             reused += reply.reused_pages
@@ -75,9 +64,9 @@ def test_snapshots_name_the_pages_their_tokens_have_while_blocks_change_hands(
 def test_a_checked_out_block_is_remembered_and_a_recomputed_one_is_not(make_engine):
     seq = tokens(6 * BLOCK + 3, seed=9)
     engine = make_engine(num_blocks=32, worker_extra=PAGE_PATHS["staged"])
-    cid = _snapshot(engine, "s", seq).cid
+    cid = snapshot_reply(engine, "s", seq).cid
     engine.forget_cache()  # as after a restart
     rid = engine.add(seq, params={"op": "checkout", "job": "j1", "cid": cid, "seq": 0})
     engine.run(rid)
-    reply = _snapshot(engine, "s/again", seq)
+    reply = snapshot_reply(engine, "s/again", seq)
     assert reply.reused_pages == 6 and _pages(engine, reply.cid) == _pages(engine, cid)

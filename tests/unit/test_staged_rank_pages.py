@@ -8,21 +8,10 @@ pages in test_rank_saves.py, so matching them here checks the staged path's cut.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from engine_harness import BLOCK, KV_HEADS, PAGE_PATHS, Engine, control_for, tokens
-from processfork.plugin.api_models import SnapshotBody
+from engine_harness import BLOCK, KV_HEADS, PAGE_PATHS, Engine, snapshot_reply, tokens
 from processfork.store import Store
 from processfork.store.manifest import FORMAT_HEADS
-
-
-def _snapshot(engine: Engine, name: str, seq: list[int]):
-    control = control_for(engine)
-    try:
-        return asyncio.run(control.snapshot(SnapshotBody(name=name, token_ids=seq)))
-    finally:
-        control.close()
 
 
 def _table(engine: Engine, cid: str) -> list[tuple[str, str]]:
@@ -40,13 +29,13 @@ def test_a_tp2_snapshot_on_the_staged_path_holds_the_direct_paths_head_pages(mak
     seq = tokens(7 * BLOCK + 5)
     direct = make_engine(worker_extra=PAGE_PATHS["direct"], tp_size=2)
     direct.forget_cache()  # every slot holds garbage until computed
-    expected = _table(direct, _snapshot(direct, "direct", seq).cid)
+    expected = _table(direct, snapshot_reply(direct, "direct", seq).cid)
     direct.close()
     staged = make_engine(worker_extra=PAGE_PATHS["staged"], tp_size=2)
     staged.forget_cache()
     for worker in staged.workers:
         worker._worker._staged.chunk_blocks = chunk_blocks
-    reply = _snapshot(staged, "staged", seq)
+    reply = snapshot_reply(staged, "staged", seq)
     assert len(expected) == 8 * 2 * KV_HEADS
     assert _table(staged, reply.cid) == expected
     with Store(staged.store_path) as store:
@@ -61,9 +50,9 @@ def test_a_rank_names_its_head_pages_from_memory_on_a_later_snapshot(make_engine
     names every full block's pages without copying them, and they are the same pages."""
     engine = make_engine(worker_extra=PAGE_PATHS["staged"], tp_size=2)
     seq = tokens(6 * BLOCK + 3, seed=5)
-    first = _snapshot(engine, "s", seq)
+    first = snapshot_reply(engine, "s", seq)
     assert first.reused_pages == 0
-    again = _snapshot(engine, "s/again", seq)
+    again = snapshot_reply(engine, "s/again", seq)
     assert again.reused_pages == 6
     assert _table(engine, again.cid) == _table(engine, first.cid)
     for worker in engine.workers:
