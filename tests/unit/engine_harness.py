@@ -559,6 +559,16 @@ def snapshot_reply(engine: Engine, name: str, token_ids: list[int], **body: Any)
         control.close()
 
 
+def restore_by_checkout(engine: Engine, seq: list[int], cid: str, *, loaded: int) -> None:
+    """A checkout request of ``cid`` (job ``c``) loads ``loaded`` tokens with no failed block,
+    computes the rest, and leaves its blocks holding what the engine computes for ``seq``."""
+    rid = engine.add(seq, params={"op": "checkout", "job": "c", "cid": cid, "seq": 0})
+    first = engine.step()
+    assert first.scheduled[rid] == len(seq) - loaded and first.invalid_block_ids == set()
+    engine.run(rid)
+    assert engine.holds(rid, seq)
+
+
 def take_snapshot(engine: Engine, name: str, token_ids: list[int], **body: Any) -> str:
     """Snapshot one sequence through the control plane; its cid."""
     return snapshot_reply(engine, name, token_ids, **body).cid

@@ -21,6 +21,7 @@ from engine_harness import (
     Engine,
     control_for,
     damage_page,
+    restore_by_checkout,
     take_snapshot,
     tokens,
 )
@@ -88,11 +89,7 @@ def test_the_ranks_load_exactly_the_blocks_a_tp1_snapshot_holds(make_engine, pat
     seq = tokens(200)
     _, whole = _tp1_snapshot(engine, seq)
     engine.forget_cache()
-    rid = engine.add(seq, params={"op": "checkout", "job": "c", "cid": whole, "seq": 0})
-    first = engine.step()
-    assert first.scheduled[rid] == 200 - 192 and first.invalid_block_ids == set()
-    engine.run(rid)
-    assert engine.holds(rid, seq)
+    restore_by_checkout(engine, seq, whole, loaded=192)
 
 
 @pytest.mark.parametrize("path", ["direct", "staged"])

@@ -16,6 +16,7 @@ from engine_harness import (
     Engine,
     control_for,
     damage_page,
+    restore_by_checkout,
     take_snapshot,
     tokens,
 )
@@ -51,11 +52,7 @@ def test_a_head_page_snapshot_restores_the_blocks_the_engine_computed(make_engin
     with Store(engine.store_path) as store:
         cid = _as_head_pages(store, take_snapshot(engine, "s", seq))
     engine.forget_cache()
-    rid = engine.add(seq, params={"op": "checkout", "job": "c", "cid": cid, "seq": 0})
-    first = engine.step()
-    assert first.scheduled[rid] == 200 - 192 and first.invalid_block_ids == set()
-    engine.run(rid)
-    assert engine.holds(rid, seq)
+    restore_by_checkout(engine, seq, cid, loaded=192)
 
 
 def test_a_damaged_head_page_fails_the_jobs_blocks(make_engine):

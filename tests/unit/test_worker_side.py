@@ -19,6 +19,7 @@ from engine_harness import (
     Engine,
     damage_page,
     page_digests,
+    restore_by_checkout,
     take_snapshot,
     tokens,
 )
@@ -79,11 +80,7 @@ def test_a_restored_block_holds_what_the_engine_computed(make_engine, path):
     seq = tokens(200)
     cid = take_snapshot(engine, "s", seq)
     engine.forget_cache()
-    rid = engine.add(seq, params={"op": "checkout", "job": "c", "cid": cid, "seq": 0})
-    first = engine.step()
-    assert first.scheduled[rid] == 200 - 192 and first.invalid_block_ids == set()
-    engine.run(rid)
-    assert engine.holds(rid, seq)
+    restore_by_checkout(engine, seq, cid, loaded=192)
     assert _record(engine, "c") is None
 
 
