@@ -26,6 +26,7 @@ from processfork.store.digest import (
 from processfork.store.env import META_FORMAT_KEY, check_format_record
 from processfork.store.errors import InvalidName, StoreError
 from processfork.store.manifest import FORMATS, InvalidManifest, parse_head, stored_sequences
+from processfork.store.meta import REPLACED_PREFIX, meta_items
 from processfork.store.objects import decode_pin
 from processfork.store.prefix_index import check_index
 from processfork.store.refs import HEAD, iter_reflog, list_refs, read_head, validate_ref_name
@@ -72,7 +73,9 @@ def fsck(env: Env, *, progress: Progress | None = None) -> Iterator[FsckIssue]:
 
     def snapshots(txn: lmdb.Transaction) -> list[FsckIssue]:
         users = _Users()
-        issues = list(_check_snapshots(txn, env.dbs, corrupt, users))
+        replaced = {bytes.fromhex(k[len(REPLACED_PREFIX):])
+                    for k in meta_items(txn, env.dbs, REPLACED_PREFIX)}
+        issues = list(_check_snapshots(txn, env.dbs, corrupt, users, replaced))
         refs = _refs_by_cid(txn, env.dbs)
         return [users.attach(issue, refs) for issue in [*damaged, *issues]]
 
@@ -162,8 +165,11 @@ def _check_content(env: Env, db_name: str, kind: str, report: Progress) -> Itera
 
 
 def _check_snapshots(
-    txn: lmdb.Transaction, dbs: dict[str, Any], corrupt: set[bytes], users: _Users
+    txn: lmdb.Transaction, dbs: dict[str, Any], corrupt: set[bytes], users: _Users,
+    replaced: set[bytes],
 ) -> Iterator[FsckIssue]:
+    """Every manifest, and what it names; the pages and blobs of a snapshot that a repair
+    replaced are not checked: repair cleared its damaged pages, and its refs moved to the copy."""
     pages, blobs, snaps = (txn.cursor(db=dbs[n]) for n in ("pages", "blobs", "snapshots"))
     for key, raw in txn.cursor(db=dbs["snapshots"]):
         cid = cid_from_key(key)
@@ -191,6 +197,8 @@ def _check_snapshots(
         for parent in head["parents"]:
             if not snaps.set_key(cid_key(parent)):
                 yield FsckIssue("missing-parent", parent, f"parent of {cid}")
+        if bytes(key) in replaced:
+            continue
         block_size = head["fingerprint"].get("block_size")
         missing: set[str] = set()
         for i, s in enumerate(seqs):

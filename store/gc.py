@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 from processfork.store.digest import cid_key, is_cid
 from processfork.store.errors import StoreFull
+from processfork.store.meta import replaced_key
 from processfork.store.objects import (
     JOURNAL_BLOB,
     JOURNAL_PAGE,
@@ -312,6 +313,8 @@ def gc(
             if not dry_run:
                 if index and db_name == "snapshots":
                     drop_snapshot(txn, dbs, bytes(key))
+                if db_name == "snapshots":
+                    txn.delete(replaced_key(bytes(key)).encode("utf-8"), db=dbs["meta"])
                 cur.delete()
                 if journaled:
                     jcur.delete()

@@ -472,6 +472,10 @@ class Store:
             if head.ref is None and head.cid == old:
                 _refs.set_head(txn, self.dbs, cid=cid, action="repair", message=message, now=now)
                 moved.append(_refs.HEAD)
+            # The damaged snapshot stays for its reflog entries until they expire; fsck skips
+            # the pages it lacks (repair cleared them), since nothing should use it any more.
+            _meta.meta_put(txn, self.dbs, _meta.replaced_key(cid_key(old)),
+                           {"by": cid, "time": now})
             for pin in drop_pins:
                 _objects.drop_pin(txn, self.dbs, pin)
             for key in drop_meta:

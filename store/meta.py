@@ -14,7 +14,16 @@ from processfork.store.env import META_FORMAT_KEY
 from processfork.store.errors import InvalidName
 from processfork.store.objects import validate_key_name
 
-__all__ = ["check_meta_key", "meta_delete", "meta_get", "meta_items", "meta_put"]
+__all__ = ["REPLACED_PREFIX", "check_meta_key", "meta_delete", "meta_get", "meta_items",
+           "meta_put", "replaced_key"]
+
+#: `replaced:<hex of a cid>`: a snapshot a repair replaced with a recomputed copy (format.md).
+REPLACED_PREFIX = "replaced:"
+
+
+def replaced_key(snapshot_key: bytes) -> str:
+    """The meta key that records a replacement of the snapshot stored under `snapshot_key`."""
+    return REPLACED_PREFIX + bytes(snapshot_key).hex()
 
 
 def check_meta_key(key: str) -> bytes:

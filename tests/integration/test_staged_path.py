@@ -62,13 +62,19 @@ def test_staged_pages_equal_the_direct_paths_pages(server, pf_store, staged):
 
 def test_a_second_snapshot_of_resident_blocks_copies_nothing(staged):
     """The engine remembers the pages it saved; nothing has written those blocks since, so the
-    second snapshot names them without copying (only the partial last block is copied again)."""
+    second snapshot names them without copying (only the partial last block is copied again).
+
+    The engine computes that partial block again for the second request, from the cached full
+    blocks, where the first computed it in its last prefill chunk: on some CPUs those two
+    computations differ in the last bits, so its two pages may be new; the full blocks' may not.
+    """
     tokens = random_tokens(8400, COMPUTED)
     first = pf(staged, "snapshot", {"name": "again/1", "token_ids": tokens})
     again = pf(staged, "snapshot", {"name": "again/2", "token_ids": tokens})
-    assert first["reused_pages"] == 0
-    assert again["reused_pages"] == COMPUTED // BLOCK and again["new_pages"] == 0
-    assert _pages(staged.store, again["cid"]) == _pages(staged.store, first["cid"])
+    full = COMPUTED // BLOCK
+    assert COMPUTED % BLOCK and first["reused_pages"] == 0
+    assert again["reused_pages"] == full and again["new_pages"] <= 2
+    assert _pages(staged.store, again["cid"])[:full] == _pages(staged.store, first["cid"])[:full]
 
 
 def test_staged_checkout_after_restart_matches_a_warm_hit(staged):

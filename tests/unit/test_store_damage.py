@@ -72,3 +72,30 @@ def test_a_replacement_takes_over_every_ref_and_a_detached_head(history: History
         assert st.get_ref("base/0") == history.forks[0]  # other snapshots' refs stay
         assert st.reflog("base")[-1].action == "repair"
         assert list(st.fsck()) == []
+
+
+def test_fsck_skips_what_repair_cleared_in_a_snapshot_it_replaced(history: History) -> None:
+    """Repair clears a damaged page and commits a copy whose refs take over; the damaged snapshot
+    stays for its reflog entries. fsck does not report the page it lacks (a store is clean
+    after a repair), and gc drops the record of the replacement with the snapshot."""
+    with Store(history.path) as st:
+        old = st.get_snapshot(history.child)
+        tokens = st.get_tokens(old.sequences[0].tokens)
+    corrupt = old.sequences[0].pages[3][0]  # block [13-15]: the child's alone
+    damage_object(history.path, corrupt, fill=b"\xff")
+    with Store(history.path) as st:
+        assert st.clear_damaged_pages([corrupt]) == [corrupt]
+        assert [i.kind for i in st.fsck()] == ["missing-page"]
+        page = st.put_pages([page_bytes("Z", tokens, 12)]).digests[0].hex()
+        seqs = [SnapshotSequence(old.sequences[0].tokens,
+                                 [*old.sequences[0].pages[:3], (page, old.sequences[0].pages[3][1])])]
+        copy = Manifest(name=old.name, parents=old.parents, fingerprint=old.fingerprint,
+                        sequences=seqs)
+        new, moved = st.write_replacement(copy, replaces=history.child, message="repair test")
+        assert "main" in moved and list(st.fsck()) == []
+        records = st.meta_items("replaced:")
+        assert list(records) == ["replaced:" + history.child.removeprefix("sha256:")]
+        assert next(iter(records.values()))["by"] == new
+        stats = st.gc(prune="now", expire="now")  # the reflogs expire: the damaged one goes
+        assert stats.removed_snapshots >= 1 and not st.has_snapshot(history.child)
+        assert st.meta_items("replaced:") == {} and list(st.fsck()) == []
