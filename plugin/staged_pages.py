@@ -60,18 +60,21 @@ PageItems = list[tuple[bytes, memoryview | None]]  # None: the page is in the st
 Commit = Callable[[PageItems, int, bool], None]
 
 
-def default_copy_threads() -> int:
-    """Host threads for page copies and hashing: half the cores, at most 12.
+def default_copy_threads(native: bool = True) -> int:
+    """Host threads for page copies and hashing: three quarters of the cores, at most 12, with
+    the compiled page reader; half the cores, at most 12, without it.
 
-    On a 16-core H200 host, 8 threads loaded and saved faster than 12 or 16
-    (``bench/page_path_bench.py``): past that the threads contend for the GIL and for the cores
-    that the worker's own thread, the API server and EngineCore keep busy.
+    On a 16-core H200 host (``bench/page_path_bench.py``, 4 GiB): with the compiled reader a
+    load ran at 26.5 GB/s with 12 threads, 20.9 with 8 and 15.9 with 16 (past 12 the threads
+    contend for the cores that the worker's own thread, the API server and EngineCore keep
+    busy, and for memory bandwidth beside the device copies). With one Python call per page,
+    8 threads were fastest: more threads queued for the GIL.
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, min(12, cores // 2))
+    return max(1, min(12, cores * 3 // 4 if native else cores // 2))
 
 
 @dataclass
@@ -142,7 +145,7 @@ class StagedPagePath:
         self.cuda = codec.device.type == "cuda"
         per_slot = max(2 * self.page_bytes, staging_bytes // max(1, slots))
         self.chunk_blocks = max(1, per_slot // (2 * self.page_bytes))
-        self.threads = threads or default_copy_threads()
+        self.threads = threads or default_copy_threads(self.native is not None)
         nslots = max(2, slots)
         # The slots' device twins are views of one buffer: a load from the host tier, which
         # needs no host slots, uses it whole, a quarter of the kernel launches per block.
