@@ -3,6 +3,7 @@
     python3 bench/gpu_bench.py --part ours    # (a) (c) (d) (e), snapshot and checkout GB/s
     python3 bench/gpu_bench.py --part checkouts   # (c) again, in a fresh engine, from that store
     python3 bench/gpu_bench.py --part unverified  # (c) with verify_loads off: what the check costs
+    python3 bench/gpu_bench.py --part per-page    # (c) with a Python call per page (no C reader)
     python3 bench/gpu_bench.py --part peers   # (b) ExampleConnector, (b2) OffloadingConnector
     python3 bench/gpu_bench.py --part report  # the tables, from the JSON the parts wrote
     python3 bench/gpu_bench.py --quick        # smoke run of every part (tiny model; CPU works)
@@ -116,8 +117,9 @@ class Server:
     """A ``pf serve`` (our connector), or vLLM with another ``--kv-transfer-config``."""
 
     def __init__(self, setup: Setup, name: str, *, store: Path, extra: list[str] | None = None,
-                 ours: bool = True):
+                 ours: bool = True, env: dict[str, str] | None = None):
         self.setup, self.name, self.store = setup, name, store
+        self.env = {"VLLM_SERVER_DEV_MODE": "1", **(env or {})}
         self.extra = extra or []
         self.ours = ours
         self.process = None
@@ -132,7 +134,7 @@ class Server:
         self.process = launch_server(
             self.setup.model, store=self.store,
             extra_args=["--served-model-name", "bench", *self.setup.args, *self.extra],
-            env={"VLLM_SERVER_DEV_MODE": "1"},
+            env=self.env,
             log_path=WORK / "logs" / f"{self.name}-{self.starts}.log",
         )
         self.process.wait_ready(900)
@@ -326,17 +328,20 @@ def timed_checkouts(srv: Server, setup: Setup, n: int, reps: int = 3) -> list[fl
     return times
 
 
-def part_checkouts(setup: Setup, *, verify: bool) -> None:
+def part_checkouts(setup: Setup, *, verify: bool, native: bool = True) -> None:
     """(c) again in a freshly started engine, from the store ``--part ours`` left; with
-    ``verify=False`` (``verify_loads: false``) it shows what the integrity check costs."""
+    ``verify=False`` (``verify_loads: false``) it shows what the integrity check costs, with
+    ``native=False`` (``PROCESSFORK_NATIVE_PAGES=0``) what the compiled page reader is worth."""
     from processfork.plugin.launch_plan import kv_transfer_config
 
     store = WORK / "store"
     config = kv_transfer_config(store)
     config["kv_connector_extra_config"]["verify_loads"] = verify
     key = "checkout" if verify else "checkout_unverified"
-    srv = Server(setup, key, store=store,
-                 extra=["--kv-transfer-config", json.dumps(config)]).start()
+    if not native:
+        key += "_per_page"
+    srv = Server(setup, key, store=store, extra=["--kv-transfer-config", json.dumps(config)],
+                 env=None if native else {"PROCESSFORK_NATIVE_PAGES": "0"}).start()
     path = OUT / "ours.json"
     data = json.loads(path.read_text()) if path.exists() else {"results": {}}
     try:
@@ -430,8 +435,8 @@ def part_report(setup: Setup) -> None:
     ttft = Table(title=f"TTFT, {ours['machine'].get('gpu', 'CPU')}, vLLM "
                        f"{ours['machine'].get('vllm')} (median; ms)")
     for col in ("tokens", "GiB", "(a) cold", "(b) Example", "(b2) Offload", "(c) checkout",
-                "(c*) tier", "(c') unverified", "(d) warm", "(e) H2D", "a/c", "c/b", "c/b2",
-                "(c-d)/e", "a/c*", "c*/b2", "(c*-d)/e", "(c'-d)/e"):
+                "(c-) per-page", "(c*) tier", "(c') unverified", "(d) warm", "(e) H2D", "a/c",
+                "c/b", "c/b2", "(c-d)/e", "(c--d)/e", "a/c*", "c*/b2", "(c*-d)/e", "(c'-d)/e"):
         ttft.add_column(col, justify="right")
     snaps = Table(title="Snapshot and checkout throughput (GB/s)")
     for col in ("tokens", "snapshot", "warm store", "D2H", "snap/D2H", "warm/D2H",
@@ -453,15 +458,17 @@ def part_report(setup: Setup) -> None:
             return "-" if x is None else f"{x * 1e3:,.0f}" if x >= 0.01 else f"{x * 1e3:.1f}"
 
         cu = median(r["checkout_unverified"]) if r.get("checkout_unverified") else None
+        cp = median(r["checkout_per_page"]) if r.get("checkout_per_page") else None
         def ratio(x: float | None, y: float | None, fmt: str = "{:.2f}") -> str:
             return "-" if x is None or y is None else fmt.format(x / y)
 
         def over(x: float | None, d: float = d) -> float | None:  # restore overhead over the warm hit
             return None if x is None else x - d
 
-        ttft.add_row(str(n), f"{r['kv_bytes'] / GiB:.1f}", f(a), f(b), f(b2), f(c), f(ct), f(cu),
-                     f(d), f(e), ratio(a, c, "{:.1f}x"), ratio(c, b), ratio(c, b2),
-                     ratio(over(c), e, "{:.1f}"), ratio(a, ct, "{:.1f}x"), ratio(ct, b2),
+        ttft.add_row(str(n), f"{r['kv_bytes'] / GiB:.1f}", f(a), f(b), f(b2), f(c), f(cp), f(ct),
+                     f(cu), f(d), f(e), ratio(a, c, "{:.1f}x"), ratio(c, b), ratio(c, b2),
+                     ratio(over(c), e, "{:.1f}"), ratio(over(cp), e, "{:.1f}"),
+                     ratio(a, ct, "{:.1f}x"), ratio(ct, b2),
                      ratio(over(ct), e, "{:.1f}"), ratio(over(cu), e, "{:.1f}"))
 
         def rate(x: float | None, gb: float = gb, d: float = d) -> str:
@@ -475,7 +482,7 @@ def part_report(setup: Setup) -> None:
                       f"{(gb / r['snapshot_warm_store']) / (gb / d2h):.0%}",
                       rate(c), rate(ct), f"{gb / e:.1f}", share(c), share(ct))
         rows.append({"tokens": n, "a": a, "b": b, "b2": b2, "c": c, "c_tier": ct,
-                     "c_unverified": cu, "d": d,
+                     "c_unverified": cu, "c_per_page": cp, "d": d,
                      "e": e, "d2h": d2h,
                      "snapshot": r["snapshot"], "snapshot_warm": r["snapshot_warm_store"],
                      "kv_bytes": r["kv_bytes"]})
@@ -492,7 +499,7 @@ def _peer(peers: dict[str, Any], name: str, key: str) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", default="all", choices=[
-        "ours", "unverified", "checkouts", "peers", "offloading", "report", "all"])
+        "ours", "unverified", "checkouts", "per-page", "peers", "offloading", "report", "all"])
     parser.add_argument("--quick", action="store_true", help="tiny model, short prompts")
     parser.add_argument("--host-tier-gib", type=int, default=0,
                         help="--part ours: keep pages in a host tier of this size")
@@ -507,6 +514,8 @@ def main() -> None:
         part_ours(setup)
     if opts.part == "checkouts":
         part_checkouts(setup, verify=True)
+    if opts.part == "per-page":
+        part_checkouts(setup, verify=True, native=False)
     if opts.part in ("unverified", "all"):
         part_checkouts(setup, verify=False)
     if opts.part in ("peers", "all"):

@@ -24,6 +24,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from processfork.store import page_digest
+
+from .native_pages import MISMATCH, NOT_READ, NativePages
 
 __all__ = ["PageFile", "iov_max", "plan_runs"]
 
@@ -119,6 +122,8 @@ class PageFile:
     gap_bytes: int = RUN_GAP_BYTES
     run_bytes: int = RUN_BYTES
     max_iov: int = IOV_MAX
+    #: The compiled reader (``native_pages.py``): one call per slice without the GIL.
+    native: NativePages | None = None
 
     def offsets(self, views: Sequence[memoryview]) -> list[int] | None:
         """Each view's offset in the file (negative: not in it); None when there is no file."""
@@ -127,6 +132,33 @@ class PageFile:
         base, view_of, u8 = self.map_base, np.frombuffer, np.uint8
         arrays = [view_of(v, u8) for v in views]
         return [address - base for address in _pointers(arrays)]
+
+    def read_checked(self, rows: Sequence[np.ndarray], views: Sequence[memoryview],
+                     expected: Sequence[bytes] | None) -> list[int]:
+        """Fill ``rows[i]`` with the page ``views[i]`` shows: the indexes whose bytes do not
+        match ``expected[i]`` (none checked without ``expected``).
+
+        With the compiled reader (and no runs asked for), the slice is read and hashed in one
+        call without the GIL, and only pages it could not read (not in the file) are copied from
+        the map here.
+        """
+        page_bytes = rows[0].nbytes if len(rows) else 0
+        native = self.native is not None and self.run_bytes < 2 * page_bytes  # runs: asked for
+        offsets = self.offsets(views) if native else None
+        if offsets is None or self.fd is None:
+            bad: list[int] = []
+            for lo, hi in self.read_pages(rows, views):
+                if expected is not None:
+                    bad += [i for i in range(lo, hi) if page_digest(rows[i]) != expected[i]]
+            return bad
+        assert self.native is not None
+        status = self.native.read_pages(self.fd, offsets, rows, expected)
+        bad = [int(i) for i in np.flatnonzero(status == MISMATCH)]
+        for i in np.flatnonzero(status == NOT_READ):
+            np.copyto(rows[i], np.frombuffer(views[i], dtype=np.uint8))
+            if expected is not None and page_digest(rows[i]) != expected[i]:
+                bad.append(int(i))
+        return sorted(bad)
 
     def read_one(self, row: np.ndarray, offset: int) -> bool:
         """``pread`` one page at ``offset`` into ``row``; False when it must come from the map."""

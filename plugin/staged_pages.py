@@ -43,6 +43,7 @@ from processfork.store import Store, page_digest
 from .codec import PageCodec
 from .head_pages import split_heads
 from .host_tier import HostTier
+from .native_pages import NativePages, native_pages
 from .page_file import RUN_BYTES, PageFile
 
 __all__ = ["LoadOutcome", "StagedPagePath", "default_copy_threads"]
@@ -59,18 +60,21 @@ PageItems = list[tuple[bytes, memoryview | None]]  # None: the page is in the st
 Commit = Callable[[PageItems, int, bool], None]
 
 
-def default_copy_threads() -> int:
-    """Host threads for page copies and hashing: half the cores, at most 12.
+def default_copy_threads(native: bool = True) -> int:
+    """Host threads for page copies and hashing: three quarters of the cores, at most 12, with
+    the compiled page reader; half the cores, at most 12, without it.
 
-    On a 16-core H200 host, 8 threads loaded and saved faster than 12 or 16
-    (``bench/page_path_bench.py``): past that the threads contend for the GIL and for the cores
-    that the worker's own thread, the API server and EngineCore keep busy.
+    On a 16-core H200 host (``bench/page_path_bench.py``, 4 GiB): with the compiled reader a
+    load ran at 26.5 GB/s with 12 threads, 20.9 with 8 and 15.9 with 16 (past 12 the threads
+    contend for the cores that the worker's own thread, the API server and EngineCore keep
+    busy, and for memory bandwidth beside the device copies). With one Python call per page,
+    8 threads were fastest: more threads queued for the GIL.
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, min(12, cores // 2))
+    return max(1, min(12, cores * 3 // 4 if native else cores // 2))
 
 
 @dataclass
@@ -122,8 +126,12 @@ class StagedPagePath:
         tier: HostTier | None = None,
         run_bytes: int = RUN_BYTES,
         remember: bool = False,
+        native: bool = True,
     ):
         self.codec = codec
+        # Reads and hashes a thread's whole slice in one call without the GIL (native_pages.py);
+        # None: one Python call per page to read and one to hash.
+        self.native: NativePages | None = native_pages() if native else None
         self.run_bytes = run_bytes  # page bytes read per ``preadv`` at most (``page_file.py``)
         # Which pages each block holds, for blocks this path saved or loaded (and verified) and
         # nobody has written since: a later save of such a block names its pages without a
@@ -137,7 +145,7 @@ class StagedPagePath:
         self.cuda = codec.device.type == "cuda"
         per_slot = max(2 * self.page_bytes, staging_bytes // max(1, slots))
         self.chunk_blocks = max(1, per_slot // (2 * self.page_bytes))
-        self.threads = threads or default_copy_threads()
+        self.threads = threads or default_copy_threads(self.native is not None)
         nslots = max(2, slots)
         # The slots' device twins are views of one buffer: a load from the host tier, which
         # needs no host slots, uses it whole, a quarter of the kernel launches per block.
@@ -216,7 +224,8 @@ class StagedPagePath:
                 drop(block, None)
 
     def _source(self, path: str, map_base: int | None) -> PageFile:
-        return PageFile(self._file(path), map_base, run_bytes=self.run_bytes)
+        return PageFile(self._file(path), map_base, run_bytes=self.run_bytes,
+                        native=self.native)
 
     def _file(self, path: str) -> int | None:
         fd = self._fds.get(path)
@@ -284,13 +293,9 @@ class StagedPagePath:
         verify = self.verify
 
         def part(lo: int, hi: int) -> list[int]:
-            bad: list[int] = []
-            for a, b in source.read_pages(rows[lo:hi], views[lo:hi]):
-                if verify:
-                    for i in range(lo + a, lo + b):
-                        if page_digest(rows[i]) != digests[i] and i // 2 not in bad:
-                            bad.append(i // 2)
-            return bad
+            wrong = source.read_checked(rows[lo:hi], views[lo:hi],
+                                        digests[lo:hi] if verify else None)
+            return sorted({(lo + i) // 2 for i in wrong})
 
         return self._submit_slices(len(views), part)
 
@@ -375,22 +380,18 @@ class StagedPagePath:
         starts = list(range(0, len(block_ids), step))
         chunk_pages = [range(2 * s, min(2 * (s + step), len(digests))) for s in starts]
 
-        def check(pages: list[int], rows: Sequence[np.ndarray], lo: int, hi: int) -> list[int]:
-            return [pages[j] for j in range(lo, hi) if page_digest(rows[j]) != digests[pages[j]]]
-
         def read(pages: list[int]) -> list[int]:
             """Read pages the tier lacked into their slots and check them: the bad ones."""
             assert source is not None
             rows = [tier.rows[slots[i]] for i in pages]
-            bad: list[int] = []
-            for lo, hi in source.read_pages(rows, [read_from[i] for i in pages]):
-                if self.verify:
-                    bad += check(pages, rows, lo, hi)
-            return bad
+            wrong = source.read_checked(rows, [read_from[i] for i in pages],
+                                        [digests[i] for i in pages] if self.verify else None)
+            return [pages[j] for j in wrong]
 
         def verify(pages: list[int]) -> list[int]:
             """Check pages that were in the tier already: the bad ones."""
-            return check(pages, [tier.rows[slots[i]] for i in pages], 0, len(pages))
+            found = self._digests([tier.rows[slots[i]] for i in pages])
+            return [i for i, digest in zip(pages, found) if digest != digests[i]]
 
         # Per chunk: the reads it waits for first, then the checks of pages already in the tier,
         # which nothing waits for until the end.
@@ -670,8 +671,7 @@ class StagedPagePath:
         def part(lo: int, hi: int) -> None:
             if copied is not None:
                 copied.synchronize()
-            for i in range(lo, hi):
-                chunk.digests[i] = page_digest(rows[i])
+            chunk.digests[lo:hi] = self._digests(rows[lo:hi])
             if self.tier is not None:
                 self._keep_in_tier(rows, chunk.digests, lo, hi)
 
@@ -741,6 +741,12 @@ class StagedPagePath:
                 chunk.released.set_result(None)
 
     # -- helpers ---------------------------------------------------------------------------
+    def _digests(self, rows: Sequence[np.ndarray]) -> list[bytes]:
+        """Each page's digest: one call for all of them without the GIL where it can."""
+        if self.native is not None and len(rows):
+            return self.native.hash_pages(rows)
+        return [page_digest(row) for row in rows]
+
     def _submit_slices(self, count: int, part: Callable[[int, int], T]) -> list[Future[T]]:
         """``part(lo, hi)`` over ``range(count)``, one slice per thread. Slices start on even
         indexes, so a block's K and V pages (``2i``, ``2i + 1``) stay in one slice."""

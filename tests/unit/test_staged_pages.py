@@ -31,10 +31,11 @@ def _layers(device: str, *, zero: bool = False) -> list[torch.Tensor]:
 
 def _path(layers: list[torch.Tensor], *, chunk_blocks: int, threads: int = 3,
           verify: bool = True, run_bytes: int = page_file.RUN_BYTES,
-          remember: bool = False) -> StagedPagePath:
+          remember: bool = False, native: bool = True) -> StagedPagePath:
     codec = codec_for("FLASH_ATTN", layers, head_dim=D)
     return StagedPagePath(codec, verify=verify, staging_bytes=4 * chunk_blocks * 2 * codec.page_bytes,
-                          slots=4, threads=threads, run_bytes=run_bytes, remember=remember)
+                          slots=4, threads=threads, run_bytes=run_bytes, remember=remember,
+                          native=native)
 
 
 def _save(path: StagedPagePath, store: Store, blocks: list[int], tail: int | None = None,
@@ -51,14 +52,19 @@ def _save(path: StagedPagePath, store: Store, blocks: list[int], tail: int | Non
     return digests, calls
 
 
-@pytest.mark.parametrize("run_bytes", [page_file.RUN_BYTES, 1 << 20])
+#: How the copy threads read: a slice per call in C without the GIL (the default), one Python
+#: call per page to read and one to hash, or runs of adjacent pages per ``preadv``.
+READERS = {"native": {}, "per_page": {"native": False}, "runs": {"run_bytes": 1 << 20}}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
 @pytest.mark.parametrize("device", DEVICES)
 def test_save_then_load_moves_exactly_those_blocks_through_many_chunks(tmp_path, device,
-                                                                       run_bytes):
+                                                                       reader):
     src = _layers(device)
     blocks = [37, 2, 5, 11, 0, 23, 30, 8, 19, 1, 3]  # 11 blocks in chunks of 3: 4 chunks
     with Store(tmp_path / "store") as store:
-        path = _path(src, chunk_blocks=3)
+        path = _path(src, chunk_blocks=3, native=reader == "native")
         assert path.chunk_blocks == 3
         digests, calls = _save(path, store, blocks)
         path.close()
@@ -68,7 +74,7 @@ def test_save_then_load_moves_exactly_those_blocks_through_many_chunks(tmp_path,
         assert len(digests) == 2 * len(blocks)
         dst = _layers(device, zero=True)
         target = [4, 9, 12, 13, 14, 15, 16, 17, 18, 20, 39]
-        loader = _path(dst, chunk_blocks=2, run_bytes=run_bytes)
+        loader = _path(dst, chunk_blocks=2, **READERS[reader])
         outcome = loader.load(store, target, digests, ["job"] * len(target))
         if device == "cuda":
             torch.cuda.synchronize()
@@ -158,7 +164,8 @@ def _damage(store_path, digest: bytes) -> None:
     env.close()
 
 
-def test_verify_catches_a_page_whose_bytes_do_not_match_its_digest(tmp_path):
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_verify_catches_a_page_whose_bytes_do_not_match_its_digest(tmp_path, reader):
     src = _layers("cpu")
     blocks = [1, 2, 3, 4, 5]
     with Store(tmp_path / "store") as store:
@@ -168,7 +175,7 @@ def test_verify_catches_a_page_whose_bytes_do_not_match_its_digest(tmp_path):
     _damage(tmp_path / "store", digests[5])
     with Store(tmp_path / "store") as store:
         dst = _layers("cpu", zero=True)
-        loader = _path(dst, chunk_blocks=2)
+        loader = _path(dst, chunk_blocks=2, **READERS[reader])
         outcome = loader.load(store, [10, 11, 12, 13, 14], digests, ["a", "a", "b", "b", "b"])
         unverified = _path(_layers("cpu", zero=True), chunk_blocks=2, verify=False)
         quiet = unverified.load(store, [10, 11, 12, 13, 14], digests, ["a"] * 5)
