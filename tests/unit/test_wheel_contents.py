@@ -3,8 +3,9 @@
 The wheel is built from a copy of the source tree (setuptools builds in place, and a stale
 ``build/`` could hide or add files), offline, with the setuptools of this environment. Then:
 
-- every module of ``store/``, ``plugin/`` and ``processfork_cli/`` is in it, under the name it
-  is installed as, and nothing else is: not ``processfork_dev`` (the demo, the model builder, the
+- every module of ``store/``, ``plugin/`` and ``processfork_cli/`` (and the C source that
+  ``plugin/native_pages.py`` compiles) is in it, under the name it is installed as, and
+  nothing else is: not ``processfork_dev`` (the demo, the model builder, the
   test server), not ``tests/`` or ``bench/``;
 - the ``pf`` console script and the two vLLM entry points are declared, and point at code the
   wheel holds;
@@ -82,9 +83,14 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Wheel:
     return Wheel(path)
 
 
+#: Files besides modules that the product needs at run time: C compiled on first use.
+SHIPPED_DATA = ("*.c",)
+
+
 def _source_modules(folder: str) -> set[str]:
     root = REPO_ROOT / folder
-    return {f"{SHIPPED[folder]}/{p.relative_to(root).as_posix()}" for p in root.rglob("*.py")
+    return {f"{SHIPPED[folder]}/{p.relative_to(root).as_posix()}"
+            for pattern in ("*.py", *SHIPPED_DATA) for p in root.rglob(pattern)
             if "__pycache__" not in p.parts}
 
 
