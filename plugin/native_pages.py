@@ -123,13 +123,13 @@ def _load() -> NativePages | None:
         return None
     hash_address = _xxh3_address()
     if hash_address is None:
-        logger.info("processfork: python-xxhash exports no XXH3_128bits; pages are read and "
+        logger.warning("processfork: python-xxhash exports no XXH3_128bits; pages are read and "
                     "hashed one Python call each")
         return None
     try:
         library = ctypes.CDLL(str(_compiled()))
     except (OSError, subprocess.SubprocessError) as exc:
-        logger.info("processfork: the native page reader could not be built (%s); pages are "
+        logger.warning("processfork: the native page reader could not be built (%s); pages are "
                     "read and hashed one Python call each", exc)
         return None
     return NativePages(library, hash_address)

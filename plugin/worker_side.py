@@ -239,9 +239,11 @@ class WorkerSide:
             )
             logger.info(
                 "processfork: staged page path, %d MiB of %s staging in chunks of %d blocks, "
-                "%d copy threads", self._staged.staging_bytes // MiB,
+                "%d copy threads (%s)", self._staged.staging_bytes // MiB,
                 "pinned" if self._staged.cuda else "host", self._staged.chunk_blocks,
                 self._staged.threads,
+                "compiled page reader" if self._staged.native is not None
+                else "a Python call per page",
             )
         logger.info(
             "processfork: %d layers, %s codec, %d-byte pages, store %s",

@@ -48,6 +48,7 @@ def _pages(store_path, cid):
 def test_staged_server_reports_its_page_path(staged):
     log = staged.process.log_path.read_text(errors="replace")
     assert "staged page path" in log and "chunks of 4 blocks" in log
+    assert "(compiled page reader)" in log  # built in the worker on first use (native_pages.py)
     assert "host tier" in log and "0 pages kept from before" in log
 
 
