@@ -3,10 +3,13 @@
 A fresh worker has never touched the store's map: copying a checkout's gigabytes out of it takes
 a page fault every few pages, where ``pread`` copies from the page cache with the GIL released.
 Each page still costs a round of Python work under the GIL, which the copy threads and the
-thread that launches the device copies take turns at. Two things cut it:
+thread that launches the device copies take turns at. Three things cut it:
 
+- the compiled reader (``native_pages.py``, the default) reads and checks a thread's whole
+  slice in one call without the GIL (``read_checked``);
 - the data pointer of each page's numpy view is read without ``__array_interface__`` or
-  ``.ctypes`` (each builds an object per call, and cost more than the view itself);
+  ``.ctypes`` (each builds an object per call, and cost more than the view itself;
+  ``native_pages.data_pointers``);
 - LMDB keeps each large value in overflow pages, and the values written in one commit usually
   lie one after another in the file, a header and the tail of a 4 KiB page apart, so a run of
   such pages can be read with one ``preadv`` whose iovecs alternate between the pages' rows and
@@ -17,16 +20,14 @@ thread that launches the device copies take turns at. Two things cut it:
 
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from processfork.store import page_digest
 
-from .native_pages import MISMATCH, NOT_READ, NativePages
+from .native_pages import MISMATCH, NOT_READ, NativePages, data_pointers
 
 __all__ = ["PageFile", "iov_max", "plan_runs"]
 
@@ -54,29 +55,6 @@ def iov_max() -> int:
 IOV_MAX = iov_max()
 
 
-def _data_pointers() -> Callable[[list[np.ndarray]], list[int]]:
-    """How this interpreter reads arrays' data pointers, cheaply where it can.
-
-    ``__array_interface__`` and ``.ctypes.data`` build a dict or an object per call, about 6 us
-    on a 2-core x86-64 VM where the numpy view itself costs 1 us: per page, under the GIL. On
-    CPython, ``id`` is an object's address, and numpy keeps an array's data pointer as the first
-    field after the object header (the ``PyArray_DATA`` that compiled extensions inline, so its
-    place is fixed); that read is checked once here against ``__array_interface__``, and any
-    other interpreter takes the portable way.
-    """
-    portable: Callable[[list[np.ndarray]], list[int]] = (
-        lambda arrays: [a.__array_interface__["data"][0] for a in arrays])
-    if sys.implementation.name != "cpython":
-        return portable
-    at, head = ctypes.c_void_p.from_address, object.__basicsize__
-    probe = np.arange(16, dtype=np.uint8)[5:]
-    if at(id(probe) + head).value != probe.__array_interface__["data"][0]:
-        return portable
-    # The caller holds ``arrays``: each is alive while its pointer is read.
-    return lambda arrays: [at(id(a) + head).value for a in arrays]
-
-
-_pointers = _data_pointers()
 
 
 def plan_runs(offsets: Sequence[int], page_bytes: int, *, gap_bytes: int = RUN_GAP_BYTES,
@@ -131,7 +109,7 @@ class PageFile:
             return None
         base, view_of, u8 = self.map_base, np.frombuffer, np.uint8
         arrays = [view_of(v, u8) for v in views]
-        return [address - base for address in _pointers(arrays)]
+        return [address - base for address in data_pointers(arrays)]
 
     def read_checked(self, rows: Sequence[np.ndarray], views: Sequence[memoryview],
                      expected: Sequence[bytes] | None) -> list[int]:
