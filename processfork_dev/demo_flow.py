@@ -50,9 +50,13 @@ PRESETS: dict[str, TinyLlamaSpec] = {
 
 SERVED_NAME = "demo"
 # fp32 so restored continuations can be compared bit for bit (vLLM's CPU backend would downcast
-# the checkpoint to bf16); prompt token details so every response reports `cached_tokens`.
+# the checkpoint to bf16); prompt token details so every response reports `cached_tokens`; eager:
+# torch.compile gains a model this small little and costs 30-60 s of each of the demo's two
+# starts on a CPU (vLLM 0.32 compiles again at every start there). `pf serve` compiles by default,
+# and restores are bit-identical either way: a checkout is compared with the same engine's run.
 SERVER_ARGS: tuple[str, ...] = (
     "--dtype", "float32",
+    "--enforce-eager",
     "--enable-prompt-tokens-details",
     "--max-model-len", "4096",
     "--kv-cache-memory-bytes", "512M",

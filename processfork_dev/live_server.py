@@ -14,7 +14,9 @@ from processfork.plugin.server_process import ServerProcess, find_free_port, lau
 
 __all__ = ["READY_TIMEOUT", "LiveServer"]
 
-READY_TIMEOUT = float(os.environ.get("PF_TEST_SERVER_TIMEOUT", "300"))
+# From launch to ready. A test session starts servers while others start or serve (each start is
+# mostly one core's imports), so a start may take several times its 30-120 s on a busy machine.
+READY_TIMEOUT = float(os.environ.get("PF_TEST_SERVER_TIMEOUT", "600"))
 
 
 @dataclass
@@ -46,6 +48,10 @@ class LiveServer:
         return self.process.log_path if self.process else None
 
     def start(self) -> LiveServer:
+        return self.launch().wait()
+
+    def launch(self) -> LiveServer:
+        """Start the server's processes and return at once; ``wait`` for it to be ready."""
         self.starts += 1
         self.process = launch_server(
             self.model,
@@ -56,6 +62,11 @@ class LiveServer:
             api_key=self.api_key,
             env=self.env or None,
         )
+        return self
+
+    def wait(self) -> LiveServer:
+        """Block until the launched server answers (ServerStartError when it never does)."""
+        assert self.process is not None, "launch() first"
         self.process.wait_ready(READY_TIMEOUT)
         return self
 

@@ -16,9 +16,12 @@ Fixtures:
 - ``openai_client``: an ``openai.OpenAI`` client for ``server`` (survives restarts).
 - ``other_server``: a second server on ``other_model`` and the session store, guarded by an API
   key, with a chat template of its own (``CHAT_TEMPLATE``): the incompatible engine of the error
-  tests and the templated one of the chat tests, in one start.
-- ``start_server``: a factory for more servers (another model, store, API key, arguments); all
-  are stopped at the end of the session.
+  tests and the templated one of the chat tests, in one start; launched beside ``server``.
+- ``servers``: every server of the session (``Servers``): ``start``/``launch`` more (another
+  model, store, API key, arguments, environment), and the servers launched ahead: a module
+  whose first server depends on no earlier test defines ``launch_ahead(servers)``, and that
+  start runs while the module before it is tested. All are stopped at the end of the session.
+- ``start_server``: ``servers.start``.
 
 A failing test that used a server gets the tail of that server's log in its report.
 """
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processfork.plugin.launch_plan import rank_cpus
 
 from processfork_dev.live_server import LiveServer
 from processfork_dev.model_builder import build_model, build_tiny_llama
@@ -63,6 +67,14 @@ EAGER: tuple[str, ...] = ("--enforce-eager",)
 # Prompts in the tests are 300-1000 tokens: a 256-token step budget chunks all of them.
 SESSION_SERVER_ARGS: tuple[str, ...] = ("--max-model-len", "4096", "--max-num-batched-tokens", "256")
 
+# The worker's threads on the cores `pf serve` binds them to (so the same bits), but the API
+# server and EngineCore left free to use any core instead of the one `pf serve` keeps for them:
+# the session starts servers beside each other (``Servers``), and each start is mostly imports
+# on one core; pinned to the same core, two starts would take turns.
+UNPINNED_FRONTEND: dict[str, str] = {
+    "VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, r)) for r in rank_cpus(None)),
+}
+
 OTHER_API_KEY = "other-secret"
 # Not the model's own template (processfork_dev/model_builder.py): a server given this file
 # renders chats differently from one that uses the model's.
@@ -86,10 +98,14 @@ def tiny_model() -> Path:
     return build_tiny_llama(MODELS_DIR / "tiny")
 
 
-@pytest.fixture(scope="session")
-def other_model() -> Path:
+def _other_model() -> Path:
     """A model whose KV layout differs from ``tiny_model`` (3 layers, another seed)."""
     return build_tiny_llama(MODELS_DIR / "tiny-3layer", num_layers=3, seed=1)
+
+
+@pytest.fixture(scope="session")
+def other_model() -> Path:
+    return _other_model()
 
 
 @pytest.fixture(scope="session")
@@ -97,59 +113,127 @@ def pf_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("pf-store")
 
 
-@pytest.fixture(scope="session")
-def start_server(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
-) -> Iterator[Callable[..., LiveServer]]:
-    """``start_server(model=None, *, store=None, extra_args=(), api_key=None)`` -> LiveServer.
+class Servers:
+    """Every server of the session, and the ones launched ahead of the module that uses them.
 
-    Defaults: ``tiny_model``, a fresh store, and ``DEFAULT_ARGS`` (``extra_args`` are added after
-    them, so they win).
+    An engine start is 30-120 s, mostly imports on one core. A module whose first server needs
+    nothing an earlier test made defines ``launch_ahead(servers) -> LiveServer`` (or any object
+    with its own clean-up, like the demo's process); ``_launch_next_module_ahead`` calls it when
+    the module before it begins, so that start runs beside that module's tests on the other core,
+    and the module's fixture takes it with ``servers.take(__name__)``. One module ahead at most:
+    a few servers alive at once fit in CI's memory.
     """
-    log_dir = tmp_path_factory.mktemp("server-logs")
-    started: list[LiveServer] = []
-    counter = itertools.count()
 
-    def start(
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.tiny_model = tiny_model
+        self.log_dir = tmp_path_factory.mktemp("server-logs")
+        self.started: list[LiveServer] = []
+        self.ahead: dict[str, Any] = {}
+        self._counter = itertools.count()
+
+    def new_store(self, name: str | None = None) -> Path:
+        return self.tmp_path_factory.mktemp(f"pf-store-{name or next(self._counter)}")
+
+    def build(self, name: str, spec: Any) -> Path:
+        """A model of ``spec``, built once into ``MODELS_DIR/name``."""
+        return build_model(MODELS_DIR / name, spec)
+
+    def launch(
+        self,
         model: Path | None = None,
         *,
         store: Path | None = None,
         extra_args: Sequence[str] = (),
         api_key: str | None = None,
         served_name: str = SERVED_NAME,
+        env: dict[str, str] | None = None,
     ) -> LiveServer:
+        """Start a server and return at once (``.wait()`` for it). Defaults: ``tiny_model``, a
+        fresh store, and ``DEFAULT_ARGS`` (``extra_args`` come after them, so they win)."""
         live = LiveServer(
-            model=model or tiny_model,
-            store=store or tmp_path_factory.mktemp(f"pf-store-{next(counter)}"),
+            model=model or self.tiny_model,
+            store=store or self.new_store(),
             extra_args=(*DEFAULT_ARGS, *extra_args),
-            log_dir=log_dir,
+            log_dir=self.log_dir,
             served_name=served_name,
             api_key=api_key,
+            env={**UNPINNED_FRONTEND, **(env or {})},
         )
-        started.append(live)
+        self.started.append(live)
         _STARTED.append(live)
-        return live.start()
+        return live.launch()
 
-    yield start
-    for live in reversed(started):
-        live.stop()
+    def start(self, model: Path | None = None, **kwargs: Any) -> LiveServer:
+        return self.launch(model, **kwargs).wait()
+
+    def take(self, module: str) -> Any | None:
+        """What ``launch_ahead`` of ``module`` launched, once; None when nothing was."""
+        return self.ahead.pop(module, None)
+
+    def module_server(self, module: str, launch: Callable[[Servers], LiveServer]) -> LiveServer:
+        """The module's server: the one launched ahead for it, or one launched now; ready."""
+        live = self.take(module) or launch(self)
+        return live.wait()
+
+    def stop_all(self) -> None:
+        for leftover in self.ahead.values():
+            stop = getattr(leftover, "stop", None) or getattr(leftover, "kill", None)
+            if stop is not None:
+                stop()
+        for live in reversed(self.started):
+            live.stop()
 
 
-def model_server(start_server: Callable[..., LiveServer], tmp_path_factory: pytest.TempPathFactory,
-                 name: str, spec: Any, extra_args: Sequence[str]) -> Iterator[LiveServer]:
-    """A module's own server of model ``spec`` (built once into ``MODELS_DIR/name``) on a fresh
-    store, stopped when the module is done so that its cores go back to the other tests."""
-    live = start_server(build_model(MODELS_DIR / name, spec),
-                        store=tmp_path_factory.mktemp(f"pf-store-{name}"), extra_args=extra_args)
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Servers]:
+    all_servers = Servers(tmp_path_factory, tiny_model)
+    yield all_servers
+    all_servers.stop_all()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _launch_next_module_ahead(request: pytest.FixtureRequest, servers: Servers) -> None:
+    """When a module begins, launch the first server of the next selected module that can
+    start ahead (``launch_ahead``)."""
+    modules = list(dict.fromkeys(
+        item.module for item in request.session.items if getattr(item, "module", None)))
+    if request.module not in modules:
+        return
+    for module in modules[modules.index(request.module) + 1:]:
+        launch = getattr(module, "launch_ahead", None)
+        if launch is not None:
+            if module.__name__ not in servers.ahead:
+                servers.ahead[module.__name__] = launch(servers)
+            return
+
+
+@pytest.fixture(scope="session")
+def start_server(servers: Servers) -> Callable[..., LiveServer]:
+    """``start_server(model=None, *, store=None, extra_args=(), api_key=None, env=None)`` ->
+    a ready LiveServer (see ``Servers.launch``); all are stopped at the end of the session."""
+    return servers.start
+
+
+def model_server(servers: Servers, module: str, launch: Callable[[Servers], LiveServer]
+                 ) -> Iterator[LiveServer]:
+    """A module's own server, stopped when the module is done so that its cores and memory go
+    back to the other tests."""
+    live = servers.module_server(module, launch)
     yield live
     live.stop()
 
 
 @pytest.fixture(scope="session")
-def server(start_server: Callable[..., LiveServer], pf_store: Path) -> LiveServer:
+def server(request: pytest.FixtureRequest, servers: Servers, pf_store: Path) -> LiveServer:
     """The session server. Its small token budget makes every long prompt prefill in chunks
-    over several engine steps, so snapshots and loads are tested across chunk boundaries."""
-    return start_server(store=pf_store, extra_args=SESSION_SERVER_ARGS)
+    over several engine steps, so snapshots and loads are tested across chunk boundaries.
+
+    ``other_server`` starts beside it when a selected test will want it."""
+    live = servers.launch(store=pf_store, extra_args=SESSION_SERVER_ARGS)
+    if any("other_server" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        servers.ahead.setdefault("other_server", _launch_other_server(servers, pf_store))
+    return live.wait()
 
 
 @pytest.fixture(scope="session")
@@ -194,13 +278,16 @@ def restarted(request: pytest.FixtureRequest, server: LiveServer, pf_store: Path
     return Restarted(prepared, old_pids)
 
 
-@pytest.fixture(scope="session")
-def other_server(start_server: Callable[..., LiveServer], other_model: Path, pf_store: Path,
-                 tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
-    template = tmp_path_factory.mktemp("template") / "chat.jinja"
+def _launch_other_server(servers: Servers, pf_store: Path) -> LiveServer:
+    template = servers.tmp_path_factory.mktemp("template") / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
-    return start_server(other_model, store=pf_store, api_key=OTHER_API_KEY,
-                        extra_args=("--chat-template", str(template), *EAGER))
+    return servers.launch(_other_model(), store=pf_store, api_key=OTHER_API_KEY,
+                          extra_args=("--chat-template", str(template), *EAGER))
+
+
+@pytest.fixture(scope="session")
+def other_server(servers: Servers, pf_store: Path) -> LiveServer:
+    return (servers.take("other_server") or _launch_other_server(servers, pf_store)).wait()
 
 
 @pytest.hookimpl(hookwrapper=True)

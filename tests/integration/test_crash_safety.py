@@ -274,6 +274,12 @@ def check_dead_store(store: Store, committed: list[Committed]) -> None:
     assert store.status().abandoned_pins == len(pins)
 
 
+def launch_ahead(servers):
+    """The test's server on an empty store; /reset_prefix_cache (dev mode) at every start."""
+    return servers.launch(store=servers.new_store("crash"), extra_args=SERVER_ARGS,
+                          env={"VLLM_SERVER_DEV_MODE": "1"})
+
+
 @pytest.mark.parametrize(
     "kills",
     [
@@ -281,14 +287,10 @@ def check_dead_store(store: Store, committed: list[Committed]) -> None:
         pytest.param(SLOW_KILLS, id=f"{SLOW_KILLS}-kills", marks=pytest.mark.slow),
     ],
 )
-def test_server_killed_mid_snapshot_loses_nothing_acknowledged(
-    start_server, tmp_path, monkeypatch, kills
-):
+def test_server_killed_mid_snapshot_loses_nothing_acknowledged(servers, kills):
     rng = random.Random(SEED)
-    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")  # /reset_prefix_cache, for every restart
-    store_path = tmp_path / "store"
-    store_path.mkdir()
-    server = start_server(store=store_path, extra_args=SERVER_ARGS)
+    server = servers.module_server(__name__, launch_ahead)
+    store_path = server.store
     figures = Figures()
     committed: list[Committed] = []
     # Stages in random order, each once per round, so that a few kills cover them all.

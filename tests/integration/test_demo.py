@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,13 +60,51 @@ def _assert_nothing_left(store: Path) -> None:
     assert _server_pids(store) == [], "server processes outlived the demo"
 
 
+@dataclass
+class DemoRun:
+    """The demo as a child process whose output goes to files (no pipe for it to fill)."""
+
+    workdir: Path
+    popen: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+
+    def stop(self) -> None:
+        """Clean-up for a run nobody waited for: SIGTERM, which the demo handles (see below)."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(60)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        try:
+            code = self.popen.wait(DEMO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        return subprocess.CompletedProcess(
+            self.popen.args, code, self.stdout_path.read_text(errors="replace"),
+            self.stderr_path.read_text(errors="replace"))
+
+
+def launch_ahead(servers) -> DemoRun:
+    """`make demo` starts and restarts a server of its own: it runs beside the module before."""
+    workdir = servers.tmp_path_factory.mktemp("demo")
+    logs = servers.tmp_path_factory.mktemp("demo-output")
+    out, err = logs / "stdout.txt", logs / "stderr.txt"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        popen = subprocess.Popen(_demo_argv(workdir, servers.tiny_model), env=_env(),
+                                 stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
+    return DemoRun(workdir, popen, out, err)
+
+
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
-    workdir = tmp_path_factory.mktemp("demo")
-    proc = subprocess.run(_demo_argv(workdir, tiny_model), check=False, env=_env(),
-                          capture_output=True,
-                          text=True, timeout=DEMO_TIMEOUT)
-    return workdir, proc
+def demo_run(servers):
+    run = servers.take(__name__) or launch_ahead(servers)
+    return run.workdir, run.result()
 
 
 def test_demo_exits_cleanly(demo_run):

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,29 +105,54 @@ def write_figures(tmp_path: Path, name: str, figures: dict[str, Any]) -> None:
     print(f"\n{name}: {json.dumps(figures)}\n(written to {path})")
 
 
-@pytest.fixture(scope="module")
-def small_fs(tmp_path_factory: pytest.TempPathFactory):
-    """A FS_MIB tmpfs for the store (needs root; skipped where mounting is not allowed)."""
+@dataclass
+class SmallFsServer:
+    """The module's server on a store in a FS_MIB tmpfs, or why there is none."""
+
+    mount: Path | None
+    live: Any = None
+    skip_reason: str = ""
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+        if self.mount is not None:
+            if subprocess.run(["umount", str(self.mount)], capture_output=True,
+                              check=False).returncode:
+                subprocess.run(["umount", "-l", str(self.mount)], check=False)
+            self.mount = None
+
+
+def launch_ahead(servers) -> SmallFsServer:
+    """Mount a FS_MIB tmpfs for the store (needs root; the module is skipped where mounting is
+    not allowed) and launch the server on it."""
     if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs for the store needs root")
-    mnt = tmp_path_factory.mktemp("small-fs") / f"fs-{uuid.uuid4().hex[:8]}"
+        return SmallFsServer(None, skip_reason="mounting a small tmpfs for the store needs root")
+    mnt = servers.tmp_path_factory.mktemp("small-fs") / f"fs-{uuid.uuid4().hex[:8]}"
     mnt.mkdir()
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_MIB}m", "tmpfs", str(mnt)],
                          capture_output=True, check=False)
     if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+        return SmallFsServer(None, skip_reason=f"cannot mount a tmpfs here: "
+                                               f"{res.stderr.decode().strip()}")
+    small = SmallFsServer(mnt)
     try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        small.live = servers.launch(store=mnt / "store", extra_args=SERVER_ARGS)
+    except BaseException:
+        small.stop()
+        raise
+    return small
 
 
 @pytest.fixture(scope="module")
-def server(start_server, small_fs):
-    live = start_server(store=small_fs / "store", extra_args=SERVER_ARGS)
-    yield live
-    live.stop()
+def server(servers):
+    small = servers.take(__name__) or launch_ahead(servers)
+    if small.live is None:
+        pytest.skip(small.skip_reason)
+    try:
+        yield small.live.wait()
+    finally:
+        small.stop()
 
 
 # --- full store ----------------------------------------------------------------------------

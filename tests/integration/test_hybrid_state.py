@@ -57,6 +57,7 @@ from processfork_dev.model_builder import HYBRID
 
 pytestmark = pytest.mark.integration
 
+STAGED = f"{__name__}:staged"  # the staged server's key in ``servers.ahead``
 BLOCK = 128  # a block holds a Mamba2 state (fp32); vLLM would raise 32 to 96
 HYBRID_ARGS = ("--block-size", str(BLOCK), "--max-num-batched-tokens", str(BLOCK),
                "--max-model-len", "2048")
@@ -116,14 +117,19 @@ def _session_turn(server, prompt: list[int], max_tokens: int, session: str = SES
             "next": prompt + output + random_tokens(len(prompt), EXTRA)}
 
 
-@pytest.fixture(scope="module")
-def hybrid_server(start_server, tmp_path_factory):
+def launch_ahead(servers):
     # Compared only with itself: eager mode starts sooner.
-    yield from model_server(start_server, tmp_path_factory, "tiny-hybrid", HYBRID, (*HYBRID_ARGS, *EAGER))
+    return servers.launch(servers.build("tiny-hybrid", HYBRID), store=servers.new_store("hybrid"),
+                          extra_args=(*HYBRID_ARGS, *EAGER))
 
 
 @pytest.fixture(scope="module")
-def before(hybrid_server) -> Before:
+def hybrid_server(servers):
+    yield from model_server(servers, __name__, launch_ahead)
+
+
+@pytest.fixture(scope="module")
+def before(request, servers, hybrid_server) -> Before:
     out = Before()
     out.prompts, out.warm, out.snapshots = warm_snapshots(hybrid_server, LENGTHS, seed=8000,
                                                           prefix="hy", block=BLOCK)
@@ -162,6 +168,10 @@ def before(hybrid_server) -> Before:
     out.aligned_warm = complete(hybrid_server, out.other_turns["aligned"]["next"], max_tokens=12,
                                 logprobs=5)
     out.log = hybrid_server.log_path.read_text(errors="replace") if hybrid_server.log_path else ""
+    if any("staged_server" in getattr(item, "fixturenames", ())
+           for item in request.session.items):
+        # Nothing it does depends on the engine before, and both starts run at once.
+        servers.ahead.setdefault(STAGED, _launch_staged(servers, hybrid_server))
     hybrid_server.restart()
     return out
 
@@ -383,19 +393,24 @@ class Staged:
     turn: dict[str, Any] = field(default_factory=dict)
 
 
-@pytest.fixture(scope="module")
-def staged_server(start_server, hybrid_server, before, tmp_path_factory):
+def _launch_staged(servers, direct):
     """The hybrid model on the staged page path, on the direct server's store: staging slots of
     one block (a K and V page of this model are 256 KiB), so a save or load of several blocks
     runs in several chunks, and a host tier that loads go through."""
-    config = kv_transfer_config(hybrid_server.store)
+    config = kv_transfer_config(direct.store)
     config["kv_connector_extra_config"].update({
         "page_path": "staged", "staging_mib": 1, "copy_threads": 2, "host_tier_mib": 16,
-        "host_tier_dir": str(tmp_path_factory.mktemp("pf-tier-hybrid")),
+        "host_tier_dir": str(servers.tmp_path_factory.mktemp("pf-tier-hybrid")),
     })
-    live = start_server(hybrid_server.model, store=hybrid_server.store,
-                        extra_args=(*HYBRID_ARGS, *EAGER, "--kv-transfer-config",
-                                    json.dumps(config)))
+    return servers.launch(direct.model, store=direct.store,
+                          extra_args=(*HYBRID_ARGS, *EAGER, "--kv-transfer-config",
+                                      json.dumps(config)))
+
+
+@pytest.fixture(scope="module")
+def staged_server(servers, hybrid_server, before):
+    # Launched beside the direct server's restart (``before``).
+    live = (servers.take(STAGED) or _launch_staged(servers, hybrid_server)).wait()
     yield live
     live.stop()
 

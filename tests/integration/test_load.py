@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import model_server
 from pf_http import PF, cached_tokens, complete, get, headers, pf, random_tokens
 from processfork.store import Store
 
@@ -43,16 +44,18 @@ def split_point(length: int) -> int:
     return (length - 1) // BLOCK * BLOCK
 
 
-@pytest.fixture(scope="module")
-def server(start_server):
+def launch_ahead(servers):
     """A server with a store of its own (gc here runs with no grace period). 32 MiB of KV cache
     (16K tokens of the tiny model in fp32): a few filler prompts evict every block."""
-    live = start_server(extra_args=("--max-model-len", str(MAX_MODEL_LEN),
-                                    "--max-num-batched-tokens", "512",
-                                    "--kv-cache-memory-bytes", "32M",
-                                    "--enforce-eager"))  # compared only with itself
-    yield live
-    live.stop()
+    return servers.launch(extra_args=("--max-model-len", str(MAX_MODEL_LEN),
+                                      "--max-num-batched-tokens", "512",
+                                      "--kv-cache-memory-bytes", "32M",
+                                      "--enforce-eager"))  # compared only with itself
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    yield from model_server(servers, __name__, launch_ahead)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import pytest
+from conftest import model_server
 from pf_http import PF, complete, pf, post, random_tokens
 from processfork.store import Manifest, SnapshotSequence, Store
 
@@ -22,14 +23,16 @@ from processfork_dev.store_damage import damage_object
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def server(start_server):
+def launch_ahead(servers):
     """A server with a store of its own: these tests damage pages and run a store-wide repair,
     which must neither see nor touch what other modules left in the session store."""
-    live = start_server(extra_args=("--max-model-len", "4096", "--max-num-batched-tokens", "256",
-                                    "--enforce-eager"))  # compared only with itself
-    yield live
-    live.stop()
+    return servers.launch(extra_args=("--max-model-len", "4096", "--max-num-batched-tokens", "256",
+                                      "--enforce-eager"))  # compared only with itself
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    yield from model_server(servers, __name__, launch_ahead)
 
 
 def pf_cli(server: Any, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

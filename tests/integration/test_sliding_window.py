@@ -76,10 +76,16 @@ def _turn(server, prompt: list[int]) -> dict[str, Any]:
             "cid": wait_for_ref(server.store, REF, old)}
 
 
-@pytest.fixture(scope="module")
-def sw_server(start_server, tmp_path_factory):
+def launch_ahead(servers):
     # Compared only with itself: eager mode starts sooner.
-    yield from model_server(start_server, tmp_path_factory, "tiny-sliding", SLIDING, (*SESSION_SERVER_ARGS, *EAGER))
+    model = servers.build("tiny-sliding", SLIDING)
+    return servers.launch(model, store=servers.new_store("sliding"),
+                          extra_args=(*SESSION_SERVER_ARGS, *EAGER))
+
+
+@pytest.fixture(scope="module")
+def sw_server(servers):
+    yield from model_server(servers, __name__, launch_ahead)
 
 
 @pytest.fixture(scope="module")

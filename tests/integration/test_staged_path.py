@@ -26,18 +26,22 @@ COMPUTED = 19 * BLOCK + 7  # ragged: the last block is partial
 RESIDENT = 12 * BLOCK  # block-aligned and cached: saved without a forward pass
 
 
-@pytest.fixture(scope="module")
-def staged(start_server, tmp_path_factory):
-    store = tmp_path_factory.mktemp("pf-store-staged")
+def launch_ahead(servers):
+    store = servers.new_store("staged")
     config = kv_transfer_config(store)
     config["kv_connector_extra_config"].update({
         "page_path": "staged", "staging_mib": 1, "copy_threads": 3, "host_tier_mib": 64,
-        "host_tier_dir": str(tmp_path_factory.mktemp("pf-tier")),
+        "host_tier_dir": str(servers.tmp_path_factory.mktemp("pf-tier")),
     })
-    return start_server(store=store, extra_args=(
+    return servers.launch(store=store, extra_args=(
         "--max-model-len", "4096", "--max-num-batched-tokens", "256",
         "--kv-transfer-config", json.dumps(config),
     ))
+
+
+@pytest.fixture(scope="module")
+def staged(servers):
+    return servers.module_server(__name__, launch_ahead)
 
 
 def _pages(store_path, cid):
