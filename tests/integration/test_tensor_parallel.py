@@ -51,7 +51,7 @@ def _server(tiny_model: Path, store: Path, log_dir: Path, tp: int, *,
 
 
 @pytest.fixture
-def servers(tiny_model: Path, tmp_path: Path):
+def tp_servers(tiny_model: Path, tmp_path: Path):
     """A TP-2 server (started), a TP-1 one and a TP-2 one on the staged page path (not
     started), on one store."""
     store = tmp_path / "store"
@@ -94,8 +94,8 @@ def _computed(server: LiveServer, tokens: list[int]) -> None:
     assert cached_tokens(complete(server, longer, max_tokens=2)) == 0
 
 
-def test_tp2_snapshots_check_out_after_a_restart_and_across_tp_sizes(servers, tiny_model):
-    tp2, tp1, staged = servers
+def test_tp2_snapshots_check_out_after_a_restart_and_across_tp_sizes(tp_servers, tiny_model):
+    tp2, tp1, staged = tp_servers
     x, y, z, w, v = (random_tokens(8200 + i, LENGTH) for i in range(5))
 
     # TP 2: a snapshot of every head, and the warm hit a checkout at TP 2 must equal bit for bit.
