@@ -101,10 +101,11 @@ def _error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+#: A JSON escape of a UTF-16 surrogate code unit, \uD800-\uDFFF (see _may_hold_surrogates).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 #: A request body may hold this many bytes per token of the engine's --max-model-len (a token id
 #: takes at most 8 bytes of JSON, a token of text escaped for JSON rarely more than 30), and never
 #: less than MIN_BODY_BYTES. A larger body is refused before it is read (413 body_too_large).
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 BODY_BYTES_PER_TOKEN = 64
 MIN_BODY_BYTES = 1 << 20
 

@@ -177,10 +177,8 @@ class Servers:
         return live.wait()
 
     def stop_all(self) -> None:
-        for leftover in self.ahead.values():
-            stop = getattr(leftover, "stop", None) or getattr(leftover, "kill", None)
-            if stop is not None:
-                stop()
+        for leftover in self.ahead.values():  # launched ahead for a module that never ran
+            leftover.stop()
         for live in reversed(self.started):
             live.stop()
 
