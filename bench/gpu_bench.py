@@ -4,6 +4,7 @@
     python3 bench/gpu_bench.py --part checkouts   # (c) again, in a fresh engine, from that store
     python3 bench/gpu_bench.py --part unverified  # (c) with verify_loads off: what the check costs
     python3 bench/gpu_bench.py --part per-page    # (c) with a Python call per page (no C reader)
+    python3 bench/gpu_bench.py --part pread       # (c) with pages read by pread, not from the map
     python3 bench/gpu_bench.py --part peers   # (b) ExampleConnector, (b2) OffloadingConnector
     python3 bench/gpu_bench.py --part report  # the tables, from the JSON the parts wrote
     python3 bench/gpu_bench.py --quick        # smoke run of every part (tiny model; CPU works)
@@ -328,10 +329,12 @@ def timed_checkouts(srv: Server, setup: Setup, n: int, reps: int = 3) -> list[fl
     return times
 
 
-def part_checkouts(setup: Setup, *, verify: bool, native: bool = True) -> None:
+def part_checkouts(setup: Setup, *, verify: bool, native: bool = True,
+                   reader: str | None = None) -> None:
     """(c) again in a freshly started engine, from the store ``--part ours`` left; with
     ``verify=False`` (``verify_loads: false``) it shows what the integrity check costs, with
-    ``native=False`` (``PROCESSFORK_NATIVE_PAGES=0``) what the compiled page reader is worth."""
+    ``native=False`` (``PROCESSFORK_NATIVE_PAGES=0``) what the compiled page reader is worth,
+    with ``reader`` (``page_reader``) another way of taking pages from the store."""
     from processfork.plugin.launch_plan import kv_transfer_config
 
     store = WORK / "store"
@@ -340,6 +343,9 @@ def part_checkouts(setup: Setup, *, verify: bool, native: bool = True) -> None:
     key = "checkout" if verify else "checkout_unverified"
     if not native:
         key += "_per_page"
+    if reader is not None:
+        config["kv_connector_extra_config"]["page_reader"] = reader
+        key += f"_{reader}"
     srv = Server(setup, key, store=store, extra=["--kv-transfer-config", json.dumps(config)],
                  env=None if native else {"PROCESSFORK_NATIVE_PAGES": "0"}).start()
     path = OUT / "ours.json"
@@ -435,8 +441,9 @@ def part_report(setup: Setup) -> None:
     ttft = Table(title=f"TTFT, {ours['machine'].get('gpu', 'CPU')}, vLLM "
                        f"{ours['machine'].get('vllm')} (median; ms)")
     for col in ("tokens", "GiB", "(a) cold", "(b) Example", "(b2) Offload", "(c) checkout",
-                "(c-) per-page", "(c*) tier", "(c') unverified", "(d) warm", "(e) H2D", "a/c",
-                "c/b", "c/b2", "(c-d)/e", "(c--d)/e", "a/c*", "c*/b2", "(c*-d)/e", "(c'-d)/e"):
+                "(c-) per-page", "(cp) pread", "(c*) tier", "(c') unverified", "(d) warm",
+                "(e) H2D", "a/c", "c/b", "c/b2", "(c-d)/e", "(c--d)/e", "(cp-d)/e", "a/c*",
+                "c*/b2", "(c*-d)/e", "(c'-d)/e"):
         ttft.add_column(col, justify="right")
     snaps = Table(title="Snapshot and checkout throughput (GB/s)")
     for col in ("tokens", "snapshot", "warm store", "D2H", "snap/D2H", "warm/D2H",
@@ -459,15 +466,17 @@ def part_report(setup: Setup) -> None:
 
         cu = median(r["checkout_unverified"]) if r.get("checkout_unverified") else None
         cp = median(r["checkout_per_page"]) if r.get("checkout_per_page") else None
+        cr = median(r["checkout_pread"]) if r.get("checkout_pread") else None
         def ratio(x: float | None, y: float | None, fmt: str = "{:.2f}") -> str:
             return "-" if x is None or y is None else fmt.format(x / y)
 
         def over(x: float | None, d: float = d) -> float | None:  # restore overhead over the warm hit
             return None if x is None else x - d
 
-        ttft.add_row(str(n), f"{r['kv_bytes'] / GiB:.1f}", f(a), f(b), f(b2), f(c), f(cp), f(ct),
-                     f(cu), f(d), f(e), ratio(a, c, "{:.1f}x"), ratio(c, b), ratio(c, b2),
+        ttft.add_row(str(n), f"{r['kv_bytes'] / GiB:.1f}", f(a), f(b), f(b2), f(c), f(cp), f(cr),
+                     f(ct), f(cu), f(d), f(e), ratio(a, c, "{:.1f}x"), ratio(c, b), ratio(c, b2),
                      ratio(over(c), e, "{:.1f}"), ratio(over(cp), e, "{:.1f}"),
+                     ratio(over(cr), e, "{:.1f}"),
                      ratio(a, ct, "{:.1f}x"), ratio(ct, b2),
                      ratio(over(ct), e, "{:.1f}"), ratio(over(cu), e, "{:.1f}"))
 
@@ -482,7 +491,7 @@ def part_report(setup: Setup) -> None:
                       f"{(gb / r['snapshot_warm_store']) / (gb / d2h):.0%}",
                       rate(c), rate(ct), f"{gb / e:.1f}", share(c), share(ct))
         rows.append({"tokens": n, "a": a, "b": b, "b2": b2, "c": c, "c_tier": ct,
-                     "c_unverified": cu, "c_per_page": cp, "d": d,
+                     "c_unverified": cu, "c_per_page": cp, "c_pread": cr, "d": d,
                      "e": e, "d2h": d2h,
                      "snapshot": r["snapshot"], "snapshot_warm": r["snapshot_warm_store"],
                      "kv_bytes": r["kv_bytes"]})
@@ -499,7 +508,8 @@ def _peer(peers: dict[str, Any], name: str, key: str) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", default="all", choices=[
-        "ours", "unverified", "checkouts", "per-page", "peers", "offloading", "report", "all"])
+        "ours", "unverified", "checkouts", "per-page", "pread", "peers", "offloading", "report",
+        "all"])
     parser.add_argument("--quick", action="store_true", help="tiny model, short prompts")
     parser.add_argument("--host-tier-gib", type=int, default=0,
                         help="--part ours: keep pages in a host tier of this size")
@@ -516,6 +526,8 @@ def main() -> None:
         part_checkouts(setup, verify=True)
     if opts.part == "per-page":
         part_checkouts(setup, verify=True, native=False)
+    if opts.part == "pread":
+        part_checkouts(setup, verify=True, reader="pread")
     if opts.part in ("unverified", "all"):
         part_checkouts(setup, verify=False)
     if opts.part in ("peers", "all"):

@@ -1,6 +1,6 @@
 """The host side of the staged page path, against bare memcpy, xxh3 and pread of the same bytes.
 
-    python bench/page_path_bench.py [--gib 2] [--threads N ...] [--reader native python]
+    python bench/page_path_bench.py [--gib 2] [--threads N ...] [--reader map native python]
         [--run-mib M ...] [--repeat 5] [--json FILE]
 
 No vLLM: the KV cache has Llama-3-8B's shape (32 layers, 8 KV heads of 128, block 16, bf16:
@@ -25,9 +25,11 @@ On a CPU the staged path scatters into (and gathers from) host tensors instead o
 GPU: that is CI's configuration of the path (``page_path: staged``), and it adds a host copy the
 GPU path does not make. ``--diagnose`` also times the load with its device copies left out (not
 the product: it tells the host half's speed from what the device copies beside it cost).
-``--reader native python`` (the default) measures the copy threads reading and hashing a slice
-of pages per call in C without the GIL (``plugin/native_pages.py``, the product's default) and
-with one Python call per page to read and one to hash, side by side, for each thread count.
+``--reader map native python`` measures the copy threads taking a slice of pages per call in C
+without the GIL (``plugin/native_pages.py``), copying them out of the store's memory map with the
+digest computed as they go (``map``, the product's default on x86-64) or reading them with
+``pread`` and hashing them after (``native``), and with one Python call per page to read and one
+to hash (``python``), side by side, for each thread count (default: ``map native``).
 ``--run-mib 0 8`` measures the per-page Python load reading one page per ``preadv`` (the default) and up to 8 MiB
 of adjacent pages per ``preadv`` side by side, for each thread count. Each
 figure is the best of ``--repeat`` rounds (the host work is
@@ -67,7 +69,8 @@ from gpu_bench import copy_seconds
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B: 128 KiB of KV per token in bf16
 GiB = 1 << 30
-READER_LABELS = {"native": "native slices", "python": "per-page Python calls"}
+READER_LABELS = {"map": "compiled, copies from the map", "native": "compiled, pread",
+                 "python": "per-page Python calls"}
 
 
 def kv_layers(num_blocks: int, device: str) -> list[torch.Tensor]:
@@ -239,22 +242,27 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                 run_bytes = RUN_BYTES if run_mib is None else int(run_mib * (1 << 20))
                 results["threads"][label], results["cpu_s"][label] = rounds(
                     opts, work / "store", codec, device, threads, run_bytes, saved, targets,
-                    digests, host_rows, data_file, offsets, native=reader == "native")
+                    digests, host_rows, data_file, offsets, reader=reader)
     shutil.rmtree(work, ignore_errors=True)
     return results
 
 
 def rounds(opts: argparse.Namespace, path: Path, codec: PageCodec, device: str, threads: int,
            run_bytes: int, saved: list[int], targets: list[int], digests: list[bytes], host_rows: np.ndarray,
-           data_file: str, offsets: list[int], *, native: bool,
+           data_file: str, offsets: list[int], *, reader: str,
            ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall seconds and the process's CPU seconds of every round of every measure."""
+    native = reader != "python"
+    mode = "map" if reader == "map" else "pread"
     verified = StagedPagePath(codec, verify=True, threads=threads, run_bytes=run_bytes,
-                              native=native)
+                              native=native, reader=mode)
     unverified = StagedPagePath(codec, verify=False, threads=threads, run_bytes=run_bytes,
-                                native=native)
+                                native=native, reader=mode)
     if native and verified.native is None:
         raise SystemExit("the native page reader did not build here (it needs a C compiler)")
+    if reader == "map" and not verified.from_map:
+        raise SystemExit("the compiled reader cannot copy from the map here (python-xxhash "
+                         "exports no streaming xxh3)")
     ceilings = Ceilings(host_rows, len(verified._slots) * 2 * verified.chunk_blocks, data_file,
                         offsets, threads)
     jobs = ["bench"] * len(targets)
@@ -290,7 +298,7 @@ def rounds(opts: argparse.Namespace, path: Path, codec: PageCodec, device: str, 
         # Not the product: the load with its device copies left out, to tell the host half's
         # own speed from what running beside the device copies costs it.
         host_only = StagedPagePath(codec, verify=True, threads=threads, run_bytes=run_bytes,
-                                   native=native)
+                                   native=native, reader=mode)
         host_only._to_blocks = lambda slot, ids: None  # type: ignore[method-assign]
         measures["diagnose: load, host half"] = lambda s: load(host_only, s)
     # Every measure opens the store afresh (the only handle, so a new map), as a fresh engine
@@ -363,10 +371,11 @@ def main() -> None:
                         help="page MiB per preadv of the load, each measured in turn (0: one page "
                              "per call; default: the path's own)")
     parser.add_argument("--reader", choices=sorted(READER_LABELS), nargs="+",
-                        default=["native", "python"],
+                        default=["map", "native"],
                         help="how the copy threads read and hash, each measured in turn: a slice "
-                             "per call in C without the GIL (the default path), or a Python call "
-                             "per page to read and one to hash (--run-mib applies to this one)")
+                             "per call in C without the GIL, copied out of the store's map "
+                             "(map) or read with pread (native); or a Python call per page to "
+                             "read and one to hash (python; --run-mib applies to this one)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--work", default=str(REPO / ".bench" / "page_path"))

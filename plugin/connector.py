@@ -116,6 +116,7 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
                 page_path=config.page_path,
                 staging_mib=config.staging_mib,
                 copy_threads=config.copy_threads,
+                page_reader=config.page_reader,
                 host_tier_mib=config.host_tier_mib,
                 host_tier_dir=config.host_tier_dir,
                 kv_groups=layout.to_fingerprint(),

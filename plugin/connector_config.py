@@ -12,7 +12,10 @@ from typing import Any
 
 from processfork.store import default_store_path
 
-__all__ = ["ConnectorConfig", "store_path_from_config"]
+__all__ = ["PAGE_READERS", "ConnectorConfig", "store_path_from_config"]
+
+#: ``page_reader`` values; the first is the default.
+PAGE_READERS = ("auto", "map", "pread")
 
 
 def store_path_from_config(extra: dict[str, Any]) -> str:
@@ -42,6 +45,17 @@ def _positive_int(extra: dict[str, Any], name: str) -> int | None:
     return int(value)
 
 
+def _choice(extra: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices``; the first (the default) when unset."""
+    value = extra.get(name)
+    if value is None or value == "":
+        return choices[0]
+    if str(value) not in choices:
+        raise ValueError(f"kv_connector_extra_config.{name} must be one of "
+                         f"{', '.join(choices)} (got {value!r})")
+    return str(value)
+
+
 def _count(extra: dict[str, Any], name: str) -> int:
     """A size where 0 (the default) means off."""
     value = extra.get(name)
@@ -60,6 +74,10 @@ class ConnectorConfig:
     page_path: str = "auto"
     staging_mib: int | None = None
     copy_threads: int | None = None
+    #: How the staged path's copy threads take pages from the store: ``map`` (copied out of the
+    #: store's memory map, hashed as they go, written past the CPU's caches) or ``pread``;
+    #: ``auto`` picks (``staged_pages.default_page_reader``).
+    page_reader: str = "auto"
     host_tier_mib: int = 0
     host_tier_dir: str = "/dev/shm"
     #: Load a client request's stored prefix from the store on a prefix-cache miss.
@@ -85,6 +103,7 @@ class ConnectorConfig:
             page_path=str(extra.get("page_path") or "auto"),
             staging_mib=_positive_int(extra, "staging_mib"),
             copy_threads=_positive_int(extra, "copy_threads"),
+            page_reader=_choice(extra, "page_reader", PAGE_READERS),
             host_tier_mib=_count(extra, "host_tier_mib"),
             host_tier_dir=os.path.expanduser(str(extra.get("host_tier_dir") or "/dev/shm")),
             auto_restore=_flag(extra, "auto_restore"),

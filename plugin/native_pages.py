@@ -51,7 +51,8 @@ _vpp = ctypes.POINTER(ctypes.c_void_p)
 class NativePages:
     """The compiled ``pf_read_pages`` and ``pf_hash_pages``, bound to python-xxhash's xxh3."""
 
-    def __init__(self, library: ctypes.CDLL, hash_address: int):
+    def __init__(self, library: ctypes.CDLL, hash_address: int,
+                 streaming: tuple[int, ...] | None = None):
         self._read = library.pf_read_pages
         self._read.restype = ctypes.c_int64
         self._read.argtypes = [ctypes.c_int, ctypes.c_int64, _i64p, _vpp, ctypes.c_uint64,
@@ -60,6 +61,18 @@ class NativePages:
         self._hash.restype = None
         self._hash.argtypes = [ctypes.c_int64, _vpp, ctypes.c_uint64, ctypes.c_void_p, _u8p]
         self._xxh3 = hash_address
+        # xxh3-128's streaming functions (new state, free, reset, update, digest): a page is
+        # hashed a piece at a time as it is copied out of the map. None: only ``read_pages``.
+        self._streaming = streaming
+        self._copy = library.pf_copy_pages
+        self._copy.restype = ctypes.c_int64
+        self._copy.argtypes = [ctypes.c_int64, _vpp, _vpp, ctypes.c_uint64, _u8p, ctypes.c_int,
+                               *[ctypes.c_void_p] * 5, _u8p]
+
+    @property
+    def copies_from_map(self) -> bool:
+        """Whether ``copy_pages`` can verify pages (python-xxhash exports the streaming API)."""
+        return self._streaming is not None
 
     def read_pages(self, fd: int, offsets: Sequence[int], rows: Sequence[np.ndarray],
                    expected: Sequence[bytes] | None) -> np.ndarray:
@@ -80,6 +93,41 @@ class NativePages:
         self._read(fd, n, offs.ctypes.data_as(_i64p), dests.ctypes.data_as(_vpp), page_bytes,
                    None if want is None else want.ctypes.data_as(_u8p), self._xxh3,
                    status.ctypes.data_as(_u8p))
+        return status
+
+    def copy_pages(self, sources: Sequence[np.ndarray], rows: Sequence[np.ndarray],
+                   expected: Sequence[bytes] | None, *, populate: bool = True) -> np.ndarray:
+        """Copy ``sources[i]`` (pages in the store's memory map) into ``rows[i]``, hashing each
+        piece just before it is copied and writing past the CPU's caches (``pf_copy_pages``):
+        the status of each page (``OK``, or ``MISMATCH`` against ``expected``).
+
+        ``populate``: map each page's part of the map in one ``madvise`` before reading it, not
+        a page fault every few 4 KiB (a fresh worker has not touched the map)."""
+        n = len(rows)
+        status = np.zeros(n, dtype=np.uint8)
+        if not n:
+            return status
+        if len(sources) != n:
+            raise ValueError("one source per row expected")
+        page_bytes = rows[0].nbytes
+        for source in sources:
+            if source.nbytes != page_bytes:
+                raise ValueError(f"stored page of {source.nbytes} bytes, expected {page_bytes}")
+        want = None
+        if expected is not None:
+            if self._streaming is None:
+                raise RuntimeError("python-xxhash exports no streaming xxh3: pages cannot be "
+                                   "verified as they are copied")
+            want = np.frombuffer(b"".join(expected), dtype=np.uint8)
+            if len(want) != 16 * n:
+                raise ValueError("one 16-byte digest per page expected")
+        functions = self._streaming or (None,) * 5
+        got = self._copy(n, _addresses(sources).ctypes.data_as(_vpp),
+                         _addresses(rows).ctypes.data_as(_vpp), page_bytes,
+                         None if want is None else want.ctypes.data_as(_u8p), int(populate),
+                         *functions, status.ctypes.data_as(_u8p))
+        if got < 0:
+            raise MemoryError("no memory for an xxh3 state")
         return status
 
     def hash_pages(self, rows: Sequence[np.ndarray]) -> list[bytes]:
@@ -158,19 +206,43 @@ def _load() -> NativePages | None:
         logger.warning("processfork: the native page reader could not be built (%s); pages "
                        "are read and hashed one Python call each", exc)
         return None
-    return NativePages(library, hash_address)
+    return NativePages(library, hash_address, _xxh3_streaming())
 
 
-def _xxh3_address() -> int | None:
-    """Where python-xxhash's xxh3-128 of a buffer is: its CPU-dispatching build where it has
-    one (AVX2 or AVX-512 where the CPU has them), else the plain one."""
+def _xxh3_streaming() -> tuple[int, ...] | None:
+    """The addresses of python-xxhash's xxh3-128 streaming functions: new state, free, reset,
+    update (its CPU-dispatching build where it has one), digest; None if any is missing."""
+    library = _xxhash_library()
+    if library is None:
+        return None
+    names = (("XXH3_createState",), ("XXH3_freeState",), ("XXH3_128bits_reset",),
+             ("XXH3_128bits_update_dispatch", "XXH3_128bits_update"), ("XXH3_128bits_digest",))
+    found: list[int] = []
+    for choices in names:
+        address = next((ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+                        for name in choices if hasattr(library, name)), None)
+        if address is None:
+            return None
+        found.append(address)
+    return tuple(found)
+
+
+def _xxhash_library() -> ctypes.CDLL | None:
     module = getattr(xxhash, "_xxhash", None)
     path = getattr(module, "__file__", None)
     if path is None:
         return None
     try:
-        library = ctypes.CDLL(path)
+        return ctypes.CDLL(path)
     except OSError:
+        return None
+
+
+def _xxh3_address() -> int | None:
+    """Where python-xxhash's xxh3-128 of a buffer is: its CPU-dispatching build where it has
+    one (AVX2 or AVX-512 where the CPU has them), else the plain one."""
+    library = _xxhash_library()
+    if library is None:
         return None
     for name in ("XXH3_128bits_dispatch", "XXH3_128bits"):
         function = getattr(library, name, None)

@@ -102,6 +102,9 @@ class PageFile:
     max_iov: int = IOV_MAX
     #: The compiled reader (``native_pages.py``): one call per slice without the GIL.
     native: NativePages | None = None
+    #: With the compiled reader: copy pages out of the store's memory map (hashed a piece at a
+    #: time just before each piece is copied, stored past the caches) instead of ``pread``.
+    from_map: bool = False
 
     def offsets(self, views: Sequence[memoryview]) -> list[int] | None:
         """Each view's offset in the file (negative: not in it); None when there is no file."""
@@ -121,6 +124,12 @@ class PageFile:
         the map here.
         """
         page_bytes = rows[0].nbytes if len(rows) else 0
+        if (self.from_map and self.native is not None
+                and (expected is None or self.native.copies_from_map)):
+            u8 = np.uint8
+            status = self.native.copy_pages([np.frombuffer(v, u8) for v in views], rows,
+                                            expected)
+            return [int(i) for i in np.flatnonzero(status == MISMATCH)]
         native = self.native is not None and self.run_bytes < 2 * page_bytes  # runs: asked for
         offsets = self.offsets(views) if native else None
         if offsets is None or self.fd is None:

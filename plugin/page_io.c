@@ -10,7 +10,17 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#define PF_STREAMING_STORES 1
+#endif
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22 /* Linux 5.14; older kernels answer EINVAL */
+#endif
 
 typedef struct {
     uint64_t low64;
@@ -18,6 +28,12 @@ typedef struct {
 } pf_hash128;
 
 typedef pf_hash128 (*pf_xxh3_128)(const void *data, size_t len);
+/* xxh3-128's streaming API (python-xxhash exports it beside the one-shot function). */
+typedef void *(*pf_state_new)(void);
+typedef int (*pf_state_free)(void *state);
+typedef int (*pf_state_reset)(void *state);
+typedef int (*pf_state_update)(void *state, const void *data, size_t len);
+typedef pf_hash128 (*pf_state_digest)(const void *state);
 
 enum { PF_OK = 0, PF_NOT_READ = 1, PF_MISMATCH = 2 };
 
@@ -77,4 +93,98 @@ void pf_hash_pages(int64_t n, const uint8_t *const *pages, uint64_t page_bytes,
                    pf_xxh3_128 hash, uint8_t *out) {
     for (int64_t i = 0; i < n; i++)
         pf_canonical(hash(pages[i], (size_t)page_bytes), out + 16 * i);
+}
+
+/* Bytes of a page hashed, then copied, at a time: small enough to stay in the core's L1/L2
+ * between the two, large enough that the hash's per-call cost does not show. */
+#define PF_PIECE (32u << 10)
+
+/*
+ * Copy n bytes with non-temporal stores where the CPU has them: the destination (pinned
+ * staging memory the GPU reads by DMA) is not read by this core again, so the stores go
+ * straight to memory, without first reading each destination line into the cache (a plain
+ * memcpy's read-for-ownership: a third of a copy's memory traffic).
+ */
+static void pf_copy_out(uint8_t *dest, const uint8_t *src, size_t n) {
+#ifdef PF_STREAMING_STORES
+    if (((uintptr_t)dest & 15u) == 0) {
+        size_t i = 0;
+        for (; i + 64 <= n; i += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+            __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+            __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+            _mm_stream_si128((__m128i *)(dest + i), a);
+            _mm_stream_si128((__m128i *)(dest + i + 16), b);
+            _mm_stream_si128((__m128i *)(dest + i + 32), c);
+            _mm_stream_si128((__m128i *)(dest + i + 48), d);
+        }
+        memcpy(dest + i, src + i, n - i);
+        return;
+    }
+#endif
+    memcpy(dest, src, n);
+}
+
+/* Map a page's part of the store's memory map in one call instead of a fault every few 4 KiB
+ * pages (a fresh worker has never touched the map). Returns 0 once the kernel says it cannot
+ * (before 5.14), and the caller stops asking; a page it cannot map faults in as it is read. */
+static int pf_populate(const uint8_t *src, uint64_t nbytes, uintptr_t os_page) {
+    uintptr_t lo = (uintptr_t)src & ~(os_page - 1);
+    uintptr_t hi = ((uintptr_t)src + (uintptr_t)nbytes + os_page - 1) & ~(os_page - 1);
+    if (madvise((void *)lo, (size_t)(hi - lo), MADV_POPULATE_READ) != 0 && errno == EINVAL)
+        return 0;
+    return 1;
+}
+
+/*
+ * Copy page i from srcs[i] (the store's memory map) into dests[i], for i < n, each piece hashed
+ * first and then copied out of the cache, so every byte is read from memory once and written
+ * once (pread + hash: read, read for ownership, write, and the hash's read where the page has
+ * left the cache). With expected, compare each page's digest (status PF_MISMATCH); without it,
+ * the pages are copied only. Returns how many pages did not match, or -1 when the hash state
+ * could not be allocated (nothing was copied).
+ */
+int64_t pf_copy_pages(int64_t n, const uint8_t *const *srcs, uint8_t *const *dests,
+                      uint64_t page_bytes, const uint8_t *expected, int populate,
+                      pf_state_new state_new, pf_state_free state_free,
+                      pf_state_reset reset, pf_state_update update, pf_state_digest digest,
+                      uint8_t *status) {
+    void *state = NULL;
+    if (expected) {
+        state = state_new();
+        if (!state)
+            return -1;
+    }
+    uintptr_t os_page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    if (os_page == 0 || (os_page & (os_page - 1)) != 0)
+        os_page = 4096;
+    int64_t left = 0;
+    for (int64_t i = 0; i < n; i++) {
+        status[i] = PF_OK;
+        if (populate)
+            populate = pf_populate(srcs[i], page_bytes, os_page);
+        if (state)
+            reset(state);
+        for (uint64_t at = 0; at < page_bytes; at += PF_PIECE) {
+            size_t piece = (size_t)(page_bytes - at < PF_PIECE ? page_bytes - at : PF_PIECE);
+            if (state)
+                update(state, srcs[i] + at, piece);
+            pf_copy_out(dests[i] + at, srcs[i] + at, piece);
+        }
+        if (state) {
+            uint8_t got[16];
+            pf_canonical(digest(state), got);
+            if (memcmp(got, expected + 16 * i, 16) != 0) {
+                status[i] = PF_MISMATCH;
+                left++;
+            }
+        }
+    }
+#ifdef PF_STREAMING_STORES
+    _mm_sfence(); /* the streamed pages are in memory before the caller hands them on */
+#endif
+    if (state)
+        state_free(state);
+    return left;
 }

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import platform
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,12 +42,13 @@ import torch
 from processfork.store import Store, page_digest
 
 from .codec import PageCodec
+from .connector_config import PAGE_READERS
 from .head_pages import split_heads
 from .host_tier import HostTier
 from .native_pages import NativePages, native_pages
 from .page_file import RUN_BYTES, PageFile
 
-__all__ = ["LoadOutcome", "StagedPagePath", "default_copy_threads"]
+__all__ = ["LoadOutcome", "StagedPagePath", "default_copy_threads", "default_page_reader"]
 
 MiB = 1 << 20
 #: Default pinned staging memory per worker: 4 slots of 128 MiB.
@@ -75,6 +77,18 @@ def default_copy_threads(native: bool = True) -> int:
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     return max(1, min(12, cores * 3 // 4 if native else cores // 2))
+
+
+def default_page_reader() -> str:
+    """``map`` on x86-64, ``pread`` elsewhere.
+
+    Copying a page out of the store's memory map with the digest computed a piece at a time
+    just before each piece is copied, and the copy's stores streamed past the caches, reads
+    every byte from memory once and writes it once; ``pread`` + xxh3 also reads each
+    destination line before writing it, and reads the page again to hash it where it has left
+    the cache. Streaming stores are compiled on x86-64 only.
+    """
+    return "map" if platform.machine().lower() in ("x86_64", "amd64") else "pread"
 
 
 @dataclass
@@ -127,12 +141,22 @@ class StagedPagePath:
         run_bytes: int = RUN_BYTES,
         remember: bool = False,
         native: bool = True,
+        reader: str = "auto",
     ):
         self.codec = codec
         # Reads and hashes a thread's whole slice in one call without the GIL (native_pages.py);
         # None: one Python call per page to read and one to hash.
         self.native: NativePages | None = native_pages() if native else None
         self.run_bytes = run_bytes  # page bytes read per ``preadv`` at most (``page_file.py``)
+        if reader not in PAGE_READERS:
+            raise ValueError(f"page_reader must be one of {', '.join(PAGE_READERS)} "
+                             f"(got {reader!r})")
+        # Copy pages out of the store's map (``map``) or ``pread`` them from its data file: both
+        # through the compiled reader; without it, a Python call per page reads with ``pread``.
+        if reader == "auto":
+            reader = default_page_reader()
+        self.from_map = (reader == "map" and self.native is not None
+                         and (self.native.copies_from_map or not verify))
         # Which pages each block holds, for blocks this path saved or loaded (and verified) and
         # nobody has written since: a later save of such a block names its pages without a
         # device copy or a hash. ``forget`` must be told of every block an engine step writes
@@ -164,6 +188,13 @@ class StagedPagePath:
         # Recorded after each load's copies out of the tier: a tier slot is rewritten only once
         # the copies that read it are done.
         self._fence: torch.cuda.Event | None = None
+
+    @property
+    def reader_description(self) -> str:
+        if self.native is None:
+            return "a Python call per page"
+        return ("compiled page reader, copies from the store's map" if self.from_map
+                else "compiled page reader, pread")
 
     @property
     def staging_bytes(self) -> int:
@@ -225,7 +256,7 @@ class StagedPagePath:
 
     def _source(self, path: str, map_base: int | None) -> PageFile:
         return PageFile(self._file(path), map_base, run_bytes=self.run_bytes,
-                        native=self.native)
+                        native=self.native, from_map=self.from_map)
 
     def _file(self, path: str) -> int | None:
         fd = self._fds.get(path)

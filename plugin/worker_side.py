@@ -119,7 +119,7 @@ class WorkerSide:
         self, vllm_config: VllmConfig, store_path: str, *, verify_loads: bool,
         pipelined_loads: bool = True, page_path: str = "auto", staging_mib: int | None = None,
         copy_threads: int | None = None, host_tier_mib: int = 0, host_tier_dir: str = "/dev/shm",
-        kv_groups: list[dict[str, Any]] | None = None,
+        page_reader: str = "auto", kv_groups: list[dict[str, Any]] | None = None,
     ):
         self.vllm_config = vllm_config
         self.store_path = store_path
@@ -130,6 +130,7 @@ class WorkerSide:
         self.page_path = page_path
         self.staging_mib = staging_mib
         self.copy_threads = copy_threads
+        self.page_reader = page_reader
         self.host_tier_mib = host_tier_mib
         self.host_tier_dir = host_tier_dir
         self.kv_groups = kv_groups  # the fingerprint's group layout (plugin/kv_groups.py)
@@ -235,15 +236,14 @@ class WorkerSide:
             kwargs = {} if self.staging_mib is None else {"staging_bytes": self.staging_mib * MiB}
             self._staged = StagedPagePath(
                 self.codec, verify=self.verify_loads, threads=self.copy_threads,
-                tier=self._open_tier(), remember=len(self.kv_groups or []) <= 1, **kwargs
+                tier=self._open_tier(), remember=len(self.kv_groups or []) <= 1,
+                reader=self.page_reader, **kwargs
             )
             logger.info(
                 "processfork: staged page path, %d MiB of %s staging in chunks of %d blocks, "
                 "%d copy threads (%s)", self._staged.staging_bytes // MiB,
                 "pinned" if self._staged.cuda else "host", self._staged.chunk_blocks,
-                self._staged.threads,
-                "compiled page reader" if self._staged.native is not None
-                else "a Python call per page",
+                self._staged.threads, self._staged.reader_description,
             )
         logger.info(
             "processfork: %d layers, %s codec, %d-byte pages, store %s",

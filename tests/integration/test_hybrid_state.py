@@ -396,10 +396,12 @@ class Staged:
 def _launch_staged(servers, direct):
     """The hybrid model on the staged page path, on the direct server's store: staging slots of
     one block (a K and V page of this model are 256 KiB), so a save or load of several blocks
-    runs in several chunks, and a host tier that loads go through."""
+    runs in several chunks, and a host tier that loads go through. Its pages are read with
+    ``pread`` (test_staged_path.py's server copies them out of the map, the default here)."""
     config = kv_transfer_config(direct.store)
     config["kv_connector_extra_config"].update({
         "page_path": "staged", "staging_mib": 1, "copy_threads": 2, "host_tier_mib": 16,
+        "page_reader": "pread",
         "host_tier_dir": str(servers.tmp_path_factory.mktemp("pf-tier-hybrid")),
     })
     return servers.launch(direct.model, store=direct.store,

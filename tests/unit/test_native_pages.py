@@ -61,6 +61,29 @@ def test_each_page_is_read_checked_or_reported(reader, pages):
     assert np.array_equal(out[3], rows[5]) and np.array_equal(out[4], rows[0])
 
 
+@pytest.mark.parametrize("page_bytes", [PAGE, 3 * (32 << 10) + 1000])  # a piece's end inside
+def test_pages_copied_from_memory_are_the_same_bytes_and_checked(reader, page_bytes):
+    """``copy_pages`` hashes each page a piece at a time as it copies it: the digest is the
+    one-shot xxh3-128's, a page that does not match is reported, the bytes always arrive."""
+    assert reader.copies_from_map
+    rng = np.random.default_rng(2)
+    sources = rng.integers(0, 256, (5, page_bytes), dtype=np.uint8)
+    digests = [page_digest(row) for row in sources]
+    digests[3] = bytes(16)
+    out = np.zeros_like(sources)
+    status = reader.copy_pages(sources, out, digests)
+    assert list(status) == [OK, OK, OK, MISMATCH, OK]
+    assert np.array_equal(out, sources)
+    # Rows not 16-byte aligned (a plain copy), sources in another order, nothing checked.
+    spare = np.zeros(2 * page_bytes + 3, dtype=np.uint8)
+    odd = [spare[1 : 1 + page_bytes], spare[2 + page_bytes : 2 + 2 * page_bytes]]
+    status = reader.copy_pages([sources[4], sources[0]], odd, None, populate=False)
+    assert list(status) == [OK, OK]
+    assert np.array_equal(odd[0], sources[4]) and np.array_equal(odd[1], sources[0])
+    with pytest.raises(ValueError, match="stored page of"):
+        reader.copy_pages([sources[0][:-1]], out[:1], None)
+
+
 def test_one_digest_per_page_is_required(reader, pages):
     rows, fd = pages
     with pytest.raises(ValueError, match="one 16-byte digest per page"):
@@ -98,6 +121,15 @@ def test_the_store_reads_the_same_with_and_without_it(reader, tmp_path):
                 digests, lambda views, base, path, n=native: read(n, views, base, path))
             assert bad == [6] and bad_again == [6]
             assert np.array_equal(got, rows) and np.array_equal(again, rows)
+
+        def copied(views, base, path):
+            got = np.zeros_like(rows)
+            bad = PageFile(None, base, native=reader, from_map=True).read_checked(
+                got, list(views), wanted)
+            return got, bad
+
+        got, bad = store.with_page_locations(digests, copied)  # out of the map, no file
+        assert bad == [6] and np.array_equal(got, rows)
 
 
 def test_without_a_compiler_or_when_turned_off_there_is_no_reader(tmp_path, monkeypatch):

@@ -31,11 +31,11 @@ def _layers(device: str, *, zero: bool = False) -> list[torch.Tensor]:
 
 def _path(layers: list[torch.Tensor], *, chunk_blocks: int, threads: int = 3,
           verify: bool = True, run_bytes: int = page_file.RUN_BYTES,
-          remember: bool = False, native: bool = True) -> StagedPagePath:
+          remember: bool = False, native: bool = True, reader: str = "auto") -> StagedPagePath:
     codec = codec_for("FLASH_ATTN", layers, head_dim=D)
     return StagedPagePath(codec, verify=verify, staging_bytes=4 * chunk_blocks * 2 * codec.page_bytes,
                           slots=4, threads=threads, run_bytes=run_bytes, remember=remember,
-                          native=native)
+                          native=native, reader=reader)
 
 
 def _save(path: StagedPagePath, store: Store, blocks: list[int], tail: int | None = None,
@@ -52,9 +52,11 @@ def _save(path: StagedPagePath, store: Store, blocks: list[int], tail: int | Non
     return digests, calls
 
 
-#: How the copy threads read: a slice per call in C without the GIL (the default), one Python
-#: call per page to read and one to hash, or runs of adjacent pages per ``preadv``.
-READERS = {"native": {}, "per_page": {"native": False}, "runs": {"run_bytes": 1 << 20}}
+#: How the copy threads read: a slice per call in C without the GIL, out of the store's map or
+#: with ``pread``; one Python call per page to read and one to hash; or runs of adjacent pages
+#: per ``preadv``.
+READERS = {"map": {"reader": "map"}, "pread": {"reader": "pread"}, "per_page": {"native": False},
+           "runs": {"run_bytes": 1 << 20, "reader": "pread"}}
 
 
 @pytest.mark.parametrize("reader", sorted(READERS))
@@ -64,7 +66,7 @@ def test_save_then_load_moves_exactly_those_blocks_through_many_chunks(tmp_path,
     src = _layers(device)
     blocks = [37, 2, 5, 11, 0, 23, 30, 8, 19, 1, 3]  # 11 blocks in chunks of 3: 4 chunks
     with Store(tmp_path / "store") as store:
-        path = _path(src, chunk_blocks=3, native=reader == "native")
+        path = _path(src, chunk_blocks=3, native=reader != "per_page")
         assert path.chunk_blocks == 3
         digests, calls = _save(path, store, blocks)
         path.close()
@@ -75,6 +77,7 @@ def test_save_then_load_moves_exactly_those_blocks_through_many_chunks(tmp_path,
         dst = _layers(device, zero=True)
         target = [4, 9, 12, 13, 14, 15, 16, 17, 18, 20, 39]
         loader = _path(dst, chunk_blocks=2, **READERS[reader])
+        assert loader.from_map == (reader == "map")
         outcome = loader.load(store, target, digests, ["job"] * len(target))
         if device == "cuda":
             torch.cuda.synchronize()
@@ -176,6 +179,7 @@ def test_verify_catches_a_page_whose_bytes_do_not_match_its_digest(tmp_path, rea
     with Store(tmp_path / "store") as store:
         dst = _layers("cpu", zero=True)
         loader = _path(dst, chunk_blocks=2, **READERS[reader])
+        assert loader.from_map == (reader == "map")
         outcome = loader.load(store, [10, 11, 12, 13, 14], digests, ["a", "a", "b", "b", "b"])
         unverified = _path(_layers("cpu", zero=True), chunk_blocks=2, verify=False)
         quiet = unverified.load(store, [10, 11, 12, 13, 14], digests, ["a"] * 5)
@@ -260,7 +264,7 @@ def test_a_corrupt_page_inside_a_run_fails_its_block_only(tmp_path, monkeypatch)
                         lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at))
     with Store(tmp_path / "store") as store:
         dst = _layers("cpu", zero=True)
-        loader = _path(dst, chunk_blocks=10, threads=2, run_bytes=1 << 20)
+        loader = _path(dst, chunk_blocks=10, threads=2, run_bytes=1 << 20, reader="pread")
         target = list(range(20, 30))
         outcome = loader.load(store, target, digests, ["a"] * 3 + ["b"] + ["a"] * 6)
         loader.close()
