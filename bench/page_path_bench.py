@@ -234,30 +234,42 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         store.read_pages_into(digests, host_rows, page_bytes, verify=False)
         if device == "cuda":
             results["copies"] = copy_seconds(nbytes, cuda=True)
-    for threads in opts.threads:
-        for reader in opts.reader:
-            for run_mib in (opts.run_mib or [None]) if reader == "python" else [None]:
-                label = (f"{threads} threads, {READER_LABELS[reader]}"
-                         + (f", runs of {run_mib:g} MiB" if opts.run_mib else ""))
-                run_bytes = RUN_BYTES if run_mib is None else int(run_mib * (1 << 20))
-                results["threads"][label], results["cpu_s"][label] = rounds(
-                    opts, work / "store", codec, device, threads, run_bytes, saved, targets,
-                    digests, host_rows, data_file, offsets, reader=reader)
+    for threads, reader, staging in itertools.product(opts.threads, opts.reader,
+                                                      opts.staging or [None]):
+        for run_mib in (opts.run_mib or [None]) if reader == "python" else [None]:
+            label = (f"{threads} threads, {READER_LABELS[reader]}"
+                     + (f", runs of {run_mib:g} MiB" if opts.run_mib else "")
+                     + (f", staging {staging}" if staging else ""))
+            run_bytes = RUN_BYTES if run_mib is None else int(run_mib * (1 << 20))
+            results["threads"][label], results["cpu_s"][label] = rounds(
+                opts, work / "store", codec, device, threads, run_bytes, saved, targets,
+                digests, host_rows, data_file, offsets, reader=reader,
+                staging=_staging(staging))
     shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def _staging(spec: str | None) -> dict[str, int] | None:
+    """``MIBxSLOTS`` (e.g. ``512x4``, the default): the staging memory and its slot count."""
+    if spec is None:
+        return None
+    mib, _, slots = spec.partition("x")
+    return {"staging_bytes": int(mib) << 20, "slots": int(slots or 4)}
 
 
 def rounds(opts: argparse.Namespace, path: Path, codec: PageCodec, device: str, threads: int,
            run_bytes: int, saved: list[int], targets: list[int], digests: list[bytes], host_rows: np.ndarray,
            data_file: str, offsets: list[int], *, reader: str,
+           staging: dict[str, int] | None = None,
            ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall seconds and the process's CPU seconds of every round of every measure."""
     native = reader != "python"
     mode = "map" if reader == "map" else "pread"
+    slots = staging or {}
     verified = StagedPagePath(codec, verify=True, threads=threads, run_bytes=run_bytes,
-                              native=native, reader=mode)
+                              native=native, reader=mode, **slots)
     unverified = StagedPagePath(codec, verify=False, threads=threads, run_bytes=run_bytes,
-                                native=native, reader=mode)
+                                native=native, reader=mode, **slots)
     if native and verified.native is None:
         raise SystemExit("the native page reader did not build here (it needs a C compiler)")
     if reader == "map" and not verified.from_map:
@@ -298,7 +310,7 @@ def rounds(opts: argparse.Namespace, path: Path, codec: PageCodec, device: str, 
         # Not the product: the load with its device copies left out, to tell the host half's
         # own speed from what running beside the device copies costs it.
         host_only = StagedPagePath(codec, verify=True, threads=threads, run_bytes=run_bytes,
-                                   native=native, reader=mode)
+                                   native=native, reader=mode, **slots)
         host_only._to_blocks = lambda slot, ids: None  # type: ignore[method-assign]
         measures["diagnose: load, host half"] = lambda s: load(host_only, s)
     # Every measure opens the store afresh (the only handle, so a new map), as a fresh engine
@@ -376,6 +388,9 @@ def main() -> None:
                              "per call in C without the GIL, copied out of the store's map "
                              "(map) or read with pread (native); or a Python call per page to "
                              "read and one to hash (python; --run-mib applies to this one)")
+    parser.add_argument("--staging", nargs="+", default=None, metavar="MIBxSLOTS",
+                        help="staging memory and slots of the path, each measured in turn "
+                             "(default: the path's own, 512x4)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--work", default=str(REPO / ".bench" / "page_path"))
