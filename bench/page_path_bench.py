@@ -69,7 +69,9 @@ from gpu_bench import copy_seconds
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B: 128 KiB of KV per token in bf16
 GiB = 1 << 30
-READER_LABELS = {"map": "compiled, copies from the map", "native": "compiled, pread",
+READER_LABELS = {"map": "compiled, copies from the map",
+                 "map-cached": "compiled, copies from the map, cached stores",
+                 "native": "compiled, pread",
                  "python": "per-page Python calls"}
 
 
@@ -264,15 +266,16 @@ def rounds(opts: argparse.Namespace, path: Path, codec: PageCodec, device: str, 
            ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall seconds and the process's CPU seconds of every round of every measure."""
     native = reader != "python"
-    mode = "map" if reader == "map" else "pread"
-    slots = staging or {}
+    mode = "map" if reader.startswith("map") else "pread"
+    slots: dict[str, Any] = dict(staging or {})
+    slots["streaming_stores"] = reader != "map-cached"
     verified = StagedPagePath(codec, verify=True, threads=threads, run_bytes=run_bytes,
                               native=native, reader=mode, **slots)
     unverified = StagedPagePath(codec, verify=False, threads=threads, run_bytes=run_bytes,
                                 native=native, reader=mode, **slots)
     if native and verified.native is None:
         raise SystemExit("the native page reader did not build here (it needs a C compiler)")
-    if reader == "map" and not verified.from_map:
+    if mode == "map" and not verified.from_map:
         raise SystemExit("the compiled reader cannot copy from the map here (python-xxhash "
                          "exports no streaming xxh3)")
     ceilings = Ceilings(host_rows, len(verified._slots) * 2 * verified.chunk_blocks, data_file,

@@ -67,7 +67,7 @@ class NativePages:
         self._copy = library.pf_copy_pages
         self._copy.restype = ctypes.c_int64
         self._copy.argtypes = [ctypes.c_int64, _vpp, _vpp, ctypes.c_uint64, _u8p, ctypes.c_int,
-                               *[ctypes.c_void_p] * 5, _u8p]
+                               ctypes.c_int, *[ctypes.c_void_p] * 5, _u8p]
 
     @property
     def copies_from_map(self) -> bool:
@@ -96,13 +96,16 @@ class NativePages:
         return status
 
     def copy_pages(self, sources: Sequence[np.ndarray], rows: Sequence[np.ndarray],
-                   expected: Sequence[bytes] | None, *, populate: bool = True) -> np.ndarray:
+                   expected: Sequence[bytes] | None, *, populate: bool = True,
+                   streaming_stores: bool = True) -> np.ndarray:
         """Copy ``sources[i]`` (pages in the store's memory map) into ``rows[i]``, hashing each
         piece just before it is copied and writing past the CPU's caches (``pf_copy_pages``):
         the status of each page (``OK``, or ``MISMATCH`` against ``expected``).
 
         ``populate``: map each page's part of the map in one ``madvise`` before reading it, not
-        a page fault every few 4 KiB (a fresh worker has not touched the map)."""
+        a page fault every few 4 KiB (a fresh worker has not touched the map).
+        ``streaming_stores``: write the rows past the CPU's caches (x86-64; elsewhere, and for
+        rows not 16-byte aligned, a plain copy)."""
         n = len(rows)
         status = np.zeros(n, dtype=np.uint8)
         if not n:
@@ -125,7 +128,7 @@ class NativePages:
         got = self._copy(n, _addresses(sources).ctypes.data_as(_vpp),
                          _addresses(rows).ctypes.data_as(_vpp), page_bytes,
                          None if want is None else want.ctypes.data_as(_u8p), int(populate),
-                         *functions, status.ctypes.data_as(_u8p))
+                         int(streaming_stores), *functions, status.ctypes.data_as(_u8p))
         if got < 0:
             raise MemoryError("no memory for an xxh3 state")
         return status

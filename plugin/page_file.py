@@ -105,6 +105,8 @@ class PageFile:
     #: With the compiled reader: copy pages out of the store's memory map (hashed a piece at a
     #: time just before each piece is copied, stored past the caches) instead of ``pread``.
     from_map: bool = False
+    #: Copies from the map write past the CPU's caches (``NativePages.copy_pages``).
+    streaming_stores: bool = True
 
     def offsets(self, views: Sequence[memoryview]) -> list[int] | None:
         """Each view's offset in the file (negative: not in it); None when there is no file."""
@@ -128,7 +130,7 @@ class PageFile:
                 and (expected is None or self.native.copies_from_map)):
             u8 = np.uint8
             status = self.native.copy_pages([np.frombuffer(v, u8) for v in views], rows,
-                                            expected)
+                                            expected, streaming_stores=self.streaming_stores)
             return [int(i) for i in np.flatnonzero(status == MISMATCH)]
         native = self.native is not None and self.run_bytes < 2 * page_bytes  # runs: asked for
         offsets = self.offsets(views) if native else None

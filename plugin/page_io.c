@@ -105,9 +105,9 @@ void pf_hash_pages(int64_t n, const uint8_t *const *pages, uint64_t page_bytes,
  * straight to memory, without first reading each destination line into the cache (a plain
  * memcpy's read-for-ownership: a third of a copy's memory traffic).
  */
-static void pf_copy_out(uint8_t *dest, const uint8_t *src, size_t n) {
+static void pf_copy_out(uint8_t *dest, const uint8_t *src, size_t n, int stream) {
 #ifdef PF_STREAMING_STORES
-    if (((uintptr_t)dest & 15u) == 0) {
+    if (stream && ((uintptr_t)dest & 15u) == 0) {
         size_t i = 0;
         for (; i + 64 <= n; i += 64) {
             __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
@@ -146,7 +146,7 @@ static int pf_populate(const uint8_t *src, uint64_t nbytes, uintptr_t os_page) {
  * could not be allocated (nothing was copied).
  */
 int64_t pf_copy_pages(int64_t n, const uint8_t *const *srcs, uint8_t *const *dests,
-                      uint64_t page_bytes, const uint8_t *expected, int populate,
+                      uint64_t page_bytes, const uint8_t *expected, int populate, int stream,
                       pf_state_new state_new, pf_state_free state_free,
                       pf_state_reset reset, pf_state_update update, pf_state_digest digest,
                       uint8_t *status) {
@@ -170,7 +170,7 @@ int64_t pf_copy_pages(int64_t n, const uint8_t *const *srcs, uint8_t *const *des
             size_t piece = (size_t)(page_bytes - at < PF_PIECE ? page_bytes - at : PF_PIECE);
             if (state)
                 update(state, srcs[i] + at, piece);
-            pf_copy_out(dests[i] + at, srcs[i] + at, piece);
+            pf_copy_out(dests[i] + at, srcs[i] + at, piece, stream);
         }
         if (state) {
             uint8_t got[16];

@@ -142,6 +142,7 @@ class StagedPagePath:
         remember: bool = False,
         native: bool = True,
         reader: str = "auto",
+        streaming_stores: bool = True,
     ):
         self.codec = codec
         # Reads and hashes a thread's whole slice in one call without the GIL (native_pages.py);
@@ -157,6 +158,7 @@ class StagedPagePath:
             reader = default_page_reader()
         self.from_map = (reader == "map" and self.native is not None
                          and (self.native.copies_from_map or not verify))
+        self.streaming_stores = streaming_stores
         # Which pages each block holds, for blocks this path saved or loaded (and verified) and
         # nobody has written since: a later save of such a block names its pages without a
         # device copy or a hash. ``forget`` must be told of every block an engine step writes
@@ -256,7 +258,8 @@ class StagedPagePath:
 
     def _source(self, path: str, map_base: int | None) -> PageFile:
         return PageFile(self._file(path), map_base, run_bytes=self.run_bytes,
-                        native=self.native, from_map=self.from_map)
+                        native=self.native, from_map=self.from_map,
+                        streaming_stores=self.streaming_stores)
 
     def _file(self, path: str) -> int | None:
         fd = self._fds.get(path)

@@ -77,7 +77,8 @@ def test_pages_copied_from_memory_are_the_same_bytes_and_checked(reader, page_by
     # Rows not 16-byte aligned (a plain copy), sources in another order, nothing checked.
     spare = np.zeros(2 * page_bytes + 3, dtype=np.uint8)
     odd = [spare[1 : 1 + page_bytes], spare[2 + page_bytes : 2 + 2 * page_bytes]]
-    status = reader.copy_pages([sources[4], sources[0]], odd, None, populate=False)
+    status = reader.copy_pages([sources[4], sources[0]], odd, None, populate=False,
+                               streaming_stores=False)
     assert list(status) == [OK, OK]
     assert np.array_equal(odd[0], sources[4]) and np.array_equal(odd[1], sources[0])
     with pytest.raises(ValueError, match="stored page of"):
