@@ -330,11 +330,13 @@ def timed_checkouts(srv: Server, setup: Setup, n: int, reps: int = 3) -> list[fl
 
 
 def part_checkouts(setup: Setup, *, verify: bool, native: bool = True,
-                   reader: str | None = None) -> None:
+                   reader: str | None = None, config_extra: dict[str, Any] | None = None,
+                   name: str | None = None) -> None:
     """(c) again in a freshly started engine, from the store ``--part ours`` left; with
     ``verify=False`` (``verify_loads: false``) it shows what the integrity check costs, with
     ``native=False`` (``PROCESSFORK_NATIVE_PAGES=0``) what the compiled page reader is worth,
-    with ``reader`` (``page_reader``) another way of taking pages from the store."""
+    with ``reader`` (``page_reader``) another way of taking pages from the store, with
+    ``config_extra`` any other connector settings (results under ``checkout_<name>``)."""
     from processfork.plugin.launch_plan import kv_transfer_config
 
     store = WORK / "store"
@@ -346,6 +348,9 @@ def part_checkouts(setup: Setup, *, verify: bool, native: bool = True,
     if reader is not None:
         config["kv_connector_extra_config"]["page_reader"] = reader
         key += f"_{reader}"
+    if config_extra:
+        config["kv_connector_extra_config"].update(config_extra)
+        key += f"_{name or 'config'}"
     srv = Server(setup, key, store=store, extra=["--kv-transfer-config", json.dumps(config)],
                  env=None if native else {"PROCESSFORK_NATIVE_PAGES": "0"}).start()
     path = OUT / "ours.json"
@@ -357,6 +362,7 @@ def part_checkouts(setup: Setup, *, verify: bool, native: bool = True,
             log(f"{n}: {key} {[round(x * 1e3) for x in times]} ms")
     finally:
         srv.stop()
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -497,6 +503,21 @@ def part_report(setup: Setup) -> None:
                      "kv_bytes": r["kv_bytes"]})
     console.print(ttft)
     console.print(snaps)
+    variants = Table(title="Checkouts with other connector settings (--part checkouts --config)")
+    for col in ("tokens", "settings", "runs (ms)", "median", "(x-d)/e", "restore/H2D"):
+        variants.add_column(col, justify="right")
+    named = ("checkout", "checkout_tier", "checkout_unverified", "checkout_per_page",
+             "checkout_pread")
+    for key, r in ours["results"].items():
+        for name, runs in r.items():
+            if not name.startswith("checkout_") or name in named or not runs:
+                continue
+            x, d, e = median(runs), median(r["warm"]), ours["copies"][key]["h2d"]
+            variants.add_row(key, name.removeprefix("checkout_"),
+                             ", ".join(f"{t * 1e3:.0f}" for t in runs), f"{x * 1e3:.0f}",
+                             f"{(x - d) / e:.2f}", f"{e / max(x - d, 1e-9):.0%}")
+    if variants.rows:
+        console.print(variants)
     save("report", {"rows": rows})
 
 
@@ -516,6 +537,10 @@ def main() -> None:
     parser.add_argument("--host-tier-dir", default="/dev/shm")
     parser.add_argument("--lengths", type=int, nargs="+",
                         help="prompt lengths in tokens (default 8192 32768 131072)")
+    parser.add_argument("--config", help="--part checkouts: more kv_connector_extra_config, as "
+                                         "JSON (e.g. '{\"staging_slots\": 8}')")
+    parser.add_argument("--name", help="--part checkouts with --config: results go under "
+                                       "checkout_NAME")
     opts = parser.parse_args()
     setup = Setup(opts.quick, opts.host_tier_gib, opts.host_tier_dir, opts.lengths)
     log(f"model {setup.model} ({setup.kv_per_token // 1024} KiB of KV per token), "
@@ -523,7 +548,8 @@ def main() -> None:
     if opts.part in ("ours", "all"):
         part_ours(setup)
     if opts.part == "checkouts":
-        part_checkouts(setup, verify=True)
+        part_checkouts(setup, verify=True, config_extra=json.loads(opts.config or "{}"),
+                       name=opts.name)
     if opts.part == "per-page":
         part_checkouts(setup, verify=True, native=False)
     if opts.part == "pread":

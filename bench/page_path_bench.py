@@ -314,7 +314,7 @@ def rounds(opts: argparse.Namespace, path: Path, codec: PageCodec, device: str, 
         # own speed from what running beside the device copies costs it.
         host_only = StagedPagePath(codec, verify=True, threads=threads, run_bytes=run_bytes,
                                    native=native, reader=mode, **slots)
-        host_only._to_blocks = lambda slot, ids: None  # type: ignore[method-assign]
+        host_only._to_blocks = lambda *_: None  # type: ignore[method-assign]
         measures["diagnose: load, host half"] = lambda s: load(host_only, s)
     # Every measure opens the store afresh (the only handle, so a new map), as a fresh engine
     # does; "map in use" loads once untimed first, as a later checkout in the same engine finds.

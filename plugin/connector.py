@@ -115,6 +115,8 @@ class ProcessForkConnector(KVConnectorBase_V1, SupportsHMA):
                 pipelined_loads=config.pipelined_loads,
                 page_path=config.page_path,
                 staging_mib=config.staging_mib,
+                staging_slots=config.staging_slots,
+                streaming_stores=config.streaming_stores,
                 copy_threads=config.copy_threads,
                 page_reader=config.page_reader,
                 host_tier_mib=config.host_tier_mib,

@@ -73,11 +73,15 @@ class ConnectorConfig:
     pipelined_loads: bool = True
     page_path: str = "auto"
     staging_mib: int | None = None
+    #: Slots the staging memory is cut into (chunks in flight at once).
+    staging_slots: int | None = None
     copy_threads: int | None = None
     #: How the staged path's copy threads take pages from the store: ``map`` (copied out of the
     #: store's memory map, hashed as they go, written past the CPU's caches) or ``pread``;
     #: ``auto`` picks (``staged_pages.default_page_reader``).
     page_reader: str = "auto"
+    #: Whether copies out of the map write past the CPU's caches; None: the path's default.
+    streaming_stores: bool | None = None
     host_tier_mib: int = 0
     host_tier_dir: str = "/dev/shm"
     #: Load a client request's stored prefix from the store on a prefix-cache miss.
@@ -102,8 +106,10 @@ class ConnectorConfig:
             pipelined_loads=_flag(extra, "pipelined_loads"),
             page_path=str(extra.get("page_path") or "auto"),
             staging_mib=_positive_int(extra, "staging_mib"),
+            staging_slots=_positive_int(extra, "staging_slots"),
             copy_threads=_positive_int(extra, "copy_threads"),
             page_reader=_choice(extra, "page_reader", PAGE_READERS),
+            streaming_stores=_optional_flag(extra, "streaming_stores"),
             host_tier_mib=_count(extra, "host_tier_mib"),
             host_tier_dir=os.path.expanduser(str(extra.get("host_tier_dir") or "/dev/shm")),
             auto_restore=_flag(extra, "auto_restore"),

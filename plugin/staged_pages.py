@@ -54,6 +54,11 @@ MiB = 1 << 20
 #: Default pinned staging memory per worker: 4 slots of 128 MiB.
 DEFAULT_STAGING_MIB = 512
 DEFAULT_SLOTS = 4
+#: Whether copies out of the store's map write past the CPU's caches by default.
+DEFAULT_STREAMING_STORES = True
+#: Device memory the host slots are copied into on a GPU, at least: loads scatter a quarter of it
+#: at a time, so small host slots do not cost a kernel launch per layer each.
+DEVICE_STAGING_MIB = 512
 
 T = TypeVar("T")
 PageItems = list[tuple[bytes, memoryview | None]]  # None: the page is in the store already
@@ -142,7 +147,8 @@ class StagedPagePath:
         remember: bool = False,
         native: bool = True,
         reader: str = "auto",
-        streaming_stores: bool = True,
+        streaming_stores: bool = DEFAULT_STREAMING_STORES,
+        device_staging_bytes: int = DEVICE_STAGING_MIB * MiB,
     ):
         self.codec = codec
         # Reads and hashes a thread's whole slice in one call without the GIL (native_pages.py);
@@ -173,10 +179,17 @@ class StagedPagePath:
         self.chunk_blocks = max(1, per_slot // (2 * self.page_bytes))
         self.threads = threads or default_copy_threads(self.native is not None)
         nslots = max(2, slots)
-        # The slots' device twins are views of one buffer: a load from the host tier, which
-        # needs no host slots, uses it whole, a quarter of the kernel launches per block.
+        # On a GPU, loads copy each host slot into the next place of a device ring and scatter
+        # the ring a batch of chunks at a time (a quarter of the ring), so host slots small
+        # enough to stay in the CPU's last-level cache do not cost 2 x layers kernel launches
+        # each. The slots' own device twins (saves gather into them) are the ring's first
+        # chunks; a load from the host tier, which needs no host slots, uses the ring whole.
+        ring_chunks = max(nslots, -(-device_staging_bytes // (2 * self.page_bytes
+                                                              * self.chunk_blocks)))
+        self._batch_chunks = max(1, ring_chunks // 4)
+        self._ring_chunks = -(-ring_chunks // self._batch_chunks) * self._batch_chunks
         g = codec.geometry
-        self._device = (torch.empty((nslots * self.chunk_blocks, 2, g.num_layers,
+        self._device = (torch.empty((self._ring_chunks * self.chunk_blocks, 2, g.num_layers,
                                      g.elems_per_layer), dtype=g.dtype, device=codec.device)
                         if self.cuda else None)
         self._slots = [self._new_slot(i) for i in range(nslots)]
@@ -297,6 +310,7 @@ class StagedPagePath:
             hi = min(lo + 2 * self.chunk_blocks, len(views))
             fills[c] = self._submit_fill(slot.rows, views[lo:hi], digests[lo:hi], source)
 
+        batch: list[int] = []  # blocks whose pages are on the device ring, not yet scattered
         try:
             for c in range(min(nslots, len(starts))):
                 submit(c)
@@ -308,7 +322,11 @@ class StagedPagePath:
                                      f"CorruptPage: page {digests[2 * (start + i)].hex()} or "
                                      f"{digests[2 * (start + i) + 1].hex()} of block {ids[i]} "
                                      "does not match its digest")
-                self._to_blocks(self._slots[c % nslots], ids)
+                batch += ids
+                ends_batch = (c + 1) % self._batch_chunks == 0 or c + 1 == len(starts)
+                self._to_blocks(self._slots[c % nslots], c, ids, batch if ends_batch else None)
+                if ends_batch:
+                    batch = []
                 if c + nslots < len(starts):
                     submit(c + nslots)
         finally:
@@ -333,17 +351,25 @@ class StagedPagePath:
 
         return self._submit_slices(len(views), part)
 
-    def _to_blocks(self, slot: _Slot, ids: list[int]) -> None:
+    def _to_blocks(self, slot: _Slot, chunk: int, ids: list[int],
+                   scatter: list[int] | None) -> None:
+        """Chunk ``chunk``'s pages (in ``slot``) toward blocks ``ids``: on a GPU, copied to its
+        place in the device ring, and when ``scatter`` is given, the ring's batch that this chunk
+        ends (blocks ``scatter``, this chunk's last) written into the blocks."""
         n = len(ids)
         if self._stream is None:
             self.codec.scatter(ids, slot.host[:n])
             return
-        assert slot.device is not None
+        assert self._device is not None
+        at = (chunk % self._ring_chunks) * self.chunk_blocks
         with torch.cuda.stream(self._stream):
-            src = slot.device[:n]
-            src.copy_(slot.host[:n], non_blocking=True)
-            self.codec.scatter_on_device(self._index(ids), src)
-            slot.done = self._record(slot.done)
+            self._device[at : at + n].copy_(slot.host[:n], non_blocking=True)
+            slot.done = self._record(slot.done)  # the host slot can be filled again after this
+            if scatter:
+                # A batch's chunks lie one after another: every chunk but a transfer's last is
+                # whole, and batches never wrap around the ring.
+                first = at + n - len(scatter)
+                self.codec.scatter_on_device(self._index(scatter), self._device[first : at + n])
 
     # -- loads through the host tier ---------------------------------------------------------
     def _load_through_tier(
@@ -409,8 +435,8 @@ class StagedPagePath:
         bad: set[int] = set()
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.codec.device))
-        # On a GPU no host slot is involved: a chunk fills the whole device buffer.
-        step = self.chunk_blocks * (len(self._slots) if self._device is not None else 1)
+        # On a GPU no host slot is involved: a chunk fills the whole device ring.
+        step = self._device.shape[0] if self._device is not None else self.chunk_blocks
         starts = list(range(0, len(block_ids), step))
         chunk_pages = [range(2 * s, min(2 * (s + step), len(digests))) for s in starts]
 

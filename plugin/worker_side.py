@@ -119,7 +119,8 @@ class WorkerSide:
         self, vllm_config: VllmConfig, store_path: str, *, verify_loads: bool,
         pipelined_loads: bool = True, page_path: str = "auto", staging_mib: int | None = None,
         copy_threads: int | None = None, host_tier_mib: int = 0, host_tier_dir: str = "/dev/shm",
-        page_reader: str = "auto", kv_groups: list[dict[str, Any]] | None = None,
+        page_reader: str = "auto", staging_slots: int | None = None,
+        streaming_stores: bool | None = None, kv_groups: list[dict[str, Any]] | None = None,
     ):
         self.vllm_config = vllm_config
         self.store_path = store_path
@@ -131,6 +132,8 @@ class WorkerSide:
         self.staging_mib = staging_mib
         self.copy_threads = copy_threads
         self.page_reader = page_reader
+        self.staging_slots = staging_slots
+        self.streaming_stores = streaming_stores
         self.host_tier_mib = host_tier_mib
         self.host_tier_dir = host_tier_dir
         self.kv_groups = kv_groups  # the fingerprint's group layout (plugin/kv_groups.py)
@@ -233,7 +236,13 @@ class WorkerSide:
                     page_bytes=self.codec.page_bytes,
                 )
         else:
-            kwargs = {} if self.staging_mib is None else {"staging_bytes": self.staging_mib * MiB}
+            kwargs: dict[str, Any] = {}
+            if self.staging_mib is not None:
+                kwargs["staging_bytes"] = self.staging_mib * MiB
+            if self.staging_slots is not None:
+                kwargs["slots"] = self.staging_slots
+            if self.streaming_stores is not None:
+                kwargs["streaming_stores"] = self.streaming_stores
             self._staged = StagedPagePath(
                 self.codec, verify=self.verify_loads, threads=self.copy_threads,
                 tier=self._open_tier(), remember=len(self.kv_groups or []) <= 1,
