@@ -57,7 +57,7 @@ def _servers(model: Path, root: Path) -> dict[str, Server]:
     }
 
 
-def _read(server: Server) -> dict[str, object]:
+def cache_report(server: Server) -> dict[str, object]:
     assert server.process is not None and server.process.log_path is not None
     text = server.process.log_path.read_text(errors="replace")
     found = CAPACITY.findall(text)
@@ -76,7 +76,7 @@ def main() -> int:
     results: dict[str, dict[str, object]] = {}
     for label, server in _servers(model, root).items():
         with server:
-            results[label] = _read(server)
+            results[label] = cache_report(server)
     rows = [[label, f"{r['tokens']:,}", str(r["groups"]), "off" if r["hma_off"] else "on"]
             for label, r in results.items()]
     headers = ["Server", "KV cache size (tokens)", "KV-cache groups", "hybrid manager"]

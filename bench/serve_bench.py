@@ -58,6 +58,7 @@ from harness import (
     vllm_bench_serve,
     write_json,
 )
+from kv_cache_size import cache_report
 from processfork.store import Store
 from processfork.store.prefix_index import partition_root
 from store_fill import fill, found_blocks, index_entries
@@ -207,6 +208,9 @@ def decode_ms_per_token(srv: Server, tokens_out: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and runs")
+    parser.add_argument("--model", choices=["bench", "bench-sliding"], default="bench",
+                        help="bench-sliding: the bench shape with five sliding-window layers "
+                             "(window 256) to each full-attention layer")
     parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     parser.add_argument("--rounds", type=int, default=None, help="runs per server")
     parser.add_argument("--store-snapshots", type=int, default=0,
@@ -216,7 +220,7 @@ def main() -> int:
     opts = parser.parse_args()
     load_start = os.getloadavg()
 
-    preset = "tiny" if opts.quick else "bench"
+    preset = "tiny" if opts.quick else opts.model
     num_prompts = 64 if opts.quick else 32
     rounds = opts.rounds or (2 if opts.quick else 6)
     decode_tokens = 300 if opts.quick else 64
@@ -228,12 +232,19 @@ def main() -> int:
     decode: dict[str, list[float]] = {k: [] for k in CONFIGS}
     threads: dict[str, int] = {}
     servers: dict[str, Server] = {}
+    caches: dict[str, dict[str, object]] = {}
     filled: dict = {}
     lookups: dict[str, float] = {}
     sent_to_ours = 0
     try:
         servers = start_servers(model, root, preset)
         threads = {k: s.threads() for k, s in servers.items()}
+        # The token capacity each engine logs at start, its KV-cache groups, and whether vLLM
+        # turned its hybrid KV cache manager off (a connector without SupportsHMA makes it).
+        caches = {k: cache_report(s) for k, s in servers.items()}
+        console.log("KV cache at start: " + ", ".join(
+            f"{k} {c['tokens']:,} tokens, {c['groups']} group(s), hybrid manager "
+            f"{'off' if c['hma_off'] else 'on'}" for k, c in caches.items()))
         check(len(set(threads.values())) == 1, f"thread counts differ: {threads}")
         if opts.store_snapshots:
             filled = fill_store(servers["ours"], opts.store_snapshots, opts.store_snapshot_tokens)
@@ -305,11 +316,14 @@ def main() -> int:
              f"{wl['max_concurrency']}; worker threads {threads.get('ours')}"
              + (f"; our store: {opts.store_snapshots:,} snapshots of "
                 f"{opts.store_snapshot_tokens:,} tokens, none matching" if filled else ""))
-    write_json("serve", {"model": preset, "workload": WORKLOAD, "num_prompts": num_prompts,
+    write_json("serve" if preset in ("bench", "tiny") else f"serve-{preset}", {"model": preset, "workload": WORKLOAD, "num_prompts": num_prompts,
                          "rounds": rounds, "threads": threads, "loadavg_start": load_start,
+                         "kv_cache_at_start": caches,
                          "store_fill": filled, "prefix_lookups": lookups, "runs": runs,
                          "all_runs": all_runs, "stalled": stalled, "decode_ms_per_token": decode,
                          "best": best, "median": med, "targets": targets})
+    check(caches["ours"]["tokens"] == caches["none"]["tokens"],
+          f"our engine's KV cache holds other tokens than the one without a connector: {caches}")
     check(lookups["hits"] == 0, f"a benchmark prompt matched a stored snapshot: {lookups}")
     check(lookups["lookups"] >= sent_to_ours, f"fewer lookups than requests: {lookups}")
     console.print(targets_table(title, targets))

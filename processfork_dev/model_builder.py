@@ -225,6 +225,13 @@ PRESETS: dict[str, TinyLlamaSpec] = {
         num_layers=12, hidden=1024, heads=16, kv_heads=4, head_dim=64, intermediate=2816,
         vocab=1024, max_pos=32768,
     ),
+    # The bench shape with Gemma 3's pattern: five sliding-window layers (a window of 256 tokens)
+    # to each full-attention layer; what serving a sliding-window model costs on a CPU.
+    "bench-sliding": TinyLlamaSpec(
+        num_layers=12, hidden=1024, heads=16, kv_heads=4, head_dim=64, intermediate=2816,
+        vocab=1024, max_pos=32768,
+        layer_types=(("sliding_attention",) * 5 + ("full_attention",)) * 2, sliding_window=256,
+    ),
     # Llama-3-8B's shape (32 layers, 8 KV heads of 128 dims: 128 KiB of bf16 KV per token) with
     # this builder's small vocabulary; built without weights, for `--load-format dummy` on a GPU.
     "llama3-8b": TinyLlamaSpec(
