@@ -57,7 +57,7 @@ DEFAULT_SLOTS = 4
 #: Whether copies out of the store's map write past the CPU's caches by default.
 DEFAULT_STREAMING_STORES = True
 #: Device memory the host slots are copied into on a GPU, at least: loads scatter a quarter of it
-#: at a time, so small host slots do not cost a kernel launch per layer each.
+#: at a time, so small host slots do not cost kernel launches per layer each.
 DEVICE_STAGING_MIB = 512
 
 T = TypeVar("T")
@@ -180,10 +180,11 @@ class StagedPagePath:
         self.threads = threads or default_copy_threads(self.native is not None)
         nslots = max(2, slots)
         # On a GPU, loads copy each host slot into the next place of a device ring and scatter
-        # the ring a batch of chunks at a time (a quarter of the ring), so host slots small
-        # enough to stay in the CPU's last-level cache do not cost 2 x layers kernel launches
-        # each. The slots' own device twins (saves gather into them) are the ring's first
-        # chunks; a load from the host tier, which needs no host slots, uses the ring whole.
+        # the ring a batch of chunks at a time (a quarter of the ring): small host slots do not
+        # cost 2 x layers kernel launches each, and a slot is filled again as soon as its copy
+        # to the ring is done, not after the scatter. The slots' own device twins (saves gather
+        # into them) are the ring's first chunks; a load from the host tier, which needs no host
+        # slots, uses the ring whole.
         ring_chunks = max(nslots, -(-device_staging_bytes // (2 * self.page_bytes
                                                               * self.chunk_blocks)))
         self._batch_chunks = max(1, ring_chunks // 4)
