@@ -316,7 +316,8 @@ def main() -> int:
              f"{wl['max_concurrency']}; worker threads {threads.get('ours')}"
              + (f"; our store: {opts.store_snapshots:,} snapshots of "
                 f"{opts.store_snapshot_tokens:,} tokens, none matching" if filled else ""))
-    write_json("serve" if preset in ("bench", "tiny") else f"serve-{preset}", {"model": preset, "workload": WORKLOAD, "num_prompts": num_prompts,
+    write_json("serve" if preset in ("bench", "tiny") else f"serve-{preset}", {
+                         "model": preset, "workload": WORKLOAD, "num_prompts": num_prompts,
                          "rounds": rounds, "threads": threads, "loadavg_start": load_start,
                          "kv_cache_at_start": caches,
                          "store_fill": filled, "prefix_lookups": lookups, "runs": runs,

@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -48,7 +48,8 @@ from .host_tier import HostTier
 from .native_pages import NativePages, native_pages
 from .page_file import RUN_BYTES, PageFile
 
-__all__ = ["LoadOutcome", "StagedPagePath", "default_copy_threads", "default_page_reader"]
+__all__ = ["LoadOutcome", "StagedPagePath", "default_copy_threads", "default_page_reader",
+           "staging_options"]
 
 MiB = 1 << 20
 #: Default pinned staging memory per worker: 4 slots of 128 MiB.
@@ -82,6 +83,20 @@ def default_copy_threads(native: bool = True) -> int:
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     return max(1, min(12, cores * 3 // 4 if native else cores // 2))
+
+
+def staging_options(staging_mib: int | None, slots: int | None,
+                    streaming_stores: bool | None) -> dict[str, Any]:
+    """``StagedPagePath`` keyword arguments for the connector settings a user gave (None: the
+    path's own default)."""
+    options: dict[str, Any] = {}
+    if staging_mib is not None:
+        options["staging_bytes"] = staging_mib * MiB
+    if slots is not None:
+        options["slots"] = slots
+    if streaming_stores is not None:
+        options["streaming_stores"] = streaming_stores
+    return options
 
 
 def default_page_reader() -> str:

@@ -57,7 +57,7 @@ from .kv_groups import MAMBA, GroupLayout
 from .loader import LoadItem, LoadTicket, PipelinedLoader
 from .page_writer import PageWriter, QueuedPages
 from .prefix_lookup import is_restore_job
-from .staged_pages import MiB, StagedPagePath
+from .staged_pages import MiB, StagedPagePath, staging_options
 from .state_pages import StateMask, StateViews, state_layer_tensors, state_mask
 from .tp_ranks import RankHeads, rank_job_meta_key
 
@@ -236,17 +236,11 @@ class WorkerSide:
                     page_bytes=self.codec.page_bytes,
                 )
         else:
-            kwargs: dict[str, Any] = {}
-            if self.staging_mib is not None:
-                kwargs["staging_bytes"] = self.staging_mib * MiB
-            if self.staging_slots is not None:
-                kwargs["slots"] = self.staging_slots
-            if self.streaming_stores is not None:
-                kwargs["streaming_stores"] = self.streaming_stores
             self._staged = StagedPagePath(
                 self.codec, verify=self.verify_loads, threads=self.copy_threads,
                 tier=self._open_tier(), remember=len(self.kv_groups or []) <= 1,
-                reader=self.page_reader, **kwargs
+                reader=self.page_reader,
+                **staging_options(self.staging_mib, self.staging_slots, self.streaming_stores),
             )
             logger.info(
                 "processfork: staged page path, %d MiB of %s staging in chunks of %d blocks, "

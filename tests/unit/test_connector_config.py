@@ -37,14 +37,14 @@ def test_streaming_stores_is_unset_unless_given(tmp_path):
 def test_staging_slots_reach_the_staged_path(tmp_path):
     import torch
     from processfork.plugin.codec import codec_for
-    from processfork.plugin.staged_pages import StagedPagePath
+    from processfork.plugin.staged_pages import StagedPagePath, staging_options
 
     config = ConnectorConfig.from_extra({"store": str(tmp_path), "staging_mib": 4,
                                          "staging_slots": 8, "streaming_stores": False})
     layers = [torch.zeros(4, 2, 32, 64, dtype=torch.float16) for _ in range(2)]
     codec = codec_for("CPU_ATTN", layers, head_dim=32)
-    path = StagedPagePath(codec, verify=True, staging_bytes=config.staging_mib << 20,
-                          slots=config.staging_slots, streaming_stores=config.streaming_stores)
+    path = StagedPagePath(codec, verify=True, **staging_options(
+        config.staging_mib, config.staging_slots, config.streaming_stores))
     try:
         assert len(path._slots) == 8
         assert path.staging_bytes <= 4 << 20
