@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from processfork.store import Store, page_digest
 
+from .chunk_flow import ChunkFlow, Unit
 from .codec import PageCodec
 from .connector_config import PAGE_READERS
 from .head_pages import split_heads
@@ -60,6 +61,9 @@ DEFAULT_STREAMING_STORES = True
 #: Device memory the host slots are copied into on a GPU, at least: loads scatter a quarter of it
 #: at a time, so small host slots do not cost kernel launches per layer each.
 DEVICE_STAGING_MIB = 512
+#: Page bytes one copy thread reads in one call at most during a load: small enough that threads
+#: that finish early take more of a chunk, large enough that a call's own cost stays small.
+UNIT_BYTES = 4 * MiB
 
 T = TypeVar("T")
 PageItems = list[tuple[bytes, memoryview | None]]  # None: the page is in the store already
@@ -311,61 +315,67 @@ class StagedPagePath:
             # Blocks just handed to this request may still be read by the engine's previous
             # step: the side stream starts after everything queued so far.
             self._stream.wait_stream(torch.cuda.current_stream(self.codec.device))
-        # Chunks flow through the slots: the pool fills up to one chunk per slot ahead while the
-        # GPU copies and scatters the chunks filled before, so the threads never wait for a
-        # chunk's stragglers or for the device.
-        starts = list(range(0, len(block_ids), self.chunk_blocks))
+        # Chunks flow through the slots: the copy threads take the units of every chunk in
+        # order, each filling a slot again as soon as the device has read its previous chunk,
+        # and whoever completes a chunk hands it to the device (``chunk_flow.py``): no thread
+        # waits for a chunk's stragglers, for the device, or for a queueing thread.
         nslots = len(self._slots)
-        fills: dict[int, list[Future[list[int]]]] = {}
-
-        def submit(c: int) -> None:
-            slot = self._slots[c % nslots]
-            if slot.done is not None:
-                slot.done.synchronize()  # its previous chunk has left the host buffer
-            lo = 2 * starts[c]
-            hi = min(lo + 2 * self.chunk_blocks, len(views))
-            fills[c] = self._submit_fill(slot.rows, views[lo:hi], digests[lo:hi], source)
-
+        chunk_blocks = self.chunk_blocks
+        chunks = -(-len(block_ids) // chunk_blocks)
+        verify = self.verify
+        lock = threading.Lock()
         batch: list[int] = []  # blocks whose pages are on the device ring, not yet scattered
-        try:
-            for c in range(min(nslots, len(starts))):
-                submit(c)
-            for c, start in enumerate(starts):
-                ids = list(block_ids[start : start + self.chunk_blocks])
-                for future in fills.pop(c):
-                    for i in future.result():
-                        outcome.fail(ids[i], jobs[start + i],
-                                     f"CorruptPage: page {digests[2 * (start + i)].hex()} or "
-                                     f"{digests[2 * (start + i) + 1].hex()} of block {ids[i]} "
-                                     "does not match its digest")
-                batch += ids
-                ends_batch = (c + 1) % self._batch_chunks == 0 or c + 1 == len(starts)
-                self._to_blocks(self._slots[c % nslots], c, ids, batch if ends_batch else None)
-                if ends_batch:
-                    batch = []
-                if c + nslots < len(starts):
-                    submit(c + nslots)
-        finally:
-            # The threads read the store's buffers, which end with the read transaction.
-            for pending in fills.values():
-                for future in pending:
-                    future.exception()
+
+        def ids_of(c: int) -> list[int]:
+            return list(block_ids[c * chunk_blocks : (c + 1) * chunk_blocks])
+
+        def work(c: int, lo: int, hi: int) -> None:
+            """Pages ``lo..hi-1`` of the transfer into their rows of chunk ``c``'s slot."""
+            first = 2 * c * chunk_blocks
+            rows = self._slots[c % nslots].rows
+            wrong = source.read_checked(rows[lo - first : hi - first], views[lo:hi],
+                                        digests[lo:hi] if verify else None)
+            if not wrong:
+                return
+            with lock:
+                for i in sorted({(lo + i) // 2 for i in wrong}):
+                    outcome.fail(block_ids[i], jobs[i],
+                                 f"CorruptPage: page {digests[2 * i].hex()} or "
+                                 f"{digests[2 * i + 1].hex()} of block {block_ids[i]} "
+                                 "does not match its digest")
+
+        def free(c: int) -> None:
+            done = self._slots[c % nslots].done
+            if c >= nslots and done is not None:
+                done.synchronize()  # the slot's previous chunk has left the host buffer
+
+        def hand(c: int) -> None:
+            ids = ids_of(c)
+            batch.extend(ids)
+            ends_batch = (c + 1) % self._batch_chunks == 0 or c + 1 == chunks
+            self._to_blocks(self._slots[c % nslots], c, ids, list(batch) if ends_batch else None)
+            if ends_batch:
+                batch.clear()
+
+        flow = ChunkFlow(self._load_units(len(views)), lag=nslots, work=work, hand=hand,
+                         free=free)
+        flow.run(self._pool, self.threads)
         if self._stream is not None:
             torch.cuda.current_stream(self.codec.device).wait_stream(self._stream)
         return outcome
 
-    def _submit_fill(self, rows: np.ndarray, views: list[memoryview], digests: Sequence[bytes],
-                     source: PageFile) -> list[Future[list[int]]]:
-        """Copy pages into ``rows`` (and check them) in threads: one future per slice, each
-        giving the indexes of the blocks whose pages do not match their digests."""
-        verify = self.verify
-
-        def part(lo: int, hi: int) -> list[int]:
-            wrong = source.read_checked(rows[lo:hi], views[lo:hi],
-                                        digests[lo:hi] if verify else None)
-            return sorted({(lo + i) // 2 for i in wrong})
-
-        return self._submit_slices(len(views), part)
+    def _load_units(self, pages: int) -> list[Unit]:
+        """A load's pages cut into units of work: each chunk's pages into ``threads`` ranges or
+        ranges of ``UNIT_BYTES``, whichever are smaller (a thread that finishes early takes
+        more), never splitting a block's K and V pages."""
+        units: list[Unit] = []
+        per_chunk = 2 * self.chunk_blocks
+        most = max(2, UNIT_BYTES // self.page_bytes // 2 * 2)
+        for c, first in enumerate(range(0, pages, per_chunk)):
+            end = min(first + per_chunk, pages)
+            step = min(most, max(2, -(-(end - first) // self.threads // 2) * 2))
+            units += [(c, lo, min(lo + step, end)) for lo in range(first, end, step)]
+        return units
 
     def _to_blocks(self, slot: _Slot, chunk: int, ids: list[int],
                    scatter: list[int] | None) -> None:
