@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-__all__ = ["MISMATCH", "NOT_READ", "NativePages", "data_pointers", "native_pages"]
+__all__ = ["MISMATCH", "NOT_READ", "NativePages", "PageFlow", "data_pointers", "native_pages"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,19 @@ class NativePages:
         self._copy.restype = ctypes.c_int64
         self._copy.argtypes = [ctypes.c_int64, _vpp, _vpp, ctypes.c_uint64, _u8p, ctypes.c_int,
                                ctypes.c_int, *[ctypes.c_void_p] * 5, _u8p]
+        self._library = library
+        new = library.pf_flow_new
+        new.restype = ctypes.c_void_p
+        new.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p,
+                        ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                        ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5, ctypes.c_void_p]
+        for name, restype, args in (("pf_flow_work", None, []),
+                                    ("pf_flow_wait_chunk", ctypes.c_int, [ctypes.c_int64]),
+                                    ("pf_flow_release", None, [ctypes.c_int64]),
+                                    ("pf_flow_cancel", None, []), ("pf_flow_free", None, [])):
+            function = getattr(library, name)
+            function.restype = restype
+            function.argtypes = [ctypes.c_void_p, *args]
 
     @property
     def copies_from_map(self) -> bool:
@@ -133,6 +146,18 @@ class NativePages:
             raise MemoryError("no memory for an xxh3 state")
         return status
 
+    def flow(self, sources: Sequence[np.ndarray], slots: Sequence[np.ndarray],
+             expected: Sequence[bytes] | None, *, unit_pages: int, populate: bool = True,
+             streaming_stores: bool = True) -> PageFlow:
+        """A load's pages (in the store's map) copied into staging ``slots`` by threads that
+        stay in C for the whole load (``pf_flow_*``); see ``PageFlow``."""
+        if expected is not None and self._streaming is None:
+            raise RuntimeError("python-xxhash exports no streaming xxh3: pages cannot be "
+                               "verified as they are copied")
+        return PageFlow(self._library, sources, slots, expected, self._streaming or (None,) * 5,
+                        unit_pages=unit_pages, populate=populate,
+                        streaming_stores=streaming_stores)
+
     def hash_pages(self, rows: Sequence[np.ndarray]) -> list[bytes]:
         """The page digest (canonical xxh3-128) of each row."""
         n = len(rows)
@@ -143,6 +168,75 @@ class NativePages:
                    out.ctypes.data_as(_u8p))
         raw = out.tobytes()
         return [raw[16 * i : 16 * i + 16] for i in range(n)]
+
+
+class PageFlow:
+    """Page ``p`` of a load into row ``p % rows`` of slot ``(p // rows) % len(slots)``.
+
+    Chunk ``c`` (``rows`` pages, a slot's worth) is filled only after ``release(c)`` (its slot is
+    free; chunks below ``len(slots)`` are free at the start). Threads run ``work()`` (one call
+    each, without the GIL, until every page is copied or the flow is cancelled); the caller
+    waits for each chunk in turn with ``wait(c)`` and hands it on. ``status[p]``: ``MISMATCH``
+    where page ``p`` does not match its digest. The arrays the C side reads are kept here, so
+    the flow must be closed (``close``) only once no thread runs ``work``.
+    """
+
+    def __init__(self, library: ctypes.CDLL, sources: Sequence[np.ndarray],
+                 slots: Sequence[np.ndarray], expected: Sequence[bytes] | None,
+                 functions: tuple[int | None, ...], *, unit_pages: int, populate: bool,
+                 streaming_stores: bool):
+        self._lib = library
+        pages = len(sources)
+        rows, page_bytes = slots[0].shape
+        for source in sources:
+            if source.nbytes != page_bytes:
+                raise ValueError(f"stored page of {source.nbytes} bytes, expected {page_bytes}")
+        for slot in slots:
+            if slot.shape != (rows, page_bytes) or not slot.flags.c_contiguous:
+                raise ValueError("staging slots must be C-contiguous arrays of one shape")
+        self._sources = _addresses(sources) if pages else np.zeros(1, dtype=np.uint64)
+        self._slots = np.array([slot.__array_interface__["data"][0] for slot in slots],
+                               dtype=np.uint64)
+        self._want = None
+        if expected is not None:
+            self._want = np.frombuffer(b"".join(expected), dtype=np.uint8)
+            if len(self._want) != 16 * pages:
+                raise ValueError("one 16-byte digest per page expected")
+        self.status = np.zeros(max(1, pages), dtype=np.uint8)
+        self.chunks = -(-pages // rows)
+        self._flow = library.pf_flow_new(
+            pages, self._sources.ctypes.data, page_bytes,
+            None if self._want is None else self._want.ctypes.data, int(populate),
+            int(streaming_stores), rows, len(slots), self._slots.ctypes.data, unit_pages,
+            *functions, self.status.ctypes.data)
+        if not self._flow:
+            raise MemoryError("no memory for a page flow")
+
+    def work(self) -> None:
+        self._lib.pf_flow_work(self._flow)
+
+    def wait(self, chunk: int) -> None:
+        """Until every page of ``chunk`` is copied; raises if the flow stopped first."""
+        result = self._lib.pf_flow_wait_chunk(self._flow, chunk)
+        if result == -2:
+            raise MemoryError("no memory for an xxh3 state")
+        if result:
+            raise RuntimeError(f"the page flow stopped before chunk {chunk} was copied")
+
+    def release(self, chunk: int) -> None:
+        """Chunks up to ``chunk`` may be filled: their slots are free."""
+        self._lib.pf_flow_release(self._flow, chunk)
+
+    def cancel(self) -> None:
+        self._lib.pf_flow_cancel(self._flow)
+
+    def close(self) -> None:
+        if self._flow:
+            self._lib.pf_flow_free(self._flow)
+            self._flow = None
+
+    def mismatched(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(self.status == MISMATCH)]
 
 
 def _addresses(rows: Sequence[np.ndarray]) -> np.ndarray:
@@ -290,7 +384,7 @@ def _compiled() -> Path:
             continue
         os.close(fd)
         try:
-            subprocess.run([*_compiler(), "-O2", "-shared", "-fPIC", "-o", scratch, str(SOURCE)],
+            subprocess.run([*_compiler(), "-O2", "-shared", "-fPIC", "-pthread", "-o", scratch, str(SOURCE)],
                            check=True, capture_output=True, timeout=120)
             os.replace(scratch, target)  # atomic: processes that build it at once agree
         except subprocess.CalledProcessError as exc:

@@ -8,7 +8,9 @@
  * Plain C and libc only: no Python headers, so any C compiler builds it.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -187,4 +189,202 @@ int64_t pf_copy_pages(int64_t n, const uint8_t *const *srcs, uint8_t *const *des
     if (state)
         state_free(state);
     return left;
+}
+
+/*
+ * A load's whole flow of pages into staging slots, run by copy threads that never return to
+ * Python until every page is copied: per unit of work only a mutex is taken, not the GIL (with
+ * 12 threads and a Python call per unit, the threads spent much of a load waiting for the GIL).
+ *
+ * Page p of the load goes to chunk p / chunk_pages, which is staged in slot (chunk % slots) at
+ * row p % chunk_pages. Threads take units (unit_pages pages of one chunk) in order; a unit of
+ * chunk c waits until the caller has released chunk c's slot (pf_flow_release: the device has
+ * read the chunk that held it before). The caller waits for each chunk in turn
+ * (pf_flow_wait_chunk) and hands it to the device. Pages are copied and checked as
+ * pf_copy_pages does; status[p] says whether page p matched.
+ */
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    int64_t pages, chunk_pages, slots, unit_pages, units_per_chunk, units, chunks;
+    uint64_t page_bytes;
+    const uint8_t *const *srcs;
+    uint8_t *const *slot_bases;
+    const uint8_t *expected;
+    int populate, stream;
+    pf_state_new state_new;
+    pf_state_free state_free;
+    pf_state_reset reset;
+    pf_state_update update;
+    pf_state_digest digest;
+    uint8_t *status;
+    int64_t next_unit;   /* the next unit a thread takes */
+    int64_t allowed;     /* chunks below this may be filled */
+    int64_t *left;       /* units of each chunk not done yet */
+    int cancelled;       /* 1: stop taking units; 2: a hash state could not be allocated */
+} pf_flow;
+
+pf_flow *pf_flow_new(int64_t pages, const uint8_t *const *srcs, uint64_t page_bytes,
+                     const uint8_t *expected, int populate, int stream, int64_t chunk_pages,
+                     int64_t slots, uint8_t *const *slot_bases, int64_t unit_pages,
+                     pf_state_new state_new, pf_state_free state_free, pf_state_reset reset,
+                     pf_state_update update, pf_state_digest digest, uint8_t *status) {
+    if (pages < 0 || chunk_pages < 1 || slots < 1 || unit_pages < 1)
+        return NULL;
+    pf_flow *f = calloc(1, sizeof(pf_flow));
+    if (!f)
+        return NULL;
+    f->chunks = (pages + chunk_pages - 1) / chunk_pages;
+    f->left = calloc((size_t)(f->chunks ? f->chunks : 1), sizeof(int64_t));
+    if (!f->left) {
+        free(f);
+        return NULL;
+    }
+    pthread_mutex_init(&f->lock, NULL);
+    pthread_cond_init(&f->changed, NULL);
+    f->pages = pages;
+    f->chunk_pages = chunk_pages;
+    f->slots = slots;
+    f->unit_pages = unit_pages < chunk_pages ? unit_pages : chunk_pages;
+    f->units_per_chunk = (chunk_pages + f->unit_pages - 1) / f->unit_pages;
+    f->units = f->chunks * f->units_per_chunk;
+    for (int64_t c = 0; c < f->chunks; c++) {
+        int64_t in_chunk = pages - c * chunk_pages < chunk_pages ? pages - c * chunk_pages
+                                                                 : chunk_pages;
+        f->left[c] = (in_chunk + f->unit_pages - 1) / f->unit_pages;
+    }
+    f->page_bytes = page_bytes;
+    f->srcs = srcs;
+    f->slot_bases = slot_bases;
+    f->expected = expected;
+    f->populate = populate;
+    f->stream = stream;
+    f->state_new = state_new;
+    f->state_free = state_free;
+    f->reset = reset;
+    f->update = update;
+    f->digest = digest;
+    f->status = status;
+    f->allowed = slots;
+    return f;
+}
+
+/* Copy and check pages [lo, hi) of the load into their slot rows. */
+static void pf_flow_unit(pf_flow *f, void *state, int *populate, uintptr_t os_page, int64_t lo,
+                         int64_t hi) {
+    int64_t chunk = lo / f->chunk_pages;
+    uint8_t *base = f->slot_bases[chunk % f->slots];
+    for (int64_t p = lo; p < hi; p++) {
+        const uint8_t *src = f->srcs[p];
+        uint8_t *dest = base + (uint64_t)(p - chunk * f->chunk_pages) * f->page_bytes;
+        f->status[p] = PF_OK;
+        if (*populate)
+            *populate = pf_populate(src, f->page_bytes, os_page);
+        if (state)
+            f->reset(state);
+        for (uint64_t at = 0; at < f->page_bytes; at += PF_PIECE) {
+            size_t piece = (size_t)(f->page_bytes - at < PF_PIECE ? f->page_bytes - at
+                                                                  : PF_PIECE);
+            if (state)
+                f->update(state, src + at, piece);
+            pf_copy_out(dest + at, src + at, piece, f->stream);
+        }
+        if (state) {
+            uint8_t got[16];
+            pf_canonical(f->digest(state), got);
+            if (memcmp(got, f->expected + 16 * p, 16) != 0)
+                f->status[p] = PF_MISMATCH;
+        }
+    }
+#ifdef PF_STREAMING_STORES
+    _mm_sfence();
+#endif
+}
+
+/* Take and run units until none is left or the flow is cancelled. */
+void pf_flow_work(pf_flow *f) {
+    void *state = NULL;
+    if (f->expected) {
+        state = f->state_new();
+        if (!state) {
+            pthread_mutex_lock(&f->lock);
+            f->cancelled = 2;
+            pthread_cond_broadcast(&f->changed);
+            pthread_mutex_unlock(&f->lock);
+            return;
+        }
+    }
+    uintptr_t os_page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    if (os_page == 0 || (os_page & (os_page - 1)) != 0)
+        os_page = 4096;
+    int populate = f->populate;
+    pthread_mutex_lock(&f->lock);
+    for (;;) {
+        if (f->cancelled || f->next_unit >= f->units)
+            break;
+        int64_t u = f->next_unit++;
+        int64_t chunk = u / f->units_per_chunk;
+        int64_t lo = chunk * f->chunk_pages + (u % f->units_per_chunk) * f->unit_pages;
+        int64_t hi = lo + f->unit_pages;
+        int64_t end = (chunk + 1) * f->chunk_pages;
+        if (end > f->pages)
+            end = f->pages;
+        if (hi > end)
+            hi = end;
+        if (lo >= hi)
+            continue; /* past the end of a short last chunk */
+        while (!f->cancelled && chunk >= f->allowed)
+            pthread_cond_wait(&f->changed, &f->lock);
+        if (f->cancelled)
+            break;
+        pthread_mutex_unlock(&f->lock);
+        pf_flow_unit(f, state, &populate, os_page, lo, hi);
+        pthread_mutex_lock(&f->lock);
+        if (--f->left[chunk] == 0)
+            pthread_cond_broadcast(&f->changed);
+    }
+    pthread_mutex_unlock(&f->lock);
+    if (state)
+        f->state_free(state);
+}
+
+/* Wait until every unit of chunk c is done: 0, or -1 if the flow was cancelled first, -2 if a
+ * hash state could not be allocated. */
+int pf_flow_wait_chunk(pf_flow *f, int64_t c) {
+    int result = 0;
+    pthread_mutex_lock(&f->lock);
+    while (!f->cancelled && f->left[c] > 0)
+        pthread_cond_wait(&f->changed, &f->lock);
+    if (f->left[c] > 0)
+        result = f->cancelled == 2 ? -2 : -1;
+    pthread_mutex_unlock(&f->lock);
+    return result;
+}
+
+/* Chunks below c + 1 may be filled (their slots are free). */
+void pf_flow_release(pf_flow *f, int64_t c) {
+    pthread_mutex_lock(&f->lock);
+    if (c + 1 > f->allowed) {
+        f->allowed = c + 1;
+        pthread_cond_broadcast(&f->changed);
+    }
+    pthread_mutex_unlock(&f->lock);
+}
+
+/* Stop: threads finish the unit they copy and take no more. */
+void pf_flow_cancel(pf_flow *f) {
+    pthread_mutex_lock(&f->lock);
+    if (!f->cancelled)
+        f->cancelled = 1;
+    pthread_cond_broadcast(&f->changed);
+    pthread_mutex_unlock(&f->lock);
+}
+
+void pf_flow_free(pf_flow *f) {
+    if (!f)
+        return;
+    pthread_mutex_destroy(&f->lock);
+    pthread_cond_destroy(&f->changed);
+    free(f->left);
+    free(f);
 }

@@ -61,9 +61,9 @@ DEFAULT_STREAMING_STORES = True
 #: Device memory the host slots are copied into on a GPU, at least: loads scatter a quarter of it
 #: at a time, so small host slots do not cost kernel launches per layer each.
 DEVICE_STAGING_MIB = 512
-#: Page bytes one copy thread reads in one call at most during a load: small enough that threads
-#: that finish early take more of a chunk, large enough that a call's own cost stays small.
-UNIT_BYTES = 4 * MiB
+#: Page bytes a copy thread takes at a time during a load out of the map (in C): small, so that
+#: threads that finish early take more of a chunk.
+UNIT_BYTES = 2 * MiB
 
 T = TypeVar("T")
 PageItems = list[tuple[bytes, memoryview | None]]  # None: the page is in the store already
@@ -316,33 +316,15 @@ class StagedPagePath:
             # step: the side stream starts after everything queued so far.
             self._stream.wait_stream(torch.cuda.current_stream(self.codec.device))
         # Chunks flow through the slots: the copy threads take the units of every chunk in
-        # order, each filling a slot again as soon as the device has read its previous chunk,
-        # and whoever completes a chunk hands it to the device (``chunk_flow.py``): no thread
-        # waits for a chunk's stragglers, for the device, or for a queueing thread.
+        # order, each slot filled again as soon as the device has read its previous chunk, and
+        # each completed chunk is handed to the device in order. Copies out of the store's map
+        # run the whole flow in C (``NativePages.flow``: the threads never take the GIL while
+        # the load runs, and this thread hands the chunks on); other readers run it in Python
+        # (``chunk_flow.py``: whoever completes a chunk hands it on).
         nslots = len(self._slots)
         chunk_blocks = self.chunk_blocks
         chunks = -(-len(block_ids) // chunk_blocks)
-        verify = self.verify
-        lock = threading.Lock()
         batch: list[int] = []  # blocks whose pages are on the device ring, not yet scattered
-
-        def ids_of(c: int) -> list[int]:
-            return list(block_ids[c * chunk_blocks : (c + 1) * chunk_blocks])
-
-        def work(c: int, lo: int, hi: int) -> None:
-            """Pages ``lo..hi-1`` of the transfer into their rows of chunk ``c``'s slot."""
-            first = 2 * c * chunk_blocks
-            rows = self._slots[c % nslots].rows
-            wrong = source.read_checked(rows[lo - first : hi - first], views[lo:hi],
-                                        digests[lo:hi] if verify else None)
-            if not wrong:
-                return
-            with lock:
-                for i in sorted({(lo + i) // 2 for i in wrong}):
-                    outcome.fail(block_ids[i], jobs[i],
-                                 f"CorruptPage: page {digests[2 * i].hex()} or "
-                                 f"{digests[2 * i + 1].hex()} of block {block_ids[i]} "
-                                 "does not match its digest")
 
         def free(c: int) -> None:
             done = self._slots[c % nslots].done
@@ -350,32 +332,82 @@ class StagedPagePath:
                 done.synchronize()  # the slot's previous chunk has left the host buffer
 
         def hand(c: int) -> None:
-            ids = ids_of(c)
+            ids = list(block_ids[c * chunk_blocks : (c + 1) * chunk_blocks])
             batch.extend(ids)
             ends_batch = (c + 1) % self._batch_chunks == 0 or c + 1 == chunks
             self._to_blocks(self._slots[c % nslots], c, ids, list(batch) if ends_batch else None)
             if ends_batch:
                 batch.clear()
 
-        flow = ChunkFlow(self._load_units(len(views)), lag=nslots, work=work, hand=hand,
-                         free=free)
-        flow.run(self._pool, self.threads)
+        if source.from_map and self.native is not None and (
+                not self.verify or self.native.copies_from_map):
+            wrong = self._flow_in_c(views, digests, hand, free)
+        else:
+            wrong = self._flow_in_python(views, digests, source, hand, free)
+        for i in sorted({page // 2 for page in wrong}):
+            outcome.fail(block_ids[i], jobs[i],
+                         f"CorruptPage: page {digests[2 * i].hex()} or "
+                         f"{digests[2 * i + 1].hex()} of block {block_ids[i]} "
+                         "does not match its digest")
         if self._stream is not None:
             torch.cuda.current_stream(self.codec.device).wait_stream(self._stream)
         return outcome
 
-    def _load_units(self, pages: int) -> list[Unit]:
-        """A load's pages cut into units of work: each chunk's pages into ``threads`` ranges or
-        ranges of ``UNIT_BYTES``, whichever are smaller (a thread that finishes early takes
-        more), never splitting a block's K and V pages."""
+    def _flow_in_c(self, views: list[memoryview], digests: Sequence[bytes],
+                   hand: Callable[[int], None], free: Callable[[int], None]) -> list[int]:
+        """The load's pages copied out of the map by threads that stay in C for the whole load,
+        each chunk handed on by this thread once it is complete: the pages that did not match."""
+        assert self.native is not None
+        nslots = len(self._slots)
+        u8 = np.uint8
+        unit_pages = max(2, UNIT_BYTES // self.page_bytes // 2 * 2)
+        flow = self.native.flow([np.frombuffer(v, u8) for v in views],
+                                [slot.rows for slot in self._slots],
+                                digests if self.verify else None, unit_pages=unit_pages,
+                                streaming_stores=self.streaming_stores)
+        units = -(-len(views) // unit_pages)
+        runners = [self._pool.submit(flow.work) for _ in range(min(self.threads, units))]
+        try:
+            for c in range(flow.chunks):
+                flow.wait(c)
+                hand(c)
+                if c + nslots < flow.chunks:
+                    free(c + nslots)
+                    flow.release(c + nslots)
+        except BaseException:
+            flow.cancel()
+            raise
+        finally:
+            # The threads read the store's buffers, which end with the read transaction.
+            for runner in runners:
+                runner.exception()
+            wrong = flow.mismatched()
+            flow.close()
+        return wrong
+
+    def _flow_in_python(self, views: list[memoryview], digests: Sequence[bytes],
+                        source: PageFile, hand: Callable[[int], None],
+                        free: Callable[[int], None]) -> list[int]:
+        """The load through ``ChunkFlow``: each chunk cut into one unit per thread (each unit is
+        Python calls under the GIL), read with the compiled ``pread`` reader or per page."""
+        nslots = len(self._slots)
+        first_of = 2 * self.chunk_blocks
+        verify = self.verify
+        wrong: list[int] = []
+
+        def work(c: int, lo: int, hi: int) -> None:
+            rows = self._slots[c % nslots].rows
+            bad = source.read_checked(rows[lo - c * first_of : hi - c * first_of], views[lo:hi],
+                                      digests[lo:hi] if verify else None)
+            wrong.extend(lo + i for i in bad)  # list.extend is atomic under the GIL
+
         units: list[Unit] = []
-        per_chunk = 2 * self.chunk_blocks
-        most = max(2, UNIT_BYTES // self.page_bytes // 2 * 2)
-        for c, first in enumerate(range(0, pages, per_chunk)):
-            end = min(first + per_chunk, pages)
-            step = min(most, max(2, -(-(end - first) // self.threads // 2) * 2))
+        for c, first in enumerate(range(0, len(views), first_of)):
+            end = min(first + first_of, len(views))
+            step = max(2, -(-(end - first) // self.threads // 2) * 2)
             units += [(c, lo, min(lo + step, end)) for lo in range(first, end, step)]
-        return units
+        ChunkFlow(units, lag=nslots, work=work, hand=hand, free=free).run(self._pool, self.threads)
+        return wrong
 
     def _to_blocks(self, slot: _Slot, chunk: int, ids: list[int],
                    scatter: list[int] | None) -> None:
