@@ -46,7 +46,7 @@ from .codec import PageCodec
 from .connector_config import PAGE_READERS
 from .head_pages import split_heads
 from .host_tier import HostTier
-from .native_pages import NativePages, native_pages
+from .native_pages import NativePages, native_pages, view_addresses
 from .page_file import RUN_BYTES, PageFile
 
 __all__ = ["LoadOutcome", "StagedPagePath", "default_copy_threads", "default_page_reader",
@@ -359,9 +359,8 @@ class StagedPagePath:
         each chunk handed on by this thread once it is complete: the pages that did not match."""
         assert self.native is not None
         nslots = len(self._slots)
-        u8 = np.uint8
         unit_pages = max(2, UNIT_BYTES // self.page_bytes // 2 * 2)
-        flow = self.native.flow([np.frombuffer(v, u8) for v in views],
+        flow = self.native.flow(view_addresses(views),
                                 [slot.rows for slot in self._slots],
                                 digests if self.verify else None, unit_pages=unit_pages,
                                 streaming_stores=self.streaming_stores)

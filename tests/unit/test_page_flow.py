@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from processfork.plugin.native_pages import native_pages
+from processfork.plugin.native_pages import native_pages, view_addresses
 from processfork.store import page_digest
 
 PAGE = 4096 + 64
@@ -22,10 +22,25 @@ def native():
     return found
 
 
+def addresses(rows: np.ndarray) -> np.ndarray:
+    return np.uint64(rows.ctypes.data) + np.uint64(rows.shape[1]) * np.arange(len(rows),
+                                                                            dtype=np.uint64)
+
+
+def test_view_addresses_are_where_the_views_bytes_are():
+    rows = np.random.default_rng(3).integers(0, 256, (5, PAGE), dtype=np.uint8)
+    raw = rows.tobytes()
+    views = [memoryview(raw)[i * PAGE : (i + 1) * PAGE] for i in range(5)]
+    portable = [np.frombuffer(v, np.uint8).__array_interface__["data"][0] for v in views]
+    assert view_addresses(views).tolist() == portable
+    assert view_addresses([]).tolist() == []
+
+
 def run_flow(native, sources, expected, *, rows, slots, threads, unit_pages, stream=True):
     """Hand each chunk on as the load does: returns each chunk's rows as handed on."""
     staging = [np.zeros((rows, PAGE), dtype=np.uint8) for _ in range(slots)]
-    flow = native.flow(list(sources), staging, expected, unit_pages=unit_pages,
+    flow = native.flow(addresses(sources),
+                       staging, expected, unit_pages=unit_pages,
                        streaming_stores=stream)
     handed = []
     with ThreadPoolExecutor(threads) as pool:
@@ -73,7 +88,8 @@ def test_a_slot_is_not_refilled_before_it_is_released(native):
     rng = np.random.default_rng(2)
     sources = rng.integers(0, 256, (12, PAGE), dtype=np.uint8)
     staging = [np.zeros((2, PAGE), dtype=np.uint8) for _ in range(2)]
-    flow = native.flow(list(sources), staging, None, unit_pages=2)
+    flow = native.flow(addresses(sources),
+                       staging, None, unit_pages=2)
     with ThreadPoolExecutor(4) as pool:
         runners = [pool.submit(flow.work) for _ in range(4)]
         flow.wait(0)
