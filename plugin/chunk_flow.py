@@ -3,9 +3,8 @@
 A load fills staging slots chunk by chunk and hands each filled chunk to the device. Run as one
 queueing thread that submits a chunk's slices to a pool, waits for all of them, hands the chunk
 on and only then submits the chunk that reuses its slot, every chunk costs that thread a round
-trip through the pool and a wait for the device, and the pool's threads sit idle meanwhile:
-with slots of 32 MiB or less the load ran at a third of its speed, the threads mostly idle
-(``docs/benchmarks.md``). Here the threads take the units of all chunks in order themselves:
+trip through the pool and a wait for the device while the pool's threads sit idle. Here the
+threads take the units of all chunks in order themselves:
 
 - a thread that takes a unit of chunk ``c`` first waits until chunk ``c - lag`` (the chunk that
   last used the same slot) has been handed on, and calls ``free(c)`` (waits for the device to
@@ -13,8 +12,10 @@ with slots of 32 MiB or less the load ran at a third of its speed, the threads m
 - the thread that completes a chunk hands it on (``hand(c)``), and every completed chunk after
   it, in chunk order; one thread hands on at a time.
 
-So no thread waits for a chunk's stragglers, and a slot is filled again as soon as the device
-has read it, whoever notices first.
+Each unit is Python calls under the GIL, so units must stay few (one per thread per chunk): with
+4 MiB units, 12 threads on a 16-core host spent most of a load waiting for the GIL. Loads that
+copy out of the store's map run the same flow in C instead (``native_pages.PageFlow``); this one
+serves the ``pread`` and per-page Python readers.
 """
 
 from __future__ import annotations

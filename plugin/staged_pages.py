@@ -10,10 +10,10 @@ is what made a 32K-token checkout of an 8B model take 3.3 s for 4 GiB. Here inst
 - a transfer is cut into chunks of one slot; chunks flow through the slots in turn, so the host
   work on one chunk (memcpy from the memory map, xxh3 of the pages) overlaps the device work on
   the previous ones (host-to-device copy, scatter into the blocks);
-- host work is spread over a thread pool: pages are read with ``preadv`` from the store's data
-  file (the page cache) straight into the pinned chunk (``page_file.py``; optionally a run of
-  pages that lie one after another in the file per call), and xxhash verifies them there; both
-  release the GIL;
+- host work is spread over a thread pool that takes units of every chunk in order: pages are
+  copied out of the store's map (verified as they are copied) by threads that stay in C for the
+  whole load (``NativePages.flow``), or read with ``preadv`` from the store's data file into the
+  pinned chunk (``page_file.py``) and verified there, a unit per call (``chunk_flow.py``);
 - device work runs on a side stream and is ordered against the engine's stream with stream
   waits, never with a host synchronisation per page or chunk: the forward pass that reads the
   loaded blocks simply queues behind the scatter;
