@@ -231,41 +231,32 @@ pf_flow *pf_flow_new(int64_t pages, const uint8_t *const *srcs, uint64_t page_by
                      pf_state_update update, pf_state_digest digest, uint8_t *status) {
     if (pages < 0 || chunk_pages < 1 || slots < 1 || unit_pages < 1)
         return NULL;
-    pf_flow *f = calloc(1, sizeof(pf_flow));
+    pf_flow *f = malloc(sizeof(pf_flow));
     if (!f)
         return NULL;
-    f->chunks = (pages + chunk_pages - 1) / chunk_pages;
+    if (unit_pages > chunk_pages)
+        unit_pages = chunk_pages;
+    *f = (pf_flow){.pages = pages, .chunk_pages = chunk_pages, .slots = slots,
+                   .unit_pages = unit_pages,
+                   .units_per_chunk = (chunk_pages + unit_pages - 1) / unit_pages,
+                   .chunks = (pages + chunk_pages - 1) / chunk_pages, .page_bytes = page_bytes,
+                   .srcs = srcs, .slot_bases = slot_bases, .expected = expected,
+                   .populate = populate, .stream = stream, .state_new = state_new,
+                   .state_free = state_free, .reset = reset, .update = update,
+                   .digest = digest, .status = status, .allowed = slots};
+    f->units = f->chunks * f->units_per_chunk;
     f->left = calloc((size_t)(f->chunks ? f->chunks : 1), sizeof(int64_t));
     if (!f->left) {
         free(f);
         return NULL;
     }
-    pthread_mutex_init(&f->lock, NULL);
-    pthread_cond_init(&f->changed, NULL);
-    f->pages = pages;
-    f->chunk_pages = chunk_pages;
-    f->slots = slots;
-    f->unit_pages = unit_pages < chunk_pages ? unit_pages : chunk_pages;
-    f->units_per_chunk = (chunk_pages + f->unit_pages - 1) / f->unit_pages;
-    f->units = f->chunks * f->units_per_chunk;
     for (int64_t c = 0; c < f->chunks; c++) {
         int64_t in_chunk = pages - c * chunk_pages < chunk_pages ? pages - c * chunk_pages
                                                                  : chunk_pages;
-        f->left[c] = (in_chunk + f->unit_pages - 1) / f->unit_pages;
+        f->left[c] = (in_chunk + unit_pages - 1) / unit_pages;
     }
-    f->page_bytes = page_bytes;
-    f->srcs = srcs;
-    f->slot_bases = slot_bases;
-    f->expected = expected;
-    f->populate = populate;
-    f->stream = stream;
-    f->state_new = state_new;
-    f->state_free = state_free;
-    f->reset = reset;
-    f->update = update;
-    f->digest = digest;
-    f->status = status;
-    f->allowed = slots;
+    pthread_mutex_init(&f->lock, NULL);
+    pthread_cond_init(&f->changed, NULL);
     return f;
 }
 

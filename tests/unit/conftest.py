@@ -37,3 +37,14 @@ def make_engine(vllm_config: Any, tmp_path: Path) -> Iterator[Callable[..., Any]
 @pytest.fixture
 def engine(make_engine: Callable[..., Any]) -> Any:
     return make_engine()
+
+
+@pytest.fixture
+def native_reader():
+    """The compiled page reader: it must build on every machine the tests run on."""
+    from processfork.plugin.native_pages import native_pages
+
+    found = native_pages()
+    if found is None:
+        pytest.fail("the native page reader did not build on this machine (it needs a C compiler)")
+    return found

@@ -17,11 +17,8 @@ PAGE = 4096 + 64  # not a multiple of the file system's blocks
 
 
 @pytest.fixture
-def reader():
-    native = native_pages()
-    if native is None:
-        pytest.fail("the native page reader did not build on this machine (it needs a C compiler)")
-    return native
+def reader(native_reader):
+    return native_reader
 
 
 @pytest.fixture

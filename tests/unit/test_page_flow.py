@@ -8,18 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from processfork.plugin.native_pages import native_pages, view_addresses
+from processfork.plugin.native_pages import view_addresses
 from processfork.store import page_digest
 
 PAGE = 4096 + 64
 
 
 @pytest.fixture
-def native():
-    found = native_pages()
-    if found is None:
-        pytest.fail("the native page reader did not build on this machine (it needs a C compiler)")
-    return found
+def native(native_reader):
+    return native_reader
 
 
 def addresses(rows: np.ndarray) -> np.ndarray:
