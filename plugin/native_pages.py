@@ -297,7 +297,9 @@ def _view_addresses_reader() -> Callable[[Sequence[memoryview]], np.ndarray]:
     views = [memoryview(probes[0])[3:], memoryview(probes[1])[17:40]]
     wanted = [ctypes.addressof((ctypes.c_char * 64).from_buffer(probes[0])) + 3,
               ctypes.addressof((ctypes.c_char * 96).from_buffer(probes[1])) + 17]
-    found = [offset for offset in range(object.__basicsize__, 256, ctypes.sizeof(ctypes.c_void_p))
+    # Only inside the object itself: nothing past its end is read.
+    found = [offset for offset in range(object.__basicsize__, memoryview.__basicsize__,
+                                        ctypes.sizeof(ctypes.c_void_p))
              if all(at(id(v) + offset).value == w for v, w in zip(views, wanted))]
     del views
     if len(found) != 1:

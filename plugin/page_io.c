@@ -139,6 +139,26 @@ static int pf_populate(const uint8_t *src, uint64_t nbytes, uintptr_t os_page) {
     return 1;
 }
 
+/* Copy one page, each piece hashed (with state) just before it is copied; the page's status
+ * against expected (its 16-byte digest; unchecked without state). */
+static uint8_t pf_copy_page(const uint8_t *src, uint8_t *dest, uint64_t page_bytes, int stream,
+                            void *state, pf_state_reset reset, pf_state_update update,
+                            pf_state_digest digest, const uint8_t *expected) {
+    if (state)
+        reset(state);
+    for (uint64_t at = 0; at < page_bytes; at += PF_PIECE) {
+        size_t piece = (size_t)(page_bytes - at < PF_PIECE ? page_bytes - at : PF_PIECE);
+        if (state)
+            update(state, src + at, piece);
+        pf_copy_out(dest + at, src + at, piece, stream);
+    }
+    if (!state)
+        return PF_OK;
+    uint8_t got[16];
+    pf_canonical(digest(state), got);
+    return memcmp(got, expected, 16) != 0 ? PF_MISMATCH : PF_OK;
+}
+
 /*
  * Copy page i from srcs[i] (the store's memory map) into dests[i], for i < n, each piece hashed
  * first and then copied out of the cache, so every byte is read from memory once and written
@@ -163,25 +183,11 @@ int64_t pf_copy_pages(int64_t n, const uint8_t *const *srcs, uint8_t *const *des
         os_page = 4096;
     int64_t left = 0;
     for (int64_t i = 0; i < n; i++) {
-        status[i] = PF_OK;
         if (populate)
             populate = pf_populate(srcs[i], page_bytes, os_page);
-        if (state)
-            reset(state);
-        for (uint64_t at = 0; at < page_bytes; at += PF_PIECE) {
-            size_t piece = (size_t)(page_bytes - at < PF_PIECE ? page_bytes - at : PF_PIECE);
-            if (state)
-                update(state, srcs[i] + at, piece);
-            pf_copy_out(dests[i] + at, srcs[i] + at, piece, stream);
-        }
-        if (state) {
-            uint8_t got[16];
-            pf_canonical(digest(state), got);
-            if (memcmp(got, expected + 16 * i, 16) != 0) {
-                status[i] = PF_MISMATCH;
-                left++;
-            }
-        }
+        status[i] = pf_copy_page(srcs[i], dests[i], page_bytes, stream, state, reset, update,
+                                 digest, expected ? expected + 16 * i : NULL);
+        left += status[i] == PF_MISMATCH;
     }
 #ifdef PF_STREAMING_STORES
     _mm_sfence(); /* the streamed pages are in memory before the caller hands them on */
@@ -268,24 +274,11 @@ static void pf_flow_unit(pf_flow *f, void *state, int *populate, uintptr_t os_pa
     for (int64_t p = lo; p < hi; p++) {
         const uint8_t *src = f->srcs[p];
         uint8_t *dest = base + (uint64_t)(p - chunk * f->chunk_pages) * f->page_bytes;
-        f->status[p] = PF_OK;
         if (*populate)
             *populate = pf_populate(src, f->page_bytes, os_page);
-        if (state)
-            f->reset(state);
-        for (uint64_t at = 0; at < f->page_bytes; at += PF_PIECE) {
-            size_t piece = (size_t)(f->page_bytes - at < PF_PIECE ? f->page_bytes - at
-                                                                  : PF_PIECE);
-            if (state)
-                f->update(state, src + at, piece);
-            pf_copy_out(dest + at, src + at, piece, f->stream);
-        }
-        if (state) {
-            uint8_t got[16];
-            pf_canonical(f->digest(state), got);
-            if (memcmp(got, f->expected + 16 * p, 16) != 0)
-                f->status[p] = PF_MISMATCH;
-        }
+        f->status[p] = pf_copy_page(src, dest, f->page_bytes, f->stream, state, f->reset,
+                                    f->update, f->digest,
+                                    f->expected ? f->expected + 16 * p : NULL);
     }
 #ifdef PF_STREAMING_STORES
     _mm_sfence();
