@@ -398,7 +398,7 @@ class StagedPagePath:
             rows = self._slots[c % nslots].rows
             bad = source.read_checked(rows[lo - c * first_of : hi - c * first_of], views[lo:hi],
                                       digests[lo:hi] if verify else None)
-            wrong.extend(lo + i for i in bad)  # list.extend is atomic under the GIL
+            wrong.extend([lo + i for i in bad])  # extending by a list is atomic under the GIL
 
         units: list[Unit] = []
         for c, first in enumerate(range(0, len(views), first_of)):
