@@ -1,6 +1,8 @@
 """Serving under load: what the plugin costs when nobody snapshots.
 
     .venv/bin/python bench/serve_bench.py [--quick] [--markdown] [--rounds N]
+                                          [--model bench|bench-sliding] [--servers K ...]
+                                          [--dataset prefix|random]
                                           [--store-snapshots N [--store-snapshot-tokens T]]
 
 Three servers from the same launcher plan, all up for the whole run: ``pf serve`` with our KV
@@ -20,6 +22,18 @@ Reported: medians over runs of request and output token throughput and median TT
 time per request, and the time per token of a single request decoding alone (where a per-step
 cost shows most), as ratios to the server without a connector.
 
+Judged on paired ratios: each round runs every server once, back to back, so a round's ratio
+(ours / none) compares two runs that saw the same machine; the verdict is the median of those
+ratios, shown with its distribution-free 95% interval (order statistics of the paired ratios, no
+assumption about how the runs are spread). A drift in the machine's load over the run moves both
+runs of a round and cancels in the ratio, where a ratio of the two servers' medians keeps it.
+
+``--servers ours none`` leaves out the no-op connector's server (a third server between the two
+compared ones adds what a server inherits from the one run before it). ``--dataset random``:
+random prompts of the same length, sharing no prefix: every run does the same prefill work,
+where with ``prefix_repetition`` which requests hit the prefix cache depends on the order in
+which the first ones were scheduled (the median TTFT is two-valued there).
+
 ``--store-snapshots N``: before the runs, our server's store is filled with N snapshots of
 ``--store-snapshot-tokens`` random tokens each, under the engine's own fingerprint (read from its
 status and its record in the store), none of which any benchmark prompt starts with
@@ -37,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -72,16 +87,52 @@ WORKLOAD = {
 }
 
 
-def bench_serve(srv: Server, model: Path, num_prompts: int, out: Path, seed: int) -> dict:
-    """One ``vllm bench serve`` run of the workload; returns its result JSON."""
+def dataset_args(dataset: str) -> list[str]:
+    """``vllm bench serve``'s dataset arguments: the workload's prompts, shared or not."""
     w = WORKLOAD
-    return vllm_bench_serve(srv, model, [
-        "--dataset-name", "prefix_repetition",
-        "--prefix-repetition-num-prefixes", str(w["num_prefixes"]),
-        "--prefix-repetition-prefix-len", str(w["prefix_len"]),
-        "--prefix-repetition-suffix-len", str(w["suffix_len"]),
-        "--prefix-repetition-output-len", str(w["output_len"]),
-    ], num_prompts=num_prompts, concurrency=w["max_concurrency"], seed=seed, out=out)
+    if dataset == "random":  # same lengths, no shared prefix: the same prefill work every run
+        return ["--dataset-name", "random",
+                "--random-input-len", str(w["prefix_len"] + w["suffix_len"]),
+                "--random-output-len", str(w["output_len"]), "--random-range-ratio", "0"]
+    return ["--dataset-name", "prefix_repetition",
+            "--prefix-repetition-num-prefixes", str(w["num_prefixes"]),
+            "--prefix-repetition-prefix-len", str(w["prefix_len"]),
+            "--prefix-repetition-suffix-len", str(w["suffix_len"]),
+            "--prefix-repetition-output-len", str(w["output_len"])]
+
+
+def bench_serve(srv: Server, model: Path, num_prompts: int, out: Path, seed: int,
+                dataset: str = "prefix") -> dict:
+    """One ``vllm bench serve`` run of the workload; returns its result JSON."""
+    return vllm_bench_serve(srv, model, dataset_args(dataset), num_prompts=num_prompts,
+                            concurrency=WORKLOAD["max_concurrency"], seed=seed, out=out)
+
+
+def median_interval(xs: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median: order statistics chosen by the binomial.
+
+    The k-th smallest and k-th largest of n samples bracket the true median with probability
+    1 - 2 P(Binomial(n, 1/2) < k); k is the largest rank that keeps this >= ``confidence``. With
+    fewer than 6 samples no such k exists at 95% and the interval is the whole range.
+    """
+    xs = sorted(xs)
+    n = len(xs)
+    k = 0
+    tail = 0.0
+    for j in range(n // 2):
+        tail += math.comb(n, j) / 2**n  # P(Binomial(n, 1/2) <= j)
+        if 2 * tail > 1 - confidence:
+            break
+        k = j + 1
+    k = max(k, 1)
+    return xs[k - 1], xs[n - k]
+
+
+def paired_ratios(all_runs: dict[str, list[dict]], k: str, key: str) -> list[float]:
+    """Server ``k`` over the server without a connector, round by round (valid runs only)."""
+    none = {r["round"]: r for r in all_runs["none"] if r["valid"]}
+    return [r[key] / none[r["round"]][key] for r in all_runs[k]
+            if r["valid"] and r["round"] in none]
 
 
 KEYS = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
@@ -124,7 +175,7 @@ LOOKUPS = "processfork_prefix_lookups_total"
 HITS = "processfork_prefix_lookup_hits_total"
 
 
-def start_servers(model: Path, root: Path, name: str) -> dict[str, Server]:
+def start_servers(model: Path, root: Path, name: str, which: list[str]) -> dict[str, Server]:
     args = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
             "--kv-cache-memory-bytes", "512M"]
     noop = json.dumps({"kv_connector": "NoopConnector", "kv_connector_module_path":
@@ -137,6 +188,7 @@ def start_servers(model: Path, root: Path, name: str) -> dict[str, Server]:
                        env={"PYTHONPATH": str(Path(__file__).resolve().parent)}),
         "none": Server("serve-none", model, "plain", root / "unused", args, served_name=name),
     }
+    servers = {k: servers[k] for k in which}
     for srv in servers.values():
         srv.start()
     return servers
@@ -183,7 +235,10 @@ def valid_runs(all_runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
     if not steps:
         return {k: [] for k in all_runs}
     limit = STALL_FACTOR * min(steps)
-    return {k: [r for r in v if r["engine_steps"] <= limit] for k, v in all_runs.items()}
+    for v in all_runs.values():
+        for r in v:
+            r["valid"] = r["engine_steps"] <= limit
+    return {k: [r for r in v if r["valid"]] for k, v in all_runs.items()}
 
 
 def only(servers: dict[str, Server], k: str) -> Server:
@@ -213,12 +268,17 @@ def main() -> int:
                              "(window 256) to each full-attention layer")
     parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     parser.add_argument("--rounds", type=int, default=None, help="runs per server")
+    parser.add_argument("--servers", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="which servers to run (ours and none are always among them)")
+    parser.add_argument("--dataset", choices=["prefix", "random"], default="prefix",
+                        help="prefix: shared prefixes (prefix_repetition); random: none shared")
     parser.add_argument("--store-snapshots", type=int, default=0,
                         help="fill our server's store with this many snapshots no prompt matches")
     parser.add_argument("--store-snapshot-tokens", type=int, default=MAX_MODEL_LEN,
                         help="tokens per filled snapshot (default: the servers' max-model-len)")
     opts = parser.parse_args()
     load_start = os.getloadavg()
+    order = [k for k in CONFIGS if k in {*opts.servers, "ours", "none"}]
 
     preset = "tiny" if opts.quick else opts.model
     num_prompts = 64 if opts.quick else 32
@@ -226,10 +286,10 @@ def main() -> int:
     decode_tokens = 300 if opts.quick else 64
     model = model_path(preset)
     root = fresh_dir(BENCH_DIR / "serve")
-    all_runs: dict[str, list[dict]] = {k: [] for k in CONFIGS}
+    all_runs: dict[str, list[dict]] = {k: [] for k in order}
     runs: dict[str, list[dict]] = {}
     stalled: dict[str, int] = {}
-    decode: dict[str, list[float]] = {k: [] for k in CONFIGS}
+    decode: dict[str, list[float]] = {k: [] for k in order}
     threads: dict[str, int] = {}
     servers: dict[str, Server] = {}
     caches: dict[str, dict[str, object]] = {}
@@ -237,7 +297,7 @@ def main() -> int:
     lookups: dict[str, float] = {}
     sent_to_ours = 0
     try:
-        servers = start_servers(model, root, preset)
+        servers = start_servers(model, root, preset, order)
         threads = {k: s.threads() for k, s in servers.items()}
         # The token capacity each engine logs at start, its KV-cache groups, and whether vLLM
         # turned its hybrid KV cache manager off (a connector without SupportsHMA makes it).
@@ -248,10 +308,11 @@ def main() -> int:
         check(len(set(threads.values())) == 1, f"thread counts differ: {threads}")
         if opts.store_snapshots:
             filled = fill_store(servers["ours"], opts.store_snapshots, opts.store_snapshot_tokens)
-        order = list(CONFIGS)
+        n = len(order)
         for k in order:  # warm-up run, discarded
             only(servers, k).reset_prefix_cache()
-            bench_serve(servers[k], model, num_prompts // 4, root / f"warmup-{k}.json", 1)
+            bench_serve(servers[k], model, num_prompts // 4, root / f"warmup-{k}.json", 1,
+                        opts.dataset)
             sent_to_ours += num_prompts // 4 if k == "ours" else 0
             decode_ms_per_token(servers[k], 16)
         steps_metric = "vllm:iteration_tokens_total_count"
@@ -259,17 +320,19 @@ def main() -> int:
         while min(len(v) for v in valid_runs(all_runs).values()) < rounds \
                 and attempt < 3 * rounds:
             done = valid_runs(all_runs)
-            for k in order[attempt % 3:] + order[: attempt % 3]:  # rotate who goes first
+            for k in order[attempt % n:] + order[: attempt % n]:  # rotate who goes first
                 if len(done[k]) >= rounds:
                     continue
                 srv = only(servers, k)
                 srv.reset_prefix_cache()
                 cpu0, steps0 = group_cpu_seconds(srv), srv.metric(steps_metric)
-                result = bench_serve(srv, model, num_prompts, root / f"{k}-{attempt}.json", 0)
+                result = bench_serve(srv, model, num_prompts, root / f"{k}-{attempt}.json", 0,
+                                     opts.dataset)
                 sent_to_ours += num_prompts if k == "ours" else 0
                 cpu, steps = group_cpu_seconds(srv) - cpu0, srv.metric(steps_metric) - steps0
                 all_runs[k].append({**{key: result[key] for key in KEYS}, "engine_steps": steps,
-                                    "cpu_ms_per_request": cpu * 1000 / num_prompts})
+                                    "cpu_ms_per_request": cpu * 1000 / num_prompts,
+                                    "round": attempt})
                 console.log(f"{CONFIGS[k]}, attempt {attempt}: "
                             f"{result['request_throughput']:.2f} req/s, median TTFT "
                             f"{result['median_ttft_ms']:.1f} ms, {steps:.0f} engine steps")
@@ -283,7 +346,7 @@ def main() -> int:
         # Decode alone: one request at a time, so each engine step is as short as it gets and
         # a per-step cost shows most. Short runs, many interleaved repetitions.
         for r in range(rounds):
-            for k in order[r % 3:] + order[: r % 3]:
+            for k in order[r % n:] + order[: r % n]:
                 decode[k].append(decode_ms_per_token(only(servers, k), decode_tokens))
         # Every benchmark request missed vLLM's prefix cache somewhere (its unique suffix), so
         # with auto-restore on each was looked up in the store at least once; none may match.
@@ -306,13 +369,19 @@ def main() -> int:
                "decode_ms": median(decode[k])} for k, v in runs.items()}
     ours_label = "our connector" + (f" ({opts.store_snapshots:,} snapshots stored)"
                                     if opts.store_snapshots else "")
-    targets = comparison(best, med, "ours", ours_label, True)
-    targets += comparison(best, med, "noop", "vLLM's no-op connector", False)
+    valid_runs(all_runs)  # marks each run valid or stalled, for the pairing
+    paired = {k: {key: paired_ratios(all_runs, k, key) for key in PAIRED}
+              for k in order if k != "none"}
+    targets = comparison(best, med, paired, "ours", ours_label, True)
+    if "noop" in order:
+        targets += comparison(best, med, paired, "noop", "vLLM's no-op connector", False)
     wl = WORKLOAD
+    prompts = (f"{wl['num_prefixes']} shared prefixes of {wl['prefix_len']} + "
+               f"{wl['suffix_len']} unique tokens" if opts.dataset == "prefix" else
+               f"random prompts of {wl['prefix_len'] + wl['suffix_len']} tokens")
     title = (f"Serving, {preset} model: {num_prompts} requests x {rounds} runs per server "
              f"(stalled client runs, run again: {stalled}), "
-             f"{wl['num_prefixes']} shared prefixes of {wl['prefix_len']} + {wl['suffix_len']} "
-             f"unique tokens, {wl['output_len']} output tokens, concurrency "
+             f"{prompts}, {wl['output_len']} output tokens, concurrency "
              f"{wl['max_concurrency']}; worker threads {threads.get('ours')}"
              + (f"; our store: {opts.store_snapshots:,} snapshots of "
                 f"{opts.store_snapshot_tokens:,} tokens, none matching" if filled else ""))
@@ -322,7 +391,8 @@ def main() -> int:
                          "kv_cache_at_start": caches,
                          "store_fill": filled, "prefix_lookups": lookups, "runs": runs,
                          "all_runs": all_runs, "stalled": stalled, "decode_ms_per_token": decode,
-                         "best": best, "median": med, "targets": targets})
+                         "best": best, "median": med, "paired_ratios": paired,
+                         "dataset": opts.dataset, "targets": targets})
     check(caches["ours"]["tokens"] == caches["none"]["tokens"],
           f"our engine's KV cache holds other tokens than the one without a connector: {caches}")
     check(lookups["hits"] == 0, f"a benchmark prompt matched a stored snapshot: {lookups}")
@@ -334,18 +404,35 @@ def main() -> int:
     return 0 if ok or opts.quick else 1
 
 
-def comparison(best: dict, med: dict, k: str, label: str, judged: bool) -> list[Target]:
-    """Rows comparing configuration ``k`` with the server without a connector (medians)."""
+PAIRED = ("request_throughput", "output_throughput", "median_ttft_ms", "cpu_ms_per_request")
+"""The measures compared round by round (decode alone has its own rounds, not paired)."""
+
+
+def comparison(best: dict, med: dict, paired: dict, k: str, label: str,
+               judged: bool) -> list[Target]:
+    """Rows comparing configuration ``k`` with the server without a connector.
+
+    The ratio judged is the median of the paired (same-round) ratios, with its 95% interval;
+    the ratio of the two servers' medians is shown beside it.
+    """
     b, bn, m, mn = best[k], best["none"], med[k], med["none"]
 
     def row(what: str, key: str, unit: str, higher_is_better: bool, target: bool) -> Target:
-        ratio = m[key] / mn[key]
+        pairs = paired[k].get(key, [])
+        of_medians = m[key] / mn[key]
+        if pairs:
+            ratio = median(pairs)
+            low, high = median_interval(pairs)
+            value = (f"{ratio:.3f} (95%: {low:.3f}-{high:.3f}, {len(pairs)} rounds; "
+                     f"of medians {of_medians:.3f})")
+        else:
+            ratio, value = of_medians, f"{of_medians:.3f} (of medians)"
         ok = (ratio >= 0.97 if higher_is_better else ratio <= 1.03) if (judged and target) \
             else None
         shown_target = (">= 0.97" if higher_is_better else "<= 1.03") if ok is not None else "-"
         return Target(
             f"{what}, {label} / none (median of runs; best {b[key]:,.2f} / {bn[key]:,.2f})",
-            f"{m[key]:,.2f} {unit}", f"{mn[key]:,.2f} {unit}", f"{ratio:.3f}", shown_target, ok,
+            f"{m[key]:,.2f} {unit}", f"{mn[key]:,.2f} {unit}", value, shown_target, ok,
         )
 
     return [
