@@ -1,7 +1,7 @@
 """Where things live in a remote's folder, and the small records there (docs/format.md, Remotes).
 
     pf-remote.json           {"format":"processfork-remote","version":1}, created once
-    packs/<sha256>.pack      objects back to back; named by the SHA-256 of its bytes
+    packs/<sha256>.pack      objects back to back; named by the SHA-256 of its object list
     packs/<sha256>.idx       the pack's index (canonical JSON); a pack without one is not there
     refs/<name>              "sha256:<64 hex>\n": the only objects that change
     prefix/<64 hex>          a snapshot's prefix record (store/remote/prefix.py), by its cid

@@ -8,7 +8,6 @@ writer moved it since it was read. A ref move that is not a fast-forward is refu
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -30,6 +29,7 @@ from processfork.store.remote.pack import (
     PackEntry,
     PackIndex,
     kind_name,
+    pack_name,
     verify,
 )
 from processfork.store.remote.prefix import PrefixRecord, local_record, needs_record
@@ -219,14 +219,12 @@ def _packs(
                 size += len(view)
                 end += 1
             body = bytearray(size)
-            name = hashlib.sha256()
             entries, offset = [], 0
             for kind, key, view in views:
                 body[offset : offset + len(view)] = view
-                name.update(view)  # while the object is in the CPU's cache
                 entries.append(PackEntry(kind, key, offset, len(view)))
                 offset += len(view)
-            return body, PackIndex(name.hexdigest(), size, tuple(entries)), end
+            return body, PackIndex(pack_name(entries, size), size, tuple(entries)), end
 
         body, index, start = env.read(build, buffers=True)
         yield body, index

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from processfork.store import Manifest, SnapshotSequence, Store
 from processfork.store.remote import NonFastForward, open_remote
+from processfork.store.remote import layout
 from processfork.store.remote.fetch import fetch, tracking_ref, update_refs
+from processfork.store.remote.pack import PackIndex, pack_name, verify
 from processfork.store.remote.porcelain import fetch_revision
 from processfork.store.remote.push import push
 from remote_helpers import content, make_snapshot
@@ -38,6 +40,28 @@ def test_push_then_clone_gives_the_same_snapshots(tmp_path: Path, remote_url: st
             assert content(b, child) == content(a, child)
             assert content(b, base) == content(a, base)
             assert list(b.fsck()) == []
+
+
+def test_a_pack_is_named_by_its_object_list_and_holds_what_that_list_says(
+    tmp_path: Path, remote_url: str
+) -> None:
+    with Store(tmp_path / "a") as a:
+        base = make_snapshot(a, "base", tokens=range(100))
+        child = make_snapshot(a, "main", parents=[base], tokens=range(130))
+        _push(a, remote_url, {"base": base, "main": child}, pack_size=64 * 1024)
+        objects = open_remote(remote_url, env=a.env).store
+        names = [n for n in (layout.pack_name_of(o.key) for o in objects.list("packs")) if n]
+        assert len(names) > 1  # small packs: the objects span several
+        listed = set()
+        for name in names:
+            index = PackIndex.decode(name, objects.get(layout.idx_path(name)).data)
+            assert name == pack_name(index.entries, index.size)
+            body = objects.get(layout.pack_path(name)).data
+            assert len(body) == index.size
+            for e in index.entries:
+                assert verify(e.kind, e.key, body[e.offset : e.end]) is None
+                listed.add((e.kind, e.key))
+        assert sum(k == "s" for k, _ in listed) == 2
 
 
 def test_second_push_sends_nothing_and_fork_sends_metadata_only(
