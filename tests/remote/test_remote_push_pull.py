@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 from processfork.store import Manifest, SnapshotSequence, Store
-from processfork.store.remote import NonFastForward, open_remote
-from processfork.store.remote import layout
+from processfork.store.remote import NonFastForward, layout, open_remote
 from processfork.store.remote.fetch import fetch, tracking_ref, update_refs
 from processfork.store.remote.pack import PackIndex, pack_name, verify
 from processfork.store.remote.porcelain import fetch_revision
