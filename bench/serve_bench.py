@@ -369,7 +369,6 @@ def main() -> int:
                "decode_ms": median(decode[k])} for k, v in runs.items()}
     ours_label = "our connector" + (f" ({opts.store_snapshots:,} snapshots stored)"
                                     if opts.store_snapshots else "")
-    valid_runs(all_runs)  # marks each run valid or stalled, for the pairing
     paired = {k: {key: paired_ratios(all_runs, k, key) for key in PAIRED}
               for k in order if k != "none"}
     targets = comparison(best, med, paired, "ours", ours_label, True)

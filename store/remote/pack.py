@@ -51,7 +51,7 @@ class PackIndex:
                 "version": 1,
                 "pack": self.name,
                 "size": self.size,
-                "objects": [[e.kind, e.key, e.offset, e.length] for e in self.entries],
+                "objects": _listing(self.entries),
             }
         )
 
@@ -89,8 +89,12 @@ def pack_name(entries: Sequence[PackEntry], size: int) -> str:
     runs below 1 GB/s on one core). Packs of earlier writers, named by the SHA-256 of their
     bytes, read the same: readers never derive a name, they list them.
     """
-    listing = {"objects": [[e.kind, e.key, e.offset, e.length] for e in entries], "size": size}
-    return hashlib.sha256(canonical_json(listing)).hexdigest()
+    return hashlib.sha256(canonical_json({"objects": _listing(entries), "size": size})).hexdigest()
+
+
+def _listing(entries: Sequence[PackEntry]) -> list[list[object]]:
+    """The index's ``objects``: ``[kind, address, offset, length]`` per object, in pack order."""
+    return [[e.kind, e.key, e.offset, e.length] for e in entries]
 
 
 def address_of(kind: str, data: bytes | memoryview) -> str:
