@@ -4,6 +4,7 @@ KV-cache manager is worth on a sliding-window model.
     python3 bench/gpu_serve_bench.py                     # both models
     python3 bench/gpu_serve_bench.py --model llama       # Llama-3-8B shape only
     python3 bench/gpu_serve_bench.py --model swa         # the sliding-window model only
+    python3 bench/gpu_serve_bench.py --model swa --rounds 12 --minutes 8   # as many as fit
     python3 bench/gpu_serve_bench.py --quick             # smoke run (tiny model; CPU works)
 
 For each model, two servers up side by side on the same GPU, each with the same share of its
@@ -13,10 +14,13 @@ bf16, vLLM's default block size, ``--enforce-eager`` (as the other GPU benchmark
 on, random weights (``--load-format dummy``, config and tokenizer built locally).
 
 Load: ``vllm bench serve`` (vLLM's own CLI) with its ``random`` dataset, all requests sent at
-once under a fixed concurrency, fixed output length (``--ignore-eos``); runs alternate between
-the two servers, each from an empty prefix cache and with the same prompts (same seed).
-Reported: medians over runs of request throughput, output-token throughput and median TTFT, as
-ratios ours / none, and the KV-cache size each engine reports at start.
+once under a fixed concurrency, fixed output length (``--ignore-eos``). Each round runs both
+servers back to back (the order alternates between rounds), each from an empty prefix cache and
+with the same prompts (same seed); ``--minutes`` bounds the rounds by time. Reported per measure
+(request and output-token throughput, median TTFT and TPOT): the median of the rounds' paired
+ratios ours / none with its distribution-free 95% interval, which cancels what drifts between
+rounds; the ratio of the two servers' medians beside it; and the KV-cache size each engine
+reports at start.
 
 Models:
 - ``llama``: Llama-3-8B's shape (32 layers, 8 KV heads of 128), one KV-cache group;
@@ -38,12 +42,13 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Server, console, median, vllm_bench_serve
+from harness import Server, console, median, median_interval, vllm_bench_serve
 
 from processfork_dev.model_builder import CONFIG_ONLY, PRESETS, build_model
 
@@ -189,72 +194,115 @@ def bench_serve(srv: Server, model: Path, workload: dict[str, int], out: Path,
     return {k: result[k] for k in KEYS}
 
 
-def run_model(name: str, model: Path, args: list[str], rounds: int, cuda: bool) -> dict[str, Any]:
+def run_model(name: str, model: Path, args: list[str], rounds: int, cuda: bool,
+              deadline: float, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Warm-up, then rounds of one run per server back to back (order alternating), until
+    ``rounds`` are done or the next one would start after ``deadline`` (``time.monotonic``).
+    ``save`` gets the result so far after every round, so a run cut short keeps its rounds."""
     workload = WORKLOADS[name]
     servers = start_pair(name, model, args, cuda)
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "none": []}
+    result: dict[str, Any] = {"workload": workload, "args": args, "runs": runs}
     try:
-        facts = {k: engine_facts(s) for k, s in servers.items()}
-        console.log(f"{name}: {json.dumps(facts)}")
+        result["facts"] = {k: engine_facts(s) for k, s in servers.items()}
+        console.log(f"{name}: {json.dumps(result['facts'])}")
         res_dir = WORK / "serve" / name / "results"
         res_dir.mkdir(parents=True, exist_ok=True)
         for k, srv in servers.items():  # warm-up, discarded
             srv.reset_prefix_cache()
             bench_serve(srv, model, {**workload, "num_prompts": workload["concurrency"]},
                         res_dir / f"warmup-{k}.json", 1)
+        started = time.monotonic()
         for r in range(rounds):
+            if r and time.monotonic() + (time.monotonic() - started) / r > deadline:
+                console.log(f"{name}: {r} rounds fit the time given")
+                break
             for k in (("ours", "none") if r % 2 == 0 else ("none", "ours")):
                 servers[k].reset_prefix_cache()
-                result = bench_serve(servers[k], model, workload, res_dir / f"{k}-{r}.json", 0)
-                runs[k].append(result)
-                console.log(f"{name} {k} run {r}: {result['request_throughput']:.2f} req/s, "
-                            f"{result['output_throughput']:.0f} tok/s out, median TTFT "
-                            f"{result['median_ttft_ms']:.1f} ms")
+                out = bench_serve(servers[k], model, workload, res_dir / f"{k}-{r}.json", 0)
+                runs[k].append(out)
+                console.log(f"{name} {k} run {r}: {out['request_throughput']:.2f} req/s, "
+                            f"{out['output_throughput']:.0f} tok/s out, median TTFT "
+                            f"{out['median_ttft_ms']:.1f} ms")
+            save(summarize(result))
     finally:
         for srv in servers.values():
             srv.stop()
-    med = {k: {key: median(r[key] for r in v) for key in KEYS} for k, v in runs.items()}
-    return {"workload": workload, "args": args, "facts": facts, "runs": runs, "median": med}
+    return summarize(result)
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Medians per server, and per measure the round-by-round ratios ours / none with the
+    median's distribution-free 95% interval: each round's two runs ran back to back, so the
+    ratio of a round cancels what drifts between rounds."""
+    runs = result["runs"]
+    result["median"] = {k: {key: median(r[key] for r in v) for key in KEYS}
+                        for k, v in runs.items()}
+    paired = {}
+    for key in KEYS:
+        ratios = [o[key] / n[key] for o, n in zip(runs["ours"], runs["none"])]
+        low, high = median_interval(ratios)
+        paired[key] = {"ratios": ratios, "median": median(ratios), "low": low, "high": high}
+    result["paired"] = paired
+    return result
 
 
 def report(results: dict[str, Any]) -> None:
     from rich.table import Table
 
-    table = Table(title="Serving on one GPU: ours / no connector (medians)")
-    for col in ("model", "measure", "ours", "none", "ours / none"):
+    table = Table(title="Serving on one GPU: ours / no connector")
+    for col in ("model", "measure", "ours (median)", "none (median)", "ratio of medians",
+                "paired ratios: median (95% interval)", "rounds"):
         table.add_column(col, justify="left" if col in ("model", "measure") else "right")
     for name, res in results.items():
         ours, none = res["median"]["ours"], res["median"]["none"]
         for key in KEYS:
+            pair = res.get("paired", {}).get(key)
             table.add_row(name, key, f"{ours[key]:,.2f}", f"{none[key]:,.2f}",
-                          f"{ours[key] / none[key]:.3f}")
+                          f"{ours[key] / none[key]:.3f}",
+                          f"{pair['median']:.3f} ({pair['low']:.3f}-{pair['high']:.3f})"
+                          if pair else "-", str(len(pair["ratios"])) if pair else "-")
         fo, fn = res["facts"]["ours"], res["facts"]["none"]
         table.add_row(name, "KV cache tokens at start", f"{fo['kv_cache_tokens']:,}",
                       f"{fn['kv_cache_tokens']:,}",
                       f"{fo['kv_cache_tokens'] / fn['kv_cache_tokens']:.3f}"
-                      if fo["kv_cache_tokens"] and fn["kv_cache_tokens"] else "-")
+                      if fo["kv_cache_tokens"] and fn["kv_cache_tokens"] else "-", "", "")
         table.add_row(name, "hybrid manager turned off", str(fo["hybrid_manager_off"]),
-                      str(fn["hybrid_manager_off"]), "")
+                      str(fn["hybrid_manager_off"]), "", "", "")
     console.print(table)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=("llama", "swa", "both"), default="both")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per server")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds: one run per server each")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="start no round that would end after this many minutes from now "
+                             "(the rounds done are reported)")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="requests per run (default: the model's workload)")
     parser.add_argument("--quick", action="store_true", help="tiny model, few requests")
     opts = parser.parse_args()
+    if opts.prompts:
+        for workload in WORKLOADS.values():
+            workload["num_prompts"] = opts.prompts
     cuda = _cuda()
+    deadline = time.monotonic() + (opts.minutes * 60 if opts.minutes else float("inf"))
     results: dict[str, Any] = {}
     path = OUT / "serve.json"
     if path.exists():
         results = json.loads(path.read_text()).get("results", {})
-    for name, (model, args) in models(opts.model, opts.quick).items():
-        t = time.perf_counter()
-        results[name] = run_model(name, model, args, 1 if opts.quick else opts.rounds, cuda)
-        console.log(f"{name}: done in {time.perf_counter() - t:.0f} s")
+
+    def save(name: str, result: dict[str, Any]) -> None:
+        results[name] = result
         OUT.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"machine": _machine(), "results": results}, indent=2) + "\n")
+
+    for name, (model, args) in models(opts.model, opts.quick).items():
+        t = time.perf_counter()
+        save(name, run_model(name, model, args, 1 if opts.quick else opts.rounds, cuda, deadline,
+                             lambda result, name=name: save(name, result)))
+        console.log(f"{name}: done in {time.perf_counter() - t:.0f} s")
     report(results)
     return 0
 

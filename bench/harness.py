@@ -15,6 +15,7 @@ differ between the configurations is decided here, once:
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -264,6 +265,26 @@ def first_token(completion: dict[str, Any]) -> int:
 # -- statistics, tables, results ---------------------------------------------------------------
 def median(xs: Iterable[float]) -> float:
     return statistics.median(list(xs))
+
+
+def median_interval(xs: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median: order statistics chosen by the binomial.
+
+    The k-th smallest and k-th largest of n samples bracket the true median with probability
+    1 - 2 P(Binomial(n, 1/2) < k); k is the largest rank that keeps this >= ``confidence``. With
+    fewer than 6 samples no such k exists at 95% and the interval is the whole range.
+    """
+    xs = sorted(xs)
+    n = len(xs)
+    k = 0
+    tail = 0.0
+    for j in range(n // 2):
+        tail += math.comb(n, j) / 2**n  # P(Binomial(n, 1/2) <= j)
+        if 2 * tail > 1 - confidence:
+            break
+        k = j + 1
+    k = max(k, 1)
+    return xs[k - 1], xs[n - k]
 
 
 def best_time(fn: Callable[[], None], repeat: int) -> float:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -67,6 +66,7 @@ from harness import (
     console,
     fresh_dir,
     median,
+    median_interval,
     model_path,
     targets_markdown,
     targets_table,
@@ -106,26 +106,6 @@ def bench_serve(srv: Server, model: Path, num_prompts: int, out: Path, seed: int
     """One ``vllm bench serve`` run of the workload; returns its result JSON."""
     return vllm_bench_serve(srv, model, dataset_args(dataset), num_prompts=num_prompts,
                             concurrency=WORKLOAD["max_concurrency"], seed=seed, out=out)
-
-
-def median_interval(xs: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """A distribution-free interval for the median: order statistics chosen by the binomial.
-
-    The k-th smallest and k-th largest of n samples bracket the true median with probability
-    1 - 2 P(Binomial(n, 1/2) < k); k is the largest rank that keeps this >= ``confidence``. With
-    fewer than 6 samples no such k exists at 95% and the interval is the whole range.
-    """
-    xs = sorted(xs)
-    n = len(xs)
-    k = 0
-    tail = 0.0
-    for j in range(n // 2):
-        tail += math.comb(n, j) / 2**n  # P(Binomial(n, 1/2) <= j)
-        if 2 * tail > 1 - confidence:
-            break
-        k = j + 1
-    k = max(k, 1)
-    return xs[k - 1], xs[n - k]
 
 
 def paired_ratios(all_runs: dict[str, list[dict]], k: str, key: str) -> list[float]:

@@ -18,24 +18,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pf_http import PF, cached_tokens, complete, get, pf, random_tokens
 from processfork.plugin.kv_groups import MAMBA
-from processfork.plugin.launch_plan import kv_transfer_config
 from processfork.plugin.server_process import ServerStartError
 
-from processfork_dev.model_builder import HYBRID, build_model
-
-MODELS_DIR = Path(os.environ.get("PF_TEST_MODELS", Path(__file__).resolve().parents[2] / ".models"))
 DRY_RUN = bool(os.environ.get("PF_GPU_SUITE_BLOCK"))
-DTYPE = "float32" if DRY_RUN else "bfloat16"
-#: A step budget below the prompt's length: the prefill takes several steps (on CUDA vLLM keeps a
-#: Mamba layer's chunks on block boundaries itself). vLLM's CPU Mamba2 kernel takes one block.
-STEP_TOKENS = 128 if DRY_RUN else 1024
 #: What the connector says (plugin/kv_groups.py) when vLLM runs the model's Mamba layers without
 #: their `align` cache mode; and what a line of vLLM's that refuses (or turns off) prefix caching
 #: for such a model names.
@@ -66,25 +57,9 @@ def _unsupported(error: ServerStartError) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def hybrid_model() -> Path:
-    name = "tiny-hybrid" if DTYPE == HYBRID.dtype else f"tiny-hybrid-{DTYPE}"  # the CPU suite's
-    return build_model(MODELS_DIR / name, replace(HYBRID, dtype=DTYPE))
-
-
-@pytest.fixture(scope="module")
-def hybrid_gpu_server(start_gpu_server, hybrid_model, tmp_path_factory):
-    store = tmp_path_factory.mktemp("pf-store-hybrid-gpu")
-    # vLLM 0.26 on CUDA caches this model's Mamba states in its 'all' mode by default; the
-    # connector stores the state at the split point of the 'align' mode, which every version
-    # from 0.26 to 0.33 offers.
-    args: tuple[str, ...] = ("--max-num-batched-tokens", str(STEP_TOKENS),
-                             "--mamba-cache-mode", "align")
-    if DRY_RUN:
-        config = kv_transfer_config(store)
-        config["kv_connector_extra_config"]["page_path"] = "staged"
-        args += ("--block-size", "128", "--kv-transfer-config", json.dumps(config))
+def hybrid_gpu_server(hybrid_gpu_launched):
     try:
-        return start_gpu_server(hybrid_model, store=store, extra_args=args)
+        return hybrid_gpu_launched.wait()
     except ServerStartError as exc:
         reason = _unsupported(exc)
         if reason is None:

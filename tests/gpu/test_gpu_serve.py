@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +17,6 @@ from typing import Any
 
 import pytest
 from pf_http import PF, cached_tokens, complete, damage_page, get, pf, post, random_tokens
-from processfork.plugin.launch_plan import kv_transfer_config
 from processfork.store import Store
 
 # vLLM's default block size on CUDA (tests/gpu/conftest.py leaves it as it is)
@@ -28,7 +25,6 @@ BLOCK = int(os.environ.get("PF_GPU_SUITE_BLOCK") or 16)
 # length; both longer than the 256-token step budget: the prefill runs in chunks.
 LENGTHS = (40 * BLOCK + 1, 40 * BLOCK + 9)
 TEXT_PROMPT = "Snapshots of a GPU's paged KV cache, restored without a prefill. " * 12
-API_KEY = "gpu-secret"
 
 
 def split_point(length: int) -> int:
@@ -156,9 +152,8 @@ def test_unknown_revision_is_404(gpu_server):
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
 
 
-def test_other_model_is_409_and_a_missing_key_is_401(start_gpu_server, other_gpu_model,
-                                                    gpu_store, before):
-    other = start_gpu_server(other_gpu_model, store=gpu_store, api_key=API_KEY)
+def test_other_model_is_409_and_a_missing_key_is_401(other_gpu_launched, before):
+    other = other_gpu_launched.wait()
     try:
         response = post(other, f"{PF}/checkout", {"cid": f"gpu/{LENGTHS[0]}"})
         assert response.status_code == 409, response.text
@@ -183,21 +178,9 @@ def test_a_damaged_page_is_caught_and_recomputed(gpu_server, before, gpu_store):
 
 # -- batch-invariant kernels: restored == cold full prefill, also under concurrent load -------
 @pytest.fixture(scope="module")
-def invariant(request, start_gpu_server, gpu_model, tmp_path_factory):
-    """A server with VLLM_BATCH_INVARIANT=1 and a step budget that prefills prompts in one pass.
-
-    It keeps pages in a host tier, so its checkouts after the restart are copied to the GPU from
-    the tier's registered memory rather than read from the store."""
-    store = tmp_path_factory.mktemp("pf-store-invariant")
-    tier_dir = tempfile.mkdtemp(prefix="pf-tier-gpu-suite-", dir="/dev/shm")  # a tmpfs: pinnable
-    request.addfinalizer(lambda: shutil.rmtree(tier_dir, ignore_errors=True))
-    config = kv_transfer_config(store)
-    config["kv_connector_extra_config"].update({"host_tier_mib": 256, "host_tier_dir": tier_dir})
-    return start_gpu_server(
-        gpu_model, store=store,
-        extra_args=("--max-num-batched-tokens", "4096", "--kv-transfer-config", json.dumps(config)),
-        env={"VLLM_BATCH_INVARIANT": "1"},
-    )
+def invariant(invariant_launched):
+    """The batch-invariant server of conftest.py, launched at the start of the session."""
+    return invariant_launched.wait()
 
 
 def test_batch_invariant_restore_under_load_equals_a_warm_hit_alone(invariant):
