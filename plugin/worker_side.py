@@ -242,11 +242,12 @@ class WorkerSide:
                 reader=self.page_reader,
                 **staging_options(self.staging_mib, self.staging_slots, self.streaming_stores),
             )
+            warm_up = self._staged.warm_up()
             logger.info(
                 "processfork: staged page path, %d MiB of %s staging in chunks of %d blocks, "
-                "%d copy threads (%s)", self._staged.staging_bytes // MiB,
+                "%d copy threads (%s), warmed up in %.0f ms", self._staged.staging_bytes // MiB,
                 "pinned" if self._staged.cuda else "host", self._staged.chunk_blocks,
-                self._staged.threads, self._staged.reader_description,
+                self._staged.threads, self._staged.reader_description, warm_up * 1e3,
             )
         logger.info(
             "processfork: %d layers, %s codec, %d-byte pages, store %s",

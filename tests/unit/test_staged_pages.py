@@ -378,3 +378,17 @@ def test_a_load_into_remembered_blocks_replaces_what_they_held(tmp_path):
         assert path.reused == 2 and again == second
         assert _digests_of(src, [1, 2]) == second
         path.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_warm_up_starts_every_copy_thread_and_leaves_every_block_as_it_was(device):
+    layers = _layers(device)
+    before = [layer.clone() for layer in layers]
+    path = _path(layers, chunk_blocks=3, threads=4)
+    try:
+        assert path.warm_up() >= 0
+        assert len(path._pool._threads) == 4  # none left to start inside the first load
+        for layer, was in zip(layers, before):
+            assert torch.equal(layer.view(torch.int16), was.view(torch.int16))
+    finally:
+        path.close()
