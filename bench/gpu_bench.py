@@ -317,9 +317,9 @@ def part_ours(setup: Setup) -> None:
 
 def timed_checkouts(srv: Server, setup: Setup, n: int, reps: int = 5) -> list[float]:
     """``POST /checkout`` of ``bench/<n>``: first in the engine as it is (a fresh one), then
-    after ``/reset_prefix_cache``; each must load every loadable token. The first pays once
-    per engine for what the later ones find ready (about 140 ms on an H200), so the median of
-    five is what a checkout costs in a running server; the first is reported beside it."""
+    after ``/reset_prefix_cache``; each must load every loadable token. The first can be the
+    fresh engine's first request and pays once for what the later ones find ready, so the median
+    of five is what a checkout costs in a running server; the first is reported beside it."""
     times = []
     for rep in range(reps):
         if rep:
