@@ -449,7 +449,7 @@ def part_report(setup: Setup) -> None:
     ttft = Table(title=f"TTFT, {ours['machine'].get('gpu', 'CPU')}, vLLM "
                        f"{ours['machine'].get('vllm')} (median; ms)")
     for col in ("tokens", "GiB", "(a) cold", "(b) Example", "(b2) Offload", "(c) checkout",
-                "(c-) per-page", "(cp) pread", "(c*) tier", "(c') unverified", "(d) warm",
+                "(c) first", "(c-) per-page", "(cp) pread", "(c*) tier", "(c') unverified", "(d) warm",
                 "(e) H2D", "a/c", "c/b", "c/b2", "(c-d)/e", "(c--d)/e", "(cp-d)/e", "a/c*",
                 "c*/b2", "(c*-d)/e", "(c'-d)/e"):
         ttft.add_column(col, justify="right")
@@ -481,7 +481,9 @@ def part_report(setup: Setup) -> None:
         def over(x: float | None, d: float = d) -> float | None:  # restore overhead over the warm hit
             return None if x is None else x - d
 
-        ttft.add_row(str(n), f"{r['kv_bytes'] / GiB:.1f}", f(a), f(b), f(b2), f(c), f(cp), f(cr),
+        first = r["checkout"][0] if r.get("checkout") else None
+        ttft.add_row(str(n), f"{r['kv_bytes'] / GiB:.1f}", f(a), f(b), f(b2), f(c), f(first),
+                     f(cp), f(cr),
                      f(ct), f(cu), f(d), f(e), ratio(a, c, "{:.1f}x"), ratio(c, b), ratio(c, b2),
                      ratio(over(c), e, "{:.1f}"), ratio(over(cp), e, "{:.1f}"),
                      ratio(over(cr), e, "{:.1f}"),
