@@ -9,9 +9,8 @@ writer moved it since it was read. A ref move that is not a fast-forward is refu
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, wait
+from collections.abc import Callable, Mapping
+from concurrent.futures import as_completed, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -194,40 +193,51 @@ def _check_still_there(remote: Remote, packs: set[str]) -> None:
 _DB = {KIND_PAGE: "pages", KIND_BLOB: "blobs", KIND_SNAPSHOT: "snapshots"}
 
 
-def _packs(
-    env: Env, objects: list[tuple[str, str]], pack_size: int
-) -> Iterator[tuple[bytearray, PackIndex]]:
-    """The objects in packs of about `pack_size` bytes (a pack closes at the first object that
-    reaches it). Each object is verified where it lies in the store's map (a damaged object is
-    never spread) and copied once, straight into its pack's buffer, in one read transaction per
-    pack."""
-    start = 0
-    while start < len(objects):
+def _pack_ranges(env: Env, objects: list[tuple[str, str]], pack_size: int) -> list[range]:
+    """Which objects go in which pack: about `pack_size` bytes each (a pack closes at the first
+    object that reaches it), from the objects' sizes in one read transaction."""
 
-        def build(txn: lmdb.Transaction, first: int = start) -> tuple[bytearray, PackIndex, int]:
-            views: list[tuple[str, str, memoryview]] = []
-            size, end = 0, first
-            while end < len(objects) and (not views or size < pack_size):
-                kind, key = objects[end]
-                view = txn.get(bytes.fromhex(key), db=env.dbs[_DB[kind]])
-                if view is None:
-                    raise MissingObject(kind_name(kind), key)
-                actual = verify(kind, key, view)
-                if actual is not None:
-                    raise CorruptPage(key, actual, kind_name(kind))
-                views.append((kind, key, view))
-                size += len(view)
-                end += 1
-            body = bytearray(size)
-            entries, offset = [], 0
-            for kind, key, view in views:
-                body[offset : offset + len(view)] = view
-                entries.append(PackEntry(kind, key, offset, len(view)))
-                offset += len(view)
-            return body, PackIndex(pack_name(entries, size), size, tuple(entries)), end
+    def plan(txn: lmdb.Transaction) -> list[range]:
+        ranges, first, size = [], 0, 0
+        for i, (kind, key) in enumerate(objects):
+            view = txn.get(bytes.fromhex(key), db=env.dbs[_DB[kind]])
+            if view is None:
+                raise MissingObject(kind_name(kind), key)
+            size += len(view)
+            if size >= pack_size:
+                ranges.append(range(first, i + 1))
+                first, size = i + 1, 0
+        if first < len(objects):
+            ranges.append(range(first, len(objects)))
+        return ranges
 
-        body, index, start = env.read(build, buffers=True)
-        yield body, index
+    return env.read(plan, buffers=True)
+
+
+def _build_pack(env: Env, objects: list[tuple[str, str]]) -> tuple[bytearray, PackIndex]:
+    """One pack of `objects`: each verified where it lies in the store's map (a damaged object
+    is never spread) and copied once, straight into the pack's buffer, in one read transaction."""
+
+    def build(txn: lmdb.Transaction) -> tuple[bytearray, PackIndex]:
+        views: list[tuple[str, str, memoryview]] = []
+        for kind, key in objects:
+            view = txn.get(bytes.fromhex(key), db=env.dbs[_DB[kind]])
+            if view is None:
+                raise MissingObject(kind_name(kind), key)
+            actual = verify(kind, key, view)
+            if actual is not None:
+                raise CorruptPage(key, actual, kind_name(kind))
+            views.append((kind, key, view))
+        size = sum(len(view) for _, _, view in views)
+        body = bytearray(size)
+        entries, offset = [], 0
+        for kind, key, view in views:
+            body[offset : offset + len(view)] = view
+            entries.append(PackEntry(kind, key, offset, len(view)))
+            offset += len(view)
+        return body, PackIndex(pack_name(entries, size), size, tuple(entries))
+
+    return env.read(build, buffers=True)
 
 
 def _upload(
@@ -238,20 +248,25 @@ def _upload(
     result: PushResult,
     progress: Progress | None,
 ) -> None:
-    """Build the packs one after the other while the ones before upload: at most
-    `parallelism` packs are in flight (or built and waiting), which bounds the memory."""
+    """Each pack built and uploaded by one of the remote's threads, all packs at once: a pack's
+    build (verify and copy, about 64 MiB) runs beside the uploads of the others instead of
+    ahead of them, and at most `parallelism` packs are in memory."""
     if not objects:
         return
     pool = remote.store.pool()
-    pending: deque[Future[None]] = deque()
+
+    def send(part: range) -> PackIndex:
+        body, index = _build_pack(env, objects[part.start : part.stop])
+        remote.put_pack(body, index)
+        return index
+
+    pending = [pool.submit(send, part) for part in _pack_ranges(env, objects, pack_size)]
     done_objects = 0
     try:
-        for body, index in _packs(env, objects, pack_size):
-            while len(pending) >= remote.store.parallelism:
-                pending.popleft().result()
-            pending.append(pool.submit(remote.put_pack, body, index))
+        for future in as_completed(pending):
+            index = future.result()
             result.packs += 1
-            result.bytes += len(body)
+            result.bytes += index.size
             for entry in index.entries:
                 name = kind_name(entry.kind) + "s"
                 setattr(result, name, getattr(result, name) + 1)
@@ -259,8 +274,6 @@ def _upload(
             done_objects += len(index.entries)
             if progress is not None:
                 progress("objects", done_objects, len(objects))
-        while pending:
-            pending.popleft().result()
     finally:
         for future in pending:
             future.cancel()
