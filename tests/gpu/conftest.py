@@ -101,11 +101,6 @@ def launch_gpu_server(tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
-def start_gpu_server(launch_gpu_server) -> Callable[..., LiveServer]:
-    return lambda model, **kwargs: launch_gpu_server(model, **kwargs).wait()
-
-
-@pytest.fixture(scope="session")
 def gpu_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("pf-store-gpu")
 
