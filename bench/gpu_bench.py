@@ -68,10 +68,10 @@ class Setup:
     """What every server of the run shares, decided once."""
 
     def __init__(self, quick: bool, tier_gib: int = 0, tier_dir: str = "/dev/shm",
-                 lengths: list[int] | None = None):
+                 lengths: list[int] | None = None, trace: bool = False):
         from processfork_dev.model_builder import CONFIG_ONLY, PRESETS, build_model
 
-        self.quick = quick
+        self.quick, self.trace = quick, trace
         self.tier_gib, self.tier_dir = tier_gib, tier_dir
         self.cuda = _cuda()
         preset = "tiny" if quick else "llama3-8b"
@@ -121,6 +121,8 @@ class Server:
                  ours: bool = True, env: dict[str, str] | None = None):
         self.setup, self.name, self.store = setup, name, store
         self.env = {"VLLM_SERVER_DEV_MODE": "1", **(env or {})}
+        if setup.trace and ours:
+            self.env["PROCESSFORK_TRACE"] = "1"  # plugin/trace.py: each checkout's phases
         self.extra = extra or []
         self.ours = ours
         self.process = None
@@ -154,6 +156,20 @@ class Server:
     def restart(self) -> Server:
         self.stop()
         return self.start()
+
+    def report_trace(self, key: str) -> None:
+        """With ``--trace``: the phases of this server's checkouts (bench/trace_phases.py),
+        printed and written to ``trace-KEY.json`` beside the results."""
+        if not self.setup.trace or self.process is None:
+            return
+        from trace_phases import parse, phases, print_table
+
+        found = phases(parse(Path(self.process.log_path).read_text(errors="replace")))
+        if found:
+            print_table(found, f"Checkout phases, {key} (median ms)")
+            OUT.mkdir(parents=True, exist_ok=True)
+            (OUT / f"trace-{key}.json").write_text(
+                json.dumps({str(n): v for n, v in sorted(found.items())}, indent=2) + "\n")
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         assert self.client is not None
@@ -310,6 +326,7 @@ def part_ours(setup: Setup) -> None:
             _, out = srv.complete(prompt)
             check(first_token(out) == r["token"], f"{n}: token after checkout differs from cold")
             log(f"{n}: {checkout_key} {[round(x * 1e3) for x in r[checkout_key]]} ms")
+        srv.report_trace(checkout_key)
     finally:
         srv.stop()
     save("ours", {"copies": copies, "results": res, "args": setup.args})
@@ -362,6 +379,7 @@ def part_checkouts(setup: Setup, *, verify: bool, native: bool = True,
             times = timed_checkouts(srv, setup, n)
             data["results"].setdefault(str(n), {})[key] = times
             log(f"{n}: {key} {[round(x * 1e3) for x in times]} ms")
+        srv.report_trace(key)
     finally:
         srv.stop()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -545,8 +563,11 @@ def main() -> None:
                                          "JSON (e.g. '{\"staging_slots\": 8}')")
     parser.add_argument("--name", help="--part checkouts with --config: results go under "
                                        "checkout_NAME")
+    parser.add_argument("--trace", action="store_true",
+                        help="our servers mark each checkout's phases (PROCESSFORK_TRACE=1); "
+                             "print where the time goes (bench/trace_phases.py)")
     opts = parser.parse_args()
-    setup = Setup(opts.quick, opts.host_tier_gib, opts.host_tier_dir, opts.lengths)
+    setup = Setup(opts.quick, opts.host_tier_gib, opts.host_tier_dir, opts.lengths, opts.trace)
     log(f"model {setup.model} ({setup.kv_per_token // 1024} KiB of KV per token), "
         f"lengths {setup.lengths}, cuda={setup.cuda}")
     if opts.part in ("ours", "all"):

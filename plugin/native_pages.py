@@ -74,9 +74,12 @@ class NativePages:
         new.restype = ctypes.c_void_p
         new.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p,
                         ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                        ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5, ctypes.c_void_p]
+                        ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5, ctypes.c_void_p,
+                        ctypes.c_int64]
         for name, restype, args in (("pf_flow_work", None, []),
                                     ("pf_flow_wait_chunk", ctypes.c_int, [ctypes.c_int64]),
+                                    ("pf_flow_chunk_done", ctypes.c_int, [ctypes.c_int64]),
+                                    ("pf_flow_publish", None, [ctypes.c_int64]),
                                     ("pf_flow_release", None, [ctypes.c_int64]),
                                     ("pf_flow_cancel", None, []), ("pf_flow_free", None, [])):
             function = getattr(library, name)
@@ -149,16 +152,17 @@ class NativePages:
 
     def flow(self, sources: np.ndarray, slots: Sequence[np.ndarray],
              expected: Sequence[bytes] | None, *, unit_pages: int, populate: bool = True,
-             streaming_stores: bool = True) -> PageFlow:
+             streaming_stores: bool = True, published: int | None = None) -> PageFlow:
         """A load's pages (``sources``: their addresses in the store's map, each one row of the
         slots long) copied into staging ``slots`` by threads that stay in C for the whole load
-        (``pf_flow_*``); see ``PageFlow``."""
+        (``pf_flow_*``); see ``PageFlow``. ``published``: how many leading addresses are set
+        (default all); the rest are set in ``sources`` later and announced with ``publish``."""
         if expected is not None and self._streaming is None:
             raise RuntimeError("python-xxhash exports no streaming xxh3: pages cannot be "
                                "verified as they are copied")
         return PageFlow(self._library, sources, slots, expected, self._streaming or (None,) * 5,
                         unit_pages=unit_pages, populate=populate,
-                        streaming_stores=streaming_stores)
+                        streaming_stores=streaming_stores, published=published)
 
     def hash_pages(self, rows: Sequence[np.ndarray]) -> list[bytes]:
         """The page digest (canonical xxh3-128) of each row."""
@@ -186,9 +190,12 @@ class PageFlow:
     def __init__(self, library: ctypes.CDLL, sources: np.ndarray,
                  slots: Sequence[np.ndarray], expected: Sequence[bytes] | None,
                  functions: tuple[int | None, ...], *, unit_pages: int, populate: bool,
-                 streaming_stores: bool):
+                 streaming_stores: bool, published: int | None = None):
         self._lib = library
         pages = len(sources)
+        if published is not None and (sources.dtype != np.uint64
+                                      or not sources.flags.c_contiguous):
+            raise ValueError("addresses published later go into a C-contiguous uint64 array")
         rows, page_bytes = slots[0].shape
         for slot in slots:
             if slot.shape != (rows, page_bytes) or not slot.flags.c_contiguous:
@@ -207,9 +214,23 @@ class PageFlow:
             pages, self._sources.ctypes.data, page_bytes,
             None if self._want is None else self._want.ctypes.data, int(populate),
             int(streaming_stores), rows, len(slots), self._slots.ctypes.data, unit_pages,
-            *functions, self.status.ctypes.data)
+            *functions, self.status.ctypes.data, pages if published is None else published)
         if not self._flow:
             raise MemoryError("no memory for a page flow")
+
+    @property
+    def sources(self) -> np.ndarray:
+        """The page addresses the threads read: set a page's here, then ``publish`` it."""
+        return self._sources
+
+    def publish(self, upto: int) -> None:
+        """Pages below ``upto`` have their addresses in ``sources`` (0: not in the store, not
+        read, status ``NOT_READ``)."""
+        self._lib.pf_flow_publish(self._flow, upto)
+
+    def done(self, chunk: int) -> bool:
+        """Whether every page of ``chunk`` is copied, without waiting."""
+        return bool(self._lib.pf_flow_chunk_done(self._flow, chunk))
 
     def work(self) -> None:
         self._lib.pf_flow_work(self._flow)

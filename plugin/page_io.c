@@ -208,6 +208,11 @@ int64_t pf_copy_pages(int64_t n, const uint8_t *const *srcs, uint8_t *const *des
  * read the chunk that held it before). The caller waits for each chunk in turn
  * (pf_flow_wait_chunk) and hands it to the device. Pages are copied and checked as
  * pf_copy_pages does; status[p] says whether page p matched.
+ *
+ * The caller may start the threads before it knows every page's address: a unit waits until
+ * its pages are published (pf_flow_publish), so the caller's lookups of later pages overlap
+ * the copies of earlier ones. A page whose address is 0 (not in the store) is not read: its
+ * status is PF_NOT_READ.
  */
 typedef struct {
     pthread_mutex_t lock;
@@ -226,6 +231,7 @@ typedef struct {
     uint8_t *status;
     int64_t next_unit;   /* the next unit a thread takes */
     int64_t allowed;     /* chunks below this may be filled */
+    int64_t published;   /* pages below this have their addresses in srcs */
     int64_t *left;       /* units of each chunk not done yet */
     int cancelled;       /* 1: stop taking units; 2: a hash state could not be allocated */
 } pf_flow;
@@ -234,9 +240,12 @@ pf_flow *pf_flow_new(int64_t pages, const uint8_t *const *srcs, uint64_t page_by
                      const uint8_t *expected, int populate, int stream, int64_t chunk_pages,
                      int64_t slots, uint8_t *const *slot_bases, int64_t unit_pages,
                      pf_state_new state_new, pf_state_free state_free, pf_state_reset reset,
-                     pf_state_update update, pf_state_digest digest, uint8_t *status) {
+                     pf_state_update update, pf_state_digest digest, uint8_t *status,
+                     int64_t published) {
     if (pages < 0 || chunk_pages < 1 || slots < 1 || unit_pages < 1)
         return NULL;
+    if (published < 0 || published > pages)
+        published = pages;
     pf_flow *f = malloc(sizeof(pf_flow));
     if (!f)
         return NULL;
@@ -249,7 +258,8 @@ pf_flow *pf_flow_new(int64_t pages, const uint8_t *const *srcs, uint64_t page_by
                    .srcs = srcs, .slot_bases = slot_bases, .expected = expected,
                    .populate = populate, .stream = stream, .state_new = state_new,
                    .state_free = state_free, .reset = reset, .update = update,
-                   .digest = digest, .status = status, .allowed = slots};
+                   .digest = digest, .status = status, .allowed = slots,
+                   .published = published};
     f->units = f->chunks * f->units_per_chunk;
     f->left = calloc((size_t)(f->chunks ? f->chunks : 1), sizeof(int64_t));
     if (!f->left) {
@@ -274,6 +284,10 @@ static void pf_flow_unit(pf_flow *f, void *state, int *populate, uintptr_t os_pa
     for (int64_t p = lo; p < hi; p++) {
         const uint8_t *src = f->srcs[p];
         uint8_t *dest = base + (uint64_t)(p - chunk * f->chunk_pages) * f->page_bytes;
+        if (!src) {
+            f->status[p] = PF_NOT_READ; /* not in the store: the caller fails its block */
+            continue;
+        }
         if (*populate)
             *populate = pf_populate(src, f->page_bytes, os_page);
         f->status[p] = pf_copy_page(src, dest, f->page_bytes, f->stream, state, f->reset,
@@ -317,7 +331,7 @@ void pf_flow_work(pf_flow *f) {
             hi = end;
         if (lo >= hi)
             continue; /* past the end of a short last chunk */
-        while (!f->cancelled && chunk >= f->allowed)
+        while (!f->cancelled && (chunk >= f->allowed || hi > f->published))
             pthread_cond_wait(&f->changed, &f->lock);
         if (f->cancelled)
             break;
@@ -343,6 +357,26 @@ int pf_flow_wait_chunk(pf_flow *f, int64_t c) {
         result = f->cancelled == 2 ? -2 : -1;
     pthread_mutex_unlock(&f->lock);
     return result;
+}
+
+/* Pages below upto have their addresses in srcs. */
+void pf_flow_publish(pf_flow *f, int64_t upto) {
+    pthread_mutex_lock(&f->lock);
+    if (upto > f->pages)
+        upto = f->pages;
+    if (upto > f->published) {
+        f->published = upto;
+        pthread_cond_broadcast(&f->changed);
+    }
+    pthread_mutex_unlock(&f->lock);
+}
+
+/* 1 if every unit of chunk c is done, without waiting. */
+int pf_flow_chunk_done(pf_flow *f, int64_t c) {
+    pthread_mutex_lock(&f->lock);
+    int done = f->left[c] == 0;
+    pthread_mutex_unlock(&f->lock);
+    return done;
 }
 
 /* Chunks below c + 1 may be filled (their slots are free). */

@@ -64,6 +64,7 @@ from .api_models import (
 from .chat_render import render_chat
 from .connector_config import store_path_from_config
 from .control import Control
+from .general import share_vllm_log_handlers
 from .repair import repair_snapshot
 from .session_header import SessionHeader
 
@@ -466,6 +467,9 @@ class ProcessForkEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        # vLLM configures its logging after the API server loads the general plugins: our
+        # records reach the server log only if they share its handlers, which exist by now.
+        share_vllm_log_handlers()
         app.include_router(build_router())
         # X-Processfork-Session on /v1/completions and /v1/chat/completions (session_header.py).
         app.add_middleware(SessionHeader)

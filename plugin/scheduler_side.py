@@ -42,6 +42,7 @@ from .session_groups import (
     start_groups,
 )
 from .sessions import DEFAULT_PREFIX, SessionCommitter, SessionState, TurnSpec, session_ref
+from .trace import mark
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -201,9 +202,11 @@ class SchedulerSide:
             return self._loading(self._restore(request, num_computed_tokens))
         if not isinstance(op, CheckoutOp):
             return 0, False
-        state = self._checkouts.setdefault(
-            request.request_id, _CheckoutState(job=op.job, cid=op.cid, seq=op.seq)
-        )
+        state = self._checkouts.get(request.request_id)
+        if state is None:
+            mark("sched.match", op.job)
+            state = self._checkouts[request.request_id] = _CheckoutState(
+                job=op.job, cid=op.cid, seq=op.seq)
         # Load whole blocks only, and leave at least one prompt token to compute:
         # the split point is then the one vLLM's own prefix cache would use, so the
         # continuation is bit-identical to a warm prefix-cache hit.
@@ -409,6 +412,7 @@ class SchedulerSide:
             return
         block_ids = blocks.get_block_ids()[0]
         state.loading = set(block_ids[first : first + count])
+        mark("sched.alloc", state.job, blocks=count)
         self._pending_loads.append(
             LoadJob(
                 job=state.job,

@@ -298,6 +298,10 @@ class StagedPagePath:
         outcome = None
         if self.tier is not None:
             outcome = self._load_through_tier(store, block_ids, digests, jobs)
+        if outcome is None and self._flows_in_c:
+            outcome = store.with_page_lookup(
+                lambda lookup, base, path: self._load_looked_up(block_ids, lookup, digests, jobs),
+            )
         if outcome is None:
             outcome = store.with_page_locations(
                 list(digests),
@@ -332,24 +336,27 @@ class StagedPagePath:
                 return None
         return fd
 
-    def _load_views(
-        self, block_ids: Sequence[int], views: list[memoryview], digests: Sequence[bytes],
-        jobs: Sequence[str], source: PageFile,
-    ) -> LoadOutcome:
-        for view in views:
-            if len(view) != self.page_bytes:
-                raise ValueError(f"stored page of {len(view)} bytes, expected {self.page_bytes}")
-        outcome = LoadOutcome()
+    @property
+    def reports_missing_pages(self) -> bool:
+        """Whether a load fails just the blocks of pages the store lacks (``LoadOutcome``),
+        so its caller need not look for them first: loads through the flow in C look every
+        page up themselves. Other loads fail whole when a page is missing."""
+        return self.tier is None and self._flows_in_c
+
+    @property
+    def _flows_in_c(self) -> bool:
+        """Whether loads copy out of the store's map with the whole flow in C."""
+        return self.from_map and self.native is not None and (
+            not self.verify or self.native.copies_from_map)
+
+    def _handlers(self, block_ids: Sequence[int]
+                  ) -> tuple[Callable[[int], None], Callable[[int], None]]:
+        """``hand(c)``: chunk ``c``, complete in its slot, toward its blocks; ``free(c)``:
+        wait until chunk ``c``'s slot has been read by the device, so ``c`` may fill it."""
         if self._stream is not None:
             # Blocks just handed to this request may still be read by the engine's previous
             # step: the side stream starts after everything queued so far.
             self._stream.wait_stream(torch.cuda.current_stream(self.codec.device))
-        # Chunks flow through the slots: the copy threads take the units of every chunk in
-        # order, each slot filled again as soon as the device has read its previous chunk, and
-        # each completed chunk is handed to the device in order. Copies out of the store's map
-        # run the whole flow in C (``NativePages.flow``: the threads never take the GIL while
-        # the load runs, and this thread hands the chunks on); other readers run it in Python
-        # (``chunk_flow.py``: whoever completes a chunk hands it on).
         nslots = len(self._slots)
         chunk_blocks = self.chunk_blocks
         chunks = -(-len(block_ids) // chunk_blocks)
@@ -368,11 +375,16 @@ class StagedPagePath:
             if ends_batch:
                 batch.clear()
 
-        if source.from_map and self.native is not None and (
-                not self.verify or self.native.copies_from_map):
-            wrong = self._flow_in_c(views, digests, hand, free)
-        else:
-            wrong = self._flow_in_python(views, digests, source, hand, free)
+        return hand, free
+
+    def _outcome(self, block_ids: Sequence[int], digests: Sequence[bytes], jobs: Sequence[str],
+                 wrong: Iterable[int], missing: Iterable[int] = ()) -> LoadOutcome:
+        """The blocks of the pages that did not match or are not in the store, after the
+        device work is ordered before the engine's next."""
+        outcome = LoadOutcome()
+        for page in missing:
+            outcome.fail(block_ids[page // 2], jobs[page // 2],
+                         f"MissingObject: page {digests[page].hex()} is not in the store")
         for i in sorted({page // 2 for page in wrong}):
             outcome.fail(block_ids[i], jobs[i],
                          f"CorruptPage: page {digests[2 * i].hex()} or "
@@ -381,6 +393,93 @@ class StagedPagePath:
         if self._stream is not None:
             torch.cuda.current_stream(self.codec.device).wait_stream(self._stream)
         return outcome
+
+    def _load_views(
+        self, block_ids: Sequence[int], views: list[memoryview], digests: Sequence[bytes],
+        jobs: Sequence[str], source: PageFile,
+    ) -> LoadOutcome:
+        for view in views:
+            if len(view) != self.page_bytes:
+                raise ValueError(f"stored page of {len(view)} bytes, expected {self.page_bytes}")
+        # Chunks flow through the slots: the copy threads take the units of every chunk in
+        # order, each slot filled again as soon as the device has read its previous chunk, and
+        # each completed chunk is handed to the device in order. Copies out of the store's map
+        # run the whole flow in C (``NativePages.flow``: the threads never take the GIL while
+        # the load runs, and this thread hands the chunks on); other readers run it in Python
+        # (``chunk_flow.py``: whoever completes a chunk hands it on).
+        hand, free = self._handlers(block_ids)
+        if source.from_map and self._flows_in_c:
+            wrong = self._flow_in_c(views, digests, hand, free)
+        else:
+            wrong = self._flow_in_python(views, digests, source, hand, free)
+        return self._outcome(block_ids, digests, jobs, wrong)
+
+    def _load_looked_up(
+        self, block_ids: Sequence[int], lookup: Callable[[Sequence[bytes]], list[Any]],
+        digests: Sequence[bytes], jobs: Sequence[str],
+    ) -> LoadOutcome:
+        """The load with the whole flow in C, its pages looked up a chunk at a time: the copy
+        threads start on the first chunk's pages while this thread looks up the rest (at 128K
+        tokens, 16,384 lookups are tens of milliseconds that used to come before the first
+        copy). A page the store lacks fails its block, as a corrupt one does."""
+        assert self.native is not None
+        hand, free = self._handlers(block_ids)
+        nslots = len(self._slots)
+        per_chunk = 2 * self.chunk_blocks
+        unit_pages = max(2, UNIT_BYTES // self.page_bytes // 2 * 2)
+        flow = self.native.flow(np.zeros(len(digests), dtype=np.uint64),
+                                [slot.rows for slot in self._slots],
+                                digests if self.verify else None, unit_pages=unit_pages,
+                                streaming_stores=self.streaming_stores, published=0)
+        sources, missing = flow.sources, []
+        views: list[Any] = []  # the map's pages the threads read, held until the flow ends
+        runners: list[Future[None]] = []
+        handed = 0
+
+        def hand_on(c: int) -> None:
+            hand(c)
+            if c + nslots < flow.chunks:
+                free(c + nslots)
+                flow.release(c + nslots)
+
+        try:
+            for c in range(flow.chunks):
+                lo, hi = c * per_chunk, min(len(digests), (c + 1) * per_chunk)
+                found = lookup(digests[lo:hi])
+                present = [v for v in found if v is not None]
+                for view in present:
+                    if len(view) != self.page_bytes:
+                        raise ValueError(f"stored page of {len(view)} bytes, expected "
+                                         f"{self.page_bytes}")
+                if len(present) == len(found):
+                    sources[lo:hi] = view_addresses(found)
+                else:
+                    places = [lo + i for i, v in enumerate(found) if v is not None]
+                    missing += [lo + i for i, v in enumerate(found) if v is None]
+                    if present:
+                        sources[places] = view_addresses(present)
+                views += present
+                flow.publish(hi)
+                if not runners:
+                    units = -(-len(digests) // unit_pages)
+                    runners = [self._pool.submit(flow.work)
+                               for _ in range(min(self.threads, units))]
+                while handed <= c and flow.done(handed):  # hand on what is copied meanwhile
+                    hand_on(handed)
+                    handed += 1
+            for c in range(handed, flow.chunks):
+                flow.wait(c)
+                hand_on(c)
+        except BaseException:
+            flow.cancel()
+            raise
+        finally:
+            # The threads read the store's buffers, which end with the read transaction.
+            for runner in runners:
+                runner.exception()
+            wrong = flow.mismatched()
+            flow.close()
+        return self._outcome(block_ids, digests, jobs, wrong, missing)
 
     def _flow_in_c(self, views: list[memoryview], digests: Sequence[bytes],
                    hand: Callable[[int], None], free: Callable[[int], None]) -> list[int]:

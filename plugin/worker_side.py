@@ -60,6 +60,8 @@ from .prefix_lookup import is_restore_job
 from .staged_pages import MiB, StagedPagePath, staging_options
 from .state_pages import StateMask, StateViews, state_layer_tensors, state_mask
 from .tp_ranks import RankHeads, rank_job_meta_key
+from .trace import ENABLED as TRACING
+from .trace import mark
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -146,6 +148,7 @@ class WorkerSide:
         self._stats: dict[str, _JobStats] = {}
         self._load_errors: set[int] = set()
         self._finished_loads: set[str] = set()  # requests of this step's asynchronous loads
+        self._traced: dict[str, str] = {}  # PROCESSFORK_TRACE: request id -> its load's job
         self._loader: PipelinedLoader | None = None
         self._views: BlockViews | None = None
         self._page_buf: np.ndarray | None = None
@@ -301,6 +304,9 @@ class WorkerSide:
         items: list[LoadItem] = []
         self._finished_loads.update(job.req_id for job in plan.loads if job.async_load)
         for job in plan.loads:
+            if TRACING:
+                mark("worker.begin", job.job)
+                self._traced[job.req_id] = job.job
             try:
                 items += self._load_items(job)
             except Exception as exc:  # noqa: BLE001 - reported, never raised: vLLM recomputes
@@ -309,12 +315,16 @@ class WorkerSide:
                 self._fail_load(job.job, JobError.of(exc))
         if not items:
             return
+        for job in plan.loads if TRACING else ():
+            mark("worker.setup", job.job)
         if self._loader is not None:
             self._ticket = self._loader.submit(items)
         elif self._staged is not None:
             self._load_staged(items)
         else:
             self._load_direct(items)
+        for job in plan.loads if TRACING else ():
+            mark("worker.host", job.job)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         ticket = self._ticket
@@ -359,7 +369,10 @@ class WorkerSide:
         ]
         # A missing page fails its own block, not the whole step's transfer (which fails at
         # the first missing page): vLLM recomputes from the first block reported, and the
-        # other requests of the step keep their loads.
+        # other requests of the step keep their loads. The staged path's flow in C finds
+        # missing pages as it looks each page up (one lookup each, not two, before the copy).
+        if self._staged is not None and self._staged.reports_missing_pages:
+            return items
         present = self.store.has_pages([d for item in items for d in (item.k_digest, item.v_digest)])
         missing = [i for i in range(n) if not (present[2 * i] and present[2 * i + 1])]
         if missing:
@@ -485,6 +498,8 @@ class WorkerSide:
             return set()
         self._finish_loads()
         done, self._finished_loads = self._finished_loads, set()
+        for req_id in done if TRACING else ():
+            mark("worker.reported", self._traced.pop(req_id, req_id))
         return done
 
     def take_load_errors(self) -> set[int]:

@@ -326,6 +326,25 @@ class Store:
 
         return self._read(run, buffers=True)
 
+    def with_page_lookup(
+        self,
+        fn: Callable[[Callable[[Sequence[bytes]], list[memoryview | None]], int | None, str], T],
+    ) -> T:
+        """Like `with_page_locations`, for a caller that looks pages up a batch at a time while
+        it works on those found already (a load copies the first pages while it looks up the
+        rest): `fn(lookup, map_base, data_file)`, where `lookup(digests)` gives each page's
+        zero-copy view, or None where the store lacks it. The views are valid until fn returns.
+        """
+        data_file = os.path.join(self.path, "data.mdb")
+
+        def run(txn: lmdb.Transaction) -> T:
+            def lookup(digests: Sequence[bytes]) -> list[memoryview | None]:
+                return _objects.page_views_found(txn, self.dbs, [bytes(d) for d in digests])
+
+            return fn(lookup, self.env.data_map_base(), data_file)
+
+        return self._read(run, buffers=True)
+
     def _get_verified(self, db: str, kind: str, key: bytes, verify: bool) -> bytes:
         data = self._read(lambda txn: txn.get(key, db=self.dbs[db]))
         if data is None:

@@ -176,6 +176,14 @@ def pages_size(txn: lmdb.Transaction, dbs: dict[str, Any], keys: Iterable[bytes]
     return total
 
 
+def page_views_found(txn: lmdb.Transaction, dbs: dict[str, Any],
+                     keys: Sequence[bytes]) -> list[Any]:
+    """Zero-copy views of pages (a transaction opened with buffers=True); None for each absent
+    one."""
+    get = txn.cursor(db=dbs["pages"]).get
+    return [get(key) for key in keys]
+
+
 def page_views(txn: lmdb.Transaction, dbs: dict[str, Any], keys: Sequence[bytes]) -> list[Any]:
     """Zero-copy views of pages (a transaction opened with buffers=True); MissingObject if any
     is absent."""

@@ -193,6 +193,36 @@ def test_verify_catches_a_page_whose_bytes_do_not_match_its_digest(tmp_path, rea
             assert torch.equal(layer_src[b_src], layer_dst[b_dst])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_page_the_store_lacks_fails_its_block_only_while_later_chunks_load(tmp_path, device):
+    """Copies out of the map look their pages up a chunk at a time while the threads copy
+    the chunks found before; a page missing from a later chunk (one that reuses a slot) fails
+    its own block, and every other block, before and after it, loads byte for byte."""
+    src = _layers(device)
+    blocks = list(range(1, 12))  # 11 blocks in chunks of 2: 6 chunks through 4 slots
+    with Store(tmp_path / "store") as store:
+        path = _path(src, chunk_blocks=2)
+        digests, _ = _save(path, store, blocks)
+        path.close()
+        gone = digests[2 * 9]  # the K page of the 10th block, in chunk 4 (slot 0 again)
+        store.env.write(lambda txn: txn.delete(gone, db=store.dbs["pages"]))
+        dst = _layers(device, zero=True)
+        target = list(range(20, 31))
+        loader = _path(dst, chunk_blocks=2, threads=2, reader="map")
+        assert loader.reports_missing_pages
+        outcome = loader.load(store, target, digests, ["a"] * 5 + ["b"] * 6)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        loader.close()
+    assert outcome.bad_blocks == {29}
+    assert set(outcome.failures) == {"b"} and "MissingObject" in outcome.failures["b"]
+    assert gone.hex() in outcome.failures["b"]
+    for layer_src, layer_dst in zip(src, dst):
+        for b_src, b_dst in zip(blocks, target):
+            if b_dst != 29:
+                assert torch.equal(layer_src[b_src], layer_dst[b_dst])
+
+
 def test_a_failing_commit_is_raised_after_the_writer_stops(tmp_path):
     path = _path(_layers("cpu"), chunk_blocks=2)
     seen = []
