@@ -318,6 +318,13 @@ def tokens_digest(tokens: Any) -> str:
     return xxhash.xxh3_128_hexdigest(np.asarray(tokens, dtype="<i4").tobytes())
 
 
+def token_bytes_digest(data: bytes | memoryview) -> str:
+    """``tokens_digest`` of token ids already encoded as the store keeps them."""
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(data)
+
+
 def job_meta_key(job: str) -> str:
     """Store meta key under which the worker reports a job's outcome."""
     return f"job:{job}"

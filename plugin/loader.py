@@ -25,6 +25,7 @@ import queue
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from processfork.store import Store, page_digest
@@ -37,9 +38,10 @@ logger = init_logger(__name__)
 __all__ = ["LoadItem", "LoadTicket", "PipelinedLoader"]
 
 
-@dataclass(frozen=True)
-class LoadItem:
-    """One block to fill: its engine block id and the digests of its K and V pages."""
+class LoadItem(NamedTuple):
+    """One block to fill: its engine block id and the digests of its K and V pages. A tuple:
+    a 128K-token checkout makes 8,192 of them in the worker before its first copy, and a
+    frozen dataclass took about 1 µs each to build."""
 
     block_id: int
     k_digest: bytes

@@ -391,11 +391,16 @@ class Store:
 
     def get_tokens(self, ref: TokenRef | str) -> list[int]:
         import numpy as np  # lazily: numpy costs `pf` a tenth of a second to start
+        return np.frombuffer(self.get_token_bytes(ref), dtype="<i4").tolist()
+
+    def get_token_bytes(self, ref: TokenRef | str) -> bytes:
+        """The token ids as stored (int32 little-endian), for a caller that hashes or slices
+        them: a 128K-token list costs milliseconds to build and again to encode."""
         digest_hex = ref.digest if isinstance(ref, TokenRef) else str(ref)
         data = self.get_blob(bytes.fromhex(digest_hex))
         if len(data) % 4:
             raise MalformedObject(digest_hex, f"{len(data)} bytes of token ids, not a multiple of 4")
-        return np.frombuffer(data, dtype="<i4").tolist()
+        return data
 
     # -- pins --------------------------------------------------------------------------------
     def pin_extend(self, pin: str, digests: Sequence[bytes]) -> None:
