@@ -134,6 +134,8 @@ class Server:
 
         self.starts += 1
         t = time.perf_counter()
+        # A log of this name from an earlier run would add its marks to this run's (--trace).
+        (WORK / "logs" / f"{self.name}-{self.starts}.log").unlink(missing_ok=True)
         self.process = launch_server(
             self.setup.model, store=self.store,
             extra_args=["--served-model-name", "bench", *self.setup.args, *self.extra],
@@ -162,14 +164,17 @@ class Server:
         printed and written to ``trace-KEY.json`` beside the results."""
         if not self.setup.trace or self.process is None:
             return
-        from trace_phases import parse, phases, print_table
+        from trace_phases import KINDS, parse, phases, print_table
 
-        found = phases(parse(Path(self.process.log_path).read_text(errors="replace")))
-        if found:
-            print_table(found, f"Checkout phases, {key} (median ms)")
-            OUT.mkdir(parents=True, exist_ok=True)
-            (OUT / f"trace-{key}.json").write_text(
-                json.dumps({str(n): v for n, v in sorted(found.items())}, indent=2) + "\n")
+        jobs = parse(Path(self.process.log_path).read_text(errors="replace"))
+        found = {kind: phases(jobs, kind) for kind in KINDS}
+        for kind, by_length in found.items():
+            if by_length:
+                print_table(by_length, kind, f"{kind.capitalize()} phases, {key} (median ms)")
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"trace-{key}.json").write_text(json.dumps(
+            {kind: {str(n): v[n] for n in sorted(v)} for kind, v in found.items()}, indent=2)
+            + "\n")
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         assert self.client is not None
@@ -317,6 +322,7 @@ def part_ours(setup: Setup) -> None:
                 f" snapshot {t * 1e3:.0f} ms (warm store, {r['snapshot_warm_store_reused']} of "
                 f"{snap['num_pages']} blocks named from memory) / {r['snapshot'] * 1e3:.0f} ms")
             res[n] = r
+        srv.report_trace("snapshots")
         srv.restart()  # a fresh engine: the GPU cache is empty; the store is in the page cache
         if setup.tier_gib:
             log("ours:", _page_path_line(srv, "host tier"))

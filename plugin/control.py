@@ -193,7 +193,7 @@ class Control:
 
     # --- snapshot -----------------------------------------------------------------
     async def snapshot(self, body: SnapshotBody) -> SnapshotResponse:
-        t0 = time.perf_counter()
+        t0, began = time.perf_counter(), time.time()
         record = await self.engine_record()
         ranks = Ranks.of(record)
         seqs = await self._sequences_for(body)
@@ -217,6 +217,8 @@ class Control:
                     toks = await self._run(self.store.get_tokens, seq.tokens)
                     parent_seqs.append((list(toks), list(seq.pages)))
         jobs = [uuid.uuid4().hex for _ in seqs]
+        for job, tokens in zip(jobs, seqs):
+            mark("snap.begin", job, began, tokens=len(tokens))
         # Each group's pages are saved under a job of its own; group 0's is the sequence's job.
         group_jobs = [group_job(j, g) for j in jobs
                       for g in range(len(layout.groups) if layout is not None else 1)]
@@ -232,6 +234,8 @@ class Control:
                   for job, t in zip(jobs, seqs))
             )
             refs = await token_refs
+            for job in jobs:
+                mark("snap.commit", job)
             sequences = [SnapshotSequence(tokens=r, pages=o.pages, groups=o.groups,
                                           heads=ranks.heads)
                          for r, o in zip(refs, outcomes)]
@@ -260,6 +264,8 @@ class Control:
             await asyncio.gather(token_refs, return_exceptions=True)
             await self._run(self._forget_jobs, jobs, group_jobs, ranks)
             raise
+        for job in jobs:
+            mark("snap.end", job)
         return SnapshotResponse(
             cid=cid,
             name=body.name,
@@ -314,6 +320,7 @@ class Control:
         if layout is None and len(tokens) % bs == 0 and len(tokens) + 1 < self.max_model_len:
             prompt = [*tokens, tokens[-1]]
         request_id = f"pf-snapshot-{uuid.uuid4().hex[:12]}"
+        mark("snap.submit", job)
         run = asyncio.ensure_future(self._generate_one(
             prompt,
             SnapshotOp(job, skip_blocks=len(reuse) // per, num_tokens=len(tokens)),
@@ -325,10 +332,12 @@ class Control:
             # record settles last; reading the others before it could miss theirs.
             watched = job if layout is None else group_job(job, len(layout.groups) - 1)
             await self._end_when_saved(watched, run, request_id, ranks)
+            mark("snap.saved", job)
         except BaseException:
             run.cancel()
             raise
         await run
+        mark("snap.ended", job)
         if layout is not None:
             return await self._group_outcome(job, tokens, layout, ranks)
         record = await self._saved(job, ranks)

@@ -184,6 +184,7 @@ class SchedulerSide:
                 # the first ``num_tokens`` prompt tokens are the sequence.
                 num = min(op.num_tokens or request.num_prompt_tokens, request.num_prompt_tokens)
                 state = _SnapshotState(job=op.job, num_prompt=num, next_block=op.skip_blocks)
+                mark("sched.snapshot", op.job)
                 if self.grouped:
                     state.group_ids = []
                     state.group_next = [first for first, _ in

@@ -537,7 +537,11 @@ class WorkerSide:
                 if job.background:
                     self._save_background(job)
                 else:
+                    if TRACING:
+                        mark("worker.save", job.job, blocks=len(job.block_ids))
                     self._save(job)
+                    if TRACING:
+                        mark("worker.saved", job.job)
             except Exception as exc:  # noqa: BLE001 - reported to the API server via the store
                 logger.warning("processfork: save for %s failed: %s", job.req_id, exc)
                 self._fail_save(job, exc)
