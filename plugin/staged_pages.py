@@ -404,14 +404,10 @@ class StagedPagePath:
         # Chunks flow through the slots: the copy threads take the units of every chunk in
         # order, each slot filled again as soon as the device has read its previous chunk, and
         # each completed chunk is handed to the device in order. Copies out of the store's map
-        # run the whole flow in C (``NativePages.flow``: the threads never take the GIL while
-        # the load runs, and this thread hands the chunks on); other readers run it in Python
+        # run the whole flow in C (``_load_looked_up``); the other readers run it in Python
         # (``chunk_flow.py``: whoever completes a chunk hands it on).
         hand, free = self._handlers(block_ids)
-        if source.from_map and self._flows_in_c:
-            wrong = self._flow_in_c(views, digests, hand, free)
-        else:
-            wrong = self._flow_in_python(views, digests, source, hand, free)
+        wrong = self._flow_in_python(views, digests, source, hand, free)
         return self._outcome(block_ids, digests, jobs, wrong)
 
     def _load_looked_up(
@@ -480,37 +476,6 @@ class StagedPagePath:
             wrong = flow.mismatched()
             flow.close()
         return self._outcome(block_ids, digests, jobs, wrong, missing)
-
-    def _flow_in_c(self, views: list[memoryview], digests: Sequence[bytes],
-                   hand: Callable[[int], None], free: Callable[[int], None]) -> list[int]:
-        """The load's pages copied out of the map by threads that stay in C for the whole load,
-        each chunk handed on by this thread once it is complete: the pages that did not match."""
-        assert self.native is not None
-        nslots = len(self._slots)
-        unit_pages = max(2, UNIT_BYTES // self.page_bytes // 2 * 2)
-        flow = self.native.flow(view_addresses(views),
-                                [slot.rows for slot in self._slots],
-                                digests if self.verify else None, unit_pages=unit_pages,
-                                streaming_stores=self.streaming_stores)
-        units = -(-len(views) // unit_pages)
-        runners = [self._pool.submit(flow.work) for _ in range(min(self.threads, units))]
-        try:
-            for c in range(flow.chunks):
-                flow.wait(c)
-                hand(c)
-                if c + nslots < flow.chunks:
-                    free(c + nslots)
-                    flow.release(c + nslots)
-        except BaseException:
-            flow.cancel()
-            raise
-        finally:
-            # The threads read the store's buffers, which end with the read transaction.
-            for runner in runners:
-                runner.exception()
-            wrong = flow.mismatched()
-            flow.close()
-        return wrong
 
     def _flow_in_python(self, views: list[memoryview], digests: Sequence[bytes],
                         source: PageFile, hand: Callable[[int], None],
