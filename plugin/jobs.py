@@ -313,9 +313,8 @@ class EngineRecord:
 def tokens_digest(tokens: Any) -> str:
     """xxh3-128 of token ids as int32 little-endian (the store's token blob encoding)."""
     import numpy as np
-    import xxhash
 
-    return xxhash.xxh3_128_hexdigest(np.asarray(tokens, dtype="<i4").tobytes())
+    return token_bytes_digest(np.asarray(tokens, dtype="<i4").tobytes())
 
 
 def token_bytes_digest(data: bytes | memoryview) -> str:

@@ -333,8 +333,8 @@ class WorkerSide:
         items = _LoadBatch()
         self._finished_loads.update(job.req_id for job in plan.loads if job.async_load)
         for job in plan.loads:
-            if TRACING:
-                mark("worker.begin", job.job)
+            mark("worker.begin", job.job)
+            if TRACING and job.async_load:  # reported finished later, by request id
                 self._traced[job.req_id] = job.job
             try:
                 items.extend(self._load_items(job))
@@ -537,11 +537,9 @@ class WorkerSide:
                 if job.background:
                     self._save_background(job)
                 else:
-                    if TRACING:
-                        mark("worker.save", job.job, blocks=len(job.block_ids))
+                    mark("worker.save", job.job, blocks=len(job.block_ids))
                     self._save(job)
-                    if TRACING:
-                        mark("worker.saved", job.job)
+                    mark("worker.saved", job.job)
             except Exception as exc:  # noqa: BLE001 - reported to the API server via the store
                 logger.warning("processfork: save for %s failed: %s", job.req_id, exc)
                 self._fail_save(job, exc)

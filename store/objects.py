@@ -187,13 +187,10 @@ def page_views_found(txn: lmdb.Transaction, dbs: dict[str, Any],
 def page_views(txn: lmdb.Transaction, dbs: dict[str, Any], keys: Sequence[bytes]) -> list[Any]:
     """Zero-copy views of pages (a transaction opened with buffers=True); MissingObject if any
     is absent."""
-    get = txn.cursor(db=dbs["pages"]).get
-    views = []
-    for key in keys:
-        view = get(key)
+    views = page_views_found(txn, dbs, keys)
+    for key, view in zip(keys, views):
         if view is None:
             raise MissingObject("page", key.hex())
-        views.append(view)
     return views
 
 
