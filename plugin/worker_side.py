@@ -92,8 +92,9 @@ class _JobStats:
         new, per_block = result.new, 2 * heads
         self.digests += result.digests
         self.blocks += blocks
-        self.new_blocks += sum(1 for i in range(0, len(new), per_block)
-                               if any(new[i : i + per_block]))
+        if any(new):  # a warm save finds every page: nothing to count block by block
+            self.new_blocks += sum(1 for i in range(0, len(new), per_block)
+                                   if any(new[i : i + per_block]))
         self.bytes_written += result.bytes_written
 
     def record(self) -> JobRecord:

@@ -148,12 +148,11 @@ class Store:
         A page given as None must be in the store already (the caller checked, and let go of
         its bytes): it is pinned and journaled like the others, or MissingObject if it went.
         """
-        checked = []
-        for digest, page in items:
-            digest = bytes(digest)
-            if len(digest) != 16:
-                raise InvalidDigest(digest.hex())
-            checked.append((digest, None if page is None else as_buffer(page)))
+        digests = [bytes(digest) for digest, _ in items]
+        if any(len(digest) != 16 for digest in digests):
+            raise InvalidDigest(next(d for d in digests if len(d) != 16).hex())
+        checked = [(digest, None if page is None else as_buffer(page))
+                   for digest, (_, page) in zip(digests, items)]
         return self._put_hashed(checked, pin, meta)
 
     def put_page_groups(

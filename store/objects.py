@@ -125,14 +125,13 @@ def put_pages(
     An item whose page is None names a page the caller saw in the store already (it released
     the bytes): it must still be there, checked in this transaction, or MissingObject.
     """
-    pages, journal = dbs["pages"], dbs["journal"]
-    put = txn.put
-    stamp_value = _U64.pack(t_us)
+    pages = dbs["pages"]
+    put, present = txn.put, txn.cursor(db=pages).set_key
     new: list[bool] = []
     written = 0
     for digest, buf in items:
         if buf is None:
-            if txn.get(digest, db=pages) is None:
+            if not present(digest):
                 raise MissingObject("page", digest.hex())
             new.append(False)
         elif put(digest, buf, overwrite=False, db=pages):
@@ -140,7 +139,10 @@ def put_pages(
             written += buf.nbytes
         else:
             new.append(False)
-        put(JOURNAL_PAGE + digest, stamp_value, db=journal)
+    # One call stamps them all: a put per page cost a warm snapshot of 4,096 pages about as
+    # much as finding them.
+    stamp_value = _U64.pack(t_us)
+    txn.cursor(db=dbs["journal"]).putmulti([(JOURNAL_PAGE + d, stamp_value) for d, _ in items])
     return new, written
 
 
@@ -238,21 +240,18 @@ def pin_extend(
     key = name.encode("utf-8")
     raw = txn.get(key, db=dbs["pins"])
     if raw is None:
-        created, owner, old, seen = t_us, current_owner(), b"", set()
+        created, owner, old = t_us, current_owner(), []
     else:
         info = decode_pin(name, raw)
         created, owner = round(info.created * 1e6), info.owner
-        old = b"".join(info.digests)
-        seen = set(info.digests)
-    body = bytearray(old)
-    for d in digests:
-        d = bytes(d)
-        if len(d) != DIGEST_SIZE:
-            raise InvalidDigest(d.hex())
-        if d not in seen:
-            seen.add(d)
-            body += d
-    txn.put(key, _encode_pin(created, t_us, owner, bytes(body)), db=dbs["pins"])
+        old = info.digests
+    added = [bytes(d) for d in digests]
+    if any(len(d) != DIGEST_SIZE for d in added):
+        raise InvalidDigest(next(d for d in added if len(d) != DIGEST_SIZE).hex())
+    # dict.fromkeys keeps the first of each digest, in order, in one call: a warm snapshot
+    # pins thousands of pages it found, many of them (empty blocks) the same.
+    body = b"".join(dict.fromkeys([*old, *added]))
+    txn.put(key, _encode_pin(created, t_us, owner, body), db=dbs["pins"])
 
 
 def drop_pin(txn: lmdb.Transaction, dbs: dict[str, Any], name: str) -> bool:

@@ -94,6 +94,13 @@ def block_chain(root: bytes, tokens: Any, block_size: int, start: bytes | None =
     end = whole if count is None else min(whole, first + count)
     prev = root if start is None else start
     out = []
+    if hasattr(tokens, "tobytes"):  # a stored token array: converted once, cut per block
+        raw = tokens[first * block_size : end * block_size].astype("<i4", copy=False).tobytes()
+        step = 4 * block_size
+        for at in range(0, len(raw), step):
+            prev = xxhash.xxh3_128_digest(prev + raw[at : at + step])
+            out.append(prev)
+        return out
     for i in range(first, end):
         prev = xxhash.xxh3_128_digest(prev + block_bytes(tokens, i, block_size))
         out.append(prev)
@@ -220,9 +227,11 @@ def index_snapshot(
         toks = _tokens(txn, dbs, seq.tokens.digest)
         skip = max((_common_blocks(toks, p, block_size) for p in parent_seqs), default=0)
         chain = block_chain(root, toks, block_size)
-        for i in range(skip, len(chain)):
-            txn.put(_BLOCK + chain[i] + cid_key(cid), _ENTRY.pack(s, i), db=db)
-            written.append(chain[i])
+        key = cid_key(cid)
+        txn.cursor(db=db).putmulti(
+            [(_BLOCK + chain[i] + key, _ENTRY.pack(s, i)) for i in range(skip, len(chain))]
+        )
+        written += chain[skip:]
     txn.put(owner_key, root + b"".join(written), db=db)
     return len(written)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from processfork.store.remote.errors import RemoteError, RemoteUnreachable
+from processfork.store.remote.pack import PackBody
 from processfork.store.remote.url import RemoteUrl
 
 __all__ = ["ConditionFailed", "ListedObject", "ObjectStore", "ObjectStream", "Stored"]
@@ -127,7 +128,7 @@ class ObjectStore:
 
     # -- writes --------------------------------------------------------------------------------
     def put(
-        self, path: str, data: bytes, *, if_match: str | None = None, if_absent: bool = False
+        self, path: str, data: bytes | PackBody, *, if_match: str | None = None, if_absent: bool = False
     ) -> str:
         """Write `path`; returns the new ETag. `if_match`: only over that ETag; `if_absent`: only
         where nothing exists. A lost condition raises ConditionFailed."""

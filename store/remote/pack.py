@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from processfork.store.digest import canonical_json, cid_of, page_digest
 
-__all__ = ["KIND_BLOB", "KIND_PAGE", "KIND_SNAPSHOT", "PackEntry", "PackIndex", "pack_name",
-           "verify"]
+__all__ = ["KIND_BLOB", "KIND_PAGE", "KIND_SNAPSHOT", "PackBody", "PackEntry", "PackIndex",
+           "pack_name", "verify"]
 
 KIND_PAGE = "p"
 KIND_BLOB = "b"
@@ -77,6 +77,54 @@ class PackIndex:
                 raise ValueError(f"entry {key} runs past the pack's end")
             entries.append(PackEntry(kind, key, offset, length))
         return cls(name, size, tuple(entries))
+
+
+class PackBody:
+    """A pack's bytes as the file object an upload reads, without a copy.
+
+    boto3 takes a body as bytes or as a file object; a pack is built in memory bytes cannot
+    wrap, so it goes as a file. `http.client` reads a file body 16 KiB at a time, a Python
+    call and a new bytes object for each; this file hands out views of its buffer of at least
+    `min_read` bytes whatever the size asked, so a 64 MiB pack is sent in a few calls that
+    each let go of the GIL. Seekable, so the client can hash the body and rewind it, and
+    rewind it again for a retry.
+    """
+
+    def __init__(self, buffer: memoryview, *, min_read: int = 8 << 20) -> None:
+        self._view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+        self._min_read = min_read
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def read(self, size: int | None = -1) -> memoryview:
+        """The next `max(size, min_read)` bytes (fewer at the end); all that is left for size < 0."""
+        if size is None or size < 0:
+            end = len(self._view)
+        else:
+            end = min(len(self._view), self._pos + max(size, self._min_read))
+        piece = self._view[self._pos : end]
+        self._pos = end
+        return piece
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._view)}[whence]
+        self._pos = min(max(base + offset, 0), len(self._view))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def getbuffer(self) -> memoryview:
+        """The whole pack (for a test or a local copy), not a copy of it."""
+        return self._view
 
 
 def pack_name(entries: Sequence[PackEntry], size: int) -> str:

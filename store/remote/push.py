@@ -25,6 +25,7 @@ from processfork.store.remote.pack import (
     KIND_BLOB,
     KIND_PAGE,
     KIND_SNAPSHOT,
+    PackBody,
     PackEntry,
     PackIndex,
     kind_name,
@@ -214,17 +215,18 @@ def _pack_ranges(env: Env, objects: list[tuple[str, str]], pack_size: int) -> li
     return env.read(plan, buffers=True)
 
 
-def _build_pack(env: Env, objects: list[tuple[str, str]]) -> tuple[bytearray, PackIndex]:
+def _build_pack(env: Env, objects: list[tuple[str, str]]) -> tuple[PackBody, PackIndex]:
     """One pack of `objects`: each verified where it lies in the store's map (a damaged object
     is never spread) and copied once, straight into the pack's buffer, in one read transaction.
 
-    The copies go through numpy, which lets go of the GIL while it copies: a new buffer's
-    first writes fault its memory in page by page, and under the GIL (a bytearray slice
-    assignment) the packs that the remote's threads build at once were built one at a time.
+    The buffer is a numpy array, not a bytearray: a bytearray zero-fills its 64 MiB under the
+    GIL, so its memory is faulted in page by page, one pack at a time, while the remote's other
+    threads wait to build theirs; numpy leaves it unfilled (and asks the kernel for huge
+    pages), and its copies let go of the GIL, so the packs of a push are built side by side.
     """
     import numpy as np  # lazily: numpy costs `pf` a tenth of a second to start
 
-    def build(txn: lmdb.Transaction) -> tuple[bytearray, PackIndex]:
+    def build(txn: lmdb.Transaction) -> tuple[PackBody, PackIndex]:
         views: list[tuple[str, str, memoryview]] = []
         for kind, key in objects:
             view = txn.get(bytes.fromhex(key), db=env.dbs[_DB[kind]])
@@ -235,14 +237,13 @@ def _build_pack(env: Env, objects: list[tuple[str, str]]) -> tuple[bytearray, Pa
                 raise CorruptPage(key, actual, kind_name(kind))
             views.append((kind, key, view))
         size = sum(len(view) for _, _, view in views)
-        body = bytearray(size)
-        into = np.frombuffer(body, dtype=np.uint8)
+        body = np.empty(size, dtype=np.uint8)
         entries, offset = [], 0
         for kind, key, view in views:
-            into[offset : offset + len(view)] = np.frombuffer(view, dtype=np.uint8)
+            body[offset : offset + len(view)] = np.frombuffer(view, dtype=np.uint8)
             entries.append(PackEntry(kind, key, offset, len(view)))
             offset += len(view)
-        return body, PackIndex(pack_name(entries, size), size, tuple(entries))
+        return PackBody(memoryview(body)), PackIndex(pack_name(entries, size), size, tuple(entries))
 
     return env.read(build, buffers=True)
 

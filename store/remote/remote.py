@@ -24,7 +24,7 @@ from processfork.store.remote.errors import (
 )
 from processfork.store.remote.feed import Feed, FeedClosed
 from processfork.store.remote.objstore import ConditionFailed, ObjectStore
-from processfork.store.remote.pack import PackEntry, PackIndex, kind_name, verify
+from processfork.store.remote.pack import PackBody, PackEntry, PackIndex, kind_name, verify
 from processfork.store.remote.url import RemoteUrl
 
 __all__ = ["Located", "Remote"]
@@ -284,7 +284,7 @@ class Remote:
         finally:
             stream.close()
 
-    def put_pack(self, body: bytes, index: PackIndex) -> None:
+    def put_pack(self, body: bytes | PackBody, index: PackIndex) -> None:
         """Upload a pack, then its index: a reader sees the pack only once both are there.
         Both are immutable and content-named, so one that exists already is the same bytes."""
         encoded = index.encode()
