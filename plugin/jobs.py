@@ -352,6 +352,10 @@ class SaveJob:
     ``state_group``: the blocks are states of this KV-cache group (a Mamba group): each layer's
     block holds its state and then padding, which the worker zeroes in the pages (it may hold
     what another group left in the block).
+    ``durable``: False for a snapshot's saves: the API server's commit of the snapshot, which
+    follows the job's record and syncs the store, makes the job's pages and record durable
+    with it, so the worker's commits skip their second sync. Nothing durable names them before;
+    a crash in between loses a snapshot that was never acknowledged.
     """
 
     job: str
@@ -363,6 +367,7 @@ class SaveJob:
     background: bool = False
     release: bool = False
     state_group: int | None = None
+    durable: bool = True
 
 
 @dataclass

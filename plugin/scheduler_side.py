@@ -388,6 +388,7 @@ class SchedulerSide:
                 first_block=state.next_block,
                 block_ids=[b.block_id for b in blocks],
                 final=True,
+                durable=False,
             )
         )
         state.next_block = end
@@ -577,6 +578,7 @@ class SchedulerSide:
                 block_ids=state.block_ids[state.next_block : end],
                 valid_in_last=tail if (final and tail) else None,
                 final=final,
+                durable=False,
             )
         )
         state.next_block = max(end, state.next_block)
@@ -620,7 +622,7 @@ class SchedulerSide:
                 job=group_job(state.job, group), req_id=req_id, first_block=start,
                 block_ids=ids,
                 valid_in_last=tail if (final and tail and ids and not spec.is_state) else None,
-                final=final, state_group=group if spec.is_state else None,
+                final=final, state_group=group if spec.is_state else None, durable=False,
             ))
             state.group_next[group] = max(stop, start)
         state.done = final

@@ -633,7 +633,7 @@ class WorkerSide:
                            last: bool) -> None:
                     stats.add(
                         self.store.put_pages_hashed(
-                            items, pin=job.job, meta=meta if last else None
+                            items, pin=job.job, meta=meta if last else None, durable=job.durable
                         ),
                         blocks, heads,
                     )
@@ -648,10 +648,12 @@ class WorkerSide:
                                   heads=heads if self.head_pages else 0)
             elif self.head_pages:
                 stats.add(self.store.put_pages_from(2 * n * heads, self._head_page_source(job),
-                                                    pin=job.job, meta=meta), n, heads)
+                                                    pin=job.job, meta=meta, durable=job.durable),
+                          n, heads)
             else:
                 stats.add(
-                    self.store.put_pages_from(2 * n, self._page_source(job), pin=job.job, meta=meta),
+                    self.store.put_pages_from(2 * n, self._page_source(job), pin=job.job,
+                                              meta=meta, durable=job.durable),
                     n,
                 )
             if job.final:
@@ -662,7 +664,8 @@ class WorkerSide:
             if stats.error_recorded:
                 self._update_record(self._job_key(job.job), stats.record())
             else:
-                self.store.meta_put(self._job_key(job.job), stats.record().to_json())
+                self.store.meta_put(self._job_key(job.job), stats.record().to_json(),
+                                    durable=job.durable)
             self._stats.pop(job.job, None)
 
     def _page_source(self, job: SaveJob) -> Callable[[int], np.ndarray]:

@@ -116,8 +116,8 @@ class Store:
     def _read(self, fn: Callable[[lmdb.Transaction], Any], *, buffers: bool = False) -> Any:
         return self.env.read(fn, buffers=buffers)
 
-    def _write(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
-        return self._writable_env().write(fn)
+    def _write(self, fn: Callable[[lmdb.Transaction], Any], *, durable: bool = True) -> Any:
+        return self._writable_env().write(fn, durable=durable)
 
     def _writable_env(self) -> Env:
         """The environment, for helpers that write (gc, fork, repair); refused when this Store
@@ -141,19 +141,21 @@ class Store:
 
     def put_pages_hashed(
         self, items: Sequence[tuple[bytes, Any]], *, pin: str | None = None,
-        meta: MetaAfter | None = None,
+        meta: MetaAfter | None = None, durable: bool = True,
     ) -> PutResult:
         """Like put_pages for callers that already know each page's xxh3-128 digest.
 
         A page given as None must be in the store already (the caller checked, and let go of
         its bytes): it is pinned and journaled like the others, or MissingObject if it went.
+        `durable=False`: the commit skips its second sync (`Env.write`), for a writer whose
+        pages and records a durable commit that follows will name (a snapshot's).
         """
         digests = [bytes(digest) for digest, _ in items]
         if any(len(digest) != 16 for digest in digests):
             raise InvalidDigest(next(d for d in digests if len(d) != 16).hex())
         checked = [(digest, None if page is None else as_buffer(page))
                    for digest, (_, page) in zip(digests, items)]
-        return self._put_hashed(checked, pin, meta)
+        return self._put_hashed(checked, pin, meta, durable)
 
     def put_page_groups(
         self, groups: Sequence[tuple[str | None, Sequence[tuple[bytes, Any]], MetaAfter | None]]
@@ -195,6 +197,7 @@ class Store:
         *,
         pin: str | None = None,
         meta: MetaAfter | None = None,
+        durable: bool = True,
     ) -> PutResult:
         """Like put_pages for pages produced one at a time, all in ONE write transaction.
 
@@ -212,7 +215,7 @@ class Store:
             self._after_put(txn, result, pin, meta, t)
             return result
 
-        return self._write(run)
+        return self._write(run, durable=durable)
 
     def _after_put(
         self, txn: lmdb.Transaction, result: PutResult, pin: str | None,
@@ -226,7 +229,8 @@ class Store:
                 _meta.meta_put(txn, self.dbs, key, value)
 
     def _put_hashed(
-        self, items: list[tuple[bytes, memoryview]], pin: str | None, meta: MetaAfter | None
+        self, items: list[tuple[bytes, memoryview]], pin: str | None, meta: MetaAfter | None,
+        durable: bool = True,
     ) -> PutResult:
         if pin is not None:
             validate_key_name(pin, "pin name")
@@ -238,7 +242,7 @@ class Store:
             self._after_put(txn, result, pin, meta, t)
             return result
 
-        return self._write(run)
+        return self._write(run, durable=durable)
 
     def has_pages(self, digests: Sequence[bytes]) -> list[bool]:
         def run(txn: lmdb.Transaction) -> list[bool]:
@@ -684,10 +688,10 @@ class Store:
     def meta_get(self, key: str) -> dict[str, Any] | None:
         return self._read(lambda txn: _meta.meta_get(txn, self.dbs, key))
 
-    def meta_put(self, key: str, value: dict[str, Any]) -> None:
+    def meta_put(self, key: str, value: dict[str, Any], *, durable: bool = True) -> None:
         """Small JSON records (e.g. `engine:<id>` fingerprints); the `format` key is reserved."""
         _meta.check_meta_key(key)
-        self._write(lambda txn: _meta.meta_put(txn, self.dbs, key, value))
+        self._write(lambda txn: _meta.meta_put(txn, self.dbs, key, value), durable=durable)
 
     def meta_delete(self, key: str) -> bool:
         _meta.check_meta_key(key)
