@@ -101,8 +101,9 @@ def main() -> int:
         push_requests = pull_requests = 0
         for run in range(opts.repeat):
             url = f"s3://{BUCKET}/r{run}-{uuid.uuid4().hex[:8]}"
+            remote = open_remote(url)  # its client is made before the clock, as the baseline's
             t = settled()
-            result = push(src.env, open_remote(url), {"ctx": cid})
+            result = push(src.env, remote, {"ctx": cid})
             push_s.append(time.perf_counter() - t)
             push_requests = result.requests
             assert result.pages == 2 * (-(-tokens // 32)), result
