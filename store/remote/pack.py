@@ -8,7 +8,9 @@ damaged pack nor a lying index can put a wrong byte into a store.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,37 +82,48 @@ class PackIndex:
 
 
 class PackBody:
-    """A pack's bytes as the file object an upload reads, without a copy.
+    """A pack's bytes, the objects back to back, as the file object an upload reads: no copy.
 
-    boto3 takes a body as bytes or as a file object; a pack is built in memory bytes cannot
-    wrap, so it goes as a file. `http.client` reads a file body 16 KiB at a time, a Python
-    call and a new bytes object for each; this file hands out views of its buffer of at least
-    `min_read` bytes whatever the size asked, so a 64 MiB pack is sent in a few calls that
-    each let go of the GIL. Seekable, so the client can hash the body and rewind it, and
-    rewind it again for a retry.
+    boto3 takes a body as bytes or as a file object; a push hands it the objects where they
+    lie in the store's memory map, so the pack is never assembled in memory. `http.client`
+    reads a file body 16 KiB at a time, a Python call and a new bytes object for each; this
+    file hands out views, each the rest of one object (cut at `max(size, min_read)`) whatever
+    the size asked, so a 64 MiB pack of 384 KiB objects goes in 170 sends that each let go of
+    the GIL. Seekable, so the client can hash the body and rewind it, and rewind it again for
+    a retry.
     """
 
-    def __init__(self, buffer: memoryview, *, min_read: int = 8 << 20) -> None:
-        self._view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+    def __init__(self, parts: Sequence[memoryview], *, min_read: int = 8 << 20) -> None:
+        self._parts = [p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in parts]
+        self._starts = list(itertools.accumulate((len(p) for p in self._parts), initial=0))
         self._min_read = min_read
         self._pos = 0
+        self._part = 0  # the part that holds byte `_pos` (len(parts) at the end)
 
     def __len__(self) -> int:
-        return len(self._view)
+        return self._starts[-1]
 
-    def read(self, size: int | None = -1) -> memoryview:
-        """The next `max(size, min_read)` bytes (fewer at the end); all that is left for size < 0."""
+    def read(self, size: int | None = -1) -> bytes | memoryview:
+        """The next bytes: the rest of the current object, at most `max(size, min_read)`;
+        everything left, joined, for size < 0; b"" at the end."""
         if size is None or size < 0:
-            end = len(self._view)
-        else:
-            end = min(len(self._view), self._pos + max(size, self._min_read))
-        piece = self._view[self._pos : end]
-        self._pos = end
+            rest = [self._parts[self._part][self._pos - self._starts[self._part] :],
+                    *self._parts[self._part + 1 :]] if self._part < len(self._parts) else []
+            self.seek(0, 2)
+            return b"".join(rest)
+        while self._part < len(self._parts) and self._pos >= self._starts[self._part + 1]:
+            self._part += 1
+        if self._part == len(self._parts):
+            return b""
+        at = self._pos - self._starts[self._part]
+        piece = self._parts[self._part][at : at + max(size, self._min_read)]
+        self._pos += len(piece)
         return piece
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: len(self._view)}[whence]
-        self._pos = min(max(base + offset, 0), len(self._view))
+        base = {0: 0, 1: self._pos, 2: len(self)}[whence]
+        self._pos = min(max(base + offset, 0), len(self))
+        self._part = max(bisect.bisect_right(self._starts, self._pos) - 1, 0)
         return self._pos
 
     def tell(self) -> int:
@@ -121,10 +134,6 @@ class PackBody:
 
     def readable(self) -> bool:
         return True
-
-    def getbuffer(self) -> memoryview:
-        """The whole pack (for a test or a local copy), not a copy of it."""
-        return self._view
 
 
 def pack_name(entries: Sequence[PackEntry], size: int) -> str:

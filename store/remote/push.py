@@ -215,42 +215,33 @@ def _pack_ranges(env: Env, objects: list[tuple[str, str]], pack_size: int) -> li
     return env.read(plan, buffers=True)
 
 
-def _build_pack(env: Env, objects: list[tuple[str, str]]) -> tuple[PackBody, PackIndex]:
-    """One pack of `objects`, each copied once out of the store's map into the pack's buffer and
-    verified there, in one read transaction: what is uploaded is what was verified (a damaged
-    object is never spread), and each object is hashed while its copy is still in the CPU's
-    cache, not read from memory a second time.
+def _send_pack(env: Env, remote: Remote, objects: list[tuple[str, str]]) -> PackIndex:
+    """Upload one pack of `objects` straight out of the store's memory map, and its index.
 
-    The buffer is a numpy array, not a bytearray: a bytearray zero-fills its 64 MiB under the
-    GIL, so its memory is faulted in page by page, one pack at a time, while the remote's other
-    threads wait to build theirs; numpy leaves it unfilled (and asks the kernel for huge
-    pages), and its copies let go of the GIL, as the hashing does, so the packs of a push are
-    built side by side.
+    Each object is verified where it lies (a damaged object is never spread), then the upload
+    reads the same bytes, in the same read transaction, so LMDB cannot reuse their pages while
+    they are sent. No pack is assembled in memory: copying 64 MiB into a new buffer (its memory
+    faulted in first) held each upload back by about a tenth of the push on a 16-core host.
     """
-    import numpy as np  # lazily: numpy costs `pf` a tenth of a second to start
 
-    def build(txn: lmdb.Transaction) -> tuple[PackBody, PackIndex]:
+    def send(txn: lmdb.Transaction) -> PackIndex:
         views: list[memoryview] = []
+        entries, offset = [], 0
         for kind, key in objects:
             view = txn.get(bytes.fromhex(key), db=env.dbs[_DB[kind]])
             if view is None:
                 raise MissingObject(kind_name(kind), key)
-            views.append(view)
-        size = sum(len(view) for view in views)
-        body = np.empty(size, dtype=np.uint8)
-        data = memoryview(body)
-        entries, offset = [], 0
-        for (kind, key), view in zip(objects, views):
-            end = offset + len(view)
-            body[offset:end] = np.frombuffer(view, dtype=np.uint8)
-            actual = verify(kind, key, data[offset:end])
+            actual = verify(kind, key, view)
             if actual is not None:
                 raise CorruptPage(key, actual, kind_name(kind))
+            views.append(view)
             entries.append(PackEntry(kind, key, offset, len(view)))
-            offset = end
-        return PackBody(data), PackIndex(pack_name(entries, size), size, tuple(entries))
+            offset += len(view)
+        index = PackIndex(pack_name(entries, offset), offset, tuple(entries))
+        remote.put_pack(PackBody(views), index)
+        return index
 
-    return env.read(build, buffers=True)
+    return env.read(send, buffers=True)
 
 
 def _upload(
@@ -261,17 +252,14 @@ def _upload(
     result: PushResult,
     progress: Progress | None,
 ) -> None:
-    """Each pack built and uploaded by one of the remote's threads, all packs at once: a pack's
-    build (verify and copy, about 64 MiB) runs beside the uploads of the others instead of
-    ahead of them, and at most `parallelism` packs are in memory."""
+    """Each pack verified and uploaded by one of the remote's threads, all packs at once, its
+    objects read where they lie in the store."""
     if not objects:
         return
     pool = remote.store.pool()
 
     def send(part: range) -> PackIndex:
-        body, index = _build_pack(env, objects[part.start : part.stop])
-        remote.put_pack(body, index)
-        return index
+        return _send_pack(env, remote, objects[part.start : part.stop])
 
     pending = [pool.submit(send, part) for part in _pack_ranges(env, objects, pack_size)]
     done_objects = 0
