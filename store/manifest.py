@@ -107,13 +107,10 @@ def _check_pages(pages: Sequence[Any]) -> None:
     """Every entry a [k, v] pair of 32-hex-digit digests. One pattern match over all of them
     when they are well formed (a 32K-token snapshot has thousands, checked on every write);
     the entry at fault named otherwise."""
-    try:
-        if (all(len(pair) == 2 for pair in pages)
-                and all(type(d) is str and len(d) == 32 for pair in pages for d in pair)
-                and _HEX_DIGESTS.fullmatch("".join(d for pair in pages for d in pair))):
-            return
-    except TypeError:
-        pass  # an entry without a length: named below
+    if (all(type(pair) in (tuple, list) and len(pair) == 2 for pair in pages)
+            and all(type(d) is str and len(d) == 32 for pair in pages for d in pair)
+            and _HEX_DIGESTS.fullmatch("".join(d for pair in pages for d in pair))):
+        return
     for pair in pages:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise InvalidManifest(f"a page entry is a [k, v] pair, got {pair!r}")

@@ -46,6 +46,8 @@ def test_snapshot_saves_each_block_in_the_step_that_completes_it(make_engine):
         [(0, table[0:4], None, False)],  # 64 tokens: blocks 0-3
         [(4, table[4:7], 4, True)],  # the rest, with the partial tail
     ]
+    # The snapshot's own durable commit, after the record, makes the saves durable.
+    assert not any(j.durable for step in saves for j in step)
     record = _record(engine, "j")
     assert record is not None and record.succeeded
     assert record.blocks == len(record.pages) == blocks_of(100)
@@ -81,7 +83,7 @@ def test_snapshot_of_cached_blocks_holds_them_and_runs_no_forward_pass(engine):
     step = engine.step()
     assert rid not in step.scheduled  # no forward pass for it
     [save] = step.plan.saves
-    assert (save.first_block, save.block_ids, save.final) == (0, cached, True)
+    assert (save.first_block, save.block_ids, save.final, save.durable) == (0, cached, True, False)
     assert all(engine.pool.blocks[b].ref_cnt == 1 for b in cached)  # held, not evictable
     assert _record(engine, "j").succeeded
 

@@ -194,3 +194,28 @@ def test_snapshot_round_trip_through_the_store(store, tokens):
     assert store.get_snapshot(cid.removeprefix("sha256:")) == m
     assert store.get_tokens(store.get_snapshot(cid).sequences[1].tokens) == tokens
     assert dict(store.iter_snapshots())[cid] == m
+
+
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        (["01" * 16, "0A" * 16], "0A0A"),  # upper case
+        (["01" * 16, "02" * 15], "0202"),  # 30 digits
+        (["01" * 16, "02" * 17], "0202"),  # 34 digits, beside a 30-digit one below
+        (["01" * 16, 7], "7"),  # not a string
+        (["01" * 16], "a page entry is a"),  # not a pair
+        ("ab", "a page entry is a"),  # a string of two characters
+        (["01" * 15 + "zz", "02" * 16], "zz"),
+    ],
+)
+def test_a_bad_page_entry_among_thousands_is_named(bad, named):
+    """The digests are checked in one pass when they are all well formed; the entry at fault is
+    still named, wherever it is, whatever is wrong with it."""
+    pages = [("%032x" % (2 * i), "%032x" % (2 * i + 1)) for i in range(4096)]
+    pages[2711] = bad
+    if bad == ["01" * 16, "02" * 17]:
+        pages[2712] = ("03" * 16, "04" * 15)  # the lengths add up to whole digests
+    with pytest.raises(InvalidManifest, match=named):
+        SnapshotSequence(TokenRef("ab" * 16, 1), pages).validate()
+    pages[2711], pages[2712] = ("05" * 16, "06" * 16), ("07" * 16, "08" * 16)
+    SnapshotSequence(TokenRef("ab" * 16, 1), pages).validate()
