@@ -150,12 +150,7 @@ class Store:
         `durable=False`: the commit skips its second sync (`Env.write`), for a writer whose
         pages and records a durable commit that follows will name (a snapshot's).
         """
-        digests = [bytes(digest) for digest, _ in items]
-        if any(len(digest) != 16 for digest in digests):
-            raise InvalidDigest(next(d for d in digests if len(d) != 16).hex())
-        checked = [(digest, None if page is None else as_buffer(page))
-                   for digest, (_, page) in zip(digests, items)]
-        return self._put_hashed(checked, pin, meta, durable)
+        return self._put_hashed(_hashed_items(items), pin, meta, durable)
 
     def put_page_groups(
         self, groups: Sequence[tuple[str | None, Sequence[tuple[bytes, Any]], MetaAfter | None]]
@@ -170,13 +165,7 @@ class Store:
         for pin, items, meta in groups:
             if pin is not None:
                 validate_key_name(pin, "pin name")
-            pages = []
-            for digest, page in items:
-                digest = bytes(digest)
-                if len(digest) != 16:
-                    raise InvalidDigest(digest.hex())
-                pages.append((digest, None if page is None else as_buffer(page)))
-            checked.append((pin, pages, meta))
+            checked.append((pin, _hashed_items(items), meta))
 
         def run(txn: lmdb.Transaction) -> list[PutResult]:
             t = now_us()
@@ -760,3 +749,14 @@ class Store:
         from processfork.store.status import compute_status
 
         return compute_status(self.env)
+
+
+def _hashed_items(items: Sequence[tuple[bytes, Any]]) -> list[tuple[bytes, memoryview | None]]:
+    """A writer's ``(digest, page)`` items with each digest checked (16 bytes) and each page as
+    a buffer (None: a page the store holds already). A comprehension each, not a loop with a
+    check per item: a warm snapshot hands over thousands of pages it found."""
+    digests = [bytes(digest) for digest, _ in items]
+    if any(len(digest) != 16 for digest in digests):
+        raise InvalidDigest(next(d for d in digests if len(d) != 16).hex())
+    return [(digest, None if page is None else as_buffer(page))
+            for digest, (_, page) in zip(digests, items)]
