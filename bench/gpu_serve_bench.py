@@ -6,12 +6,16 @@ KV-cache manager is worth on a sliding-window model.
     python3 bench/gpu_serve_bench.py --model swa         # the sliding-window model only
     python3 bench/gpu_serve_bench.py --model swa --rounds 12 --minutes 8   # as many as fit
     python3 bench/gpu_serve_bench.py --quick             # smoke run (tiny model; CPU works)
+    python3 bench/gpu_serve_bench.py --model llama --cuda-graphs   # vLLM's default mode on CUDA
 
 For each model, two servers up side by side on the same GPU, each with the same share of its
 memory (``--gpu-memory-utilization``): ``pf serve`` (our connector, auto-restore on, an empty
 store: every lookup misses) and the same launcher plan without ``--kv-transfer-config``. Both
-bf16, vLLM's default block size, ``--enforce-eager`` (as the other GPU benchmarks), prefix caching
-on, random weights (``--load-format dummy``, config and tokenizer built locally).
+bf16, vLLM's default block size, ``--enforce-eager`` (as the other GPU benchmarks; with
+``--cuda-graphs``, vLLM's default instead: ``torch.compile`` and CUDA graphs, what a server runs
+when its user adds nothing, and where a step's host work is no longer hidden behind eager
+kernel launches), prefix caching on, random weights (``--load-format dummy``, config and
+tokenizer built locally).
 
 Load: ``vllm bench serve`` (vLLM's own CLI) with its ``random`` dataset, all requests sent at
 once under a fixed concurrency, fixed output length (``--ignore-eos``). Each round runs both
@@ -128,7 +132,8 @@ class GpuServer(Server):
         return super().threads() if not _cuda() else 0
 
 
-def start_pair(name: str, model: Path, args: list[str], cuda: bool) -> dict[str, Server]:
+def start_pair(name: str, model: Path, args: list[str], cuda: bool,
+               eager: bool = True) -> dict[str, Server]:
     """Our connector and no connector, same plan otherwise.
 
     The KV cache gets the same number of bytes in both (``--kv-cache-memory-bytes``), so the
@@ -137,7 +142,7 @@ def start_pair(name: str, model: Path, args: list[str], cuda: bool) -> dict[str,
     """
     common = [*args, "--max-num-seqs", "256"]
     if cuda:
-        common += ["--enforce-eager", "--gpu-memory-utilization", "0.45",
+        common += [*(["--enforce-eager"] if eager else []), "--gpu-memory-utilization", "0.45",
                    "--kv-cache-memory-bytes", "24G"]
     else:
         common += ["--kv-cache-memory-bytes", "512M"]
@@ -195,14 +200,16 @@ def bench_serve(srv: Server, model: Path, workload: dict[str, int], out: Path,
 
 
 def run_model(name: str, model: Path, args: list[str], rounds: int, cuda: bool,
-              deadline: float, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+              deadline: float, save: Callable[[dict[str, Any]], None],
+              eager: bool = True) -> dict[str, Any]:
     """Warm-up, then rounds of one run per server back to back (order alternating), until
     ``rounds`` are done or the next one would start after ``deadline`` (``time.monotonic``).
     ``save`` gets the result so far after every round, so a run cut short keeps its rounds."""
     workload = WORKLOADS[name]
-    servers = start_pair(name, model, args, cuda)
+    servers = start_pair(name, model, args, cuda, eager)
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "none": []}
-    result: dict[str, Any] = {"workload": workload, "args": args, "runs": runs}
+    result: dict[str, Any] = {"workload": workload, "args": args, "runs": runs,
+                              "mode": "eager" if eager or not cuda else "cuda-graphs"}
     try:
         result["facts"] = {k: engine_facts(s) for k, s in servers.items()}
         console.log(f"{name}: {json.dumps(result['facts'])}")
@@ -254,7 +261,8 @@ def report(results: dict[str, Any]) -> None:
     for col in ("model", "measure", "ours (median)", "none (median)", "ratio of medians",
                 "paired ratios: median (95% interval)", "rounds"):
         table.add_column(col, justify="left" if col in ("model", "measure") else "right")
-    for name, res in results.items():
+    for key_name, res in results.items():
+        name = f"{key_name} ({res.get('mode', 'eager')})"
         ours, none = res["median"]["ours"], res["median"]["none"]
         for key in KEYS:
             pair = res.get("paired", {}).get(key)
@@ -282,6 +290,8 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=None,
                         help="requests per run (default: the model's workload)")
     parser.add_argument("--quick", action="store_true", help="tiny model, few requests")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="vLLM's default torch.compile and CUDA graphs, not --enforce-eager")
     opts = parser.parse_args()
     if opts.prompts:
         for workload in WORKLOADS.values():
@@ -300,8 +310,11 @@ def main() -> int:
 
     for name, (model, args) in models(opts.model, opts.quick).items():
         t = time.perf_counter()
-        save(name, run_model(name, model, args, 1 if opts.quick else opts.rounds, cuda, deadline,
-                             lambda result, name=name: save(name, result)))
+        # Results of both modes are kept side by side in serve.json.
+        key = f"{name}-graphs" if opts.cuda_graphs and cuda else name
+        save(key, run_model(name, model, args, 1 if opts.quick else opts.rounds, cuda, deadline,
+                            lambda result, key=key: save(key, result),
+                            eager=not opts.cuda_graphs))
         console.log(f"{name}: done in {time.perf_counter() - t:.0f} s")
     report(results)
     return 0

@@ -4,6 +4,10 @@ Run it on a GPU machine with ``bash tests/gpu/run.sh`` (or ``pytest tests/gpu``)
 tiny random Llama in bf16 (head size 64, which FlashAttention supports); the servers use vLLM's
 default block size on CUDA (16) and ``--enforce-eager``, so an engine starts in seconds instead of
 compiling kernels for minutes. Prompts are longer than the step budget, so prefills are chunked.
+
+``PF_GPU_SUITE_EAGER=0`` runs the same servers in vLLM's default mode on CUDA instead: the model
+compiled with ``torch.compile`` and CUDA graphs (full graphs for batches of decodes, piecewise
+ones around attention otherwise), which is what ``pf serve MODEL`` runs when a user adds nothing.
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ MODELS_DIR = Path(os.environ.get("PF_TEST_MODELS", REPO_ROOT / ".models"))
 DRY_RUN_BLOCK = os.environ.get("PF_GPU_SUITE_BLOCK")
 BLOCK = int(DRY_RUN_BLOCK or 16)
 DTYPE = "float32" if DRY_RUN_BLOCK else "bfloat16"
+#: "0": vLLM's default compilation and CUDA graphs instead of ``--enforce-eager``.
+EAGER = os.environ.get("PF_GPU_SUITE_EAGER", "1") != "0"
 SERVER_ARGS: tuple[str, ...] = (*(("--block-size", DRY_RUN_BLOCK) if DRY_RUN_BLOCK else ()),
-    "--enforce-eager",
+    *(("--enforce-eager",) if EAGER else ()),
     "--dtype", DTYPE,
     "--max-model-len", "4096",
     "--max-num-batched-tokens", "256",
