@@ -7,6 +7,7 @@ KV-cache manager is worth on a sliding-window model.
     python3 bench/gpu_serve_bench.py --model swa --rounds 12 --minutes 8   # as many as fit
     python3 bench/gpu_serve_bench.py --quick             # smoke run (tiny model; CPU works)
     python3 bench/gpu_serve_bench.py --model llama --cuda-graphs   # vLLM's default mode on CUDA
+    python3 bench/gpu_serve_bench.py --model llama --cuda-graphs --paced 4   # and TTFT unqueued
 
 For each model, two servers up side by side on the same GPU, each with the same share of its
 memory (``--gpu-memory-utilization``): ``pf serve`` (our connector, auto-restore on, an empty
@@ -25,6 +26,12 @@ with the same prompts (same seed); ``--minutes`` bounds the rounds by time. Repo
 ratios ours / none with its distribution-free 95% interval, which cancels what drifts between
 rounds; the ratio of the two servers' medians beside it; and the KV-cache size each engine
 reports at start.
+
+With ``--paced RATE``, each round also runs both servers at RATE requests per second (Poisson
+arrivals from a fixed seed, the same for both), well below what they sustain: a request then
+rarely waits for another's prefill, so its TTFT is its own prefill and the connector's work
+around it. Sent all at once, TTFT is set by where a request lands in the queue and moves by
+±15% between runs of one server; paced, it measures what a user waits for.
 
 Models:
 - ``llama``: Llama-3-8B's shape (32 layers, 8 KV heads of 128), one KV-cache group;
@@ -190,26 +197,35 @@ def engine_facts(srv: Server) -> dict[str, Any]:
 
 
 def bench_serve(srv: Server, model: Path, workload: dict[str, int], out: Path,
-                seed: int) -> dict[str, Any]:
+                seed: int, request_rate: float | None = None) -> dict[str, Any]:
     result = vllm_bench_serve(srv, model, [
         "--dataset-name", "random", "--random-input-len", str(workload["input_len"]),
         "--random-output-len", str(workload["output_len"]),
     ], num_prompts=workload["num_prompts"], concurrency=workload["concurrency"], seed=seed,
-        out=out, metrics="ttft,tpot,e2el")
+        out=out, metrics="ttft,tpot,e2el", request_rate=request_rate)
     return {k: result[k] for k in KEYS}
+
+
+def paced_workload(workload: dict[str, int], rate: float) -> dict[str, int]:
+    """A paced run's requests: about 16 seconds of arrivals, at least 32 requests."""
+    return {**workload, "num_prompts": max(32, round(16 * rate))}
 
 
 def run_model(name: str, model: Path, args: list[str], rounds: int, cuda: bool,
               deadline: float, save: Callable[[dict[str, Any]], None],
-              eager: bool = True) -> dict[str, Any]:
+              eager: bool = True, paced: float | None = None) -> dict[str, Any]:
     """Warm-up, then rounds of one run per server back to back (order alternating), until
     ``rounds`` are done or the next one would start after ``deadline`` (``time.monotonic``).
+    With ``paced``, each round then runs both servers at that request rate too.
     ``save`` gets the result so far after every round, so a run cut short keeps its rounds."""
     workload = WORKLOADS[name]
     servers = start_pair(name, model, args, cuda, eager)
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "none": []}
     result: dict[str, Any] = {"workload": workload, "args": args, "runs": runs,
                               "mode": "eager" if eager or not cuda else "cuda-graphs"}
+    if paced is not None:
+        result["paced"] = {"rate": paced, "workload": paced_workload(workload, paced),
+                           "runs": {"ours": [], "none": []}}
     try:
         result["facts"] = {k: engine_facts(s) for k, s in servers.items()}
         console.log(f"{name}: {json.dumps(result['facts'])}")
@@ -231,6 +247,15 @@ def run_model(name: str, model: Path, args: list[str], rounds: int, cuda: bool,
                 console.log(f"{name} {k} run {r}: {out['request_throughput']:.2f} req/s, "
                             f"{out['output_throughput']:.0f} tok/s out, median TTFT "
                             f"{out['median_ttft_ms']:.1f} ms")
+            if paced is not None:
+                for k in (("ours", "none") if r % 2 == 0 else ("none", "ours")):
+                    servers[k].reset_prefix_cache()
+                    out = bench_serve(servers[k], model, result["paced"]["workload"],
+                                      res_dir / f"paced-{k}-{r}.json", 2, request_rate=paced)
+                    result["paced"]["runs"][k].append(out)
+                    console.log(f"{name} {k} paced run {r} ({paced} req/s): median TTFT "
+                                f"{out['median_ttft_ms']:.1f} ms, TPOT "
+                                f"{out['median_tpot_ms']:.2f} ms")
             save(summarize(result))
     finally:
         for srv in servers.values():
@@ -241,16 +266,19 @@ def run_model(name: str, model: Path, args: list[str], rounds: int, cuda: bool,
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Medians per server, and per measure the round-by-round ratios ours / none with the
     median's distribution-free 95% interval: each round's two runs ran back to back, so the
-    ratio of a round cancels what drifts between rounds."""
-    runs = result["runs"]
-    result["median"] = {k: {key: median(r[key] for r in v) for key in KEYS}
-                        for k, v in runs.items()}
-    paired = {}
-    for key in KEYS:
-        ratios = [o[key] / n[key] for o, n in zip(runs["ours"], runs["none"])]
-        low, high = median_interval(ratios)
-        paired[key] = {"ratios": ratios, "median": median(ratios), "low": low, "high": high}
-    result["paired"] = paired
+    ratio of a round cancels what drifts between rounds. Paced runs, if any, the same way."""
+    for part in (result, result.get("paced")):
+        if not part or not part["runs"]["ours"]:
+            continue
+        runs = part["runs"]
+        part["median"] = {k: {key: median(r[key] for r in v) for key in KEYS}
+                          for k, v in runs.items()}
+        paired = {}
+        for key in KEYS:
+            ratios = [o[key] / n[key] for o, n in zip(runs["ours"], runs["none"])]
+            low, high = median_interval(ratios)
+            paired[key] = {"ratios": ratios, "median": median(ratios), "low": low, "high": high}
+        part["paired"] = paired
     return result
 
 
@@ -263,13 +291,17 @@ def report(results: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col in ("model", "measure") else "right")
     for key_name, res in results.items():
         name = f"{key_name} ({res.get('mode', 'eager')})"
-        ours, none = res["median"]["ours"], res["median"]["none"]
-        for key in KEYS:
-            pair = res.get("paired", {}).get(key)
-            table.add_row(name, key, f"{ours[key]:,.2f}", f"{none[key]:,.2f}",
-                          f"{ours[key] / none[key]:.3f}",
-                          f"{pair['median']:.3f} ({pair['low']:.3f}-{pair['high']:.3f})"
-                          if pair else "-", str(len(pair["ratios"])) if pair else "-")
+        paced = res.get("paced") or {}
+        parts = [("", res)] + ([(f"paced {paced['rate']}/s: ", paced)] if "median" in paced
+                               else [])
+        for label, part in parts:
+            ours, none = part["median"]["ours"], part["median"]["none"]
+            for key in KEYS:
+                pair = part.get("paired", {}).get(key)
+                table.add_row(name, label + key, f"{ours[key]:,.2f}", f"{none[key]:,.2f}",
+                              f"{ours[key] / none[key]:.3f}",
+                              f"{pair['median']:.3f} ({pair['low']:.3f}-{pair['high']:.3f})"
+                              if pair else "-", str(len(pair["ratios"])) if pair else "-")
         fo, fn = res["facts"]["ours"], res["facts"]["none"]
         table.add_row(name, "KV cache tokens at start", f"{fo['kv_cache_tokens']:,}",
                       f"{fn['kv_cache_tokens']:,}",
@@ -292,6 +324,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, few requests")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="vLLM's default torch.compile and CUDA graphs, not --enforce-eager")
+    parser.add_argument("--paced", type=float, default=None, metavar="RATE",
+                        help="each round also runs both servers at RATE requests/s (TTFT "
+                             "without queueing)")
     opts = parser.parse_args()
     if opts.prompts:
         for workload in WORKLOADS.values():
@@ -314,7 +349,7 @@ def main() -> int:
         key = f"{name}-graphs" if opts.cuda_graphs and cuda else name
         save(key, run_model(name, model, args, 1 if opts.quick else opts.rounds, cuda, deadline,
                             lambda result, key=key: save(key, result),
-                            eager=not opts.cuda_graphs))
+                            eager=not opts.cuda_graphs, paced=opts.paced))
         console.log(f"{name}: done in {time.perf_counter() - t:.0f} s")
     report(results)
     return 0

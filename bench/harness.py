@@ -318,18 +318,20 @@ class Target:
 
 def vllm_bench_serve(srv: Server, model: Path, dataset_args: Sequence[str], *, num_prompts: int,
                      concurrency: int, seed: int, out: Path,
-                     metrics: str = "ttft,tpot,itl,e2el") -> dict[str, Any]:
+                     metrics: str = "ttft,tpot,itl,e2el",
+                     request_rate: float | None = None) -> dict[str, Any]:
     """One run of vLLM's own ``vllm bench serve`` against ``srv``; its result JSON.
 
-    Every request is sent at once under ``concurrency``, greedy, with a fixed output length
-    (``--ignore-eos``); the run must complete every request.
+    Every request is sent at once under ``concurrency`` (or, with ``request_rate``, at that many
+    per second on average, Poisson arrivals drawn from ``seed``), greedy, with a fixed output
+    length (``--ignore-eos``); the run must complete every request.
     """
     cmd = [
         sys.executable, "-m", "processfork.plugin.launcher", "bench", "serve",
         "--backend", "openai", "--base-url", srv.base_url, "--endpoint", "/v1/completions",
         "--model", srv.served_name, "--tokenizer", str(model), *dataset_args,
         "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
-        "--request-rate", "inf", "--ignore-eos", "--temperature", "0", "--seed", str(seed),
+        "--request-rate", "inf" if request_rate is None else str(request_rate), "--ignore-eos", "--temperature", "0", "--seed", str(seed),
         "--percentile-metrics", metrics, "--metric-percentiles", "50,99",
         "--disable-tqdm", "--save-result", "--result-dir", str(out.parent),
         "--result-filename", out.name,
